@@ -1,0 +1,1 @@
+"""Directories: where login names resolve to accounts (static YAML file or LDAP)."""

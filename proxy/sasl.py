@@ -1,0 +1,154 @@
+"""Pure SASL codecs: the server side of PLAIN and LOGIN, the client side of PLAIN and XOAUTH2.
+
+Shared by the IMAP, POP3 and SMTP cores, which only move base64 strings in and out.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+# RFC 4616 §2: each of authzid, authcid and passwd is at most 255 octets.
+MAX_FIELD = 255
+
+# Prompts of the LOGIN mechanism (draft-murchison-sasl-login): "Username:" and "Password:".
+LOGIN_USERNAME_PROMPT = base64.b64encode(b"Username:").decode()
+LOGIN_PASSWORD_PROMPT = base64.b64encode(b"Password:").decode()
+
+MECHANISMS = ("PLAIN", "LOGIN")
+
+
+class SaslError(ValueError):
+    """The client's SASL data is malformed (bad base64 or bad structure)."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a client presented: a login name and a secret (an app password)."""
+
+    login: str
+    secret: str
+
+    def __repr__(self) -> str:  # never let the secret reach a log line
+        return f"Credentials(login={self.login!r}, secret=<hidden>)"
+
+
+def decode_b64(data: str | bytes) -> bytes:
+    """Strict base64 decoding; `=` alone is the empty response (RFC 4959, RFC 4954)."""
+    if isinstance(data, str):
+        try:
+            data = data.encode("ascii")
+        except UnicodeEncodeError as exc:
+            raise SaslError("invalid base64") from exc
+    data = data.strip()
+    if data == b"=":
+        return b""
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SaslError("invalid base64") from exc
+
+
+def _text(raw: bytes, what: str) -> str:
+    if len(raw) > MAX_FIELD:
+        raise SaslError(f"{what} too long")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SaslError(f"{what} is not UTF-8") from exc
+
+
+def parse_plain(message: bytes) -> tuple[str, Credentials]:
+    """Split a PLAIN message `authzid NUL authcid NUL passwd` (RFC 4616).
+
+    Returns (authzid, credentials). The caller refuses an authzid that differs from authcid.
+    """
+    parts = message.split(b"\x00")
+    if len(parts) != 3:
+        raise SaslError("PLAIN message needs exactly two NUL separators")
+    authzid, authcid, passwd = (_text(p, w) for p, w in zip(parts, ("authzid", "authcid", "password")))
+    if not authcid:
+        raise SaslError("empty authcid")
+    return authzid, Credentials(authcid, passwd)
+
+
+class ServerMechanism:
+    """One server-side SASL exchange, driven by base64 client responses.
+
+    `start(initial)` and `step(response)` return either a base64 challenge (str) to send to the
+    client, or Credentials when the exchange is complete. Malformed input raises SaslError.
+    """
+
+    name = ""
+
+    def start(self, initial: str | None) -> str | Credentials:
+        raise NotImplementedError
+
+    def step(self, response: str) -> str | Credentials:
+        raise NotImplementedError
+
+
+class PlainMechanism(ServerMechanism):
+    name = "PLAIN"
+
+    def start(self, initial: str | None) -> str | Credentials:
+        if initial is None:
+            return ""  # empty challenge: "send your initial response"
+        return self.step(initial)
+
+    def step(self, response: str) -> str | Credentials:
+        authzid, creds = parse_plain(decode_b64(response))
+        if authzid and authzid != creds.login:
+            raise AuthzidRefused(creds.login)
+        return creds
+
+
+class AuthzidRefused(SaslError):
+    """A client asked to act for another identity; only the proxy may, and only upstream."""
+
+
+class LoginMechanism(ServerMechanism):
+    name = "LOGIN"
+
+    def __init__(self) -> None:
+        self._login: str | None = None
+
+    def start(self, initial: str | None) -> str | Credentials:
+        if initial is None:
+            return LOGIN_USERNAME_PROMPT
+        return self.step(initial)
+
+    def step(self, response: str) -> str | Credentials:
+        value = decode_b64(response)
+        if self._login is None:
+            self._login = _text(value, "username")
+            if not self._login:
+                raise SaslError("empty username")
+            return LOGIN_PASSWORD_PROMPT
+        return Credentials(self._login, _text(value, "password"))
+
+
+def server_mechanism(name: str) -> ServerMechanism | None:
+    """A fresh server mechanism for a (case-insensitive) name, or None if unsupported."""
+    return {"PLAIN": PlainMechanism, "LOGIN": LoginMechanism}.get(name.upper(), lambda: None)()
+
+
+def client_plain(authzid: str, authcid: str, password: str) -> str:
+    """Base64 PLAIN initial response, as the proxy sends it upstream for a master login."""
+    raw = b"\x00".join(s.encode("utf-8") for s in (authzid, authcid, password))
+    return base64.b64encode(raw).decode("ascii")
+
+
+def client_xoauth2(user: str, token: str) -> str:
+    """Base64 XOAUTH2 initial response: `user=U^Aauth=Bearer T^A^A`."""
+    raw = f"user={user}\x01auth=Bearer {token}\x01\x01".encode("utf-8")
+    return base64.b64encode(raw).decode("ascii")
+
+
+def is_valid_login(login: str) -> bool:
+    """A login name with NUL, CR, LF or other control characters is refused before any lookup
+    (DESIGN: the proxy and the upstream must never disagree about who logs in)."""
+    return bool(login) and len(login) <= MAX_FIELD and not any(
+        ord(c) < 0x20 or ord(c) == 0x7F or 0x80 <= ord(c) < 0xA0 for c in login
+    )
