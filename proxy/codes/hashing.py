@@ -1,0 +1,83 @@
+"""Argon2id hashing of codes in a bounded thread pool, never on the reactor thread.
+
+argon2-cffi releases the GIL while hashing, so `threads` verifications really run in parallel.
+When more than `threads + queue` verifications are pending, new ones fail fast (PoolFull) and the
+attempt is answered as a temporary failure instead of queueing without bound.
+"""
+
+from __future__ import annotations
+
+from argon2 import PasswordHasher, Type
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from twisted.internet import defer, threads
+from twisted.python.threadpool import ThreadPool
+
+from proxy.config import Argon2Settings
+
+# Stands in for the secret of an unknown account or selector, so that every attempt costs one
+# verification and timing tells nothing.
+_DUMMY_CODE = "dummy-code-never-issued"
+
+
+class PoolFull(Exception):
+    """Too many verifications are waiting: answer with a temporary failure."""
+
+
+class CodeHasher:
+    def __init__(self, settings: Argon2Settings) -> None:
+        self.settings = settings
+        self._hasher = PasswordHasher(
+            time_cost=settings.time_cost,
+            memory_cost=settings.memory_kib,
+            parallelism=settings.parallelism,
+            hash_len=32,
+            salt_len=16,
+            type=Type.ID,
+        )
+        self._dummy = self._hasher.hash(_DUMMY_CODE)
+        self._pool: ThreadPool | None = None
+        self._pending = 0
+
+    # -- synchronous path (CLI, benchmarks, the pool's threads) ----------------------------------
+
+    def hash(self, code: str) -> str:
+        return self._hasher.hash(code)
+
+    def verify_sync(self, encoded: str | None, code: str) -> bool:
+        """True if `code` matches `encoded`; with None, burns one verification and says False."""
+        try:
+            return self._hasher.verify(encoded or self._dummy, code) and encoded is not None
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False
+
+    # -- asynchronous path (the proxy) -----------------------------------------------------------
+
+    def start(self, reactor) -> None:
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=self.settings.threads, maxthreads=self.settings.threads,
+                                name="apppass-argon2")
+        self._pool.start()
+
+    def stop(self) -> None:
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool = None
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def verify(self, encoded: str | None, code: str) -> defer.Deferred:
+        """A Deferred firing True/False; fails with PoolFull when the queue is over its bound."""
+        if self._pool is None:
+            raise RuntimeError("CodeHasher.start() was not called")
+        if self._pending >= self.settings.threads + self.settings.queue:
+            return defer.fail(PoolFull())
+        self._pending += 1
+
+        def done(result):
+            self._pending -= 1
+            return result
+
+        d = threads.deferToThreadPool(self._reactor, self._pool, self.verify_sync, encoded, code)
+        return d.addBoth(done)

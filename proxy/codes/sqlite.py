@@ -1,0 +1,258 @@
+"""The embedded code store: one SQLite file in WAL mode, for a single proxy node."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+from proxy.codes.store import CapReached, Claim, CodeRecord, NewCode, StoreUnavailable, ip_allowed, utcnow
+
+# Versioned migrations: step i (a list of statements) brings the schema from version i to i + 1.
+# Never edit a shipped step; append a new one.
+MIGRATIONS = [
+    ["""
+    CREATE TABLE codes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        account_key TEXT NOT NULL,
+        account_login TEXT NOT NULL,
+        label TEXT NOT NULL,
+        selector TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        scopes TEXT NOT NULL,              -- ",imap,smtp," so that instr() can test a scope
+        networks TEXT NOT NULL DEFAULT '', -- space-separated CIDRs; empty = anywhere
+        created_at INTEGER NOT NULL,       -- unix seconds, UTC
+        expires_at INTEGER,
+        max_uses INTEGER,
+        use_count INTEGER NOT NULL DEFAULT 0,
+        last_used_at INTEGER,
+        last_used_ip TEXT,
+        last_used_protocol TEXT,
+        failed_count INTEGER NOT NULL DEFAULT 0,
+        last_failed_at INTEGER,
+        last_failed_ip TEXT,
+        disabled INTEGER NOT NULL DEFAULT 0,
+        revoked_at INTEGER,
+        created_by TEXT NOT NULL
+    )""",
+     "CREATE UNIQUE INDEX codes_account_selector ON codes (account_key, selector)"],
+]
+
+# How long a writer waits for SQLite's lock before the attempt fails as temporary.
+BUSY_TIMEOUT_MS = 5000
+
+
+def _ts(moment: datetime | None) -> int | None:
+    return None if moment is None else int(moment.timestamp())
+
+
+def _dt(value: int | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, timezone.utc)
+
+
+def _record(row: sqlite3.Row) -> CodeRecord:
+    return CodeRecord(
+        id=row["id"], account_key=row["account_key"], account_login=row["account_login"],
+        label=row["label"], selector=row["selector"], hash=row["hash"],
+        scopes=tuple(s for s in row["scopes"].split(",") if s),
+        networks=tuple(row["networks"].split()),
+        created_at=_dt(row["created_at"]), expires_at=_dt(row["expires_at"]),
+        max_uses=row["max_uses"], use_count=row["use_count"],
+        last_used_at=_dt(row["last_used_at"]), last_used_ip=row["last_used_ip"],
+        last_used_protocol=row["last_used_protocol"], failed_count=row["failed_count"],
+        last_failed_at=_dt(row["last_failed_at"]), disabled=bool(row["disabled"]),
+        revoked_at=_dt(row["revoked_at"]), created_by=row["created_by"],
+    )
+
+
+def _ip_allowed(networks: str, ip: str) -> int:
+    return int(ip_allowed(networks.split(), ip))
+
+
+class SqliteCodeStore:
+    """Thread-safe: each thread gets its own connection; SQLite serialises the writers."""
+
+    def __init__(self, path: Path | str, migrate: bool = True) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        if migrate:
+            self.migrate()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if str(self.path) != ":memory:":
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                       check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"cannot open {self.path}: {exc}") from None
+            conn.row_factory = sqlite3.Row
+            conn.create_function("ip_allowed", 2, _ip_allowed, deterministic=True)
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def _run(self, sql: str, params=()) -> sqlite3.Cursor:
+        try:
+            return self._conn().execute(sql, params)
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"{self.path}: {exc}") from None
+
+    # -- schema ----------------------------------------------------------------------------------
+
+    def version(self) -> int:
+        return self._run("PRAGMA user_version").fetchone()[0]
+
+    def migrate(self) -> tuple[int, int]:
+        """Bring the schema up to date; returns (from, to). Safe to run on every start."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            start = conn.execute("PRAGMA user_version").fetchone()[0]
+            if start > len(MIGRATIONS):
+                conn.execute("ROLLBACK")
+                raise StoreUnavailable(f"{self.path}: schema version {start} is newer than this apppass "
+                                       f"({len(MIGRATIONS)}); upgrade apppass")
+            for step in range(start, len(MIGRATIONS)):
+                for statement in MIGRATIONS[step]:
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={len(MIGRATIONS)}")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreUnavailable(f"{self.path}: migration failed: {exc}") from None
+        return start, len(MIGRATIONS)
+
+    # -- operations ------------------------------------------------------------------------------
+
+    def create(self, new: NewCode, cap: int, now: datetime | None = None) -> CodeRecord:
+        now = now or utcnow()
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            live = conn.execute(
+                "SELECT count(*) FROM codes WHERE account_key = ? AND revoked_at IS NULL"
+                " AND (expires_at IS NULL OR expires_at > ?)", (new.account_key, _ts(now))).fetchone()[0]
+            if live >= cap:
+                conn.execute("ROLLBACK")
+                raise CapReached(f"{new.account_login} already has {live} codes (codes.max_per_account is {cap})")
+            cur = conn.execute(
+                "INSERT INTO codes (account_key, account_login, label, selector, hash, scopes, networks,"
+                " created_at, expires_at, max_uses, created_by) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (new.account_key, new.account_login, new.label, new.selector, new.hash,
+                 "," + ",".join(new.scopes) + ",", " ".join(new.networks), _ts(now),
+                 _ts(new.expires_at), new.max_uses, new.created_by))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreUnavailable(f"{self.path}: {exc}") from None
+        return self.get(cur.lastrowid)
+
+    def get(self, code_id: int) -> CodeRecord | None:
+        row = self._run("SELECT * FROM codes WHERE id = ?", (code_id,)).fetchone()
+        return _record(row) if row else None
+
+    def find(self, account_key: str, selector: str) -> CodeRecord | None:
+        row = self._run("SELECT * FROM codes WHERE account_key = ? AND selector = ?",
+                        (account_key, selector)).fetchone()
+        return _record(row) if row else None
+
+    def selectors(self, account_key: str) -> set[str]:
+        rows = self._run("SELECT selector FROM codes WHERE account_key = ?", (account_key,))
+        return {r[0] for r in rows}
+
+    def list(self, account_key: str | None = None, include_inactive: bool = False,
+             now: datetime | None = None) -> list[CodeRecord]:
+        sql, params = "SELECT * FROM codes WHERE 1=1", []
+        if account_key is not None:
+            sql += " AND account_key = ?"
+            params.append(account_key)
+        if not include_inactive:
+            sql += (" AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)"
+                    " AND (max_uses IS NULL OR use_count < max_uses)")
+            params.append(_ts(now or utcnow()))
+        return [_record(r) for r in self._run(sql + " ORDER BY account_login, id", params)]
+
+    def set_disabled(self, code_id: int, disabled: bool) -> bool:
+        cur = self._run("UPDATE codes SET disabled = ? WHERE id = ? AND revoked_at IS NULL",
+                        (int(disabled), code_id))
+        return cur.rowcount == 1
+
+    def revoke(self, code_id: int, now: datetime | None = None) -> bool:
+        cur = self._run("UPDATE codes SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                        (_ts(now or utcnow()), code_id))
+        return cur.rowcount == 1
+
+    def revoke_all(self, account_key: str, now: datetime | None = None) -> int:
+        cur = self._run("UPDATE codes SET revoked_at = ? WHERE account_key = ? AND revoked_at IS NULL",
+                        (_ts(now or utcnow()), account_key))
+        return cur.rowcount
+
+    def purge(self, older_than: datetime) -> int:
+        """Delete codes revoked, expired or used up before `older_than` (their tombstones)."""
+        t = _ts(older_than)
+        cur = self._run(
+            "DELETE FROM codes WHERE (revoked_at IS NOT NULL AND revoked_at < ?)"
+            " OR (expires_at IS NOT NULL AND expires_at < ?)"
+            " OR (max_uses IS NOT NULL AND use_count >= max_uses AND coalesce(last_used_at, created_at) < ?)",
+            (t, t, t))
+        return cur.rowcount
+
+    def record_failure(self, code_id: int, ip: str, now: datetime | None = None) -> None:
+        self._run("UPDATE codes SET failed_count = failed_count + 1, last_failed_at = ?, last_failed_ip = ?"
+                  " WHERE id = ?", (_ts(now or utcnow()), ip, code_id))
+
+    def claim(self, code_id: int, protocol: str, ip: str, not_before: datetime | None = None,
+              now: datetime | None = None) -> Claim:
+        """One statement re-checks everything that can change and counts the use; max_uses is
+        never exceeded however many logins race. On refusal, a read says why."""
+        now_ts = _ts(now or utcnow())
+        floor = _ts(not_before) or 0
+        cur = self._run(
+            "UPDATE codes SET use_count = use_count + 1, last_used_at = ?, last_used_ip = ?,"
+            " last_used_protocol = ?"
+            " WHERE id = ? AND revoked_at IS NULL AND disabled = 0"
+            " AND (expires_at IS NULL OR expires_at > ?)"
+            " AND (max_uses IS NULL OR use_count < max_uses)"
+            " AND instr(scopes, ?) > 0 AND ip_allowed(networks, ?) AND created_at >= ?",
+            (now_ts, ip, protocol, code_id, now_ts, f",{protocol},", ip, floor))
+        if cur.rowcount == 1:
+            return Claim.OK
+        row = self._run("SELECT * FROM codes WHERE id = ?", (code_id,)).fetchone()
+        if row is None:
+            return Claim.GONE
+        rec = _record(row)
+        if rec.revoked_at is not None:
+            return Claim.REVOKED
+        if rec.created_at < datetime.fromtimestamp(floor, timezone.utc):
+            return Claim.SUPERSEDED
+        if rec.expires_at is not None and _ts(rec.expires_at) <= now_ts:
+            return Claim.EXPIRED
+        if rec.max_uses is not None and rec.use_count >= rec.max_uses:
+            return Claim.USED_UP
+        if rec.disabled:
+            return Claim.DISABLED
+        if protocol not in rec.scopes:
+            return Claim.SCOPE
+        return Claim.NETWORK
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._all.clear()
+        self._local = threading.local()

@@ -1,0 +1,171 @@
+"""The code store: the record of DESIGN.md, the operations every backend offers, and the
+asynchronous wrapper the proxy uses (each call runs in the store's own thread pool)."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Protocol
+
+from twisted.internet import threads
+from twisted.python.threadpool import ThreadPool
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+class State(str, enum.Enum):
+    ACTIVE = "active"
+    DISABLED = "disabled"
+    EXPIRED = "expired"
+    USED_UP = "used up"
+    REVOKED = "revoked"
+
+
+@dataclass(frozen=True)
+class CodeRecord:
+    id: int
+    account_key: str
+    account_login: str  # the login when created, for display only; codes belong to account_key
+    label: str
+    selector: str
+    hash: str
+    scopes: tuple[str, ...]
+    networks: tuple[str, ...]
+    created_at: datetime
+    expires_at: datetime | None
+    max_uses: int | None
+    use_count: int
+    last_used_at: datetime | None
+    last_used_ip: str | None
+    last_used_protocol: str | None
+    failed_count: int
+    last_failed_at: datetime | None
+    disabled: bool
+    revoked_at: datetime | None
+    created_by: str
+
+    def __repr__(self) -> str:
+        return f"CodeRecord(id={self.id}, account={self.account_login!r}, label={self.label!r})"
+
+    def state(self, now: datetime | None = None) -> State:
+        now = now or utcnow()
+        if self.revoked_at is not None:
+            return State.REVOKED
+        if self.expires_at is not None and self.expires_at <= now:
+            return State.EXPIRED
+        if self.max_uses is not None and self.use_count >= self.max_uses:
+            return State.USED_UP
+        if self.disabled:
+            return State.DISABLED
+        return State.ACTIVE
+
+    def allows_ip(self, ip: str) -> bool:
+        return ip_allowed(self.networks, ip)
+
+
+def ip_allowed(nets: tuple[str, ...] | list[str], ip: str) -> bool:
+    """True if there are no networks, or `ip` lies in one of them."""
+    if not nets:
+        return True
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if addr.version == 6 and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(addr in ipaddress.ip_network(n, strict=False) for n in nets)
+
+
+@dataclass(frozen=True)
+class NewCode:
+    """What `create` needs: everything but the counters."""
+
+    account_key: str
+    account_login: str
+    label: str
+    selector: str
+    hash: str
+    scopes: tuple[str, ...]
+    networks: tuple[str, ...] = ()
+    expires_at: datetime | None = None
+    max_uses: int | None = None
+    created_by: str = "cli"
+
+    def __repr__(self) -> str:
+        return f"NewCode(account={self.account_login!r}, label={self.label!r})"
+
+
+class Claim(str, enum.Enum):
+    """The outcome of the atomic claim after a good verification."""
+
+    OK = "ok"
+    REVOKED = "revoked"
+    DISABLED = "disabled"
+    EXPIRED = "expired"
+    USED_UP = "used up"
+    SCOPE = "scope"
+    NETWORK = "network"
+    SUPERSEDED = "created before the account's last password change"
+    GONE = "gone"
+
+
+class CapReached(Exception):
+    """The account already has `max_per_account` live codes."""
+
+
+class StoreUnavailable(Exception):
+    """The store could not answer (locked too long, disk, database down): a temporary failure."""
+
+
+class CodeStore(Protocol):
+    """Synchronous operations; safe to call from several threads at once."""
+
+    def create(self, new: NewCode, cap: int, now: datetime | None = None) -> CodeRecord: ...
+    def get(self, code_id: int) -> CodeRecord | None: ...
+    def find(self, account_key: str, selector: str) -> CodeRecord | None: ...
+    def selectors(self, account_key: str) -> set[str]: ...
+    def list(self, account_key: str | None = None, include_inactive: bool = False) -> list[CodeRecord]: ...
+    def set_disabled(self, code_id: int, disabled: bool) -> bool: ...
+    def revoke(self, code_id: int, now: datetime | None = None) -> bool: ...
+    def revoke_all(self, account_key: str, now: datetime | None = None) -> int: ...
+    def purge(self, older_than: datetime) -> int: ...
+    def record_failure(self, code_id: int, ip: str, now: datetime | None = None) -> None: ...
+    def claim(self, code_id: int, protocol: str, ip: str, not_before: datetime | None = None,
+              now: datetime | None = None) -> Claim: ...
+    def close(self) -> None: ...
+
+
+class AsyncCodeStore:
+    """Runs a synchronous store's calls in a small thread pool; every method returns a Deferred.
+
+    SQLite has one writer at a time, so its pool has one thread; a networked database may use more.
+    """
+
+    def __init__(self, store: CodeStore, reactor, threads_: int = 1) -> None:
+        self.store = store
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=threads_, maxthreads=threads_, name="apppass-store")
+        self._pool.start()
+
+    def _call(self, fn, *args, **kwargs):
+        return threads.deferToThreadPool(self._reactor, self._pool, fn, *args, **kwargs)
+
+    def find(self, account_key: str, selector: str):
+        return self._call(self.store.find, account_key, selector)
+
+    def claim(self, code_id: int, protocol: str, ip: str, not_before: datetime | None = None):
+        return self._call(self.store.claim, code_id, protocol, ip, not_before)
+
+    def record_failure(self, code_id: int, ip: str):
+        return self._call(self.store.record_failure, code_id, ip)
+
+    def get(self, code_id: int):
+        return self._call(self.store.get, code_id)
+
+    def stop(self) -> None:
+        self._pool.stop()
+        self.store.close()
