@@ -1,0 +1,176 @@
+"""`apppass codes …`, `check-config` and `directory check` as an admin uses them."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.cli import main
+
+USERS = """
+accounts:
+  alice: {id: key-alice, aliases: [alice@example.test], groups: [legacy-mail]}
+  bob: {id: key-bob, groups: [staff]}
+  carol: {id: key-carol, groups: [legacy-mail], enabled: false}
+"""
+
+
+@pytest.fixture
+def config(tmp_path):
+    (tmp_path / "users.yaml").write_text(USERS)
+    cfg = tmp_path / "apppass.yaml"
+    cfg.write_text(
+        "store: {sqlite: codes.db}\n"
+        "directory: {static: users.yaml}\n"
+        "policy: {legacy_group: legacy-mail}\n"
+        "codes: {max_per_account: 2, argon2: {memory_kib: 8192, time_cost: 1}}\n")
+    return cfg
+
+
+def run(config, capsys, *args):
+    code = main(["-c", str(config), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def create(config, capsys, *extra, login="alice", label="phone"):
+    return run(config, capsys, "codes", "create", login, "--label", label, *extra)
+
+
+def test_create_prints_the_code_once_grouped_with_a_warning(config, capsys):
+    code, out, err = create(config, capsys, "--scope", "smtp,imap", "--expires", "90d")
+    assert code == 0, err
+    assert re.search(r"^    [A-Za-z2-9]{4}-[A-Za-z2-9]{4}-[A-Za-z2-9]{4}-[A-Za-z2-9]{4}$", out, re.M)
+    assert "It will not be shown again." in out
+    assert "Scopes: smtp, imap" in out
+
+
+def test_create_by_alias_belongs_to_the_same_account(config, capsys):
+    create(config, capsys, login="alice@example.test")
+    code, out, _ = run(config, capsys, "codes", "list", "alice", "--json")
+    assert [r["account_key"] for r in json.loads(out)] == ["key-alice"]
+
+
+def test_create_json_includes_the_code_and_record(config, capsys):
+    code, out, _ = create(config, capsys, "--json", "--max-uses", "5", "--net", "10.0.4.0/24")
+    data = json.loads(out)
+    assert code == 0
+    assert data["max_uses"] == 5 and data["networks"] == ["10.0.4.0/24"] and data["state"] == "active"
+    assert len(data["code"]) == 19
+
+
+@pytest.mark.parametrize("login,message", [
+    ("nobody", "apppass: unknown login 'nobody'"),
+    ("bob", "apppass: bob: account not allowed legacy sign-in (not a member of legacy-mail)"),
+    ("carol", "apppass: carol: account disabled"),
+])
+def test_create_refuses_accounts_with_a_reason(config, capsys, login, message):
+    code, out, err = create(config, capsys, login=login)
+    assert (code, err.strip(), out) == (1, message, "")
+
+
+def test_create_refuses_past_the_cap(config, capsys):
+    create(config, capsys)
+    create(config, capsys)
+    code, _, err = create(config, capsys)
+    assert code == 1
+    assert err.strip() == "apppass: alice already has 2 codes (codes.max_per_account is 2)"
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--expires", "soon"), "apppass: invalid expiry 'soon': use a duration like 90d or 12h, a date like "
+                            "2027-06-30, or never"),
+    (("--expires", "2001-01-01"), "apppass: invalid expiry '2001-01-01': it is in the past"),
+    (("--net", "10.0.0.0/33"), "apppass: invalid CIDR '10.0.0.0/33': use a network like 10.0.4.0/24 or "
+                               "2001:db8::/48"),
+    (("--scope", "imap,http"), "apppass: invalid scope 'http': use a comma-separated list of imap, pop3, smtp"),
+    (("--max-uses", "0"), "apppass: --max-uses must be a whole number >= 1"),
+])
+def test_create_usage_errors_exit_2_with_one_line(config, capsys, args, message):
+    code, out, err = create(config, capsys, *args)
+    assert (code, err.strip(), out) == (2, message, "")
+
+
+def test_list_shows_an_aligned_table_with_states(config, capsys):
+    create(config, capsys, "--max-uses", "3", label="3rd floor printer")
+    create(config, capsys, label="old phone")
+    run(config, capsys, "codes", "disable", "2")
+    code, out, _ = run(config, capsys, "codes", "list")
+    lines = out.splitlines()
+    assert code == 0
+    assert lines[0].split() == ["ID", "LOGIN", "LABEL", "SCOPES", "CREATED", "EXPIRES", "USES", "LAST", "USED",
+                                "FAILED", "STATE"]
+    assert "3rd floor printer" in lines[1] and lines[1].rstrip().endswith("active") and "0/3" in lines[1]
+    assert lines[2].rstrip().endswith("disabled")
+    assert lines[0].index("STATE") == lines[1].index("active")
+
+
+def test_revoked_codes_are_listed_only_with_all(config, capsys):
+    create(config, capsys)
+    assert run(config, capsys, "codes", "revoke", "1")[1] == "code 1 (alice, phone) revoked\n"
+    assert run(config, capsys, "codes", "list")[1].startswith("no codes")
+    assert "revoked" in run(config, capsys, "codes", "list", "--all")[1]
+    code, _, err = run(config, capsys, "codes", "revoke", "1")
+    assert (code, err.strip()) == (1, "apppass: code 1 was already revoked")
+
+
+def test_show_enable_and_unknown_ids(config, capsys):
+    create(config, capsys)
+    run(config, capsys, "codes", "disable", "1")
+    assert run(config, capsys, "codes", "enable", "1")[0] == 0
+    code, out, _ = run(config, capsys, "codes", "show", "1", "--json")
+    assert json.loads(out)["disabled"] is False
+    code, out, err = run(config, capsys, "codes", "show", "42")
+    assert (code, err.strip()) == (1, "apppass: no code with id 42")
+
+
+def test_revoke_all_and_purge(config, capsys):
+    create(config, capsys)
+    create(config, capsys)
+    assert run(config, capsys, "codes", "revoke-all", "alice")[1] == "revoked 2 codes of alice\n"
+    code, out, _ = run(config, capsys, "codes", "purge", "--older-than", "30d")
+    assert code == 0 and out.startswith("purged 0 ")
+    code, _, err = run(config, capsys, "codes", "purge", "--older-than", "a month")
+    assert (code, err.strip()) == (2, "apppass: invalid duration 'a month': use a duration like 30d, 12h or 15m")
+
+
+def test_directory_check_shows_every_verdict(config, capsys):
+    code, out, _ = run(config, capsys, "directory", "check", "bob")
+    assert code == 1
+    assert "legacy sign-in     not allowed (not in legacy-mail)" in out
+    assert "verdict            refused: account not allowed legacy sign-in" in out
+    code, out, _ = run(config, capsys, "directory", "check", "alice@example.test")
+    assert code == 0 and "stable id          key-alice" in out
+
+
+def test_check_config_reports_all_errors_and_exits_2(tmp_path, capsys):
+    cfg = tmp_path / "apppass.yaml"
+    cfg.write_text("store: {sqlite: x.db}\ndirectory: {static: nope.yaml}\ncodes: {alphabet: upper}\n")
+    code, out, err = run(cfg, capsys, "check-config")
+    assert code == 2
+    assert err.splitlines() == ['apppass.yaml: codes.alphabet: must be one of mixed, lower (got "upper")']
+
+
+def test_check_config_reports_a_missing_users_file(tmp_path, capsys):
+    cfg = tmp_path / "apppass.yaml"
+    cfg.write_text("store: {sqlite: x.db}\ndirectory: {static: nope.yaml}\n")
+    code, _, err = run(cfg, capsys, "check-config")
+    assert code == 2 and "nope.yaml: cannot read" in err
+
+
+def test_no_traceback_reaches_the_user_from_the_console_script(tmp_path):
+    cfg = tmp_path / "apppass.yaml"
+    cfg.write_text("store: [oops\n")
+    exe = Path(sys.executable).parent / "apppass"
+    proc = subprocess.run([str(exe), "-c", str(cfg), "codes", "list"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("apppass.yaml: not valid YAML at line")
+
+
+def test_unknown_command_is_a_usage_error(config, capsys):
+    code, _, err = run(config, capsys, "codes", "frobnicate")
+    assert code == 2 and "invalid choice" in err

@@ -1,0 +1,46 @@
+"""Argon2id verification: one verification per attempt, off the reactor, bounded queue."""
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+
+from proxy.codes.hashing import CodeHasher, PoolFull
+from proxy.config import Argon2Settings
+
+FAST = Argon2Settings(time_cost=1, memory_kib=8192, parallelism=1, threads=2, queue=1)
+
+
+def test_hash_uses_argon2id_with_configured_parameters():
+    encoded = CodeHasher(FAST).hash("AbCdEfGhJkMnPqRs")
+    assert encoded.startswith("$argon2id$v=19$m=8192,t=1,p=1$")
+
+
+def test_verify_accepts_the_code_and_refuses_others():
+    h = CodeHasher(FAST)
+    encoded = h.hash("AbCdEfGhJkMnPqRs")
+    assert h.verify_sync(encoded, "AbCdEfGhJkMnPqRs")
+    assert not h.verify_sync(encoded, "abCdEfGhJkMnPqRs")
+
+
+def test_missing_hash_still_costs_a_verification_and_fails():
+    h = CodeHasher(FAST)
+    assert not h.verify_sync(None, "dummy-code-never-issued")
+    assert not h.verify_sync("not a hash", "x")
+
+
+@pytest_twisted.inlineCallbacks
+def test_pool_verifies_off_the_reactor_and_fails_fast_when_full():
+    h = CodeHasher(FAST)
+    h.start(reactor)
+    try:
+        encoded = h.hash("AbCdEfGhJkMnPqRs")
+        attempts = [h.verify(encoded, "AbCdEfGhJkMnPqRs") for _ in range(4)]  # 2 threads + 1 queued
+        results = yield defer.DeferredList(attempts, consumeErrors=True)
+        oks = [r for ok, r in results if ok]
+        fails = [r for ok, r in results if not ok]
+        assert oks == [True, True, True]
+        assert len(fails) == 1 and fails[0].check(PoolFull)
+        assert h.pending == 0
+        assert (yield h.verify(encoded, "AbCdEfGhJkMnPqRs")) is True
+    finally:
+        h.stop()
