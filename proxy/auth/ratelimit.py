@@ -1,0 +1,65 @@
+"""Failed-login rate limits per client address, so a storm of wrong codes from one place cannot
+fill the argon2 pool and slow everyone else down. Pure logic; the caller supplies the clock."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict, deque
+
+# Sliding window over which failures are counted (ASVS V2.2.1 counts per hour; we react faster).
+WINDOW_SECONDS = 60.0
+# Addresses tracked at once; the oldest are forgotten first, so memory stays bounded under a
+# distributed attack (each entry is a few hundred bytes).
+MAX_TRACKED = 100_000
+
+
+def client_bucket(ip: str) -> str:
+    """IPv4 per address; IPv6 per /64 (one subscriber line), as Dovecot groups by prefix."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if addr.version == 6:
+        if addr.ipv4_mapped:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{addr}/64", strict=False))
+    return str(addr)
+
+
+class FailureLimiter:
+    def __init__(self, per_window: int, window: float = WINDOW_SECONDS, max_tracked: int = MAX_TRACKED) -> None:
+        self.per_window = per_window
+        self.window = window
+        self.max_tracked = max_tracked
+        self._failures: OrderedDict[str, deque] = OrderedDict()
+
+    def _recent(self, bucket: str, now: float) -> deque:
+        times = self._failures.get(bucket)
+        if times is None:
+            return deque()
+        cutoff = now - self.window
+        while times and times[0] <= cutoff:
+            times.popleft()
+        if not times:
+            del self._failures[bucket]
+        return times
+
+    def blocked(self, ip: str, now: float) -> bool:
+        """True if this address already failed `per_window` times within the window."""
+        return len(self._recent(client_bucket(ip), now)) >= self.per_window
+
+    def failure(self, ip: str, now: float) -> None:
+        bucket = client_bucket(ip)
+        times = self._recent(bucket, now)
+        if not times:
+            self._failures[bucket] = times
+        else:
+            self._failures.move_to_end(bucket)
+        if len(times) < self.per_window * 2:  # enough to know it is blocked; bounded per address
+            times.append(now)
+        while len(self._failures) > self.max_tracked:
+            self._failures.popitem(last=False)
+
+    def success(self, ip: str) -> None:
+        """A success forgets that address's failures (NIST SP 800-63B §5.2.2)."""
+        self._failures.pop(client_bucket(ip), None)

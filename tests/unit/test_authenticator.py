@@ -1,0 +1,201 @@
+"""The Authenticator's decisions on the static directory and a real SQLite store."""
+
+import io
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from proxy.audit import Audit
+from proxy.auth.authenticator import Authenticator
+from proxy.auth.decision import Attempt, Protocol, Refusal
+from proxy.codes.hashing import CodeHasher
+from proxy.codes.issue import issue_code
+from proxy.codes.sqlite import SqliteCodeStore
+from proxy.codes.store import AsyncCodeStore
+from proxy.config import parse
+from proxy.directory.static import StaticDirectory
+
+USERS = """
+accounts:
+  alice: {id: key-alice, aliases: [alice@example.test], groups: [legacy-mail], upstream: alice@example.test}
+  bob: {id: key-bob, groups: [staff]}
+  carol: {id: key-carol, groups: [legacy-mail]}
+"""
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def env(tmp_path):
+    (tmp_path / "users.yaml").write_text(USERS)
+    settings = parse({"store": {"sqlite": "codes.db"}, "directory": {"static": "users.yaml"},
+                      "policy": {"legacy_group": "legacy-mail"},
+                      "auth": {"ip_failures_per_minute": 3, "cache_ttl": "60s"},
+                      "codes": {"argon2": {"memory_kib": 8192, "time_cost": 1}}},
+                     base_dir=tmp_path)
+    directory = StaticDirectory(settings.directory.static_file, legacy_group="legacy-mail")
+    sync_store = SqliteCodeStore(settings.store.target)
+    hasher = CodeHasher(settings.codes.argon2)
+    hasher.start(reactor)
+    store = AsyncCodeStore(sync_store, reactor)
+    out = io.StringIO()
+    clock = Clock()
+    auth = Authenticator(settings, directory, store, hasher, Audit(out), reactor, clock=clock)
+
+    class Env:
+        pass
+
+    e = Env()
+    e.settings, e.directory, e.sync_store, e.hasher, e.auth, e.audit, e.clock = (
+        settings, directory, sync_store, hasher, auth, out, clock)
+
+    def issue(login="alice", **kw):
+        return issue_code(settings, directory, sync_store, hasher, login=login, label=kw.pop("label", "phone"), **kw)
+
+    e.issue = issue
+
+    def attempt(login, secret, protocol=Protocol.IMAP, ip="192.0.2.10"):
+        return auth.authenticate(Attempt(protocol, login, secret, ip, session="s1"))
+
+    e.attempt = attempt
+    e.events = lambda: [json.loads(line) for line in out.getvalue().splitlines()]
+    yield e
+    auth.stop()
+    hasher.stop()
+    store.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_good_code_is_granted_and_counted(env):
+    issued = env.issue()
+    decision = yield env.attempt("alice", issued.code.grouped())
+    assert decision.ok
+    assert (decision.code_id, decision.upstream_identity, decision.code_label) == (
+        issued.record.id, "alice@example.test", "phone")
+    rec = env.sync_store.get(issued.record.id)
+    assert (rec.use_count, rec.last_used_ip, rec.last_used_protocol) == (1, "192.0.2.10", "imap")
+
+
+@pytest_twisted.inlineCallbacks
+def test_code_works_with_any_login_name_of_the_account(env):
+    issued = env.issue()
+    assert (yield env.attempt("ALICE@example.test", issued.code.value)).ok
+
+
+@pytest_twisted.inlineCallbacks
+def test_wrong_secret_is_bad_credentials_and_counted_on_the_code(env):
+    issued = env.issue()
+    wrong = issued.code.value[:4] + ("A" if issued.code.value[4] != "A" else "B") + issued.code.value[5:]
+    decision = yield env.attempt("alice", wrong)
+    assert (decision.ok, decision.refusal) == (False, Refusal.CREDENTIALS)
+    assert env.sync_store.get(issued.record.id).failed_count == 1
+
+
+@pytest.mark.parametrize("login,secret,reason", [
+    ("nobody", "AbCdEfGhJkMnPqRs", "unknown login"),
+    ("alice", "short", "not an app password (wrong length or characters)"),
+    ("alice", "ZZZZEfGhJkMnPqRs", "no app password with this selector"),
+    ("alice\x00bob", "AbCdEfGhJkMnPqRs", "invalid login name (control characters)"),
+])
+@pytest_twisted.inlineCallbacks
+def test_failures_before_verification_are_only_bad_credentials(env, login, secret, reason):
+    env.issue()
+    decision = yield env.attempt(login, secret)
+    assert (decision.refusal, decision.reason) == (Refusal.CREDENTIALS, reason)
+
+
+@pytest_twisted.inlineCallbacks
+def test_account_not_allowed_is_forbidden_only_after_the_code_verified(env):
+    issued = env.issue(login="carol")
+    env.directory.legacy_group = "nobody-group"  # carol loses the group after getting a code
+    env.directory._stamp = None
+    env.directory._load()
+    decision = yield env.attempt("carol", issued.code.value)
+    assert decision.refusal == Refusal.FORBIDDEN
+    assert decision.reason == "account not allowed legacy sign-in (not a member of legacy-mail)"
+    bad = yield env.attempt("carol", issued.code.value[:4] + "x" * 12)
+    assert bad.refusal == Refusal.CREDENTIALS
+
+
+@pytest.mark.parametrize("change,protocol,refusal,reason", [
+    ("revoke", Protocol.IMAP, Refusal.EXPIRED, "app password {id} revoked"),
+    ("disable", Protocol.IMAP, Refusal.FORBIDDEN, "app password {id} disabled"),
+    (None, Protocol.POP3, Refusal.FORBIDDEN, "app password {id} not valid for pop3"),
+])
+@pytest_twisted.inlineCallbacks
+def test_claim_refusals_after_verification(env, change, protocol, refusal, reason):
+    issued = env.issue(scopes=("imap", "smtp"))
+    if change == "revoke":
+        env.sync_store.revoke(issued.record.id)
+    elif change == "disable":
+        env.sync_store.set_disabled(issued.record.id, True)
+    decision = yield env.attempt("alice", issued.code.value, protocol=protocol)
+    assert (decision.refusal, decision.reason) == (refusal, reason.format(id=issued.record.id))
+
+
+@pytest_twisted.inlineCallbacks
+def test_expired_used_up_and_network_refusals(env):
+    now = datetime.now(timezone.utc)
+    expired = env.issue(label="a", expires_at=now - timedelta(seconds=1))
+    used = env.issue(label="b", max_uses=1)
+    netted = env.issue(label="c", networks=("10.0.0.0/8",))
+    assert (yield env.attempt("alice", expired.code.value)).refusal == Refusal.EXPIRED
+    assert (yield env.attempt("alice", used.code.value)).ok
+    assert (yield env.attempt("alice", used.code.value)).refusal == Refusal.EXPIRED
+    assert (yield env.attempt("alice", netted.code.value)).refusal == Refusal.FORBIDDEN
+    assert (yield env.attempt("alice", netted.code.value, ip="10.9.8.7")).ok
+
+
+@pytest_twisted.inlineCallbacks
+def test_cache_skips_argon2_but_never_the_claim(env):
+    issued = env.issue()
+    assert (yield env.attempt("alice", issued.code.value)).ok
+    env.sync_store.revoke(issued.record.id)
+    decision = yield env.attempt("alice", issued.code.value)
+    assert decision.refusal == Refusal.EXPIRED
+
+
+@pytest_twisted.inlineCallbacks
+def test_repeated_failures_from_one_address_are_limited_then_forgotten(env):
+    issued = env.issue()
+    for _ in range(3):
+        assert (yield env.attempt("alice", "AbCd" + "x" * 12)).refusal == Refusal.CREDENTIALS
+    assert (yield env.attempt("alice", issued.code.value)).refusal == Refusal.LIMIT
+    assert (yield env.attempt("alice", issued.code.value, ip="192.0.2.11")).ok  # other clients unaffected
+    env.clock.now += 61
+    assert (yield env.attempt("alice", issued.code.value)).ok
+
+
+@pytest_twisted.inlineCallbacks
+def test_password_change_supersedes_older_codes(env, tmp_path):
+    issued = env.issue()
+    later = (datetime.now(timezone.utc) + timedelta(seconds=5)).isoformat()
+    env.directory.file.write_text(USERS.replace("upstream: alice@example.test}",
+                                                f"upstream: alice@example.test, password_changed: '{later}'}}"))
+    import os
+    os.utime(env.directory.file, ns=(5, 5))
+    decision = yield env.attempt("alice", issued.code.value)
+    assert decision.refusal == Refusal.EXPIRED
+    assert "last password change" in decision.reason
+
+
+@pytest_twisted.inlineCallbacks
+def test_audit_has_one_event_per_decision_and_never_the_secret(env):
+    issued = env.issue()
+    yield env.attempt("alice", issued.code.value)
+    yield env.attempt("alice", issued.code.value[:4] + "y" * 12)
+    events = env.events()
+    assert [(e["event"], e["result"]) for e in events] == [("auth", "grant"), ("auth", "deny")]
+    assert events[0]["code"] == issued.record.id and events[0]["account"] == "key-alice"
+    assert events[1]["reason"] == f"wrong secret for app password {issued.record.id}"
+    text = env.audit.getvalue()
+    assert issued.code.value not in text and "yyyyyyyyyyyy" not in text
