@@ -322,6 +322,10 @@ def _listeners(root: Node, upstreams: dict) -> tuple[Listener, ...]:
                     node.ctx.error(node.key_path(k), f"is required when tls is {tls}")
                 elif p is not None and not p.is_file():
                     node.ctx.error(node.key_path(k), f"file not found: {p}")
+        plaintext_from = node.get("plaintext_auth_from", networks, ())
+        if tls == "none" and not plaintext_from and node.has("tls"):
+            node.ctx.error(node.key_path("plaintext_auth_from"),
+                           "is required when tls is none (without it nobody can log in on this listener)")
         name = node.get("name", text, None) or (f"{protocol}-{bind[1]}" if protocol and bind else node.path)
         if name in names:
             node.ctx.error(node.key_path("name"), f"must be unique ({show(name)} is used twice)")
@@ -332,7 +336,7 @@ def _listeners(root: Node, upstreams: dict) -> tuple[Listener, ...]:
             name=name, protocol=protocol or "", host=bind[0] if bind else "", port=bind[1] if bind else 0,
             tls=tls or "none", cert_file=cert, key_file=key,
             min_tls=node.get("min_tls", _tls_version, "1.2"),
-            plaintext_auth_from=node.get("plaintext_auth_from", networks, ()),
+            plaintext_auth_from=plaintext_from,
             proxy_protocol_from=node.get("proxy_protocol_from", networks, ()),
         )
         node.finish()

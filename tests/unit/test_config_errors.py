@@ -19,7 +19,8 @@ def base(tmp_path):
         "directory": {"static": "users.yaml"},
         "upstream": {"imap": {"host": "127.0.0.1", "port": 143, "master_user": "proxy",
                               "master_password_file": "master"}},
-        "listeners": [{"protocol": "imap", "bind": "127.0.0.1:1143", "tls": "none"}],
+        "listeners": [{"protocol": "imap", "bind": "127.0.0.1:1143", "tls": "none",
+                       "plaintext_auth_from": ["127.0.0.0/8"]}],
     }
 
 
@@ -104,6 +105,9 @@ CASES = [
     (("upstream", "imap", "master_user"), DELETE,
      "apppass.yaml: upstream.imap.master_user: is required when login is authzid"),
     (("upstream", "imap", "host"), DELETE, "apppass.yaml: upstream.imap.host: is required"),
+    (("listeners", 0, "plaintext_auth_from"), DELETE,
+     "apppass.yaml: listeners[0].plaintext_auth_from: is required when tls is none "
+     "(without it nobody can log in on this listener)"),
     (("upstream", "imap", "verify"), "no",
      'apppass.yaml: upstream.imap.verify: must be true or false (got "no")'),
     (("listners",), [], "apppass.yaml: listners: unknown key; did you mean 'listeners'?"),

@@ -1,0 +1,88 @@
+"""IMAP upstream login: tell the upstream who the client is, then log in as the user with the
+master credentials (SASL PLAIN with an authorization identity), never the user's password."""
+
+from __future__ import annotations
+
+import re
+
+from proxy.config import Upstream
+from proxy.sasl import client_plain
+from proxy.upstream import UpstreamConnection, UpstreamError
+
+_CAPABILITY = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.I)
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+async def _tagged(conn: UpstreamConnection, tag: bytes, untagged: list[bytes] | None = None) -> tuple[bytes, bytes]:
+    """Read until the tagged reply; returns (status, rest). Untagged lines are collected."""
+    while True:
+        line = await conn.read_line()
+        if line.startswith(tag + b" "):
+            status, _, rest = line[len(tag) + 1:].partition(b" ")
+            return status.upper(), rest
+        if line.startswith(b"* BYE"):
+            raise UpstreamError(f"upstream said BYE: {line[6:80].decode(errors='replace')}")
+        if untagged is not None:
+            untagged.append(line)
+
+
+async def login(conn: UpstreamConnection, settings: Upstream, *, identity: str, client_ip: str,
+                client_port: int, session: str) -> str:
+    """Run the login dialogue; returns the upstream's capability list (text after CAPABILITY)."""
+    greeting = await conn.read_line()
+    if greeting.startswith(b"* PREAUTH"):
+        raise UpstreamError("upstream pre-authenticated the connection: refusing to relay it")
+    if not greeting.startswith(b"* OK"):
+        raise UpstreamError(f"unexpected upstream greeting: {greeting[:80].decode(errors='replace')}")
+    caps = _caps(greeting)
+    if settings.tls == "starttls":
+        conn.send(b"S STARTTLS\r\n")
+        status, rest = await _tagged(conn, b"S")
+        if status != b"OK":
+            raise UpstreamError(f"upstream refused STARTTLS: {rest[:80].decode(errors='replace')}")
+        await conn.start_tls()
+        caps = None  # capabilities change after TLS
+    if settings.send_client_address:
+        fields = {"x-originating-ip": client_ip, "x-originating-port": str(client_port),
+                  "x-session-ext-id": session}
+        params = " ".join(f"{_quote(k)} {_quote(v)}" for k, v in fields.items() if v)
+        conn.send(f"I ID ({params})\r\n".encode())
+        await _tagged(conn, b"I")  # a NO/BAD here is not fatal: the login is what matters
+    response = client_plain(identity, settings.master_user or "", settings.master_password or "")
+    if caps is None or b"SASL-IR" in caps.upper().split():
+        conn.send(f"L AUTHENTICATE PLAIN {response}\r\n".encode())
+    else:
+        conn.send(b"L AUTHENTICATE PLAIN\r\n")
+        line = await conn.read_line()
+        if not line.startswith(b"+"):
+            raise UpstreamError(f"upstream refused AUTHENTICATE PLAIN: {line[:80].decode(errors='replace')}")
+        conn.send(response.encode() + b"\r\n")
+    while True:
+        line = await conn.read_line()
+        if line.startswith(b"+"):  # a server that wants the response in a continuation after all
+            conn.send(response.encode() + b"\r\n")
+            continue
+        if line.startswith(b"L "):
+            status, _, rest = line[2:].partition(b" ")
+            break
+    if status.upper() != b"OK":
+        raise UpstreamError(f"upstream refused the login as {identity}: {rest[:120].decode(errors='replace')}")
+    caps = _caps(rest)
+    if caps is None:
+        untagged: list[bytes] = []
+        conn.send(b"C CAPABILITY\r\n")
+        await _tagged(conn, b"C", untagged)
+        for line in untagged:
+            if line.upper().startswith(b"* CAPABILITY "):
+                caps = line[len(b"* CAPABILITY "):]
+    if not caps:
+        raise UpstreamError("upstream sent no capabilities after login")
+    return caps.decode("ascii", errors="replace")
+
+
+def _caps(line: bytes) -> bytes | None:
+    m = _CAPABILITY.search(line)
+    return m.group(1) if m else None

@@ -1,0 +1,135 @@
+"""Connecting to an upstream mail server and talking to it line by line until the relay starts.
+
+Each protocol's login dialogue (proxy/imap/upstream.py, …) is a coroutine over an
+UpstreamConnection: `await conn.read_line()`, `conn.send(...)`, `await conn.start_tls()`.
+After the login the connection's leftover bytes go to the client and the relay takes over.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+from twisted.internet.interfaces import IHalfCloseableProtocol
+
+from proxy.config import Upstream
+from proxy.linebuffer import LineBuffer, TooLong
+from proxy.tls import upstream_tls
+
+# Longest upstream line we read before the relay starts (greeting, CAPABILITY, EHLO replies).
+# Dovecot's CAPABILITY line is under 1 KiB; SMTP reply lines are at most 512 octets (RFC 5321).
+MAX_UPSTREAM_LINE = 16384
+
+
+class UpstreamError(Exception):
+    """The upstream is down, slow, refused us or spoke nonsense: a temporary failure."""
+
+
+@implementer(IHalfCloseableProtocol)
+class UpstreamConnection(Protocol):
+    """The upstream side of a session: a line reader for the login dialogue, then relay input."""
+
+    relay = None  # a proxy.relay side once the session is spliced
+
+    def __init__(self, settings: Upstream, reactor) -> None:
+        self.settings = settings
+        self._reactor = reactor
+        self._lines = LineBuffer(MAX_UPSTREAM_LINE)
+        self._waiting: defer.Deferred | None = None
+        self._lost: Exception | None = None
+        self.tls = settings.tls == "implicit"
+
+    # -- Twisted events --------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.relay is not None:
+            self.relay.dataReceived(data)
+            return
+        self._lines.feed(data)
+        self._wake()
+
+    def readConnectionLost(self) -> None:  # noqa: N802
+        if self.relay is not None:
+            self.relay.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:  # noqa: N802
+        if self.relay is not None:
+            self.relay.writeConnectionLost()
+
+    def connectionLost(self, reason) -> None:  # noqa: N802
+        if self.relay is not None:
+            self.relay.connectionLost(reason)
+            return
+        self._lost = UpstreamError(f"connection closed by upstream ({reason.getErrorMessage()})")
+        self._wake()
+
+    # -- dialogue helpers ------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._waiting is not None:
+            d, self._waiting = self._waiting, None
+            d.callback(None)
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    async def read_line(self) -> bytes:
+        """The next line from the upstream; UpstreamError on close or timeout."""
+        while True:
+            line = self._lines.next_line()
+            if isinstance(line, TooLong):
+                raise UpstreamError("upstream sent an over-long line")
+            if line is not None:
+                return line
+            if self._lost is not None:
+                raise self._lost
+            self._waiting = d = defer.Deferred()
+            timer = self._reactor.callLater(self.settings.timeout.total_seconds(), self._time_out, d)
+            try:
+                await d
+            finally:
+                if timer.active():
+                    timer.cancel()
+
+    def _time_out(self, d: defer.Deferred) -> None:
+        if self._waiting is d:
+            self._waiting = None
+            d.errback(UpstreamError(f"no answer from upstream within {self.settings.timeout.total_seconds():g}s"))
+            self.transport.abortConnection()
+
+    async def start_tls(self) -> None:
+        """STARTTLS: the upstream said OK; anything it sent after that is discarded (a MITM could
+        have injected it), then the handshake runs with certificate verification."""
+        self._lines.clear()
+        self.transport.startTLS(client_tls(self.settings))
+        self.tls = True
+
+    def take_leftover(self) -> bytes:
+        return self._lines.clear()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+def client_tls(settings: Upstream):
+    return upstream_tls(settings.server_name or settings.host, ca_file=str(settings.ca_file) if settings.ca_file else None,
+                        verify=settings.verify)
+
+
+async def connect(settings: Upstream, reactor) -> UpstreamConnection:
+    """A TCP (or implicit TLS) connection to the upstream; UpstreamError if that fails."""
+    factory = Factory.forProtocol(lambda: UpstreamConnection(settings, reactor))
+    if settings.tls == "implicit":
+        factory = TLSMemoryBIOFactory(client_tls(settings), True, factory)
+    endpoint = HostnameEndpoint(reactor, settings.host, settings.port,
+                                timeout=settings.connect_timeout.total_seconds())
+    try:
+        proto = await endpoint.connect(factory)
+    except (error.ConnectError, error.DNSLookupError, error.TimeoutError, OSError) as exc:
+        raise UpstreamError(f"cannot connect to {settings.host}:{settings.port}: {exc.__class__.__name__}") from None
+    return getattr(proto, "wrappedProtocol", proto)
