@@ -343,3 +343,80 @@ async def test_upstream_down_gives_unavailable(proxy, dovecot):
     finally:
         await in_thread(dovecot.start)
     assert reply.startswith(b"a NO [UNAVAILABLE]"), reply
+
+
+# -- flow control --------------------------------------------------------------------------------
+
+BIG = 50 * 1024 * 1024
+
+
+def proxy_held_bytes(transport) -> int:
+    """Octets a plain TCP transport holds in user space waiting to be sent."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+@pytest_twisted.ensureDeferred
+async def test_big_fetch_read_slowly_keeps_proxy_buffers_bounded(proxy, dovecot):
+    from twisted.internet import reactor, task
+
+    from proxy.relay import BUFFER_BOUND_TCP
+
+    code_id, code = proxy.issue("alice", label="big fetch")
+    subject = f"big {uuid.uuid4()}"
+    body = (b"x" * 998 + b"\r\n") * (BIG // 1000)
+
+    def append_directly():
+        with imaplib.IMAP4("127.0.0.1", dovecot.imap_port) as other:
+            other.login(dovecot.master_login("alice"), MASTER_PASSWORD)
+            other.append("INBOX", None, None, f"Subject: {subject}\r\n\r\n".encode() + body)
+
+    await in_thread(append_directly)
+    sock = socket.create_connection(("127.0.0.1", proxy.port("plain")), timeout=30)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    f = sock.makefile("rb")
+
+    def login_and_fetch():
+        f.readline()
+        sock.sendall(f'a LOGIN alice "{code}"\r\nb SELECT INBOX\r\nc SEARCH SUBJECT "{subject}"\r\n'.encode())
+        num = None
+        while True:
+            line = f.readline()
+            if line.startswith(b"* SEARCH"):
+                num = line.split()[-1]
+            if line.startswith(b"c "):
+                break
+        sock.sendall(b"d FETCH " + num + b" BODY[]\r\n")
+
+    await in_thread(login_and_fetch)
+    session = next(s for s in proxy.service.sessions if s.grant and s.grant.code_id == code_id)
+    client_transport = session.transport
+    peak = [0]
+
+    def sample():
+        peak[0] = max(peak[0], proxy_held_bytes(client_transport))
+
+    sampler = task.LoopingCall(sample)
+    sampler.start(0.005)
+    # The client reads nothing until back-pressure has reached Dovecot's side of the relay.
+    deadline = time.monotonic() + 30
+    while not session.relay.peer.reading_paused:
+        assert time.monotonic() < deadline, "relay never paused the upstream"
+        await task.deferLater(reactor, 0.01, lambda: None)
+    paused_at = proxy_held_bytes(client_transport)
+
+    def read_all():
+        total = 0
+        while True:
+            line = f.readline()
+            total += len(line)
+            if line.startswith(b"d OK"):
+                return total
+            if line.startswith(b"d "):
+                raise AssertionError(line)
+
+    received = await in_thread(read_all)
+    sampler.stop()
+    sock.close()
+    assert received > len(body)
+    assert paused_at <= BUFFER_BOUND_TCP
+    assert peak[0] <= BUFFER_BOUND_TCP, f"proxy held {peak[0]} bytes for one slow client"
