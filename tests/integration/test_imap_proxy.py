@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import imaplib
 import socket
-import ssl
 import subprocess
 import time
 import uuid

@@ -1,6 +1,5 @@
 """Argon2id verification: one verification per attempt, off the reactor, bounded queue."""
 
-import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 

@@ -1,7 +1,7 @@
 """The static directory and the account-policy verdicts (the LDAP directory passes the same)."""
 
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import pytest
 
