@@ -70,7 +70,7 @@ class ProxyHarness:
 
 
 async def start_proxy(folder: Path, *, listeners: list[dict], upstream: dict, auth: dict | None = None,
-                      policy: dict | None = None) -> ProxyHarness:
+                      policy: dict | None = None, directory: dict | None = None) -> ProxyHarness:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "users.yaml").write_text(yaml.safe_dump(USERS))
     for name, up in upstream.items():
@@ -82,7 +82,7 @@ async def start_proxy(folder: Path, *, listeners: list[dict], upstream: dict, au
         item.setdefault("bind", f"127.0.0.1:{free_port()}")
     config = {
         "store": {"sqlite": "codes.db"},
-        "directory": {"static": "users.yaml"},
+        "directory": directory or {"static": "users.yaml"},
         "policy": policy or {"legacy_group": "legacy-mail"},
         "codes": {"argon2": FAST_ARGON2},
         "auth": {"failure_delay": "0s", "ip_failures_per_minute": 100000, **(auth or {})},
