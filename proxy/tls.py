@@ -1,0 +1,320 @@
+"""TLS contexts: per-listener server contexts with certificate reload; verified upstream clients.
+
+Server side, one `ServerTLS` per listener::
+
+    tls = ServerTLS("/etc/apppass/mail.pem", "/etc/apppass/mail.key", min_tls="1.2")
+    reactor.listenSSL(993, imap_factory, tls)       # implicit TLS
+    transport.startTLS(tls)                         # STARTTLS, from a frontend
+    tls.reload()                                    # after certbot renewed the files (SIGHUP)
+
+`ServerTLS` is an IOpenSSLServerConnectionCreator: Twisted asks it for a new OpenSSL Connection
+on every handshake, and each one is made from the context current at that moment, so `reload()`
+takes effect for new connections while established ones keep the certificate they started with.
+
+Upstream side::
+
+    creator = upstream_tls("imap.internal.example", ca_file="/etc/apppass/internal-ca.pem")
+    upstream_transport.startTLS(creator)            # or connectSSL(host, port, f, creator)
+
+Verification is on by default: the chain against `ca_file` (or the system trust store when
+None) and the name against `hostname` (DNS name, or IP address SAN when it is an address) via
+Twisted's optionsForClientTLS and service_identity. `verify=False` turns both off, explicitly.
+
+Every problem with a configured file raises TLSConfigError naming the file and the problem in a
+sentence a person can act on; callers turn it into a config error, never a traceback.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
+from twisted.internet import ssl as twisted_ssl
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from zope.interface import implementer
+
+DEFAULT_MIN_TLS = "1.2"
+
+_PROTOCOL_VERSIONS = {
+    "1.0": SSL.TLS1_VERSION,
+    "1.1": SSL.TLS1_1_VERSION,
+    "1.2": SSL.TLS1_2_VERSION,
+    "1.3": SSL.TLS1_3_VERSION,
+}
+MIN_TLS_CHOICES = tuple(_PROTOCOL_VERSIONS)
+
+# TLS 1.2 suites for listeners at min_tls 1.2/1.3: Mozilla's "intermediate" configuration
+# (ssl-config.mozilla.org, guideline 5.7): forward-secret AEAD suites only. (The DHE suites need
+# DH parameters that pyOpenSSL cannot set automatically; ECDHE covers the same clients.)
+CIPHERS_INTERMEDIATE = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+
+# Suites for listeners that accept TLS 1.0/1.1 (min_tls "1.0"/"1.1"): Mozilla's "old"
+# configuration (guideline 5.7) without DES-CBC3-SHA (Sweet32, CVE-2016-2183): the CBC-SHA suites
+# that TLS 1.0 clients (Outlook 2007-2013 on Windows 7, old phones) offer. "@SECLEVEL=0": see
+# `LEGACY_SECURITY_LEVEL`.
+CIPHERS_OLD = (
+    CIPHERS_INTERMEDIATE + ":"
+    "ECDHE-ECDSA-AES128-SHA256:ECDHE-RSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA:"
+    "ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384:ECDHE-RSA-AES256-SHA384:"
+    "ECDHE-ECDSA-AES256-SHA:ECDHE-RSA-AES256-SHA:AES128-GCM-SHA256:AES256-GCM-SHA384:"
+    "AES128-SHA256:AES256-SHA256:AES128-SHA:AES256-SHA"
+)
+
+LEGACY_SECURITY_LEVEL = "@SECLEVEL=0"
+"""Appended to the cipher string only when min_tls is "1.0" or "1.1". Why:
+
+OpenSSL 3.0 lowered the security strength it assigns to SHA-1 and MD5 based signatures below 80
+bits (CHANGES for 3.0: "This results in SSL 3, TLS 1.0, TLS 1.1 and DTLS 1.0 no longer working
+at the default security level of 1 and instead requires security level 0"; later 3.0.x releases
+ban those protocol versions outright at level 1 and above, and 3.2 raised the default level to
+2). TLS 1.0 and 1.1 have no signature-algorithm negotiation: the server signs its key exchange
+with the fixed MD5+SHA-1 combination (RSA) or SHA-1 (ECDSA), and the handshake PRF is MD5/SHA-1.
+So at level >= 1 OpenSSL refuses every TLS 1.0/1.1 handshake (as "unsupported protocol", or an
+internal error), whatever min/max protocol version is set. Level 0 is the only way to let such
+clients in. It also lifts level 1's other floors (RSA keys under 1024 bits, SHA-1 signed
+certificates), which is why it is set only on listeners that ask for legacy TLS, while the
+explicit cipher list above still keeps out export, NULL, RC4, DES and 3DES suites.
+"""
+
+
+class TLSConfigError(Exception):
+    """A TLS file or setting cannot be used. `subject` is the file (or setting), `problem` a
+    sentence saying what is wrong with it."""
+
+    def __init__(self, subject: str, problem: str) -> None:
+        super().__init__(f"{subject}: {problem}")
+        self.subject = subject
+        self.problem = problem
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TLSConfigError(path, f"cannot read {what}: {e.strerror or e}") from None
+
+
+def _openssl_reason(e: SSL.Error) -> str:
+    try:
+        reasons = [r[-1] for r in e.args[0] if r and r[-1]]
+    except (IndexError, TypeError):
+        reasons = []
+    return "; ".join(reasons) or str(e)
+
+
+def load_certificates(path: str, what: str = "certificate") -> list[x509.Certificate]:
+    """All PEM certificates in a file, in order; TLSConfigError if none or unreadable."""
+    data = _read(path, f"{what} file")
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise TLSConfigError(
+            path, f"no PEM {what} in the file (expected -----BEGIN CERTIFICATE-----)"
+        )
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise TLSConfigError(path, f"damaged PEM {what}: {e}") from None
+
+
+def load_private_key(path: str):
+    data = _read(path, "private key file")
+    if b"PRIVATE KEY-----" not in data:
+        raise TLSConfigError(
+            path, "no PEM private key in the file (expected -----BEGIN ... PRIVATE KEY-----)"
+        )
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise TLSConfigError(
+            path,
+            "the private key is encrypted; apppass needs it unencrypted (readable only by its"
+            " user)",
+        ) from None
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise TLSConfigError(path, f"cannot load the private key: {e}") from None
+    return key
+
+
+def _spki(public_key) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def build_server_context(
+    cert_file: str, key_file: str, min_tls: str = DEFAULT_MIN_TLS
+) -> SSL.Context:
+    """A fresh OpenSSL server context; TLSConfigError names the file and problem on failure.
+
+    cert_file holds the server certificate first, then any intermediates (the chain the clients
+    need, as certbot's fullchain.pem). key_file holds its unencrypted private key (it may be the
+    same file).
+    """
+    return _server_context(cert_file, key_file, min_tls)[0]
+
+
+def _server_context(
+    cert_file: str, key_file: str, min_tls: str
+) -> tuple[SSL.Context, x509.Certificate]:
+    if min_tls not in _PROTOCOL_VERSIONS:
+        raise TLSConfigError("min_tls", f"{min_tls!r} is not one of {', '.join(MIN_TLS_CHOICES)}")
+    chain = load_certificates(cert_file)
+    key = load_private_key(key_file)
+    leaf, intermediates = chain[0], chain[1:]
+    mine = _spki(key.public_key())
+    if _spki(leaf.public_key()) != mine:
+        matches = [i for i, c in enumerate(chain, 1) if _spki(c.public_key()) == mine]
+        hint = (
+            f"; it matches certificate #{matches[0]} there: the server's own certificate must"
+            " come first, then the intermediates"
+            if matches
+            else ""
+        )
+        raise TLSConfigError(
+            key_file, f"the private key does not match the certificate in {cert_file}{hint}"
+        )
+
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    legacy = _PROTOCOL_VERSIONS[min_tls] < SSL.TLS1_2_VERSION
+    ctx.set_min_proto_version(_PROTOCOL_VERSIONS[min_tls])
+    ctx.set_options(
+        SSL.OP_NO_COMPRESSION  # CRIME
+        | SSL.OP_CIPHER_SERVER_PREFERENCE
+        | SSL.OP_SINGLE_ECDH_USE
+        | getattr(SSL, "OP_NO_RENEGOTIATION", 0)  # client-initiated renegotiation: a DoS lever
+    )
+    # At min_tls >= 1.2 the library's default security level stays (1 up to OpenSSL 3.1, 2 from
+    # 3.2): only legacy listeners drop it, see LEGACY_SECURITY_LEVEL.
+    ciphers = CIPHERS_OLD + ":" + LEGACY_SECURITY_LEVEL if legacy else CIPHERS_INTERMEDIATE
+    try:
+        # Before the certificate: the security level applies to its key and signature.
+        ctx.set_cipher_list(ciphers.encode("ascii"))
+    except SSL.Error as e:
+        reason = _openssl_reason(e)
+        raise TLSConfigError(
+            "min_tls", f"this OpenSSL accepts none of the ciphers: {reason}"
+        ) from None
+    try:
+        ctx.use_certificate(leaf)
+    except SSL.Error as e:
+        reason = _openssl_reason(e)
+        raise TLSConfigError(cert_file, f"OpenSSL refused the certificate: {reason}") from None
+    for cert in intermediates:
+        try:
+            ctx.add_extra_chain_cert(cert)
+        except SSL.Error as e:
+            reason = _openssl_reason(e)
+            raise TLSConfigError(
+                cert_file, f"OpenSSL refused a chain certificate: {reason}"
+            ) from None
+    try:
+        ctx.use_privatekey(key)
+        ctx.check_privatekey()
+    except SSL.Error as e:
+        reason = _openssl_reason(e)
+        raise TLSConfigError(key_file, f"OpenSSL refused the private key: {reason}") from None
+    return ctx, leaf
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """A listener's TLS settings; hand it to listenSSL, startTLS or TLSMemoryBIOFactory."""
+
+    def __init__(self, cert_file: str, key_file: str, min_tls: str = DEFAULT_MIN_TLS) -> None:
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.min_tls = min_tls
+        self._context, self._leaf = _server_context(cert_file, key_file, min_tls)
+
+    def reload(self) -> None:
+        """Re-read the certificate and key. New connections use them; live ones are untouched.
+        On error the previous certificate stays in use and TLSConfigError is raised."""
+        self._context, self._leaf = _server_context(self.cert_file, self.key_file, self.min_tls)
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        """The server certificate currently served."""
+        return self._leaf
+
+    @property
+    def expires_at(self) -> datetime.datetime:
+        return self._leaf.not_valid_after_utc
+
+    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:  # noqa: N802,N803 (Twisted)
+        return SSL.Connection(self._context, None)
+
+
+# --- upstream (client) side -------------------------------------------------------------------
+
+
+def _twisted_version(min_tls: str):
+    versions = {"1.2": twisted_ssl.TLSVersion.TLSv1_2, "1.3": twisted_ssl.TLSVersion.TLSv1_3}
+    if min_tls not in versions:
+        raise TLSConfigError(
+            "min_tls",
+            f"{min_tls!r} for an upstream: only 1.2 or 1.3 (the upstream is ours to upgrade)",
+        )
+    return versions[min_tls]
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedClientTLS:
+    """verify: false -- encrypt, send SNI, but accept any certificate for any name."""
+
+    def __init__(self, hostname: str, options: twisted_ssl.CertificateOptions) -> None:
+        self._options = options
+        is_ip = isIPAddress(hostname) or isIPv6Address(hostname)
+        self._sni = None if is_ip else hostname.encode("idna")
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:  # noqa: N802,N803
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        if self._sni:
+            connection.set_tlsext_host_name(self._sni)
+        return connection
+
+
+def upstream_tls(
+    hostname: str,
+    *,
+    ca_file: str | None = None,
+    verify: bool = True,
+    min_tls: str = DEFAULT_MIN_TLS,
+    alpn: Sequence[bytes] | None = None,
+) -> IOpenSSLClientConnectionCreator:
+    """A TLS client connection creator for one upstream server.
+
+    hostname: the name (or IP address) the upstream's certificate must carry; also sent as SNI
+        when it is a DNS name.
+    ca_file: PEM file of the CA certificates to trust; None trusts the system store.
+    verify: False disables certificate and name checks (the connection is still encrypted).
+    """
+    version = _twisted_version(min_tls)
+    if not verify:
+        options = twisted_ssl.CertificateOptions(verify=False, raiseMinimumTo=version)
+        return _UnverifiedClientTLS(hostname, options)
+    if ca_file is not None:
+        authorities = [
+            twisted_ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM))
+            for c in load_certificates(ca_file, "CA certificate")
+        ]
+        trust = twisted_ssl.trustRootFromCertificates(authorities)
+    else:
+        trust = twisted_ssl.platformTrust()
+    return twisted_ssl.optionsForClientTLS(
+        hostname,
+        trustRoot=trust,
+        acceptableProtocols=list(alpn) if alpn else None,
+        extraCertificateOptions={"raiseMinimumTo": version},
+    )
