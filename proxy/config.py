@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -137,6 +139,7 @@ class AuditSettings:
 @dataclass(frozen=True)
 class Settings:
     source: Path
+    hostname: str
     store: StoreSettings
     directory: DirectorySettings
     policy: PolicySettings = field(default_factory=PolicySettings)
@@ -178,6 +181,7 @@ def parse(data: Any, *, source: str = "apppass.yaml", base_dir: Path = Path(".")
         ctx.error("", f"must be a mapping of settings (got {show(data)})")
         ctx.check()
     root = Node(ctx, "", data)
+    hostname = root.get("hostname", _hostname, None) or _default_hostname()
     store = _store(root)
     policy = _policy(root)
     directory = _directory(root, policy)
@@ -188,8 +192,22 @@ def parse(data: Any, *, source: str = "apppass.yaml", base_dir: Path = Path(".")
     audit = _audit(root)
     root.finish()
     ctx.check()
-    return Settings(source=file or Path(source), store=store, directory=directory, policy=policy,
+    return Settings(source=file or Path(source), hostname=hostname, store=store, directory=directory, policy=policy,
                     codes=codes, auth=auth, listeners=listeners, upstreams=upstreams, audit=audit)
+
+
+def _default_hostname() -> str:
+    name = socket.getfqdn()
+    return name if name and _HOSTNAME.fullmatch(name) else "apppass"
+
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*")
+
+
+def _hostname(node: Node, key: str, value: Any) -> str:
+    if not isinstance(value, str) or not _HOSTNAME.fullmatch(value):
+        raise Invalid("must be a host name like mail.example.com")
+    return value
 
 
 def _store(root: Node) -> StoreSettings:

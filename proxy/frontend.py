@@ -33,13 +33,13 @@ class ProtocolKind(TypingProtocol):
 
     protocol: MailProtocol
 
-    def make_core(self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool): ...
+    def make_core(self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool, service): ...
 
     async def login_upstream(self, conn, session: "Frontend", grant) -> list:
         """Log in upstream for this Grant; return the core's success events."""
 
-    def client_hook(self, session: "Frontend"):
-        """A relay hook for client->upstream bytes after login, or None."""
+    def relay_hooks(self, session: "Frontend"):
+        """(client hook, upstream hook) for the relay after login; (None, None) for none."""
 
 
 def in_networks(ip: str, networks) -> bool:
@@ -80,6 +80,7 @@ class Frontend(Protocol):
             tls_active=self.tls_active,
             starttls_available=self.listener.tls == "starttls",
             plaintext_auth=in_networks(self.client_ip, self.listener.plaintext_auth_from),
+            service=self.service,
         )
         self.service.sessions.add(self)
         reactor = self.service.reactor
@@ -199,8 +200,10 @@ class Frontend(Protocol):
 
     def _splice(self) -> None:
         upstream = self.upstream
+        client_hook, upstream_hook = self.kind.relay_hooks(self)
         relay = Relay(self.transport, upstream.transport, client_pending=self.core.take_pending(),
-                      upstream_pending=upstream.take_leftover(), client_hook=self.kind.client_hook(self))
+                      upstream_pending=upstream.take_leftover(), client_hook=client_hook,
+                      upstream_hook=upstream_hook)
         self._relay = relay
         self.relay, upstream.relay = relay.client, relay.upstream
         relay.start().addCallback(self._session_end)
@@ -213,6 +216,17 @@ class Frontend(Protocol):
             bytes_up=result.bytes_up, bytes_down=result.bytes_down,
             seconds=round(time.monotonic() - self._started, 3), closed_by=getattr(result, "closed_by", None),
             reason=getattr(result, "reason", None))
+
+    @property
+    def relay_object(self) -> Relay | None:
+        return self._relay
+
+    def close_both(self, reason: str) -> None:
+        """Close client and upstream after what was written to them (a hook asked for it)."""
+        self.service.audit.event("session_closed", session=self.session_id, reason=reason)
+        self.transport.loseConnection()
+        if self.upstream is not None:
+            self.upstream.close()
 
     def end(self, reason: str) -> None:
         """End this session now (its code was revoked or disabled, or the proxy is stopping)."""

@@ -21,24 +21,19 @@ from proxy.directory.build import open_directory
 from proxy.frontend import FrontendFactory
 from proxy.proxyprotocol import ProxyProtocolFactory, TrustedProxies
 from proxy.tls import ServerTLS, TLSConfigError
+from proxy.upstream import UpstreamError
 
 # How often live sessions are checked against the store, so that revoking or disabling a code
 # ends the sessions it opened (bongo-project revokes "at their next command"; we bound the wait).
 SESSION_CHECK_SECONDS = 15
 
 
-def _kind(protocol: str):
-    if protocol == "imap":
-        from proxy.imap.frontend import ImapKind
-
-        return ImapKind()
-    if protocol == "pop3":
-        from proxy.pop3.frontend import Pop3Kind
-
-        return Pop3Kind()
+def _kinds() -> dict:
+    from proxy.imap.frontend import ImapKind
+    from proxy.pop3.frontend import Pop3Kind
     from proxy.smtp.frontend import SmtpKind
 
-    return SmtpKind()
+    return {"imap": ImapKind(), "pop3": Pop3Kind(), "smtp": SmtpKind()}
 
 
 class Service:
@@ -49,6 +44,8 @@ class Service:
         self.sessions: set = set()
         self.ports: dict[str, object] = {}  # listener name -> IListeningPort
         self.tls: dict[str, ServerTLS] = {}
+        self.kinds = _kinds()
+        self.hostname = settings.hostname
         self._check = None
 
     def upstream_for(self, protocol: Protocol):
@@ -67,7 +64,7 @@ class Service:
             if listener.tls != "none":
                 server_tls = ServerTLS(str(listener.cert_file), str(listener.key_file), listener.min_tls)
                 self.tls[listener.name] = server_tls
-            factory = FrontendFactory(self, listener, _kind(listener.protocol), server_tls)
+            factory = FrontendFactory(self, listener, self.kinds[listener.protocol], server_tls)
             if listener.tls == "implicit":
                 factory = TLSMemoryBIOFactory(server_tls, False, factory)
             if listener.proxy_protocol_from:
@@ -78,6 +75,12 @@ class Service:
             self.ports[listener.name] = port
             self.audit.event("listening", listener=listener.name, protocol=listener.protocol,
                              address=f"{listener.host}:{port.getHost().port}", tls=listener.tls)
+        if any(listener.protocol == "smtp" for listener in s.listeners):
+            try:
+                await self.kinds["smtp"].learn_extensions(self)
+            except UpstreamError as exc:
+                self.audit.event("upstream", protocol="smtp", result="fail",
+                                 reason=f"cannot learn the upstream's EHLO extensions: {exc}")
         self._check = task.LoopingCall(self._end_revoked_sessions)
         self._check.clock = self.reactor
         self._check.start(SESSION_CHECK_SECONDS, now=False)

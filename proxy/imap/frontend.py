@@ -10,7 +10,8 @@ from proxy.imap.parse import ImapCore
 class ImapKind:
     protocol = Protocol.IMAP
 
-    def make_core(self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool) -> ImapCore:
+    def make_core(self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool,
+                  service) -> ImapCore:
         return ImapCore(tls_active=tls_active, starttls_available=starttls_available, plaintext_auth=plaintext_auth)
 
     async def login_upstream(self, conn, session, grant) -> list:
@@ -19,5 +20,5 @@ class ImapKind:
                                     client_port=session.client_port, session=session.session_id)
         return session.core.auth_succeeded(caps)
 
-    def client_hook(self, session):
-        return None
+    def relay_hooks(self, session):
+        return None, None

@@ -1,0 +1,53 @@
+"""POP3 upstream login: pass the client's address (XCLIENT, where offered), then AUTH PLAIN with
+an authorization identity and the master credentials (RFC 5034), never the user's password."""
+
+from __future__ import annotations
+
+from proxy.config import Upstream
+from proxy.sasl import client_plain
+from proxy.upstream import UpstreamConnection, UpstreamError
+
+
+def _text(line: bytes) -> str:
+    return line[:120].decode("utf-8", errors="replace")
+
+
+async def _ok(conn: UpstreamConnection, what: str) -> bytes:
+    line = await conn.read_line()
+    if not line.startswith(b"+OK"):
+        raise UpstreamError(f"upstream refused {what}: {_text(line)}")
+    return line
+
+
+async def _capabilities(conn: UpstreamConnection) -> set[str]:
+    conn.send(b"CAPA\r\n")
+    first = await conn.read_line()
+    if not first.startswith(b"+OK"):
+        return set()
+    caps = set()
+    while (line := await conn.read_line()) != b".":
+        caps.add(line.split(b" ", 1)[0].decode("ascii", errors="replace").upper())
+    return caps
+
+
+async def login(conn: UpstreamConnection, settings: Upstream, *, identity: str, client_ip: str,
+                client_port: int, session: str) -> None:
+    await _ok(conn, "the connection")
+    if settings.tls == "starttls":
+        conn.send(b"STLS\r\n")
+        await _ok(conn, "STLS")
+        await conn.start_tls()
+    if settings.send_client_address:
+        caps = await _capabilities(conn)
+        if "XCLIENT" in caps:  # Dovecot, for proxies in login_trusted_networks
+            conn.send(f"XCLIENT ADDR={client_ip} PORT={client_port} SESSION={session}\r\n".encode())
+            await conn.read_line()  # a refusal is not fatal: the login is what matters
+    conn.send(f"AUTH PLAIN {client_plain(identity, settings.master_user or '', settings.master_password or '')}\r\n"
+              .encode())
+    line = await conn.read_line()
+    if line.startswith(b"+ "):  # no initial response accepted: send it as the continuation
+        conn.send(client_plain(identity, settings.master_user or "", settings.master_password or "").encode()
+                  + b"\r\n")
+        line = await conn.read_line()
+    if not line.startswith(b"+OK"):
+        raise UpstreamError(f"upstream refused the login as {identity}: {_text(line)}")
