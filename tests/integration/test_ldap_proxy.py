@@ -107,3 +107,55 @@ async def test_ldap_down_is_unavailable_then_recovers(ldap_proxy):
     assert await threads.deferToThread(login, port, "alice", code) == "OK"
     events = ldap_proxy.audit_events("auth")
     assert any(e.get("refusal") == "temporary" and "directory unavailable" in e.get("reason", "") for e in events)
+
+
+# -- Active Directory, configured as in config/examples/active-directory.yaml ----------------------
+
+
+@pytest_twisted.async_yield_fixture(scope="module")
+async def ad_proxy(dovecot, samba_dc, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ad-proxy")
+    (folder / "ad-bind").write_text(samba_dc.service_password + "\n")
+    harness = await start_proxy(
+        folder,
+        directory={"ldap": {"preset": "active_directory", "uris": [samba_dc.ldaps_uri],
+                            "ca_file": str(samba_dc.tls.ca), "bind_dn": samba_dc.service_bind_dn,
+                            "bind_password_file": "ad-bind", "base_dn": samba_dc.base_dn}},
+        policy={"legacy_group": f"CN=legacy-mail,CN=Users,{samba_dc.base_dn}"},
+        listeners=[{"name": "plain", "protocol": "imap", "tls": "none", "plaintext_auth_from": ["127.0.0.0/8"]}],
+        upstream={"imap": {"host": "127.0.0.1", "port": dovecot.imap_port, "tls": "none",
+                           "master_user": MASTER_USER, "master_password": MASTER_PASSWORD}},
+    )
+    yield harness
+    await harness.stop()
+
+
+@pytest.mark.parametrize("name", ["alice", "SAMDOM\\alice", "alice@samdom.example.com", "alice@example.com"])
+@pytest_twisted.ensureDeferred
+async def test_ad_account_logs_in_by_every_name_form(ad_proxy, name):
+    status, out = await threads.deferToThread(run_cli, ad_proxy, "codes", "create", name, "--label", "ad",
+                                              "--json")
+    assert status == 0, out
+    import json
+
+    code = json.loads(out)["code"]
+    imap_name = '"' + name.replace("\\", "\\\\") + '"'  # an IMAP quoted string: backslash escaped
+    assert await threads.deferToThread(login, ad_proxy.port("plain"), imap_name, code) == "OK"
+
+
+@pytest.mark.parametrize("name,message", [  # AD's canonical login is the userPrincipalName
+    ("bob", "apppass: bob@samdom.example.com: account not allowed legacy sign-in"),
+    ("dora", "apppass: dora@samdom.example.com: account disabled"),
+    ("eve", "apppass: eve@samdom.example.com: account expired"),
+])
+@pytest_twisted.ensureDeferred
+async def test_ad_cli_refusals(ad_proxy, name, message):
+    status, out = await threads.deferToThread(run_cli, ad_proxy, "codes", "create", name, "--label", "x")
+    assert status == 1 and out.startswith(message), out
+
+
+@pytest_twisted.ensureDeferred
+async def test_ad_directory_check(ad_proxy):
+    status, out = await threads.deferToThread(run_cli, ad_proxy, "directory", "check", "SAMDOM\\carl")
+    assert status == 0, out  # carl is in legacy-mail through the nested group mail-staff
+    assert "upstream identity  carl@example.com" in out
