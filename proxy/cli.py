@@ -150,10 +150,21 @@ def _print(text: str = "") -> None:
 
 
 def cmd_check_config(ctx: _Context) -> int:
+    """Validate the file, then open what it names: the users file and the TLS certificates."""
     s = ctx.settings
     from proxy.directory.build import open_directory
+    from proxy.tls import ServerTLS, TLSConfigError
 
     open_directory(s).close()
+    problems = []
+    for i, listener in enumerate(s.listeners):
+        if listener.tls != "none":
+            try:
+                ServerTLS(str(listener.cert_file), str(listener.key_file), listener.min_tls)
+            except TLSConfigError as exc:
+                problems.append(f"{s.source.name}: listeners[{i}]: {exc}")
+    if problems:
+        raise ConfigError(problems)
     _print(f"{s.source}: ok ({len(s.listeners)} listeners, store {s.store.kind}, directory {s.directory.kind})")
     return EXIT_OK
 

@@ -174,3 +174,18 @@ def test_no_traceback_reaches_the_user_from_the_console_script(tmp_path):
 def test_unknown_command_is_a_usage_error(config, capsys):
     code, _, err = run(config, capsys, "codes", "frobnicate")
     assert code == 2 and "invalid choice" in err
+
+
+def test_check_config_loads_listener_certificates(tmp_path, capsys):
+    (tmp_path / "users.yaml").write_text("accounts: {}\n")
+    (tmp_path / "master").write_text("x\n")
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    (tmp_path / "key.pem").write_text("not a key\n")
+    cfg = tmp_path / "apppass.yaml"
+    cfg.write_text(
+        "store: {sqlite: x.db}\ndirectory: {static: users.yaml}\n"
+        "upstream: {imap: {host: 127.0.0.1, master_user: m, master_password_file: master}}\n"
+        "listeners: [{protocol: imap, bind: '127.0.0.1:1993', tls: implicit, cert_file: cert.pem, key_file: key.pem}]\n")
+    code, _, err = run(cfg, capsys, "check-config")
+    assert code == 2
+    assert err.startswith(f"apppass.yaml: listeners[0]: {tmp_path}/cert.pem:"), err
