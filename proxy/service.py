@@ -37,7 +37,8 @@ def _kinds() -> dict:
 
 
 class Service:
-    def __init__(self, settings: Settings, reactor, audit: Audit | None = None) -> None:
+    def __init__(self, settings: Settings, reactor, audit: Audit | None = None,
+                 session_check: float = SESSION_CHECK_SECONDS) -> None:
         self.settings = settings
         self.reactor = reactor
         self.audit = audit or Audit(path=settings.audit.file)
@@ -46,6 +47,7 @@ class Service:
         self.tls: dict[str, ServerTLS] = {}
         self.kinds = _kinds()
         self.hostname = settings.hostname
+        self.session_check = session_check
         self._check = None
 
     def upstream_for(self, protocol: Protocol):
@@ -83,7 +85,7 @@ class Service:
                                  reason=f"cannot learn the upstream's EHLO extensions: {exc}")
         self._check = task.LoopingCall(self._end_revoked_sessions)
         self._check.clock = self.reactor
-        self._check.start(SESSION_CHECK_SECONDS, now=False)
+        self._check.start(self.session_check, now=False)
 
     def port_of(self, name: str) -> int:
         return self.ports[name].getHost().port

@@ -95,6 +95,6 @@ async def start_proxy(folder: Path, *, listeners: list[dict], upstream: dict, au
     events: list = []
     audit = Audit(path=str(folder / "audit.jsonl"))
     audit.listeners.append(events.append)
-    service = Service(settings, reactor, audit=audit)
+    service = Service(settings, reactor, audit=audit, session_check=0.2)
     await service.start()
     return ProxyHarness(folder, service, events)

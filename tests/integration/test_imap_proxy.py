@@ -419,3 +419,27 @@ async def test_big_fetch_read_slowly_keeps_proxy_buffers_bounded(proxy, dovecot)
     assert received > len(body)
     assert paused_at <= BUFFER_BOUND_TCP
     assert peak[0] <= BUFFER_BOUND_TCP, f"proxy held {peak[0]} bytes for one slow client"
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoking_a_code_ends_its_live_sessions(proxy):
+    code_id, code = proxy.issue("alice", label="to be revoked")
+
+    def client():
+        imap = imaplib.IMAP4("127.0.0.1", proxy.port("plain"))
+        imap.login("alice", code)
+        imap.select("INBOX")
+        proxy.store.revoke(code_id)
+        imap.sock.settimeout(15)
+        deadline = time.monotonic() + 15
+        try:
+            while time.monotonic() < deadline:  # until the proxy closes: NOOP fails or reads EOF
+                imap.noop()
+            return "still open"
+        except (imaplib.IMAP4.abort, OSError):
+            return "closed"
+        finally:
+            imap.shutdown()
+
+    assert await in_thread(client) == "closed"
+    assert any(e.get("code") == code_id for e in proxy.audit_events("session_ended"))
