@@ -325,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the configured listeners").set_defaults(fn=cmd_serve)
     d = sub.add_parser("demo", help="run a ready demo: SQLite, a demo user, a sandbox upstream")
     d.add_argument("--dir", default="var/demo", help="where the demo keeps its files (default: var/demo)")
+    from proxy.demo import PORTS
+
+    for protocol, port in PORTS.items():
+        d.add_argument(f"--{protocol}-port", type=int, default=port, metavar="PORT",
+                       help=f"{protocol.upper()} port on 127.0.0.1 (default: {port})")
     d.set_defaults(fn=cmd_demo)
     sub.add_parser("migrate", help="bring the store's schema up to date").set_defaults(fn=cmd_migrate)
     sub.add_parser("check-config", help="validate the config and exit").set_defaults(fn=cmd_check_config)

@@ -22,7 +22,7 @@ PORTS = {"imap": 1143, "pop3": 1110, "smtp": 1587}
 MASTER_USER = "apppass-master"
 
 
-def _write_config(folder: Path, upstream_ports: dict[str, int], protocols: list[str]) -> Path:
+def _write_config(folder: Path, upstream_ports: dict[str, int], ports: dict[str, int]) -> Path:
     (folder / "users.yaml").write_text(yaml.safe_dump({"accounts": {"demo": {
         "id": "demo-0001", "name": "Demo User", "aliases": ["demo@example.test"], "upstream": "demo",
         "groups": ["legacy-mail"]}}}, sort_keys=False))
@@ -36,12 +36,12 @@ def _write_config(folder: Path, upstream_ports: dict[str, int], protocols: list[
         "policy": {"legacy_group": "legacy-mail"},
         "auth": {"failure_delay": "1s"},
         "audit": {"file": "audit.jsonl"},
-        "listeners": [{"name": f"{p}-demo", "protocol": p, "bind": f"{HOST}:{PORTS[p]}", "tls": "none",
-                       "plaintext_auth_from": ["127.0.0.0/8"]} for p in protocols],
+        "listeners": [{"name": f"{p}-demo", "protocol": p, "bind": f"{HOST}:{port}", "tls": "none",
+                       "plaintext_auth_from": ["127.0.0.0/8"]} for p, port in ports.items()],
         "upstream": {p: {"host": HOST, "port": upstream_ports[p], "tls": "none",
                          **({"login": "xclient"} if p == "smtp" else
                             {"login": "authzid", "master_user": MASTER_USER,
-                             "master_password_file": "master-password"})} for p in protocols},
+                             "master_password_file": "master-password"})} for p in ports},
     }
     path = folder / "apppass.yaml"
     path.write_text("# Written by `apppass demo`: the sandbox setup. Not for production.\n"
@@ -49,7 +49,7 @@ def _write_config(folder: Path, upstream_ports: dict[str, int], protocols: list[
     return path
 
 
-def _instructions(code: str, protocols: list[str]) -> str:
+def _instructions(code: str, ports: dict[str, int]) -> str:
     lines = [
         "",
         "apppass demo is running (sandbox upstream: mail is kept in memory only; Ctrl-C stops it).",
@@ -58,20 +58,15 @@ def _instructions(code: str, protocols: list[str]) -> str:
         f"  app password:  {code}",
         "",
         "Try it:",
-        f"  curl -u 'demo:{code}' imap://{HOST}:{PORTS['imap']}/INBOX -X 'FETCH 1 BODY[HEADER.FIELDS (SUBJECT)]'",
-        f"  curl -u 'demo:{code}' 'imap://{HOST}:{PORTS['imap']}/INBOX;UID=1'",
-    ]
-    if "pop3" in protocols:
-        lines.append(f"  curl -u 'demo:{code}' pop3://{HOST}:{PORTS['pop3']}/1")
-    if "smtp" in protocols:
-        lines.append(f"  printf 'Subject: hello\\r\\n\\r\\nsent through apppass\\r\\n' | curl -u 'demo:{code}' "
-                     f"smtp://{HOST}:{PORTS['smtp']} --mail-from demo@example.test "
-                     "--mail-rcpt demo@example.test -T -")
-    lines += [
+        f"  curl -u 'demo:{code}' imap://{HOST}:{ports['imap']}/INBOX -X 'EXAMINE INBOX'",
+        f"  curl -u 'demo:{code}' 'imap://{HOST}:{ports['imap']}/INBOX;UID=1'",
+        f"  curl -u 'demo:{code}' pop3://{HOST}:{ports['pop3']}/1",
+        f"  printf 'Subject: hello\\r\\n\\r\\nsent through apppass\\r\\n' | curl -u 'demo:{code}' "
+        f"smtp://{HOST}:{ports['smtp']} --mail-from demo@example.test --mail-rcpt demo@example.test -T -",
+        f"  curl -u 'demo:{code}' 'imap://{HOST}:{ports['imap']}/INBOX;UID=2'",
         "",
         "Mail client settings: server 127.0.0.1, user demo, the app password above, no encryption,",
-        "  IMAP port " + str(PORTS["imap"]) + (f", POP3 port {PORTS['pop3']}" if "pop3" in protocols else "")
-        + (f", SMTP port {PORTS['smtp']} with authentication" if "smtp" in protocols else "") + ".",
+        f"  IMAP port {ports['imap']}, POP3 port {ports['pop3']}, SMTP port {ports['smtp']} with authentication.",
         "",
         "Watch it:  apppass -c {cfg} codes list      (use count, last use)",
         "           tail -f {audit}                  (one JSON line per decision)",
@@ -93,7 +88,7 @@ def run_demo(args) -> int:
 
     folder = Path(args.dir).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    protocols = list(PORTS)
+    ports = {p: getattr(args, f"{p}_port") for p in PORTS}
     exit_code = [0]
 
     async def start():
@@ -102,8 +97,8 @@ def run_demo(args) -> int:
             master.write_text(secrets.token_urlsafe(24) + "\n")
             os.chmod(master, 0o600)
         sandbox = Sandbox({"demo": None}, MASTER_USER, master.read_text().strip())
-        ports = sandbox.listen(reactor, host=HOST)
-        cfg = _write_config(folder, ports, protocols)
+        sandbox_ports = sandbox.listen(reactor, host=HOST)
+        cfg = _write_config(folder, sandbox_ports._asdict(), ports)
         settings = load(cfg)
         store, directory = open_store(settings), open_directory(settings)
         store.revoke_all("demo-0001")
@@ -118,7 +113,7 @@ def run_demo(args) -> int:
                              f"({exc.socketError.strerror if exc.socketError else 'in use'}); "
                              "is another demo running?") from None
         reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(service.stop()))
-        text = _instructions(issued.code.grouped(), protocols)
+        text = _instructions(issued.code.grouped(), ports)
         sys.stdout.write(text.replace("{cfg}", str(cfg)).replace("{audit}", str(folder / "audit.jsonl")) + "\n")
         sys.stdout.flush()
 

@@ -207,8 +207,7 @@ async def test_tls12_client_is_refused_at_min_13(pki):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest_twisted.ensureDeferred
 async def test_tls10_client_is_refused_at_min_12(pki):
-    if not client_can_speak(ssl.TLSVersion.TLSv1):
-        pytest.skip("this Python's OpenSSL cannot offer TLS 1.0")
+    assert client_can_speak(ssl.TLSVersion.TLSv1), "the test client\'s OpenSSL must offer this TLS version"
     tls = ServerTLS(str(pki["server"].cert_file), str(pki["server"].key_file), min_tls="1.2")
     with pytest.raises(ssl.SSLError):
         await handshake_with_ssl_module(tls, pki["ca"].cert_file, ssl.TLSVersion.TLSv1, legacy=True)
@@ -222,8 +221,7 @@ async def test_tls10_client_is_refused_at_min_12(pki):
 ])
 @pytest_twisted.ensureDeferred
 async def test_legacy_client_is_accepted_when_the_listener_allows_it(pki, min_tls, version, name):
-    if not client_can_speak(version):
-        pytest.skip(f"this Python's OpenSSL cannot offer {name}")
+    assert client_can_speak(version), "the test client\'s OpenSSL must offer this TLS version"
     tls = ServerTLS(str(pki["server"].cert_file), str(pki["server"].key_file), min_tls=min_tls)
     got, _ = await handshake_with_ssl_module(tls, pki["ca"].cert_file, version, legacy=True)
     assert got == name
@@ -232,8 +230,7 @@ async def test_legacy_client_is_accepted_when_the_listener_allows_it(pki, min_tl
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest_twisted.ensureDeferred
 async def test_tls10_client_is_refused_at_min_11(pki):
-    if not client_can_speak(ssl.TLSVersion.TLSv1):
-        pytest.skip("this Python's OpenSSL cannot offer TLS 1.0")
+    assert client_can_speak(ssl.TLSVersion.TLSv1), "the test client\'s OpenSSL must offer this TLS version"
     tls = ServerTLS(str(pki["server"].cert_file), str(pki["server"].key_file), min_tls="1.1")
     with pytest.raises(ssl.SSLError):
         await handshake_with_ssl_module(tls, pki["ca"].cert_file, ssl.TLSVersion.TLSv1, legacy=True)
