@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 from dataclasses import dataclass
 
 # RFC 4616 §2: each of authzid, authcid and passwd is at most 255 octets.
@@ -152,3 +153,59 @@ def is_valid_login(login: str) -> bool:
     return bool(login) and len(login) <= MAX_FIELD and not any(
         ord(c) < 0x20 or ord(c) == 0x7F or 0x80 <= ord(c) < 0xA0 for c in login
     )
+
+
+class Step(enum.Enum):
+    """Where a server-side exchange stands after one client message."""
+
+    CHALLENGE = "challenge"  # send `challenge` and wait for the next response
+    DONE = "done"  # `credentials` are ready for the Authenticator
+    CANCELLED = "cancelled"  # the client sent "*"
+    BAD_BASE64 = "bad base64"
+    MALFORMED = "malformed"  # valid base64, but not a valid message of the mechanism
+    AUTHZID_REFUSED = "authzid refused"  # PLAIN authzid differs from authcid
+    INVALID_LOGIN = "invalid login"  # NUL, CR, LF or other controls in the login name
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: Step
+    challenge: str = ""
+    credentials: Credentials | None = None
+    detail: str = ""
+
+
+class SaslExchange:
+    """One server-side SASL exchange as every protocol core drives it: `start` with the command's
+    optional initial response, then `respond` to each client line, until a final step. The core
+    only turns each Step into its protocol's reply."""
+
+    def __init__(self, mechanism: ServerMechanism) -> None:
+        self.mechanism = mechanism
+        self.name = mechanism.name
+
+    def start(self, initial: str | None) -> StepResult:
+        return self._run(self.mechanism.start, initial)
+
+    def respond(self, line: bytes) -> StepResult:
+        if line.strip() == b"*":  # RFC 4954 §4, RFC 5034 §4, RFC 9051 §6.2.2
+            return StepResult(Step.CANCELLED, detail="cancelled by the client")
+        return self._run(self.mechanism.step, line.decode("latin-1"))
+
+    def _run(self, fn, response: str | None) -> StepResult:
+        if response is not None:
+            try:
+                decode_b64(response)
+            except SaslError:
+                return StepResult(Step.BAD_BASE64, detail="invalid base64")
+        try:
+            result = fn(response)
+        except AuthzidRefused:
+            return StepResult(Step.AUTHZID_REFUSED, detail="PLAIN authzid differs from authcid")
+        except SaslError as exc:
+            return StepResult(Step.MALFORMED, detail=f"malformed {self.name} response: {exc}")
+        if isinstance(result, str):
+            return StepResult(Step.CHALLENGE, challenge=result)
+        if not is_valid_login(result.login):
+            return StepResult(Step.INVALID_LOGIN, detail="invalid login name")
+        return StepResult(Step.DONE, credentials=result)

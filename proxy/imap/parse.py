@@ -16,20 +16,12 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy.auth.decision import Refusal
 from proxy.events import Authenticate, Close, Event, Failed, Send, StartTLS
 from proxy.linebuffer import LineBuffer, TooLong
-from proxy.sasl import (
-    AuthzidRefused,
-    Credentials,
-    SaslError,
-    ServerMechanism,
-    is_valid_login,
-    server_mechanism,
-)
+from proxy.sasl import Credentials, SaslExchange, Step, StepResult, is_valid_login, server_mechanism
 
 CRLF = b"\r\n"
 
@@ -309,7 +301,7 @@ class ImapCore:
         self._cmd: _Command | None = None
         self._literal_size = 0
         self._skip = 0
-        self._sasl: ServerMechanism | None = None
+        self._sasl: SaslExchange | None = None
         self._sasl_tag = ""
         self._auth_tag = ""
 
@@ -644,42 +636,40 @@ class ImapCore:
             self._refuse_plaintext(cmd.tag, events)
             return
         initial = atoms[1] if len(atoms) == 2 else None  # "=" is an empty one (RFC 4959)
-        self._sasl_step(cmd.tag, mechanism, lambda: mechanism.start(initial), events)
+        self._sasl = SaslExchange(mechanism)
+        self._sasl_result(cmd.tag, self._sasl.start(initial), events)
 
     # -- authentication -----------------------------------------------------------------------
 
-    def _sasl_step(self, tag: str, mechanism: ServerMechanism,
-                   step: Callable[[], str | Credentials], events: list[Event]) -> None:
+    def _sasl_result(self, tag: str, result: StepResult, events: list[Event]) -> None:
+        """Turn one step of the shared SASL exchange into IMAP's reply (RFC 9051 §6.2.2)."""
         self._state = _State.COMMAND
-        self._sasl = None
-        try:
-            result = step()
-        except AuthzidRefused:
+        exchange, self._sasl = self._sasl, None
+        assert exchange is not None
+        if result.step is Step.CHALLENGE:
+            self._sasl, self._sasl_tag = exchange, tag
+            self._state = _State.SASL
+            events.append(_send(f"+ {result.challenge}"))
+        elif result.step is Step.DONE:
+            self._present(tag, result.credentials, exchange.name, "AUTHENTICATE", events)
+        elif result.step is Step.AUTHZID_REFUSED:
             events.append(Failed("SASL authzid differs from authcid"))
             self._refuse(tag, "[AUTHORIZATIONFAILED] Authorization identity refused", events)
-            return
-        except SaslError as exc:
-            self._bad(tag, "Invalid authentication data", events, f"SASL: {exc}")
-            return
-        if isinstance(result, str):
-            self._sasl, self._sasl_tag = mechanism, tag
-            self._state = _State.SASL
-            events.append(_send(f"+ {result}"))
+        elif result.step is Step.INVALID_LOGIN:
+            self._refuse_login(tag, events, result.detail)
+        elif result.step is Step.CANCELLED:
+            self._bad(tag, "Authentication cancelled", events, "authentication cancelled")
         else:
-            self._present(tag, result, mechanism.name, "AUTHENTICATE", events)
+            self._bad(tag, "Invalid authentication data", events, f"SASL: {result.detail}")
 
     def _on_sasl_line(self, line: bytes | TooLong, events: list[Event]) -> None:
-        tag, mechanism = self._sasl_tag, self._sasl
-        assert mechanism is not None
+        tag = self._sasl_tag
+        assert self._sasl is not None
         if isinstance(line, TooLong):
             self._state, self._sasl = _State.COMMAND, None
             self._bad(tag, "Authentication response too long", events, "line too long")
-        elif line == b"*":
-            self._state, self._sasl = _State.COMMAND, None
-            self._bad(tag, "Authentication cancelled", events, "authentication cancelled")
         else:
-            response = line.decode("latin-1")  # decode_b64 refuses anything but base64
-            self._sasl_step(tag, mechanism, lambda: mechanism.step(response), events)
+            self._sasl_result(tag, self._sasl.respond(line), events)
 
     def _present(self, tag: str, credentials: Credentials, mechanism: str, command: str,
                  events: list[Event]) -> None:

@@ -14,7 +14,6 @@ Authenticate, or exception texts.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy.auth.decision import Refusal
@@ -23,11 +22,10 @@ from proxy.linebuffer import LineBuffer, TooLong
 from proxy.sasl import (
     MAX_FIELD,
     MECHANISMS,
-    AuthzidRefused,
     Credentials,
-    SaslError,
-    ServerMechanism,
-    decode_b64,
+    SaslExchange,
+    Step,
+    StepResult,
     is_valid_login,
     server_mechanism,
 )
@@ -159,7 +157,7 @@ class Pop3Core:
         self._lines = LineBuffer(limits.max_auth_line)
         self._state = _State.COMMAND
         self._user: bytes | None = None  # the name of an accepted USER, until PASS
-        self._sasl: ServerMechanism | None = None
+        self._sasl: SaslExchange | None = None
 
     # -- what the frontend calls --------------------------------------------------------------
 
@@ -378,56 +376,36 @@ class Pop3Core:
         if not self.plaintext_allowed:
             self._error(_PLAINTEXT_DISALLOWED, events, "plaintext authentication without TLS")
             return
-        self._sasl = mechanism
-        initial = words[1] if len(words) == 2 else None
-        self._sasl_step(mechanism.start, initial, events)
+        self._sasl = SaslExchange(mechanism)
+        initial = words[1].decode("latin-1") if len(words) == 2 else None
+        self._sasl_result(self._sasl.start(initial), events)
 
     def _on_sasl_line(self, line: bytes | TooLong, events: list[Event]) -> None:
         assert self._sasl is not None
         if isinstance(line, TooLong):
             self._end_sasl()
-            self._error("-ERR Authentication response too long.", events,
-                        "SASL response too long")
-        elif line.strip() == b"*":
-            # RFC 5034 §4: a "*" line cancels; the server MUST reject the AUTH with -ERR.
-            self._end_sasl()
-            self._error("-ERR Authentication cancelled.", events, "SASL exchange cancelled")
+            self._error("-ERR Authentication response too long.", events, "SASL response too long")
         else:
-            self._sasl_step(self._sasl.step, line, events)
+            self._sasl_result(self._sasl.respond(line), events)
 
-    def _sasl_step(self, step: Callable[[str | None], str | Credentials], response: bytes | None,
-                   events: list[Event]) -> None:
-        """Feed one client response (None: AUTH without an initial response) to the mechanism."""
+    def _sasl_result(self, result: StepResult, events: list[Event]) -> None:
+        """Turn one step of the shared SASL exchange into POP3's reply (RFC 5034 §4)."""
         assert self._sasl is not None
-        mechanism = self._sasl
-        text = None if response is None else response.decode("latin-1")
-        if text is not None:
-            try:
-                decode_b64(text)
-            except SaslError:
-                self._end_sasl()
-                self._error("-ERR Invalid base64 data.", events, "invalid base64")
-                return
-        try:
-            result = step(text)
-        except AuthzidRefused:
-            self._end_sasl()
-            self._refuse_here(events, "PLAIN authzid differs from authcid")
-            return
-        except SaslError as exc:
-            self._end_sasl()
-            self._refuse_here(events, f"malformed {mechanism.name} response: {exc}")
-            return
-        if isinstance(result, str):
+        mechanism = self._sasl.name
+        if result.step is Step.CHALLENGE:
             self._state = _State.SASL
-            events.append(_send(f"+ {result}"))  # RFC 5034 §4: "+" SP base64 (may be empty)
+            events.append(_send(f"+ {result.challenge}"))  # "+" SP base64 (may be empty)
             return
         self._end_sasl()
-        if not is_valid_login(result.login):
-            self._refuse_here(events, "invalid login name")
-            return
-        self._state = _State.AUTHENTICATING
-        events.append(Authenticate(result, mechanism.name))
+        if result.step is Step.DONE:
+            self._state = _State.AUTHENTICATING
+            events.append(Authenticate(result.credentials, mechanism))
+        elif result.step is Step.CANCELLED:  # the server MUST reject the AUTH with -ERR
+            self._error("-ERR Authentication cancelled.", events, "SASL exchange cancelled")
+        elif result.step is Step.BAD_BASE64:
+            self._error("-ERR Invalid base64 data.", events, "invalid base64")
+        else:
+            self._refuse_here(events, result.detail)
 
     def _end_sasl(self) -> None:
         self._sasl = None

@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import re
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from proxy.auth.decision import Refusal
@@ -29,12 +29,9 @@ from proxy.events import Authenticate, Close, Event, Failed, Send, StartTLS
 from proxy.linebuffer import LineBuffer, TooLong
 from proxy.sasl import (
     MECHANISMS,
-    AuthzidRefused,
-    Credentials,
-    SaslError,
-    ServerMechanism,
-    decode_b64,
-    is_valid_login,
+    SaslExchange,
+    Step,
+    StepResult,
     server_mechanism,
 )
 
@@ -180,7 +177,7 @@ class SmtpCore:
         self._lines = LineBuffer(limits.max_auth_line)
         self._state = _State.COMMAND
         self._skip = 0  # octets of a refused BDAT chunk still to drop
-        self._sasl: ServerMechanism | None = None
+        self._sasl: SaslExchange | None = None
 
     # -- what the frontend calls --------------------------------------------------------------
 
@@ -384,9 +381,9 @@ class SmtpCore:
         if not self.plaintext_allowed:
             self._error(_ENCRYPTION_REQUIRED, events, "plaintext authentication without TLS")
             return
-        self._sasl = mechanism
-        initial = words[1] if len(words) == 2 else None
-        self._sasl_step(mechanism.start, initial, events)
+        self._sasl = SaslExchange(mechanism)
+        initial = words[1].decode("latin-1") if len(words) == 2 else None
+        self._sasl_result(self._sasl.start(initial), events)
 
     def _on_sasl_line(self, line: bytes | TooLong, events: list[Event]) -> None:
         assert self._sasl is not None
@@ -394,45 +391,27 @@ class SmtpCore:
             self._end_sasl()
             self._error("500 5.5.6 Authentication exchange line is too long", events,
                         "SASL response too long")
-        elif line.strip() == b"*":
-            self._end_sasl()
-            self._error("501 5.7.0 Authentication cancelled", events, "SASL exchange cancelled")
         else:
-            self._sasl_step(self._sasl.step, line, events)
+            self._sasl_result(self._sasl.respond(line), events)
 
-    def _sasl_step(self, step: Callable[[str | None], str | Credentials], response: bytes | None,
-                   events: list[Event]) -> None:
-        """Feed one client response (None: AUTH without an initial response) to the mechanism."""
+    def _sasl_result(self, result: StepResult, events: list[Event]) -> None:
+        """Turn one step of the shared SASL exchange into SMTP's reply (RFC 4954 §4)."""
         assert self._sasl is not None
-        mechanism = self._sasl
-        text = None if response is None else response.decode("latin-1")
-        if text is not None:
-            try:
-                decode_b64(text)
-            except SaslError:
-                self._end_sasl()
-                self._error("501 5.5.2 Invalid base64 data", events, "invalid base64")
-                return
-        try:
-            result = step(text)
-        except AuthzidRefused:
-            self._end_sasl()
-            self._refuse_here(events, "PLAIN authzid differs from authcid")
-            return
-        except SaslError as exc:
-            self._end_sasl()
-            self._refuse_here(events, f"malformed {mechanism.name} response: {exc}")
-            return
-        if isinstance(result, str):
+        mechanism = self._sasl.name
+        if result.step is Step.CHALLENGE:
             self._state = _State.SASL
-            events.append(_send(f"334 {result}"))
+            events.append(_send(f"334 {result.challenge}"))
             return
         self._end_sasl()
-        if not is_valid_login(result.login):
-            self._refuse_here(events, "invalid login name")
-            return
-        self._state = _State.AUTHENTICATING
-        events.append(Authenticate(result, mechanism.name))
+        if result.step is Step.DONE:
+            self._state = _State.AUTHENTICATING
+            events.append(Authenticate(result.credentials, mechanism))
+        elif result.step is Step.CANCELLED:
+            self._error("501 5.7.0 Authentication cancelled", events, "SASL exchange cancelled")
+        elif result.step is Step.BAD_BASE64:
+            self._error("501 5.5.2 Invalid base64 data", events, "invalid base64")
+        else:
+            self._refuse_here(events, result.detail)
 
     def _end_sasl(self) -> None:
         self._sasl = None
