@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
-from proxy.auth.decision import Attempt, Denial, Protocol as MailProtocol, Refusal
+from proxy.auth.decision import Attempt, Protocol as MailProtocol, Refusal
 from proxy.events import Authenticate, Close, Failed, Send, StartTLS
 from proxy.relay import Relay
 from proxy.upstream import UpstreamError, connect
@@ -192,8 +192,7 @@ class Frontend(Protocol):
         delay = self.service.settings.auth.failure_delay.total_seconds()
         if delay > 0:
             d = defer.Deferred()
-            call = self.service.reactor.callLater(delay, d.callback, None)
-            self._pending_delay = call
+            self.service.reactor.callLater(delay, d.callback, None)
             await d
         if not self._closed:
             self._emit(self.core.auth_failed(refusal))
@@ -247,4 +246,4 @@ class FrontendFactory(Factory):
         return proto
 
 
-__all__ = ["Frontend", "FrontendFactory", "ProtocolKind", "Denial"]
+__all__ = ["Frontend", "FrontendFactory", "ProtocolKind"]

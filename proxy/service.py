@@ -117,16 +117,19 @@ class Service:
                     session.end(f"app password {code_id} {state.value}")
 
     async def stop(self) -> None:
+        """Stop listening, end sessions, release pools; safe after a start that failed midway."""
         if self._check is not None and self._check.running:
             self._check.stop()
         for port in self.ports.values():
             await port.stopListening()
         for session in list(self.sessions):
             session.end("proxy stopping")
-        self.authenticator.stop()
-        self.hasher.stop()
-        self.store.stop()
-        self.directory.close()
+        for name in ("authenticator", "hasher", "store"):
+            part = getattr(self, name, None)
+            if part is not None:
+                part.stop()
+        if getattr(self, "directory", None) is not None:
+            self.directory.close()
 
 
 def serve(settings: Settings) -> int:
