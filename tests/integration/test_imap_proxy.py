@@ -317,7 +317,7 @@ async def test_dovecot_logs_the_real_client_address(proxy, dovecot):
 
 @pytest_twisted.ensureDeferred
 async def test_session_end_is_audited_with_byte_counts(proxy):
-    _, code = proxy.issue("alice")
+    code_id, code = proxy.issue("alice")
 
     def client():
         with imaplib.IMAP4("127.0.0.1", proxy.port("plain")) as imap:
@@ -326,10 +326,15 @@ async def test_session_end_is_audited_with_byte_counts(proxy):
             imap.logout()
 
     await in_thread(client)
+
+    def ended():
+        return [e for e in proxy.audit_events("session") if e.get("code") == code_id]
+
     deadline = time.monotonic() + 10
-    while not proxy.audit_events("session") and time.monotonic() < deadline:
+    while not ended():
+        assert time.monotonic() < deadline, "no session event"
         await in_thread(lambda: None)
-    ev = proxy.audit_events("session")[-1]
+    ev = ended()[0]
     assert ev["bytes_up"] > 0 and ev["bytes_down"] > 0 and ev["account"] == "key-alice"
 
 
