@@ -90,7 +90,14 @@ class Service:
     def port_of(self, name: str) -> int:
         return self.ports[name].getHost().port
 
-    def reload_tls(self) -> None:
+    def reload(self) -> None:
+        """SIGHUP: re-read the TLS certificates and a static users file."""
+        reload_directory = getattr(self.directory, "reload", None)
+        if reload_directory is not None:
+            try:
+                reload_directory()
+            except Exception as exc:  # a broken file keeps the last good one
+                self.audit.event("directory_reload", result="fail", reason=str(exc))
         for name, server_tls in self.tls.items():
             try:
                 server_tls.reload()
@@ -133,14 +140,14 @@ class Service:
 
 
 def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP re-reads the TLS certificates."""
+    """Run until SIGTERM/SIGINT; SIGHUP re-reads the TLS certificates and the users file."""
     from twisted.internet import reactor
 
     service = Service(settings, reactor)
     exit_code = [0]
 
     def started(_):
-        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(service.reload_tls))
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(service.reload))
 
     def failed(failure):
         exc = failure.value

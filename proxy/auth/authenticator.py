@@ -58,6 +58,8 @@ class Authenticator:
         self._dir_pool.stop()
 
     def _lookup(self, login: str):
+        if not getattr(self.directory, "blocking", True):
+            return defer.maybeDeferred(self.directory.lookup, login)
         return threads.deferToThreadPool(self._reactor, self._dir_pool, self.directory.lookup, login)
 
     def authenticate(self, attempt: Attempt) -> defer.Deferred:

@@ -37,7 +37,10 @@ class Account:
 
 
 class Directory(Protocol):
-    """Resolves login names. Synchronous: the proxy calls it from a thread pool."""
+    """Resolves login names. Synchronous: the proxy calls it from a thread pool, unless the
+    directory says its lookups never block (`blocking = False`, the in-memory static file)."""
+
+    blocking: bool
 
     def lookup(self, login: str) -> Account | None:
         """The account a login name belongs to, or None. Raises DirectoryUnavailable."""

@@ -4,6 +4,7 @@ demo. Re-read automatically when the file changes."""
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -92,8 +93,17 @@ def _with_expiry(account: Account | None) -> Account | None:
     return account
 
 
+# How often a lookup checks the file for changes (one stat() call).
+RECHECK_SECONDS = 1.0
+
+
 class StaticDirectory:
-    """Accounts from a YAML file. Login names are matched case-insensitively."""
+    """Accounts from a YAML file. Login names are matched case-insensitively.
+
+    Lookups are in-memory dictionary reads, so the proxy calls them on the reactor thread
+    (`blocking = False`) instead of paying a thread-pool hop per login."""
+
+    blocking = False
 
     def __init__(self, file: Path, legacy_group: str | None = None, mfa_group: str | None = None) -> None:
         self.file = Path(file)
@@ -101,11 +111,16 @@ class StaticDirectory:
         self.mfa_group = mfa_group
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
+        self._checked = 0.0
         self._names: dict[str, Account] = {}
         self._load()
 
-    def _load(self) -> None:
+    def _load(self, force: bool = False) -> None:
         """(Re)read the file if it changed. A broken edit keeps serving the last good file."""
+        now = time.monotonic()
+        if not force and self._stamp is not None and now - self._checked < RECHECK_SECONDS:
+            return
+        self._checked = now
         try:
             st = self.file.stat()
         except OSError as exc:
@@ -113,7 +128,7 @@ class StaticDirectory:
                 raise ConfigError([f"{self.file}: cannot read: {exc.strerror}"]) from None
             return
         stamp = (st.st_mtime_ns, st.st_size)
-        if stamp == self._stamp:
+        if stamp == self._stamp and not force:
             return
         try:
             data = yaml.safe_load(self.file.read_text(encoding="utf-8"))
@@ -128,6 +143,11 @@ class StaticDirectory:
                 raise
             return
         self._names, self._stamp = names, stamp
+
+    def reload(self) -> None:
+        """Re-read the file now (SIGHUP, tests), even if it looks unchanged."""
+        with self._lock:
+            self._load(force=True)
 
     def lookup(self, login: str) -> Account | None:
         if not is_valid_login(login):

@@ -45,21 +45,22 @@ async def login(conn: UpstreamConnection, settings: Upstream, *, identity: str, 
             raise UpstreamError(f"upstream refused STARTTLS: {rest[:80].decode(errors='replace')}")
         await conn.start_tls()
         caps = None  # capabilities change after TLS
+    # ID and AUTHENTICATE go out in one write: one round trip fewer per login (RFC 9051 §5.5
+    # allows pipelining; Dovecot answers them in order).
+    pending = b""
     if settings.send_client_address:
         fields = {"x-originating-ip": client_ip, "x-originating-port": str(client_port),
                   "x-session-ext-id": session}
         params = " ".join(f"{_quote(k)} {_quote(v)}" for k, v in fields.items() if v)
-        conn.send(f"I ID ({params})\r\n".encode())
-        await _tagged(conn, b"I")  # a NO/BAD here is not fatal: the login is what matters
+        pending = f"I ID ({params})\r\n".encode()
     response = client_plain(identity, settings.master_user or "", settings.master_password or "")
-    if caps is None or b"SASL-IR" in caps.upper().split():
-        conn.send(f"L AUTHENTICATE PLAIN {response}\r\n".encode())
+    sasl_ir = caps is None or b"SASL-IR" in caps.upper().split()
+    if sasl_ir:
+        conn.send(pending + f"L AUTHENTICATE PLAIN {response}\r\n".encode())
     else:
-        conn.send(b"L AUTHENTICATE PLAIN\r\n")
-        line = await conn.read_line()
-        if not line.startswith(b"+"):
-            raise UpstreamError(f"upstream refused AUTHENTICATE PLAIN: {line[:80].decode(errors='replace')}")
-        conn.send(response.encode() + b"\r\n")
+        conn.send(pending + b"L AUTHENTICATE PLAIN\r\n")
+    if pending:
+        await _tagged(conn, b"I")  # a NO/BAD here is not fatal: the login is what matters
     while True:
         line = await conn.read_line()
         if line.startswith(b"+"):  # a server that wants the response in a continuation after all

@@ -277,12 +277,12 @@ async def test_account_losing_legacy_permission_gets_authorizationfailed(proxy):
     _, code = proxy.issue("printer1")
     directory = proxy.service.directory
     directory.legacy_group = "no-such-group"
-    directory._stamp = None
+    directory.reload()
     try:
         reply = await in_thread(login_reply, proxy.port("plain"), "printer1", code)
     finally:
         directory.legacy_group = "legacy-mail"
-        directory._stamp = None
+        directory.reload()
     assert reply.startswith(b"a NO [AUTHORIZATIONFAILED]"), reply
 
 

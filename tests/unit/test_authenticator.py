@@ -117,8 +117,7 @@ def test_failures_before_verification_are_only_bad_credentials(env, login, secre
 def test_account_not_allowed_is_forbidden_only_after_the_code_verified(env):
     issued = env.issue(login="carol")
     env.directory.legacy_group = "nobody-group"  # carol loses the group after getting a code
-    env.directory._stamp = None
-    env.directory._load()
+    env.directory.reload()
     decision = yield env.attempt("carol", issued.code.value)
     assert decision.refusal == Refusal.FORBIDDEN
     assert decision.reason == "account not allowed legacy sign-in (not a member of legacy-mail)"
@@ -181,8 +180,7 @@ def test_password_change_supersedes_older_codes(env, tmp_path):
     later = (datetime.now(timezone.utc) + timedelta(seconds=5)).isoformat()
     env.directory.file.write_text(USERS.replace("upstream: alice@example.test}",
                                                 f"upstream: alice@example.test, password_changed: '{later}'}}"))
-    import os
-    os.utime(env.directory.file, ns=(5, 5))
+    env.directory.reload()
     decision = yield env.attempt("alice", issued.code.value)
     assert decision.refusal == Refusal.EXPIRED
     assert "last password change" in decision.reason
