@@ -16,7 +16,7 @@ from proxy.audit import Audit
 from proxy.auth.cache import VerifiedCache
 from proxy.auth.decision import Attempt, Denial, Grant, Refusal
 from proxy.auth.policy import account_refusal
-from proxy.auth.ratelimit import FailureLimiter
+from proxy.auth.ratelimit import FailureLimiter, client_bucket
 from proxy.codes.generate import split
 from proxy.codes.hashing import PoolFull
 from proxy.codes.store import Claim, StoreUnavailable
@@ -103,7 +103,7 @@ class Authenticator:
             return Denial(Refusal.TEMPORARY, f"directory unavailable: {exc}")
         if parts is None or account is None:
             reason = "unknown login" if account is None else "not an app password (wrong length or characters)"
-            return await self._dummy(reason, account)
+            return await self._dummy(reason, account, attempt.client_ip)
         selector, code = parts
 
         cached = self.cache.get(account.key, code, self._clock())
@@ -115,9 +115,9 @@ class Authenticator:
             except StoreUnavailable as exc:
                 return Denial(Refusal.TEMPORARY, f"store unavailable: {exc}", account)
             if record is None:
-                return await self._dummy("no app password with this selector", account)
+                return await self._dummy("no app password with this selector", account, attempt.client_ip)
             try:
-                verified = await self.hasher.verify(record.hash, code)
+                verified = await self.hasher.verify(record.hash, code, client_bucket(attempt.client_ip))
             except PoolFull:
                 return Denial(Refusal.TEMPORARY, "verification pool full", account, record.id)
             if not verified:
@@ -148,10 +148,10 @@ class Authenticator:
             return Denial(_CLAIM_REFUSALS[claim], reason, account, code_id)
         return Grant(account, code_id, label, account.upstream_identity)
 
-    async def _dummy(self, reason: str, account: Account | None):
+    async def _dummy(self, reason: str, account: Account | None, client_ip: str):
         """Spend one verification so that this failure takes as long as a wrong secret."""
         try:
-            await self.hasher.verify(None, "0000000000000000")
+            await self.hasher.verify(None, "0000000000000000", client_bucket(client_ip))
         except PoolFull:
             return Denial(Refusal.TEMPORARY, "verification pool full", account)
         return Denial(Refusal.CREDENTIALS, reason, account)

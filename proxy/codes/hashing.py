@@ -3,13 +3,20 @@
 argon2-cffi releases the GIL while hashing, so `threads` verifications really run in parallel.
 When more than `threads + queue` verifications are pending, new ones fail fast (PoolFull) and the
 attempt is answered as a temporary failure instead of queueing without bound.
+
+Waiting verifications are served round-robin by client (address, or IPv6 /64), and one client
+may hold only a share of the queue: a storm of wrong codes from a few addresses cannot make
+everyone else wait behind it.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict, deque
+
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from twisted.internet import defer, threads
+from twisted.python import failure
 from twisted.python.threadpool import ThreadPool
 
 from proxy.config import Argon2Settings
@@ -36,7 +43,11 @@ class CodeHasher:
         )
         self._dummy = self._hasher.hash(_DUMMY_CODE)
         self._pool: ThreadPool | None = None
-        self._pending = 0
+        self._pending = 0  # running + waiting
+        self._running = 0
+        self._waiting: OrderedDict[str, deque] = OrderedDict()  # client -> jobs, in serving order
+        # One client may queue at most this many (an eighth of the queue, at least one).
+        self.per_client = max(1, settings.queue // 8)
 
     # -- synchronous path (CLI, benchmarks, the pool's threads) ----------------------------------
 
@@ -67,17 +78,35 @@ class CodeHasher:
     def pending(self) -> int:
         return self._pending
 
-    def verify(self, encoded: str | None, code: str) -> defer.Deferred:
-        """A Deferred firing True/False; fails with PoolFull when the queue is over its bound."""
+    def verify(self, encoded: str | None, code: str, client: str = "") -> defer.Deferred:
+        """A Deferred firing True/False; fails with PoolFull when the queue (or this client's
+        share of it) is over its bound."""
         if self._pool is None:
             raise RuntimeError("CodeHasher.start() was not called")
-        if self._pending >= self.settings.threads + self.settings.queue:
+        full = self._pending >= self.settings.threads + self.settings.queue
+        if full or len(self._waiting.get(client, ())) >= self.per_client:
             return defer.fail(PoolFull())
+        d = defer.Deferred()
+        self._waiting.setdefault(client, deque()).append((encoded, code, d))
         self._pending += 1
+        self._dispatch()
+        return d
 
-        def done(result):
-            self._pending -= 1
-            return result
+    def _dispatch(self) -> None:
+        """Start waiting jobs while threads are free, one client at a time, round-robin."""
+        while self._running < self.settings.threads and self._waiting:
+            client, jobs = next(iter(self._waiting.items()))
+            encoded, code, d = jobs.popleft()
+            if jobs:
+                self._waiting.move_to_end(client)
+            else:
+                del self._waiting[client]
+            self._running += 1
+            job = threads.deferToThreadPool(self._reactor, self._pool, self.verify_sync, encoded, code)
+            job.addBoth(self._finished, d)
 
-        d = threads.deferToThreadPool(self._reactor, self._pool, self.verify_sync, encoded, code)
-        return d.addBoth(done)
+    def _finished(self, result, d: defer.Deferred) -> None:
+        self._running -= 1
+        self._pending -= 1
+        self._dispatch()
+        d.callback(result) if not isinstance(result, failure.Failure) else d.errback(result)

@@ -43,3 +43,37 @@ def test_pool_verifies_off_the_reactor_and_fails_fast_when_full():
         assert (yield h.verify(encoded, "AbCdEfGhJkMnPqRs")) is True
     finally:
         h.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_waiting_verifications_are_served_round_robin_by_client():
+    h = CodeHasher(Argon2Settings(time_cost=1, memory_kib=8192, parallelism=1, threads=1, queue=64))
+    h.start(reactor)
+    try:
+        encoded = h.hash("AbCdEfGhJkMnPqRs")
+        order = []
+        attempts = []
+        for client in ["storm"] * 4 + ["legit"]:
+            d = h.verify(encoded, "AbCdEfGhJkMnPqRs", client)
+            d.addCallback(lambda ok, c=client: order.append(c))
+            attempts.append(d)
+        yield defer.gatherResults(attempts)
+        assert order.index("legit") <= 1  # behind at most the one already running
+    finally:
+        h.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_one_client_may_hold_only_its_share_of_the_queue():
+    h = CodeHasher(Argon2Settings(time_cost=1, memory_kib=8192, parallelism=1, threads=1, queue=16))
+    h.start(reactor)
+    try:
+        encoded = h.hash("AbCdEfGhJkMnPqRs")
+        storm = [h.verify(encoded, "x", "storm") for _ in range(h.per_client + 2)]
+        other = h.verify(encoded, "AbCdEfGhJkMnPqRs", "legit")
+        results = yield defer.DeferredList(storm + [other], consumeErrors=True)
+        refused = [r for ok, r in results[:-1] if not ok]
+        assert refused and all(r.check(PoolFull) for r in refused)
+        assert results[-1] == (True, True)
+    finally:
+        h.stop()
