@@ -46,6 +46,7 @@ class CodeHasher:
         self._pending = 0  # running + waiting
         self._running = 0
         self._waiting: OrderedDict[str, deque] = OrderedDict()  # client -> jobs, in serving order
+        self._last: str | None = None  # the client served last
         # One client may queue at most this many (an eighth of the queue, at least one).
         self.per_client = max(1, settings.queue // 8)
 
@@ -95,7 +96,11 @@ class CodeHasher:
     def _dispatch(self) -> None:
         """Start waiting jobs while threads are free, one client at a time, round-robin."""
         while self._running < self.settings.threads and self._waiting:
-            client, jobs = next(iter(self._waiting.items()))
+            order = iter(self._waiting.items())
+            client, jobs = next(order)
+            if client == self._last and len(self._waiting) > 1:  # it just had its turn
+                client, jobs = next(order)
+            self._last = client
             encoded, code, d = jobs.popleft()
             if jobs:
                 self._waiting.move_to_end(client)
