@@ -43,6 +43,8 @@ class ProtocolKind(TypingProtocol):
 
 
 def in_networks(ip: str, networks) -> bool:
+    if not networks:
+        return False
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:

@@ -8,7 +8,8 @@ After the login the connection's leftover bytes go to the client and the relay t
 from __future__ import annotations
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
@@ -126,8 +127,13 @@ async def connect(settings: Upstream, reactor) -> UpstreamConnection:
     factory = Factory.forProtocol(lambda: UpstreamConnection(settings, reactor))
     if settings.tls == "implicit":
         factory = TLSMemoryBIOFactory(client_tls(settings), True, factory)
-    endpoint = HostnameEndpoint(reactor, settings.host, settings.port,
-                                timeout=settings.connect_timeout.total_seconds())
+    timeout = settings.connect_timeout.total_seconds()
+    if isIPAddress(settings.host):  # no resolver round trip through a thread for an address
+        endpoint = TCP4ClientEndpoint(reactor, settings.host, settings.port, timeout=timeout)
+    elif isIPv6Address(settings.host):
+        endpoint = TCP6ClientEndpoint(reactor, settings.host, settings.port, timeout=timeout)
+    else:
+        endpoint = HostnameEndpoint(reactor, settings.host, settings.port, timeout=timeout)
     try:
         proto = await endpoint.connect(factory)
     except (error.ConnectError, error.DNSLookupError, error.TimeoutError, OSError) as exc:

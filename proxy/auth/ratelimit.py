@@ -3,6 +3,7 @@ fill the argon2 pool and slow everyone else down. Pure logic; the caller supplie
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict, deque
 
@@ -13,6 +14,7 @@ WINDOW_SECONDS = 60.0
 MAX_TRACKED = 100_000
 
 
+@functools.lru_cache(maxsize=4096)
 def client_bucket(ip: str) -> str:
     """IPv4 per address; IPv6 per /64 (one subscriber line), as Dovecot groups by prefix."""
     try:

@@ -241,9 +241,12 @@ def _parse_id(args: list[_Token]) -> dict[str, str | None] | None:
     return params
 
 
+_CONTROLS = {c: " " for c in [*range(0x20), 0x7F]}
+
+
 def _clean(text: str) -> str:
     """Text safe to put into a reply line: no CR, LF or other controls."""
-    return "".join(" " if (ord(c) < 0x20 or ord(c) == 0x7F) else c for c in text)
+    return text.translate(_CONTROLS)
 
 
 # --- The core --------------------------------------------------------------------------------
