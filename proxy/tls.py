@@ -195,6 +195,9 @@ def _server_context(
         | SSL.OP_SINGLE_ECDH_USE
         | getattr(SSL, "OP_NO_RENEGOTIATION", 0)  # client-initiated renegotiation: a DoS lever
     )
+    # An idle IMAP session (IDLE for hours) need not hold OpenSSL's 2 x ~17 KiB record buffers:
+    # they are freed when empty and allocated again for the next record.
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     # At min_tls >= 1.2 the library's default security level stays (1 up to OpenSSL 3.1, 2 from
     # 3.2): only legacy listeners drop it, see LEGACY_SECURITY_LEVEL.
     ciphers = CIPHERS_OLD + ":" + LEGACY_SECURITY_LEVEL if legacy else CIPHERS_INTERMEDIATE
