@@ -8,7 +8,6 @@ relay. What differs per protocol is a small `ProtocolKind` (proxy/imap/frontend.
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 import time
 from typing import TYPE_CHECKING, Protocol as TypingProtocol
@@ -18,9 +17,10 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
+from proxy.addresses import in_networks
 from proxy.auth.decision import Attempt, Protocol as MailProtocol, Refusal
 from proxy.events import Authenticate, Close, Failed, Send, StartTLS
-from proxy.relay import Relay
+from proxy.relay import Relay, Spliceable
 from proxy.upstream import UpstreamError, connect
 
 if TYPE_CHECKING:
@@ -42,21 +42,8 @@ class ProtocolKind(TypingProtocol):
         """(client hook, upstream hook) for the relay after login; (None, None) for none."""
 
 
-def in_networks(ip: str, networks) -> bool:
-    if not networks:
-        return False
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if addr.version == 6 and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return any(addr in net for net in networks)
-
-
 @implementer(IHalfCloseableProtocol)
-class Frontend(Protocol):
-    relay = None  # the relay's client side once spliced
+class Frontend(Spliceable, Protocol):
 
     def __init__(self, service: "Service", listener: "Listener", kind: ProtocolKind, server_tls) -> None:
         self.service = service
@@ -95,16 +82,6 @@ class Frontend(Protocol):
             return
         if not self._closed:
             self._emit(self.core.receive_data(data))
-
-    def readConnectionLost(self) -> None:  # noqa: N802
-        if self.relay is not None:
-            self.relay.readConnectionLost()
-        else:
-            self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:  # noqa: N802
-        if self.relay is not None:
-            self.relay.writeConnectionLost()
 
     def connectionLost(self, reason) -> None:  # noqa: N802
         self._closed = True

@@ -131,6 +131,23 @@ BUFFER_BOUND = BUFFER_BOUND_TLS
 Hook = Callable[[bytes], "tuple[bytes, bytes]"]
 
 
+class Spliceable:
+    """Mixin for a Protocol that hands its half-close events to a relay side once spliced;
+    before that, a peer that stops sending is gone (a pre-auth half-close ends the connection)."""
+
+    relay = None  # a RelaySide once spliced
+
+    def readConnectionLost(self) -> None:  # noqa: N802 (Twisted's names)
+        if self.relay is not None:
+            self.relay.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:  # noqa: N802
+        if self.relay is not None:
+            self.relay.writeConnectionLost()
+
+
 @dataclass(frozen=True)
 class RelayResult:
     """How a relayed session ended, for the audit log.

@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 
 from proxy.config import Upstream
 from proxy.linebuffer import LineBuffer, TooLong
+from proxy.relay import Spliceable
 from proxy.tls import upstream_tls
 
 # Longest upstream line we read before the relay starts (greeting, CAPABILITY, EHLO replies).
@@ -29,10 +30,8 @@ class UpstreamError(Exception):
 
 
 @implementer(IHalfCloseableProtocol)
-class UpstreamConnection(Protocol):
+class UpstreamConnection(Spliceable, Protocol):
     """The upstream side of a session: a line reader for the login dialogue, then relay input."""
-
-    relay = None  # a proxy.relay side once the session is spliced
 
     def __init__(self, settings: Upstream, reactor) -> None:
         self.settings = settings
@@ -50,16 +49,6 @@ class UpstreamConnection(Protocol):
             return
         self._lines.feed(data)
         self._wake()
-
-    def readConnectionLost(self) -> None:  # noqa: N802
-        if self.relay is not None:
-            self.relay.readConnectionLost()
-        else:
-            self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:  # noqa: N802
-        if self.relay is not None:
-            self.relay.writeConnectionLost()
 
     def connectionLost(self, reason) -> None:  # noqa: N802
         if self.relay is not None:

@@ -7,6 +7,8 @@ import functools
 import ipaddress
 from collections import OrderedDict, deque
 
+from proxy.addresses import parse_ip
+
 # Sliding window over which failures are counted (ASVS V2.2.1 counts per hour; we react faster).
 WINDOW_SECONDS = 60.0
 # Addresses tracked at once; the oldest are forgotten first, so memory stays bounded under a
@@ -17,13 +19,10 @@ MAX_TRACKED = 100_000
 @functools.lru_cache(maxsize=4096)
 def client_bucket(ip: str) -> str:
     """IPv4 per address; IPv6 per /64 (one subscriber line), as Dovecot groups by prefix."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
+    addr = parse_ip(ip)
+    if addr is None:
         return ip
     if addr.version == 6:
-        if addr.ipv4_mapped:
-            return str(addr.ipv4_mapped)
         return str(ipaddress.ip_network(f"{addr}/64", strict=False))
     return str(addr)
 

@@ -4,13 +4,14 @@ asynchronous wrapper the proxy uses (each call runs in the store's own thread po
 from __future__ import annotations
 
 import enum
-import ipaddress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Protocol
 
 from twisted.internet import threads
 from twisted.python.threadpool import ThreadPool
+
+from proxy.addresses import in_networks
 
 
 def utcnow() -> datetime:
@@ -69,15 +70,7 @@ class CodeRecord:
 
 def ip_allowed(nets: tuple[str, ...] | list[str], ip: str) -> bool:
     """True if there are no networks, or `ip` lies in one of them."""
-    if not nets:
-        return True
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if addr.version == 6 and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return any(addr in ipaddress.ip_network(n, strict=False) for n in nets)
+    return not nets or in_networks(ip, nets)
 
 
 @dataclass(frozen=True)
