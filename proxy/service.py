@@ -27,6 +27,11 @@ from proxy.upstream import UpstreamError
 # ends the sessions it opened (bongo-project revokes "at their next command"; we bound the wait).
 SESSION_CHECK_SECONDS = 15
 
+# Pending connections the kernel queues per listener; Twisted's default of 50 drops SYNs under a
+# login storm (each drop costs a client a 1 s retransmit). nginx uses 511, the kernel caps it at
+# net.core.somaxconn (4096 on current kernels).
+LISTEN_BACKLOG = 1024
+
 
 def _kinds() -> dict:
     from proxy.imap.frontend import ImapKind
@@ -73,7 +78,8 @@ class Service:
                 trusted = TrustedProxies.parse([str(n) for n in listener.proxy_protocol_from])
                 factory = ProxyProtocolFactory(factory, trusted)
             endpoint_type = TCP6ServerEndpoint if ":" in listener.host else TCP4ServerEndpoint
-            port = await endpoint_type(self.reactor, listener.port, interface=listener.host).listen(factory)
+            port = await endpoint_type(self.reactor, listener.port, backlog=LISTEN_BACKLOG,
+                                       interface=listener.host).listen(factory)
             self.ports[listener.name] = port
             self.audit.event("listening", listener=listener.name, protocol=listener.protocol,
                              address=f"{listener.host}:{port.getHost().port}", tls=listener.tls)

@@ -18,7 +18,7 @@ from proxy.auth.decision import Attempt, Denial, Grant, Refusal
 from proxy.auth.policy import account_refusal
 from proxy.auth.ratelimit import FailureLimiter, client_bucket
 from proxy.codes.generate import split
-from proxy.codes.hashing import PoolFull
+from proxy.codes.hashing import ClientShareFull, PoolFull
 from proxy.codes.store import Claim, StoreUnavailable
 from proxy.config import Settings
 from proxy.directory.account import Account, DirectoryUnavailable
@@ -118,6 +118,8 @@ class Authenticator:
                 return await self._dummy("no app password with this selector", account, attempt.client_ip)
             try:
                 verified = await self.hasher.verify(record.hash, code, client_bucket(attempt.client_ip))
+            except ClientShareFull:
+                return self._flooding(attempt.client_ip, account)
             except PoolFull:
                 return Denial(Refusal.TEMPORARY, "verification pool full", account, record.id)
             if not verified:
@@ -148,10 +150,19 @@ class Authenticator:
             return Denial(_CLAIM_REFUSALS[claim], reason, account, code_id)
         return Grant(account, code_id, label, account.upstream_identity)
 
+    def _flooding(self, client_ip: str, account: Account | None) -> Denial:
+        """An address with its whole share of the queue waiting is flooding: count it as a
+        failure, so the limiter stops it before the queue drains rather than after."""
+        self.limiter.failure(client_ip, self._clock())
+        return Denial(Refusal.LIMIT, "this address has its whole share of the verification queue waiting",
+                      account)
+
     async def _dummy(self, reason: str, account: Account | None, client_ip: str):
         """Spend one verification so that this failure takes as long as a wrong secret."""
         try:
             await self.hasher.verify(None, "0000000000000000", client_bucket(client_ip))
+        except ClientShareFull:
+            return self._flooding(client_ip, account)
         except PoolFull:
             return Denial(Refusal.TEMPORARY, "verification pool full", account)
         return Denial(Refusal.CREDENTIALS, reason, account)

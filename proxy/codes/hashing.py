@@ -30,6 +30,10 @@ class PoolFull(Exception):
     """Too many verifications are waiting: answer with a temporary failure."""
 
 
+class ClientShareFull(PoolFull):
+    """This client already has its whole share of the queue waiting: it is flooding."""
+
+
 class CodeHasher:
     def __init__(self, settings: Argon2Settings) -> None:
         self.settings = settings
@@ -84,8 +88,9 @@ class CodeHasher:
         share of it) is over its bound."""
         if self._pool is None:
             raise RuntimeError("CodeHasher.start() was not called")
-        full = self._pending >= self.settings.threads + self.settings.queue
-        if full or len(self._waiting.get(client, ())) >= self.per_client:
+        if len(self._waiting.get(client, ())) >= self.per_client:
+            return defer.fail(ClientShareFull())
+        if self._pending >= self.settings.threads + self.settings.queue:
             return defer.fail(PoolFull())
         d = defer.Deferred()
         self._waiting.setdefault(client, deque()).append((encoded, code, d))

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 
 from proxy.audit import Audit
 from proxy.auth.authenticator import Authenticator
@@ -197,3 +197,20 @@ def test_audit_has_one_event_per_decision_and_never_the_secret(env):
     assert events[1]["reason"] == f"wrong secret for app password {issued.record.id}"
     text = env.audit.getvalue()
     assert issued.code.value not in text and "yyyyyyyyyyyy" not in text
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_address_flooding_the_hash_queue_is_limited_before_the_queue_drains(env):
+    from proxy.codes.hashing import ClientShareFull
+
+    env.issue()
+    original = env.hasher.verify
+    env.hasher.verify = lambda *a, **k: defer.fail(ClientShareFull())
+    try:
+        decisions = []
+        for _ in range(3):
+            decisions.append((yield env.attempt("alice", "AbCd" + "x" * 12)))
+    finally:
+        env.hasher.verify = original
+    assert [d.refusal for d in decisions] == [Refusal.LIMIT] * 3
+    assert env.auth.limiter.blocked("192.0.2.10", env.clock())
