@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 
 from proxy.auth.decision import Refusal
+from proxy.core import PreAuthCore
 from proxy.events import Authenticate, Close, Event, Failed, Send, StartTLS
 from proxy.linebuffer import LineBuffer, TooLong
 from proxy.sasl import Credentials, SaslExchange, Step, StepResult, is_valid_login, server_mechanism
@@ -275,8 +276,10 @@ class _Command:
     literals: int = 0
 
 
-class ImapCore:
+class ImapCore(PreAuthCore):
     """The not-authenticated state of one IMAP connection (h11-style, no I/O)."""
+
+    _State = _State
 
     def __init__(
         self,
@@ -311,18 +314,6 @@ class ImapCore:
     # -- what the frontend calls --------------------------------------------------------------
 
     @property
-    def state(self) -> str:
-        return self._state.value
-
-    @property
-    def closed(self) -> bool:
-        return self._state is _State.CLOSED
-
-    @property
-    def plaintext_allowed(self) -> bool:
-        return self.plaintext_auth or self.tls_active
-
-    @property
     def buffered(self) -> int:
         """Octets of client input the core holds now (raw input plus a partial command)."""
         return self._lines.buffered + (self._cmd.octets if self._cmd is not None else 0)
@@ -341,60 +332,21 @@ class ImapCore:
     def greeting(self) -> list[Event]:
         return [_send(f"* OK [CAPABILITY {self.capabilities()}] {self.greeting_text}")]
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        """Client bytes in; replies and requests out."""
-        if self._state in (_State.CLOSED, _State.STARTING_TLS):
-            # After STARTTLS only the TLS layer's output may follow, and it arrives after
-            # tls_started(): anything else is plaintext injected before the handshake.
-            return []
-        self._lines.feed(data)
-        events = [] if self._state in (_State.AUTHENTICATING, _State.LOGGED_IN) else self._run()
-        if (self._state in (_State.AUTHENTICATING, _State.LOGGED_IN)
-                and self._lines.buffered > self.limits.max_pending):
-            self._bye("Too much input before login completed", events, "pending input too large")
-        return events
+    # -- PreAuthCore hooks ---------------------------------------------------------------------
 
-    def tls_started(self) -> None:
-        """The transport now speaks TLS (call it after startTLS, at the latest when the
-        handshake completes): capabilities drop STARTTLS and gain AUTH=."""
-        self.tls_active = True
-        if self._state is _State.STARTING_TLS:  # nothing is buffered: STARTTLS dropped it all
-            self._state = _State.COMMAND
+    def _overflow(self, events: list[Event]) -> None:
+        self._bye("Too much input before login completed", events, "pending input too large")
 
-    def auth_failed(self, refusal: Refusal, text: str | None = None) -> list[Event]:
-        """The Authenticator refused the outstanding login: reply, then go on parsing."""
-        if self._state is _State.CLOSED:
-            return []
-        if self._state is not _State.AUTHENTICATING:
-            raise RuntimeError("auth_failed() without an outstanding Authenticate")
-        code, default = REFUSAL_REPLIES[Refusal(refusal)]
+    def _refused(self, refusal: Refusal, text: str | None, events: list[Event]) -> None:
+        code, default = REFUSAL_REPLIES[refusal]
         human = _clean(text).strip() if text else default
-        events: list[Event] = []
-        self._state = _State.COMMAND
         self._refuse(self._auth_tag, f"[{code}] {human or default}", events)
-        if self._state is not _State.CLOSED:
-            events += self._run()
-        return events
 
-    def auth_succeeded(self, capabilities: str) -> list[Event]:
-        """The login succeeded (upstream too): tagged OK with the upstream's capabilities."""
-        if self._state is _State.CLOSED:
-            return []
-        if self._state is not _State.AUTHENTICATING:
-            raise RuntimeError("auth_succeeded() without an outstanding Authenticate")
-        self._state = _State.LOGGED_IN
+    def _success(self, capabilities: str) -> Event:
+        """Tagged OK with the upstream's capabilities (RFC 9051 §7.1: CAPABILITY response code)."""
         caps = " ".join(_clean(capabilities).split())
         code = f"[CAPABILITY {caps}] " if caps else ""
-        return [_send(f"{self._auth_tag} OK {code}Logged in")]
-
-    def take_pending(self) -> bytes:
-        """After auth_succeeded: the raw bytes the client sent after its login command.
-        Nothing once the connection is closed."""
-        if self._state is _State.CLOSED:
-            return b""
-        if self._state is not _State.LOGGED_IN:
-            raise RuntimeError("take_pending() before auth_succeeded()")
-        return self._lines.clear()
+        return _send(f"{self._auth_tag} OK {code}Logged in")
 
     def login_timeout(self) -> list[Event]:
         """The frontend's clock says the time to log in is over."""

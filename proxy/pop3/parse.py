@@ -17,6 +17,7 @@ import enum
 from dataclasses import dataclass
 
 from proxy.auth.decision import Refusal
+from proxy.core import PreAuthCore
 from proxy.events import Authenticate, Close, Event, Failed, Send, StartTLS
 from proxy.linebuffer import LineBuffer, TooLong
 from proxy.sasl import (
@@ -131,8 +132,10 @@ class _State(enum.Enum):
     CLOSED = "closed"  # Close event out; input is ignored
 
 
-class Pop3Core:
+class Pop3Core(PreAuthCore):
     """The AUTHORIZATION state of one POP3 connection (h11-style, no I/O)."""
+
+    _State = _State
 
     def __init__(
         self,
@@ -161,23 +164,6 @@ class Pop3Core:
 
     # -- what the frontend calls --------------------------------------------------------------
 
-    @property
-    def state(self) -> str:
-        return self._state.value
-
-    @property
-    def closed(self) -> bool:
-        return self._state is _State.CLOSED
-
-    @property
-    def plaintext_allowed(self) -> bool:
-        return self.plaintext_auth or self.tls_active
-
-    @property
-    def buffered(self) -> int:
-        """Octets of client input the core holds now."""
-        return self._lines.buffered
-
     def capabilities(self) -> list[str]:
         """The pre-auth CAPA list (RFC 2449 §6; RFC 2595 §4 STLS; RFC 5034 §5 SASL)."""
         caps: list[str] = []
@@ -191,58 +177,23 @@ class Pop3Core:
     def greeting(self) -> list[Event]:
         return [_send(f"+OK {self.hostname} ready.")]
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        """Client bytes in; replies and requests out."""
-        if self._state in (_State.CLOSED, _State.STARTING_TLS):
-            # After STLS only the TLS layer's output may follow, and it arrives after
-            # tls_started(): anything else is plaintext injected before the handshake.
-            return []
-        self._lines.feed(data)
-        held = self._state in (_State.AUTHENTICATING, _State.LOGGED_IN)
-        events = [] if held else self._run()
-        if (self._state in (_State.AUTHENTICATING, _State.LOGGED_IN)
-                and self._lines.buffered > self.limits.max_pending):
-            events.append(_send("-ERR Too much input before login completed."))
-            self._close("pending input too large", events)
-        return events
+    # -- PreAuthCore hooks ---------------------------------------------------------------------
 
-    def tls_started(self) -> None:
-        """TLS is on: forget the AUTHORIZATION state so far (RFC 2595 §4), offer USER and SASL."""
-        self.tls_active = True
+    def _overflow(self, events: list[Event]) -> None:
+        events.append(_send("-ERR Too much input before login completed."))
+        self._close("pending input too large", events)
+
+    def _forget_before_tls(self) -> None:
+        """Forget the AUTHORIZATION state so far (RFC 2595 §4)."""
         self._user = None
-        if self._state is _State.STARTING_TLS:
-            self._lines.clear()
-            self._state = _State.COMMAND
 
-    def auth_failed(self, refusal: Refusal, text: str | None = None) -> list[Event]:
-        """The Authenticator (or the upstream login) refused: reply, then go on parsing."""
-        if self._state is _State.CLOSED:
-            return []
-        if self._state is not _State.AUTHENTICATING:
-            raise RuntimeError("auth_failed() without an outstanding Authenticate")
-        code, default = REFUSAL_REPLIES[Refusal(refusal)]
+    def _refused(self, refusal: Refusal, text: str | None, events: list[Event]) -> None:
+        code, default = REFUSAL_REPLIES[refusal]
         human = (_clean(text).strip() if text else "") or default
-        events: list[Event] = []
-        self._state = _State.COMMAND
         self._failure(f"{code} {human}", events)
-        if self._state is not _State.CLOSED:
-            events += self._run()
-        return events
 
-    def auth_succeeded(self) -> list[Event]:
-        """The login succeeded (upstream too): +OK, and the relay takes over."""
-        if self._state is _State.CLOSED:
-            return []
-        if self._state is not _State.AUTHENTICATING:
-            raise RuntimeError("auth_succeeded() without an outstanding Authenticate")
-        self._state = _State.LOGGED_IN
-        return [_send("+OK Logged in.")]
-
-    def take_pending(self) -> bytes:
-        """After auth_succeeded: the raw bytes the client pipelined after its login command."""
-        if self._state is not _State.LOGGED_IN:
-            raise RuntimeError("take_pending() before auth_succeeded()")
-        return self._lines.clear()
+    def _success(self) -> Event:
+        return _send("+OK Logged in.")
 
     def login_timeout(self) -> list[Event]:
         """The frontend's clock says the time to log in is over.

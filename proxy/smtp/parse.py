@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from proxy.auth.decision import Refusal
+from proxy.core import PreAuthCore
 from proxy.events import Authenticate, Close, Event, Failed, Send, StartTLS
 from proxy.linebuffer import LineBuffer, TooLong
 from proxy.sasl import (
@@ -145,8 +146,10 @@ class _State(enum.Enum):
     CLOSED = "closed"  # Close event out; input is ignored
 
 
-class SmtpCore:
+class SmtpCore(PreAuthCore):
     """The not-authenticated part of one SMTP submission connection (h11-style, no I/O)."""
+
+    _State = _State
 
     def __init__(
         self,
@@ -181,23 +184,6 @@ class SmtpCore:
 
     # -- what the frontend calls --------------------------------------------------------------
 
-    @property
-    def state(self) -> str:
-        return self._state.value
-
-    @property
-    def closed(self) -> bool:
-        return self._state is _State.CLOSED
-
-    @property
-    def plaintext_allowed(self) -> bool:
-        return self.plaintext_auth or self.tls_active
-
-    @property
-    def buffered(self) -> int:
-        """Octets of client input the core holds now."""
-        return self._lines.buffered
-
     def ehlo_keywords(self) -> list[str]:
         """The EHLO keywords offered now: the upstream's, STARTTLS before TLS, AUTH if allowed."""
         keywords = list(self.extensions)
@@ -210,65 +196,27 @@ class SmtpCore:
     def greeting(self) -> list[Event]:
         return [_send(f"220 {self.hostname} ESMTP")]
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        """Client bytes in; replies and requests out."""
-        if self._state in (_State.CLOSED, _State.STARTING_TLS):
-            # After STARTTLS only the TLS layer's output may follow, and it arrives after
-            # tls_started(): anything else is plaintext injected before the handshake.
-            return []
-        self._lines.feed(data)
-        held = self._state in (_State.AUTHENTICATING, _State.LOGGED_IN)
-        events = [] if held else self._run()
-        if (self._state in (_State.AUTHENTICATING, _State.LOGGED_IN)
-                and self._lines.buffered > self.limits.max_pending):
-            self._shutdown("4.7.0", "Error: too much pipelined input", events,
-                           "pending input too large")
-        return events
+    # -- PreAuthCore hooks ---------------------------------------------------------------------
 
-    def tls_started(self) -> None:
-        """TLS is on: forget the client's EHLO (RFC 3207 §4.2), offer AUTH, drop STARTTLS."""
-        self.tls_active = True
+    def _overflow(self, events: list[Event]) -> None:
+        self._shutdown("4.7.0", "Error: too much pipelined input", events, "pending input too large")
+
+    def _forget_before_tls(self) -> None:
+        """Forget the client's EHLO (RFC 3207 §4.2): it must say EHLO again over TLS."""
         self.helo_name = None
         self.esmtp = False
-        if self._state is _State.STARTING_TLS:
-            self._lines.clear()
-            self._state = _State.COMMAND
 
-    def auth_failed(self, refusal: Refusal, text: str | None = None) -> list[Event]:
-        """The Authenticator (or the upstream login) refused: reply, then go on parsing."""
-        if self._state is _State.CLOSED:
-            return []
-        if self._state is not _State.AUTHENTICATING:
-            raise RuntimeError("auth_failed() without an outstanding Authenticate")
-        refusal = Refusal(refusal)
+    def _refused(self, refusal: Refusal, text: str | None, events: list[Event]) -> None:
         code, default = REFUSAL_REPLIES[refusal]
         human = (_clean(text).strip() if text else "") or default
-        events: list[Event] = []
-        self._state = _State.COMMAND
         if refusal is Refusal.LIMIT:
             events.append(_send(f"421 4.7.0 {self.hostname} {human}"))
             self._close("too many attempts", events)
-            return events
+            return
         self._failure(f"{code} {human}", events)
-        if self._state is not _State.CLOSED:
-            events += self._run()
-        return events
 
-    def auth_succeeded(self) -> list[Event]:
-        """The login succeeded (upstream too): 235, and the relay takes over."""
-        if self._state is _State.CLOSED:
-            return []
-        if self._state is not _State.AUTHENTICATING:
-            raise RuntimeError("auth_succeeded() without an outstanding Authenticate")
-        self._state = _State.LOGGED_IN
-        return [_send("235 2.7.0 Authentication successful")]
-
-    def take_pending(self) -> bytes:
-        """After auth_succeeded: the raw bytes the client pipelined after its AUTH, for the
-        upstream (through SmtpCommandWatch.client_data)."""
-        if self._state is not _State.LOGGED_IN:
-            raise RuntimeError("take_pending() before auth_succeeded()")
-        return self._lines.clear()
+    def _success(self) -> Event:
+        return _send("235 2.7.0 Authentication successful")
 
     def login_timeout(self) -> list[Event]:
         """The frontend's clock says the time to log in is over (Postfix's wording)."""
