@@ -25,15 +25,15 @@ def test_demo_prints_commands_that_work(tmp_path):
         lines = []
         deadline = time.monotonic() + 60
         while not any(line.startswith("Revoke it:") for line in lines):
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline and proc.poll() is None, "the demo did not start"
             lines.append(proc.stdout.readline())
         commands = [line.strip() for line in lines if line.startswith(("  curl", "  printf"))]
-        assert len(commands) == 5, lines
+        assert len(commands) == 5, f"{len(commands)} commands printed"  # they hold the code
         outputs = []
         for command in commands:
             result = subprocess.run(["bash", "-c", command.replace("curl ", "curl -sS --max-time 20 ")],
                                     capture_output=True, text=True, timeout=30)
-            assert result.returncode == 0, (command, result.stderr)
+            assert result.returncode == 0, result.stderr  # not the command: it holds the code
             outputs.append(result.stdout)
         assert "EXISTS" in outputs[0]
         assert "Welcome to the apppass sandbox" in outputs[1] and "Welcome" in outputs[2]
