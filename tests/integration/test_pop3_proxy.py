@@ -181,3 +181,24 @@ async def test_upstream_down_gives_sys_temp(proxy, dovecot):
     finally:
         await in_thread(dovecot.start)
     assert reply.startswith(b"-ERR [SYS/TEMP]"), reply
+
+
+@pytest_twisted.ensureDeferred
+async def test_stls_command_injection_is_defeated(proxy, test_ca):
+    code_id, code = proxy.issue("alice", scopes=("pop3",))
+
+    def client():
+        with socket.create_connection(("127.0.0.1", proxy.port("stls")), timeout=10) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(f"STLS\r\nUSER alice\r\nPASS {code}\r\n".encode())
+            assert f.readline().startswith(b"+OK")
+            tls = test_ca.client_context().wrap_socket(s, server_hostname="localhost")
+            tls.sendall(b"STAT\r\n")
+            reply = tls.recv(4096)
+            tls.close()
+            return reply
+
+    reply = await in_thread(client)
+    assert reply.startswith(b"-ERR"), reply  # not logged in: the injected USER/PASS were dropped
+    assert proxy.store.get(code_id).use_count == 0

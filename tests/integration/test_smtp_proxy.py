@@ -260,3 +260,49 @@ async def test_upstream_down_gives_454(xclient_proxy, postfix):
     finally:
         await in_thread(postfix.start)
     assert replies[-1].startswith(b"454 4.7.0"), replies
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_command_injection_is_defeated(xclient_proxy, test_ca):
+    code_id, code = xclient_proxy.issue("alice", scopes=("smtp",))
+
+    def client():
+        with socket.create_connection(("127.0.0.1", xclient_proxy.port("starttls")), timeout=10) as s:
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(b"EHLO x\r\n")
+            while f.readline()[3:4] == b"-":
+                pass
+            # A man in the middle appends AUTH after STARTTLS, in the same packet.
+            s.sendall(b"STARTTLS\r\n" + auth_plain_line("alice", code))
+            assert f.readline().startswith(b"220")
+            tls = test_ca.client_context().wrap_socket(s, server_hostname="localhost")
+            tls.sendall(b"NOOP\r\n")
+            reply = tls.recv(4096)
+            tls.close()
+            return reply
+
+    reply = await in_thread(client)
+    assert reply.startswith(b"250"), reply
+    assert xclient_proxy.store.get(code_id).use_count == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_client_gets_421_after_the_login_timeout(postfix, tmp_path):
+    harness = await start_proxy(
+        tmp_path, listeners=[{"name": "plain", "protocol": "smtp", "tls": "none",
+                              "plaintext_auth_from": ["127.0.0.0/8"]}],
+        upstream={"smtp": {"host": "127.0.0.1", "port": postfix.smtp_port, "tls": "none", "login": "xclient"}},
+        auth={"login_timeout": "1s"})
+    try:
+        def wait_for_close():
+            with socket.create_connection(("127.0.0.1", harness.port("plain")), timeout=20) as s:
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+                return data
+
+        data = await in_thread(wait_for_close)
+    finally:
+        await harness.stop()
+    assert data.startswith(b"220") and b"\r\n421 4.4.2" in data
