@@ -62,9 +62,5 @@ class Denial:
 
     ok = False
 
-    @property
-    def temporary(self) -> bool:
-        return self.refusal in (Refusal.TEMPORARY, Refusal.LIMIT)
-
 
 Decision = Grant | Denial

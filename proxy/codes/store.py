@@ -64,9 +64,6 @@ class CodeRecord:
             return State.DISABLED
         return State.ACTIVE
 
-    def allows_ip(self, ip: str) -> bool:
-        return ip_allowed(self.networks, ip)
-
 
 def ip_allowed(nets: tuple[str, ...] | list[str], ip: str) -> bool:
     """True if there are no networks, or `ip` lies in one of them."""

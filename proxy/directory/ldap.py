@@ -1029,10 +1029,6 @@ class LdapDirectory:
                            verdicts=verdicts(res.account) if res.account else (),
                            elapsed=time.monotonic() - started)
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
-        self._meta.clear()
-
     def reset_connections(self) -> None:
         """Close idle pooled connections; the next lookup connects afresh (in failover order)."""
         self._pool.reset()

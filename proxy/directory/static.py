@@ -162,11 +162,6 @@ class StaticDirectory:
             self._load()
             return _with_expiry(next((a for a in self._names.values() if a.key == key), None))
 
-    def accounts(self) -> list[Account]:
-        with self._lock:
-            self._load()
-            return sorted({a.key: a for a in self._names.values()}.values(), key=lambda a: a.login)
-
     def close(self) -> None:
         pass
 
