@@ -10,6 +10,23 @@ from proxy.auth.decision import Refusal
 from proxy.events import Event
 
 
+class State(enum.Enum):
+    """The states of a core with no literals (POP3, SMTP); IMAP's own enum adds its literal states."""
+
+    COMMAND = "command"  # reading command lines
+    SASL = "sasl"  # inside AUTH: lines are base64 responses
+    AUTHENTICATING = "authenticating"  # Authenticate event out; input is held, not parsed
+    STARTING_TLS = "starting-tls"  # StartTLS event out; plaintext input is discarded
+    LOGGED_IN = "logged-in"  # done; input goes to take_pending()
+    CLOSED = "closed"  # Close event out; input is ignored
+
+
+def reply_text(text: str) -> str:
+    """Reply text from elsewhere (a refusal's wording): printable ASCII only, so it cannot split a
+    reply line, and at most 200 characters."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:200]
+
+
 class PreAuthCore:
     # Each core's state enum; it has at least COMMAND, STARTING_TLS, AUTHENTICATING, LOGGED_IN
     # and CLOSED.

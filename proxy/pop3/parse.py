@@ -13,11 +13,10 @@ Authenticate, or exception texts.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 from proxy.auth.decision import Refusal
-from proxy.core import PreAuthCore
+from proxy.core import PreAuthCore, State, reply_text
 from proxy.events import Authenticate, Close, Event, Failed, Send, StartTLS
 from proxy.linebuffer import LineBuffer, TooLong
 from proxy.sasl import (
@@ -114,28 +113,18 @@ REFUSAL_REPLIES: dict[Refusal, tuple[str, str]] = {
 _TRANSACTION = frozenset({"STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL", "LAST"})
 
 
-def _clean(text: str) -> str:
-    """Reply text: printable ASCII only (no CR/LF to split a reply), at most 200 characters."""
-    return "".join(c if " " <= c <= "~" else "?" for c in text)[:200]
 
 
 def _has_controls(line: bytes) -> bool:
     return any(b < 0x20 and b != 0x09 or b == 0x7F for b in line)
 
 
-class _State(enum.Enum):
-    COMMAND = "command"  # reading command lines
-    SASL = "sasl"  # inside AUTH: lines are base64 responses
-    AUTHENTICATING = "authenticating"  # Authenticate event out; input is held, not parsed
-    STARTING_TLS = "starting-tls"  # StartTLS event out; plaintext input is discarded
-    LOGGED_IN = "logged-in"  # done; input goes to take_pending()
-    CLOSED = "closed"  # Close event out; input is ignored
 
 
 class Pop3Core(PreAuthCore):
     """The AUTHORIZATION state of one POP3 connection (h11-style, no I/O)."""
 
-    _State = _State
+    _State = State
 
     def __init__(
         self,
@@ -158,7 +147,7 @@ class Pop3Core(PreAuthCore):
         self.failures = 0  # failed logins
         self.errors = 0  # protocol errors
         self._lines = LineBuffer(limits.max_auth_line)
-        self._state = _State.COMMAND
+        self._state = State.COMMAND
         self._user: bytes | None = None  # the name of an accepted USER, until PASS
         self._sasl: SaslExchange | None = None
 
@@ -189,7 +178,7 @@ class Pop3Core(PreAuthCore):
 
     def _refused(self, refusal: Refusal, text: str | None, events: list[Event]) -> None:
         code, default = REFUSAL_REPLIES[refusal]
-        human = (_clean(text).strip() if text else "") or default
+        human = (reply_text(text).strip() if text else "") or default
         self._failure(f"{code} {human}", events)
 
     def _success(self) -> Event:
@@ -201,7 +190,7 @@ class Pop3Core(PreAuthCore):
         RFC 1939 §3: when the autologout timer expires the server closes the connection "without
         ... sending any response to the client". So: Close only.
         """
-        if self._state in (_State.CLOSED, _State.LOGGED_IN):
+        if self._state in (State.CLOSED, State.LOGGED_IN):
             return []
         events: list[Event] = []
         self._close("login timeout", events)
@@ -211,7 +200,7 @@ class Pop3Core(PreAuthCore):
 
     def _run(self) -> list[Event]:
         events: list[Event] = []
-        while self._state in (_State.COMMAND, _State.SASL):
+        while self._state in (State.COMMAND, State.SASL):
             line = self._lines.next_line()
             if line is None:
                 break
@@ -220,7 +209,7 @@ class Pop3Core(PreAuthCore):
                 events.append(_send("-ERR Too many commands."))
                 self._close("too many commands", events)
                 break
-            if self._state is _State.SASL:
+            if self._state is State.SASL:
                 self._on_sasl_line(line, events)
             elif isinstance(line, TooLong):
                 self._error("-ERR Command line too long.", events, "line too long")
@@ -271,7 +260,7 @@ class Pop3Core(PreAuthCore):
             # CVE-2011-0411: whatever was pipelined behind STLS is plaintext injection.
             self._lines.clear()
             self._user = None
-            self._state = _State.STARTING_TLS
+            self._state = State.STARTING_TLS
 
     def _cmd_user(self, args: bytes, events: list[Event]) -> None:
         if not self.plaintext_allowed:
@@ -300,7 +289,7 @@ class Pop3Core(PreAuthCore):
         elif len(args) > MAX_FIELD:
             self._refuse_here(events, "password too long")
         else:
-            self._state = _State.AUTHENTICATING
+            self._state = State.AUTHENTICATING
             events.append(Authenticate(Credentials(login, secret), "USER"))
 
     def _cmd_apop(self, args: bytes, events: list[Event]) -> None:
@@ -344,12 +333,12 @@ class Pop3Core(PreAuthCore):
         assert self._sasl is not None
         mechanism = self._sasl.name
         if result.step is Step.CHALLENGE:
-            self._state = _State.SASL
+            self._state = State.SASL
             events.append(_send(f"+ {result.challenge}"))  # "+" SP base64 (may be empty)
             return
         self._end_sasl()
         if result.step is Step.DONE:
-            self._state = _State.AUTHENTICATING
+            self._state = State.AUTHENTICATING
             events.append(Authenticate(result.credentials, mechanism))
         elif result.step is Step.CANCELLED:  # the server MUST reject the AUTH with -ERR
             self._error("-ERR Authentication cancelled.", events, "SASL exchange cancelled")
@@ -360,7 +349,7 @@ class Pop3Core(PreAuthCore):
 
     def _end_sasl(self) -> None:
         self._sasl = None
-        self._state = _State.COMMAND
+        self._state = State.COMMAND
 
     # -- replies and counters -----------------------------------------------------------------
 
@@ -388,7 +377,7 @@ class Pop3Core(PreAuthCore):
 
     def _close(self, reason: str, events: list[Event]) -> None:
         events.append(Close(reason))
-        self._state = _State.CLOSED
+        self._state = State.CLOSED
         self._sasl = None
         self._user = None
         self._lines.clear()

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from proxy.auth.decision import Refusal
-from proxy.core import PreAuthCore
+from proxy.core import PreAuthCore, State, reply_text
 from proxy.events import Authenticate, Close, Event, Failed, Send, StartTLS
 from proxy.linebuffer import LineBuffer, TooLong
 from proxy.sasl import (
@@ -120,9 +120,6 @@ _BAD_CREDENTIALS = "535 5.7.8 Authentication credentials invalid"
 _ENCRYPTION_REQUIRED = "538 5.7.11 Encryption required for requested authentication mechanism"
 
 
-def _clean(text: str) -> str:
-    """Reply text: printable ASCII only (no CR/LF to split a reply), at most 200 characters."""
-    return "".join(c if " " <= c <= "~" else "?" for c in text)[:200]
 
 
 def _has_controls(line: bytes) -> bool:
@@ -137,19 +134,12 @@ def _is_token(value: bytes) -> bool:
 # --- The pre-auth core -----------------------------------------------------------------------
 
 
-class _State(enum.Enum):
-    COMMAND = "command"  # reading command lines
-    SASL = "sasl"  # inside AUTH: lines are base64 responses
-    AUTHENTICATING = "authenticating"  # Authenticate event out; input is held, not parsed
-    STARTING_TLS = "starting-tls"  # StartTLS event out; plaintext input is discarded
-    LOGGED_IN = "logged-in"  # done; input goes to take_pending()
-    CLOSED = "closed"  # Close event out; input is ignored
 
 
 class SmtpCore(PreAuthCore):
     """The not-authenticated part of one SMTP submission connection (h11-style, no I/O)."""
 
-    _State = _State
+    _State = State
 
     def __init__(
         self,
@@ -178,7 +168,7 @@ class SmtpCore(PreAuthCore):
         self.failures = 0  # failed authentications
         self.errors = 0  # protocol errors
         self._lines = LineBuffer(limits.max_auth_line)
-        self._state = _State.COMMAND
+        self._state = State.COMMAND
         self._skip = 0  # octets of a refused BDAT chunk still to drop
         self._sasl: SaslExchange | None = None
 
@@ -208,7 +198,7 @@ class SmtpCore(PreAuthCore):
 
     def _refused(self, refusal: Refusal, text: str | None, events: list[Event]) -> None:
         code, default = REFUSAL_REPLIES[refusal]
-        human = (_clean(text).strip() if text else "") or default
+        human = (reply_text(text).strip() if text else "") or default
         if refusal is Refusal.LIMIT:
             events.append(_send(f"421 4.7.0 {self.hostname} {human}"))
             self._close("too many attempts", events)
@@ -220,10 +210,10 @@ class SmtpCore(PreAuthCore):
 
     def login_timeout(self) -> list[Event]:
         """The frontend's clock says the time to log in is over (Postfix's wording)."""
-        if self._state in (_State.CLOSED, _State.LOGGED_IN):
+        if self._state in (State.CLOSED, State.LOGGED_IN):
             return []
         events: list[Event] = []
-        if self._state is _State.STARTING_TLS:
+        if self._state is State.STARTING_TLS:
             # Mid-handshake: a plaintext reply would only corrupt it.
             self._close("login timeout", events)
         else:
@@ -235,7 +225,7 @@ class SmtpCore(PreAuthCore):
     def _run(self) -> list[Event]:
         events: list[Event] = []
         lines = self._lines
-        while self._state in (_State.COMMAND, _State.SASL):
+        while self._state in (State.COMMAND, State.SASL):
             if self._skip:
                 step = min(self._skip, lines.buffered)
                 if not step:
@@ -250,7 +240,7 @@ class SmtpCore(PreAuthCore):
             if self.commands > self.limits.max_commands:
                 self._shutdown("4.7.0", "Error: too many commands", events, "too many commands")
                 break
-            if self._state is _State.SASL:
+            if self._state is State.SASL:
                 self._on_sasl_line(line, events)
             elif isinstance(line, TooLong):
                 self._error("500 5.5.2 Error: line too long", events, "line too long")
@@ -309,7 +299,7 @@ class SmtpCore(PreAuthCore):
             events.append(StartTLS())
             # CVE-2011-0411: whatever was pipelined behind STARTTLS is plaintext injection.
             self._lines.clear()
-            self._state = _State.STARTING_TLS
+            self._state = State.STARTING_TLS
 
     def _cmd_auth(self, args: bytes, events: list[Event]) -> None:
         words = args.split()
@@ -347,12 +337,12 @@ class SmtpCore(PreAuthCore):
         assert self._sasl is not None
         mechanism = self._sasl.name
         if result.step is Step.CHALLENGE:
-            self._state = _State.SASL
+            self._state = State.SASL
             events.append(_send(f"334 {result.challenge}"))
             return
         self._end_sasl()
         if result.step is Step.DONE:
-            self._state = _State.AUTHENTICATING
+            self._state = State.AUTHENTICATING
             events.append(Authenticate(result.credentials, mechanism))
         elif result.step is Step.CANCELLED:
             self._error("501 5.7.0 Authentication cancelled", events, "SASL exchange cancelled")
@@ -363,7 +353,7 @@ class SmtpCore(PreAuthCore):
 
     def _end_sasl(self) -> None:
         self._sasl = None
-        self._state = _State.COMMAND
+        self._state = State.COMMAND
 
     def _cmd_rset(self, args: bytes, events: list[Event]) -> None:
         if args:
@@ -401,7 +391,7 @@ class SmtpCore(PreAuthCore):
         else:
             # Without a chunk size there is no telling where the chunk ends.
             self._error("501 5.5.4 Syntax: BDAT count [LAST]", events, "bad BDAT syntax")
-            if self._state is not _State.CLOSED:
+            if self._state is not State.CLOSED:
                 self._shutdown("4.5.0", "Error: out of step with BDAT", events,
                                "unparsable BDAT before login")
 
@@ -442,7 +432,7 @@ class SmtpCore(PreAuthCore):
 
     def _close(self, reason: str, events: list[Event]) -> None:
         events.append(Close(reason))
-        self._state = _State.CLOSED
+        self._state = State.CLOSED
         self._sasl = None
         self._skip = 0
         self._lines.clear()
