@@ -7,7 +7,8 @@ import pytest
 
 from proxy.auth.policy import account_refusal
 from proxy.config import PolicySettings
-from proxy.directory.ldap import LdapDirectory, LdapSettings
+from proxy.directory.ldap.directory import LdapDirectory
+from proxy.directory.ldap.settings import LdapSettings
 from proxy.directory.static import StaticDirectory
 
 pytestmark = pytest.mark.integration

@@ -19,20 +19,17 @@ import pytest
 import pytest_twisted
 
 from proxy.directory.account import DirectoryUnavailable
-from proxy.directory.ldap import (
-    DEFAULT_CACHE_TTL,
-    DEFAULT_NEGATIVE_CACHE_TTL,
-    LdapDirectory,
-    LdapSettings,
-    LoginQuery,
-)
-from tests.servers.common import TestCA, remove_tree, short_tempdir
+from proxy.directory.ldap.directory import LdapDirectory
+from proxy.directory.ldap.filters import LoginQuery
+from proxy.directory.ldap.settings import DEFAULT_CACHE_TTL, DEFAULT_NEGATIVE_CACHE_TTL, LdapSettings
+from tests.servers.common import remove_tree, short_tempdir
+from tests.support.ca import TestCA
 from tests.servers.samba import PAST_FILETIME, SambaDC
 from tests.servers.slapd import LOCKOUT_DURATION, Slapd, entry_uuid
 
 pytestmark = pytest.mark.integration
 
-LOGGER = "proxy.directory.ldap"
+LOGGER = "proxy.directory.ldap"  # the package: its modules log to child loggers
 OLD_CHANGE = datetime(2020, 1, 1, tzinfo=timezone.utc)
 # Generous bounds for "fails fast" on a loaded CI machine; the timeouts below are 1 s.
 SHORT_TIMEOUT = 1.0
@@ -630,7 +627,7 @@ def test_ad_escaped_filters_built_from_hostile_input_match_nothing(samba_dc):
 
 def test_ad_samba_cuts_assertion_values_at_nul_so_nul_logins_never_reach_a_filter(
         samba_dc, directories):
-    # Escaped or not, Samba compares "alice\x00" as "alice": the DESIGN's reason to refuse
+    # Escaped or not, Samba compares "alice\x00" as "alice": the reason to refuse
     # control characters before any lookup (Dovecot cuts names at NUL too).
     user_filter = LdapSettings.active_directory().user_filter
     query = LoginQuery("alice\x00", (("sAMAccountName", "alice\x00"),))

@@ -11,7 +11,7 @@ from twisted.internet import threads
 
 from proxy.cli import main as cli
 from tests.integration.harness import start_proxy
-from tests.servers.common import TestCA
+from tests.support.ca import TestCA
 from tests.servers.dovecot import MASTER_PASSWORD, MASTER_USER
 from tests.servers.slapd import Slapd
 

@@ -17,27 +17,28 @@ from hypothesis import strategies as st
 from ldap3 import DEREF_NEVER, SUBTREE
 from ldap3.operation.search import search_operation
 
-from proxy.directory.ldap import (
-    PRESETS,
-    LdapSettings,
+from proxy.directory.ldap.cache import TtlCache
+from proxy.directory.ldap.filters import (
     LoginQuery,
     LoginRefused,
-    TtlCache,
     any_of,
-    attribute_time,
     both,
     check_filter,
     equality,
     escape_value,
-    filetime_to_datetime,
     guid_filter,
-    guid_to_str,
     in_chain_filter,
-    looks_like_dn,
     member_filter,
+    parse_login,
+)
+from proxy.directory.ldap.settings import PRESETS
+from proxy.directory.ldap.values import (
+    attribute_time,
+    filetime_to_datetime,
+    guid_to_str,
+    looks_like_dn,
     normalize_dn,
     parse_generalized_time,
-    parse_login,
     rdn_value,
 )
 from proxy.sasl import is_valid_login
@@ -118,7 +119,7 @@ def test_any_of_has_one_equality_per_term_whatever_the_values(terms):
 @given(VALUES)
 @settings(max_examples=300)
 def test_a_login_query_filter_has_the_same_shape_for_every_login(login):
-    user_filter = PRESETS["active_directory"]["user_filter"]
+    user_filter = PRESETS["active_directory"].user_filter
     hostile = LoginQuery(login, tuple((a, login) for a in AD_ATTRS), (("sAMAccountName", login),))
     benign = LoginQuery("x", tuple((a, "x") for a in AD_ATTRS), (("sAMAccountName", "x"),))
     tree = wire(hostile.filter(user_filter))
@@ -128,8 +129,8 @@ def test_a_login_query_filter_has_the_same_shape_for_every_login(login):
 
 @given(VALUES, VALUES)
 def test_the_group_member_filter_keeps_its_shape_for_any_dn_and_name(dn, name):
-    template = PRESETS["openldap"]["group_member_filter"]
-    group_filter = PRESETS["openldap"]["group_object_filter"]
+    template = PRESETS["openldap"].group_member_filter
+    group_filter = PRESETS["openldap"].group_object_filter
     tree = wire(both(group_filter, member_filter(template, dn, name)))
     assert shape(tree) == shape(wire(both(group_filter, member_filter(template, "d", "n"))))
     assert values(tree)[-3:] == [dn.encode(), dn.encode(), name.encode()]
@@ -281,63 +282,6 @@ def test_dn_helpers():
     assert rdn_value("cn=caf\\C3\\A9,dc=x") == "café"  # hex pairs are UTF-8 bytes
     assert looks_like_dn("cn=legacy-mail,ou=groups,dc=example,dc=org")
     assert not looks_like_dn("legacy-mail")
-
-
-# --- settings ---------------------------------------------------------------------------
-
-
-def test_presets_fill_everything_but_servers_bind_and_base():
-    ad = LdapSettings.active_directory(uris=("ldaps://dc1.example.com",),
-                                       bind_dn="CN=svc,CN=Users,DC=example,DC=com",
-                                       bind_password="x", base_dn="DC=example,DC=com")
-    assert ad.id_attribute == "objectGUID" and ad.id_format == "guid"
-    assert ad.group_membership == "memberof" and ad.nested_groups
-    assert ad.password_changed_attribute == "pwdLastSet"
-    assert ad.account_control_attribute == "userAccountControl"
-    ol = LdapSettings.preset("openldap", base_dn="dc=example,dc=org")
-    assert ol.id_attribute == "entryUUID" and ol.group_membership == "search"
-    assert ol.locked_time_attribute == "pwdAccountLockedTime"
-    assert ol.password_changed_attribute == "pwdChangedTime"
-
-
-def test_the_bind_password_is_not_in_the_settings_repr():
-    assert "hunter2" not in repr(LdapSettings(bind_dn="cn=x", bind_password="hunter2"))
-
-
-@pytest.mark.parametrize("changes, field_name", [
-    ({"uris": ()}, "uris"),
-    ({"uris": ("http://ldap.example.com",)}, "uris"),
-    ({"uris": ("ldap://",)}, "uris"),
-    ({"uris": ("ldap://h:99999",)}, "uris"),
-    ({"uris": ("ldap://h/dc=x",)}, "uris"),
-    ({"uris": ("ldaps://h",), "start_tls": True}, "start_tls"),
-    ({"base_dn": "not a dn"}, "base_dn"),
-    ({"user_filter": "objectClass=person"}, "user_filter"),
-    ({"user_filter": "(&(objectClass=person)"}, "user_filter"),
-    ({"disabled_filter": "(a=b))("}, "disabled_filter"),
-    ({"login_attributes": ()}, "login_attributes"),
-    ({"login_attributes": ("uid", "bad attr")}, "login_attributes"),
-    ({"id_attribute": "entry UUID"}, "id_attribute"),
-    ({"group_membership": "nested"}, "group_membership"),
-    ({"group_member_filter": "(member={user})"}, "group_member_filter"),
-    ({"id_format": "binary"}, "id_format"),
-    ({"netbios_domains": ("EX*",)}, "netbios_domains"),
-    ({"timeout": 0}, "timeout"),
-    ({"connect_timeout": float("nan")}, "connect_timeout"),
-    ({"cache_ttl": -1}, "cache_ttl"),
-    ({"pool_size": 0}, "pool_size"),
-    ({"page_size": 0}, "page_size"),
-    ({"bind_password": "x", "bind_password_file": "/run/secret"}, "bind_password"),
-])
-def test_invalid_settings_name_the_field(changes, field_name):
-    with pytest.raises(ValueError) as raised:
-        LdapSettings(**changes)
-    assert str(raised.value).startswith(field_name)
-
-
-def test_an_unknown_preset_is_an_error():
-    with pytest.raises(ValueError, match="preset"):
-        LdapSettings.preset("novell")
 
 
 def test_check_filter_accepts_extensible_and_nested_filters():

@@ -1,0 +1,1 @@
+"""LDAP directory: settings, filters, values, cache, pool, search, accounts, directory, check."""
