@@ -11,8 +11,9 @@ import pytest_twisted
 from twisted.internet import threads
 
 from tests.integration.harness import start_proxy
-from tests.servers.common import TestCA, short_tempdir, remove_tree
+from tests.servers.common import remove_tree, short_tempdir
 from tests.servers.dovecot import MASTER_PASSWORD, MASTER_USER
+from tests.support.ca import TestCA
 
 pytestmark = pytest.mark.integration
 

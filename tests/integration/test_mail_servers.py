@@ -22,10 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.servers.common import ServerError, TestCA, ensure_installed, free_port, short_tempdir
+from tests.servers.common import ServerError, ensure_installed, free_port, short_tempdir
 from tests.servers.dovecot import DEFAULT_USERS, MASTER_PASSWORD, MASTER_USER, Dovecot
-# The session fixtures. When tests/integration/conftest.py exists, this import belongs there.
 from tests.servers.postfix import Postfix
+from tests.support.ca import TestCA
+
+pytestmark = pytest.mark.integration
 
 HOST = "127.0.0.1"
 ALICE = "alice"

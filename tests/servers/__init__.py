@@ -1,10 +1,11 @@
 """Real upstream servers for the integration tests, started from generated configs.
 
-Classes: Dovecot (tests/servers/dovecot.py), Postfix (tests/servers/postfix.py), TestCA and
-the process/port helpers (tests/servers/common.py). Session fixtures: tests/servers/fixtures.py.
+Classes: Dovecot (tests/servers/dovecot.py), Postfix (tests/servers/postfix.py), the
+process/port helpers (tests/servers/common.py) and TestCA (tests/support/ca.py). Session
+fixtures: tests/servers/fixtures.py.
 """
 
-from tests.servers.common import LOOPBACK, CertFiles, ServerError, TestCA, free_port
+from tests.servers.common import LOOPBACK, ServerError, free_port
 from tests.servers.dovecot import (
     DEFAULT_USERS,
     MASTER_PASSWORD,
@@ -13,6 +14,7 @@ from tests.servers.dovecot import (
     Dovecot,
 )
 from tests.servers.postfix import DOMAIN, Postfix
+from tests.support.ca import CertFiles, TestCA
 
 __all__ = [
     "LOOPBACK", "CertFiles", "ServerError", "TestCA", "free_port",

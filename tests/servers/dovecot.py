@@ -31,11 +31,9 @@ from pathlib import Path
 
 from tests.servers.common import (
     LOOPBACK,
-    CertFiles,
     LogFile,
     ServerError,
     ServerProcess,
-    TestCA,
     check_socket_path,
     chown,
     ensure_installed,
@@ -47,6 +45,7 @@ from tests.servers.common import (
     wait_for_unix_socket,
     wait_until,
 )
+from tests.support.ca import CertFiles, TestCA
 
 DOVECOT = "/usr/sbin/dovecot"
 DOVECONF = "/usr/bin/doveconf"

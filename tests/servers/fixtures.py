@@ -18,9 +18,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.servers.common import TestCA, remove_tree, short_tempdir
+from tests.servers.common import remove_tree, short_tempdir
 from tests.servers.dovecot import Dovecot
 from tests.servers.postfix import Postfix
+from tests.support.ca import TestCA
 
 # Seconds each session server took to start, for reports (filled as fixtures start).
 STARTUP_SECONDS: dict[str, float] = {}

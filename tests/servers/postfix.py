@@ -28,10 +28,8 @@ from pathlib import Path
 
 from tests.servers.common import (
     LOOPBACK,
-    CertFiles,
     LogFile,
     ServerProcess,
-    TestCA,
     chown,
     ensure_installed,
     free_port,
@@ -41,6 +39,7 @@ from tests.servers.common import (
     wait_for_port,
 )
 from tests.servers.dovecot import Dovecot, MessageMatch
+from tests.support.ca import CertFiles, TestCA
 
 POSTFIX = "/usr/sbin/postfix"
 MASTER = "/usr/lib/postfix/sbin/master"

@@ -32,7 +32,6 @@ from tests.servers.common import (
     ensure_installed,
     ServerError,
     ServerProcess,
-    TestCA,
     port_is_free,
     remove_tree,
     run_checked,
@@ -40,6 +39,7 @@ from tests.servers.common import (
     wait_for_port,
     wait_until,
 )
+from tests.support.ca import TestCA
 
 SAMBA = "/usr/sbin/samba"
 SAMBA_TOOL = "/usr/bin/samba-tool"

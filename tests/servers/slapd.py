@@ -31,7 +31,6 @@ from tests.servers.common import (
     LOOPBACK,
     ServerError,
     ServerProcess,
-    TestCA,
     free_port,
     remove_tree,
     run_checked,
@@ -39,6 +38,7 @@ from tests.servers.common import (
     wait_for_port,
     wait_until,
 )
+from tests.support.ca import TestCA
 
 SLAPD = "/usr/sbin/slapd"
 SLAPADD = "/usr/sbin/slapadd"

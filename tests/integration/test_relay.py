@@ -3,7 +3,7 @@ bounded buffering under a slow reader, half-close, errors, counts, leftovers and
 
 Layout of every test: client peer --TCP/TLS--> [front | relay | up] --TCP--> upstream peer.
 `front` and `up` stand in for a frontend and an upstream protocol: they buffer until the relay
-is started, then forward their transport's events to it, as the module docstring shows.
+is started, then forward their transport's events to it, as proxy/relay.py's docstring shows.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from proxy.relay import (
     supports_half_close,
 )
 from proxy.tls import ServerTLS, upstream_tls
-from tests.unit.test_tls import issue, make_ca
+
+pytestmark = pytest.mark.integration
 
 TIMEOUT = 60  # seconds; a hung test fails instead of blocking the suite (no sleeps anywhere)
 
@@ -211,13 +212,10 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("relay-pki")
-    ca = make_ca(d)
-    server = issue(d, ca)
+def pki(test_ca):
     return {
-        "server": ServerTLS(str(server.cert_file), str(server.key_file)),
-        "client": upstream_tls("localhost", ca_file=str(ca.cert_file)),
+        "server": ServerTLS(str(test_ca.cert), str(test_ca.key)),
+        "client": upstream_tls("localhost", ca_file=str(test_ca.ca)),
     }
 
 

@@ -1,4 +1,4 @@
-"""`apppass demo`: the proxy, ready to try, in front of the sandbox upstream (proxy/sandbox.py).
+"""`apppass demo`: the proxy, ready to try, in front of the sandbox upstream (proxy/demo/sandbox.py).
 
 Everything lives under one folder (default ./var/demo): the config it writes, the SQLite store,
 a users file with the account `demo`. The sandbox keeps mail in memory only. For trying apppass
@@ -79,11 +79,11 @@ def _instructions(code: str, ports: dict[str, int]) -> str:
 def run_demo(args) -> int:
     from twisted.internet import reactor
 
-    from proxy.codes import open_store
+    from proxy.codes.open import open_store
     from proxy.codes.hashing import CodeHasher
     from proxy.codes.issue import issue_code
-    from proxy.directory.build import open_directory
-    from proxy.sandbox import Sandbox
+    from proxy.demo.sandbox import Sandbox
+    from proxy.directory.open import open_directory
     from proxy.service import Service
 
     folder = Path(args.dir).resolve()
@@ -100,7 +100,7 @@ def run_demo(args) -> int:
         sandbox_ports = sandbox.listen(reactor, host=HOST)
         cfg = _write_config(folder, sandbox_ports._asdict(), ports)
         settings = load(cfg)
-        store, directory = open_store(settings), open_directory(settings)
+        store, directory = open_store(settings.store), open_directory(settings.directory, settings.policy)
         store.revoke_all("demo-0001")
         issued = issue_code(settings, directory, store, CodeHasher(settings.codes.argon2), login="demo",
                             label="demo", created_by="demo")
@@ -129,4 +129,3 @@ def run_demo(args) -> int:
     reactor.callWhenRunning(lambda: defer.ensureDeferred(start()).addErrback(failed))
     reactor.run()
     return exit_code[0]
-

@@ -1,0 +1,1 @@
+"""`apppass demo` (run.py) and its in-memory sandbox upstream (sandbox.py): never in production."""
