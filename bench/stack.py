@@ -37,13 +37,13 @@ if str(REPO) not in sys.path:
 from tests.servers.common import (  # noqa: E402
     LOOPBACK,
     ServerProcess,
-    TestCA,
     free_port,
     remove_tree,
     short_tempdir,
     wait_for_port,
 )
 from tests.servers.dovecot import MASTER_PASSWORD, MASTER_USER, Dovecot  # noqa: E402
+from tests.support.ca import TestCA  # noqa: E402
 
 APPPASS = REPO / ".venv" / "bin" / "apppass"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -186,10 +186,10 @@ class Stack:
         with proxy.codes.issue.issue_code, so hashed with the configured argon2 parameters.
         argon2-cffi releases the GIL: accounts are split over `threads` threads (one account per
         thread, so two threads never pick a selector for the same account at once)."""
-        from proxy.codes import open_store
+        from proxy.codes.open import open_store
         from proxy.codes.hashing import CodeHasher
         from proxy.codes.issue import issue_code
-        from proxy.directory.build import open_directory
+        from proxy.directory.open import open_directory
 
         settings = self.settings
         users = users or self.users
@@ -199,8 +199,8 @@ class Stack:
         cap = settings.codes.max_per_account
         if max(per_user.values(), default=0) > cap:
             raise ValueError(f"{count} codes over {len(users)} accounts exceed max_per_account={cap}")
-        directory = open_directory(settings)
-        store = open_store(settings)
+        directory = open_directory(settings.directory, settings.policy)
+        store = open_store(settings.store)
         hasher = CodeHasher(settings.codes.argon2)
         issued: dict[str, list[str]] = {}
         lock = threading.Lock()

@@ -107,17 +107,17 @@ class _Context:
     @property
     def store(self):
         if self._store is None:
-            from proxy.codes import open_store
+            from proxy.codes.open import open_store
 
-            self._store = open_store(self.settings)
+            self._store = open_store(self.settings.store)
         return self._store
 
     @property
     def directory(self):
         if self._directory is None:
-            from proxy.directory.build import open_directory
+            from proxy.directory.open import open_directory
 
-            self._directory = open_directory(self.settings)
+            self._directory = open_directory(self.settings.directory, self.settings.policy)
         return self._directory
 
     def hasher(self):
@@ -152,10 +152,10 @@ def _print(text: str = "") -> None:
 def cmd_check_config(ctx: _Context) -> int:
     """Validate the file, then open what it names: the users file and the TLS certificates."""
     s = ctx.settings
-    from proxy.directory.build import open_directory
+    from proxy.directory.open import open_directory
     from proxy.tls import ServerTLS, TLSConfigError
 
-    open_directory(s).close()
+    open_directory(s.directory, s.policy).close()
     problems = []
     for i, listener in enumerate(s.listeners):
         if listener.tls != "none":
@@ -313,7 +313,7 @@ def cmd_serve(ctx: _Context) -> int:
 
 
 def cmd_demo(ctx: _Context) -> int:
-    from proxy.demo import run_demo
+    from proxy.demo.run import run_demo
 
     return run_demo(ctx.args)
 
@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the configured listeners").set_defaults(fn=cmd_serve)
     d = sub.add_parser("demo", help="run a ready demo: SQLite, a demo user, a sandbox upstream")
     d.add_argument("--dir", default="var/demo", help="where the demo keeps its files (default: var/demo)")
-    from proxy.demo import PORTS
+    from proxy.demo.run import PORTS
 
     for protocol, port in PORTS.items():
         d.add_argument(f"--{protocol}-port", type=int, default=port, metavar="PORT",

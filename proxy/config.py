@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import os
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from proxy.configschema import (
+    REQUIRED,
     ConfigError,
     Context,
     Invalid,
@@ -31,11 +35,16 @@ from proxy.configschema import (
     text_list,
 )
 
+from proxy.protocols import UPSTREAM_LOGINS, MailProtocol, TlsMode, UpstreamLogin
+
+if TYPE_CHECKING:
+    from proxy.directory.ldap.settings import LdapSettings
+
 DEFAULT_PATH = "/etc/apppass/apppass.yaml"
-SCOPES = ("imap", "pop3", "smtp")
-PROTOCOLS = SCOPES
-TLS_MODES = ("starttls", "implicit", "none")
+SCOPES = tuple(p.value for p in MailProtocol)
 TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Argon2id floor: OWASP's weakest listed setting uses 7 MiB with t=5; we refuse below 8 MiB.
 MIN_ARGON2_MEMORY_KIB = 8192
@@ -87,29 +96,29 @@ class AuthSettings:
 @dataclass(frozen=True)
 class Listener:
     name: str
-    protocol: str
+    protocol: MailProtocol
     host: str
     port: int
-    tls: str = "none"
+    tls: TlsMode = TlsMode.STARTTLS
     cert_file: Path | None = None
     key_file: Path | None = None
     min_tls: str = "1.2"
-    plaintext_auth_from: tuple = ()
-    proxy_protocol_from: tuple = ()  # PROXY protocol headers are honoured only from these
+    plaintext_auth_from: tuple[Network, ...] = ()
+    proxy_protocol_from: tuple[Network, ...] = ()  # PROXY protocol headers honoured only from these
 
 
 @dataclass(frozen=True)
 class Upstream:
-    protocol: str
+    protocol: MailProtocol
     host: str
     port: int
-    tls: str = "none"
+    tls: TlsMode = TlsMode.NONE
     ca_file: Path | None = None
     verify: bool = True
     server_name: str | None = None
     connect_timeout: timedelta = timedelta(seconds=10)
     timeout: timedelta = timedelta(seconds=30)
-    login: str = "authzid"
+    login: UpstreamLogin = UpstreamLogin.AUTHZID
     master_user: str | None = None
     master_password: str | None = field(default=None, repr=False)
     send_client_address: bool = True
@@ -120,15 +129,15 @@ class Upstream:
 
 @dataclass(frozen=True)
 class StoreSettings:
-    kind: str  # "sqlite" (later "postgres")
-    target: Any  # a Path for sqlite, a DSN for postgres
+    kind: str  # "sqlite" (later "postgresql")
+    target: Path | None  # the SQLite database file
 
 
 @dataclass(frozen=True)
 class DirectorySettings:
     kind: str  # "static" or "ldap"
     static_file: Path | None = None
-    ldap: Any = None  # proxy.directory.ldap.LdapSettings
+    ldap: LdapSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -146,7 +155,7 @@ class Settings:
     codes: CodeSettings = field(default_factory=CodeSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     listeners: tuple[Listener, ...] = ()
-    upstreams: dict = field(default_factory=dict)  # protocol -> Upstream
+    upstreams: dict[MailProtocol, Upstream] = field(default_factory=dict)
     audit: AuditSettings = field(default_factory=AuditSettings)
 
 
@@ -229,88 +238,100 @@ def _directory(root: Node, policy: PolicySettings) -> DirectorySettings:
     if kind == "static":
         settings = DirectorySettings("static", static_file=node.get("static", path))
     elif kind == "ldap":
-        from proxy.directory.ldapconfig import ldap_settings
+        from proxy.directory.ldap.settings import read_settings
 
         sub = node.node("ldap", required=True)
         if sub is not None:
-            settings = DirectorySettings("ldap", ldap=ldap_settings(sub))
-            sub.finish()
+            settings = DirectorySettings("ldap", ldap=read_settings(sub))
     if kind != "ldap" and (policy.legacy_filter or policy.mfa_filter):
         root.ctx.error("policy", "legacy_filter and mfa_filter need an ldap directory")
     node.finish()
     return settings
 
 
-def _policy(root: Node) -> PolicySettings:
-    node = root.node("policy")
+T = TypeVar("T")
+Rule = Callable[[Node, str, Any], Any]
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default a settings dataclass declares for a field (the one place it is written), or
+    REQUIRED when it declares none."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return REQUIRED if f.default is dataclasses.MISSING else f.default
+
+
+def _read(node: Node, cls: type[T], rules: dict[str, Rule], **fixed: Any) -> T:
+    """Settings of type `cls` from a node: each key checked by its rule, defaults from `cls`."""
+    values = {key: node.get(key, rule, default_of(cls, key)) for key, rule in rules.items()}
+    return cls(**values, **fixed)
+
+
+def _section(root: Node, key: str, cls: type[T], rules: dict[str, Rule]) -> T:
+    node = root.node(key)
     if node is None:
-        return PolicySettings()
-    out = PolicySettings(
-        legacy_group=node.get("legacy_group", text, None),
-        legacy_filter=node.get("legacy_filter", text, None),
-        require_mfa=node.get("require_mfa", boolean, False),
-        mfa_group=node.get("mfa_group", text, None),
-        mfa_filter=node.get("mfa_filter", text, None),
-        revoke_on_password_change=node.get("revoke_on_password_change", boolean, True),
-    )
+        return cls()
+    out = _read(node, cls, rules)
     node.finish()
     return out
+
+
+def _ldap_filter(node: Node, key: str, value: Any) -> str:
+    from proxy.directory.ldap.filters import filter_problem
+
+    value = text(node, key, value)
+    problem = filter_problem(value)
+    if problem:
+        raise Invalid(problem)
+    return value
+
+
+def _policy(root: Node) -> PolicySettings:
+    return _section(root, "policy", PolicySettings, {
+        "legacy_group": text, "legacy_filter": _ldap_filter, "require_mfa": boolean,
+        "mfa_group": text, "mfa_filter": _ldap_filter, "revoke_on_password_change": boolean,
+    })
 
 
 def _codes(root: Node) -> CodeSettings:
     node = root.node("codes")
     if node is None:
         return CodeSettings()
-    a = node.node("argon2")
-    argon2 = Argon2Settings()
-    if a is not None:
-        d = Argon2Settings()
-        argon2 = Argon2Settings(
-            time_cost=a.get("time_cost", integer(1, 100), d.time_cost),
-            memory_kib=a.get("memory_kib", integer(MIN_ARGON2_MEMORY_KIB, 4 * 1024 * 1024), d.memory_kib),
-            parallelism=a.get("parallelism", integer(1, 64), d.parallelism),
-            threads=a.get("threads", integer(1, 256), d.threads),
-            queue=a.get("queue", integer(0, 100000), d.queue),
-        )
-        a.finish()
-    d = CodeSettings()
-    out = CodeSettings(
-        alphabet=node.get("alphabet", choice("mixed", "lower"), d.alphabet),
-        max_per_account=node.get("max_per_account", integer(1, 10000), d.max_per_account),
-        default_expires=node.get("default_expires", duration(allow_never=True, minimum=timedelta(minutes=1)),
-                                 d.default_expires),
-        default_scopes=node.get("default_scopes", list_of(SCOPES), d.default_scopes),
-        argon2=argon2,
-    )
+    argon2 = _section(node, "argon2", Argon2Settings, {
+        "time_cost": integer(1, 100),
+        "memory_kib": integer(MIN_ARGON2_MEMORY_KIB, 4 * 1024 * 1024),
+        "parallelism": integer(1, 64),
+        "threads": integer(1, 256),
+        "queue": integer(0, 100000),
+    })
+    out = _read(node, CodeSettings, {
+        "alphabet": choice("mixed", "lower"),
+        "max_per_account": integer(1, 10000),
+        "default_expires": duration(allow_never=True, minimum=timedelta(minutes=1)),
+        "default_scopes": list_of(SCOPES),
+    }, argon2=argon2)
     node.finish()
     return out
 
 
 def _auth(root: Node) -> AuthSettings:
-    node = root.node("auth")
-    if node is None:
-        return AuthSettings()
-    d = AuthSettings()
-    out = AuthSettings(
-        failure_delay=node.get("failure_delay", duration(), d.failure_delay),
-        max_failures=node.get("max_failures", integer(1, 100), d.max_failures),
-        login_timeout=node.get("login_timeout", duration(minimum=timedelta(seconds=1)), d.login_timeout),
-        ip_failures_per_minute=node.get("ip_failures_per_minute", integer(1, 1000000), d.ip_failures_per_minute),
-        cache_ttl=node.get("cache_ttl", duration(), d.cache_ttl),
-    )
-    node.finish()
-    return out
+    return _section(root, "auth", AuthSettings, {
+        "failure_delay": duration(),
+        "max_failures": integer(1, 100),
+        "login_timeout": duration(minimum=timedelta(seconds=1)),
+        "ip_failures_per_minute": integer(1, 1000000),
+        "cache_ttl": duration(),
+    })
+
+
+def _audit_file(node: Node, key: str, value: Any) -> str:
+    value = text(node, key, value)
+    return value if value == "-" else str(path(node, key, value))
 
 
 def _audit(root: Node) -> AuditSettings:
-    node = root.node("audit")
-    if node is None:
-        return AuditSettings()
-    out = AuditSettings(file=node.get("file", text, "-"))
-    if out.file != "-":
-        out = AuditSettings(file=str(path(node, "file", out.file)))
-    node.finish()
-    return out
+    return _section(root, "audit", AuditSettings, {"file": _audit_file})
 
 
 def _tls_version(node: Node, key: str, value: Any) -> str:
@@ -320,28 +341,41 @@ def _tls_version(node: Node, key: str, value: Any) -> str:
     return value
 
 
-_DEFAULT_PORTS = {("imap", "none"): 143, ("imap", "starttls"): 143, ("imap", "implicit"): 993,
-                  ("pop3", "none"): 110, ("pop3", "starttls"): 110, ("pop3", "implicit"): 995,
-                  ("smtp", "none"): 25, ("smtp", "starttls"): 587, ("smtp", "implicit"): 465}
+def _enum(kind: type[T], options: tuple[Any, ...] | None = None) -> Rule:
+    """A rule accepting the values of a str enum (or some of them)."""
+    names = tuple(str(o) for o in (options or tuple(kind)))  # type: ignore[arg-type]
+    check = choice(*names)
+    return lambda node, key, value: kind(check(node, key, value))  # type: ignore[call-arg]
 
 
-def _listeners(root: Node, upstreams: dict) -> tuple[Listener, ...]:
+# The IANA ports for each protocol and TLS mode (RFC 8314 §7 for 465/993/995; RFC 6409 for 587).
+DEFAULT_PORTS = {
+    (MailProtocol.IMAP, TlsMode.NONE): 143, (MailProtocol.IMAP, TlsMode.STARTTLS): 143,
+    (MailProtocol.IMAP, TlsMode.IMPLICIT): 993,
+    (MailProtocol.POP3, TlsMode.NONE): 110, (MailProtocol.POP3, TlsMode.STARTTLS): 110,
+    (MailProtocol.POP3, TlsMode.IMPLICIT): 995,
+    (MailProtocol.SMTP, TlsMode.NONE): 25, (MailProtocol.SMTP, TlsMode.STARTTLS): 587,
+    (MailProtocol.SMTP, TlsMode.IMPLICIT): 465,
+}
+
+
+def _listeners(root: Node, upstreams: dict[MailProtocol, Upstream]) -> tuple[Listener, ...]:
     out = []
     names = set()
     for node in root.nodes("listeners"):
-        protocol = node.get("protocol", choice(*PROTOCOLS))
+        protocol = node.get("protocol", _enum(MailProtocol))
         bind = node.get("bind", host_port)
-        tls = node.get("tls", choice(*TLS_MODES), "starttls")
+        tls = node.get("tls", _enum(TlsMode), default_of(Listener, "tls"))
         cert = node.get("cert_file", path, None)
         key = node.get("key_file", path, None)
-        if tls != "none":
+        if tls is not TlsMode.NONE:
             for k, p in (("cert_file", cert), ("key_file", key)):
                 if p is None and not node.has(k):
                     node.ctx.error(node.key_path(k), f"is required when tls is {tls}")
                 elif p is not None and not p.is_file():
                     node.ctx.error(node.key_path(k), f"file not found: {p}")
         plaintext_from = node.get("plaintext_auth_from", networks, ())
-        if tls == "none" and not plaintext_from and node.has("tls"):
+        if tls is TlsMode.NONE and not plaintext_from and node.has("tls"):
             node.ctx.error(node.key_path("plaintext_auth_from"),
                            "is required when tls is none (without it nobody can log in on this listener)")
         name = node.get("name", text, None) or (f"{protocol}-{bind[1]}" if protocol and bind else node.path)
@@ -351,9 +385,9 @@ def _listeners(root: Node, upstreams: dict) -> tuple[Listener, ...]:
         if protocol and protocol not in upstreams:
             node.ctx.error(node.key_path("protocol"), f"needs upstream.{protocol} to be configured")
         listener = Listener(
-            name=name, protocol=protocol or "", host=bind[0] if bind else "", port=bind[1] if bind else 0,
-            tls=tls or "none", cert_file=cert, key_file=key,
-            min_tls=node.get("min_tls", _tls_version, "1.2"),
+            name=name, protocol=protocol or MailProtocol.IMAP, host=bind[0] if bind else "",
+            port=bind[1] if bind else 0, tls=tls or TlsMode.NONE, cert_file=cert, key_file=key,
+            min_tls=node.get("min_tls", _tls_version, default_of(Listener, "min_tls")),
             plaintext_auth_from=plaintext_from,
             proxy_protocol_from=node.get("proxy_protocol_from", networks, ()),
         )
@@ -366,40 +400,36 @@ def _listeners(root: Node, upstreams: dict) -> tuple[Listener, ...]:
     return tuple(out)
 
 
-_UPSTREAM_LOGINS = {"imap": ("authzid",), "pop3": ("authzid",), "smtp": ("xclient", "authzid", "none")}
-
-
-def _upstreams(root: Node) -> dict:
+def _upstreams(root: Node) -> dict[MailProtocol, Upstream]:
     node = root.node("upstream")
     if node is None:
         return {}
     out = {}
-    for protocol in PROTOCOLS:
-        sub = node.node(protocol)
+    for protocol in MailProtocol:
+        sub = node.node(protocol.value)
         if sub is None:
             continue
-        tls = sub.get("tls", choice(*TLS_MODES), "none")
-        login = sub.get("login", choice(*_UPSTREAM_LOGINS[protocol]), _UPSTREAM_LOGINS[protocol][0])
-        master_user = sub.get("master_user", text, None)
-        master_password = sub.get("master_password_file", secret_file, None)
-        if login == "authzid":
-            for k, v in (("master_user", master_user), ("master_password_file", master_password)):
-                if v is None and not sub.has(k):
+        logins = UPSTREAM_LOGINS[protocol]
+        tls = sub.get("tls", _enum(TlsMode), default_of(Upstream, "tls"))
+        login = sub.get("login", _enum(UpstreamLogin, logins), logins[0])
+        if login is UpstreamLogin.AUTHZID:
+            for k in ("master_user", "master_password_file"):
+                if not sub.has(k):
                     sub.ctx.error(sub.key_path(k), "is required when login is authzid")
-        host = sub.get("host", text)
-        port = sub.get("port", integer(1, 65535), _DEFAULT_PORTS.get((protocol, tls or "none"), 0))
         ca_file = sub.get("ca_file", path, None)
         if ca_file is not None and not ca_file.is_file():
             sub.ctx.error(sub.key_path("ca_file"), f"file not found: {ca_file}")
-        out[protocol] = Upstream(
-            protocol=protocol, host=host or "", port=port or 0, tls=tls or "none", ca_file=ca_file,
-            verify=sub.get("verify", boolean, True),
-            server_name=sub.get("server_name", text, None),
-            connect_timeout=sub.get("connect_timeout", duration(minimum=timedelta(seconds=1)), timedelta(seconds=10)),
-            timeout=sub.get("timeout", duration(minimum=timedelta(seconds=1)), timedelta(seconds=30)),
-            login=login or "authzid", master_user=master_user, master_password=master_password,
-            send_client_address=sub.get("send_client_address", boolean, True),
-        )
+        out[protocol] = _read(sub, Upstream, {
+            "host": text,
+            "verify": boolean,
+            "server_name": text,
+            "connect_timeout": duration(minimum=timedelta(seconds=1)),
+            "timeout": duration(minimum=timedelta(seconds=1)),
+            "master_user": text,
+            "send_client_address": boolean,
+        }, protocol=protocol, tls=tls, login=login, ca_file=ca_file,
+            port=sub.get("port", integer(1, 65535), DEFAULT_PORTS[(protocol, tls)]),
+            master_password=sub.get("master_password_file", secret_file, None))
         sub.finish()
     node.finish()
     return out

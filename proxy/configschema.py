@@ -12,7 +12,9 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-_MISSING = object()
+# The default of a key that must be given (Node.get reports it as "is required" when absent).
+REQUIRED: Any = object()
+_MISSING = REQUIRED
 
 
 class Invalid(Exception):

@@ -1,121 +1,173 @@
 """The Twisted side of a client connection, the same for IMAP, POP3 and SMTP.
 
 It moves bytes between the socket and the protocol's sans-IO core, carries out the core's
-events (replies, STARTTLS, authentication, close), keeps the clocks the core has none of (time
-to log in, failure delay), logs in upstream after a Grant and then hands both connections to the
-relay. What differs per protocol is a small `ProtocolKind` (proxy/imap/frontend.py, …).
+commands (replies, STARTTLS, authentication, close), keeps the clocks the core has none of (time
+to log in, failure delay), logs in upstream through the protocol's spec after a Grant, and then
+hands both connections to the relay. It needs only a `SessionContext` from the running service,
+so a test can drive it with a scripted upstream. The walk through a login is in
+docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from typing import TYPE_CHECKING, Protocol as TypingProtocol
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol as TypingProtocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from proxy.addresses import in_networks
-from proxy.auth.decision import Attempt, Protocol as MailProtocol, Refusal
-from proxy.events import Authenticate, Close, Failed, Send, StartTLS
-from proxy.relay import Relay, Spliceable
-from proxy.upstream import UpstreamError, connect
+from proxy.audit import Audit
+from proxy.auth.decision import Attempt, Decision, Grant, Refusal
+from proxy.commands import Authenticate, Close, Command, Failed, Send, StartTLS
+from proxy.config import Listener, Upstream
+from proxy.core import PreAuthCore
+from proxy.protocols import MailProtocol, TlsMode
+from proxy.relay import Relay, RelayResult, Spliceable
+from proxy.upstream import LoginRequest, LoginResult, UpstreamConnection, UpstreamError
 
-if TYPE_CHECKING:
-    from proxy.config import Listener
-    from proxy.service import Service
+
+class WatchResult(TypingProtocol):
+    to_upstream: bytes
+    to_client: bytes
+    refused: tuple[str, ...]  # commands refused in this call, for the audit log
+    close: str | None  # end the session after writing: the streams cannot stay in step
 
 
-class ProtocolKind(TypingProtocol):
-    """What the generic frontend needs to know about one mail protocol."""
+class SessionWatch(TypingProtocol):
+    """A sans-IO observer of a logged-in session in both directions (SMTP's command watch)."""
+
+    @property
+    def waiting(self) -> bool:
+        """Stop reading the client until the upstream has answered."""
+
+    def client_data(self, data: bytes) -> WatchResult: ...
+
+    def upstream_data(self, data: bytes) -> WatchResult: ...
+
+
+class ProtocolSpec(TypingProtocol):
+    """What the frontend needs to know about one mail protocol (proxy/imap/__init__.py, …)."""
 
     protocol: MailProtocol
+    upstream: Upstream  # where its sessions log in
 
-    def make_core(self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool, service): ...
+    def make_core(self, *, tls_active: bool, starttls_available: bool,
+                  plaintext_auth: bool) -> PreAuthCore: ...
 
-    async def login_upstream(self, conn, session: "Frontend", grant) -> list:
-        """Log in upstream for this Grant; return the core's success events."""
+    async def probe(self, conn: UpstreamConnection) -> None:
+        """Learn what the upstream offers before login (at start, and again until it answers)."""
 
-    def relay_hooks(self, session: "Frontend"):
-        """(client hook, upstream hook) for the relay after login; (None, None) for none."""
+    async def login(self, conn: UpstreamConnection, request: LoginRequest) -> LoginResult: ...
+
+    def watch(self, result: LoginResult) -> SessionWatch | None: ...
+
+
+class Authenticates(TypingProtocol):
+    def authenticate(self, attempt: Attempt) -> defer.Deferred[Decision]: ...
+
+
+@dataclass(frozen=True)
+class SessionContext:
+    """What a session needs from the running service, and nothing more."""
+
+    authenticator: Authenticates
+    audit: Audit
+    reactor: Any  # IReactorTime (callLater)
+    login_timeout: float  # seconds to log in (auth.login_timeout)
+    failure_delay: float  # seconds before a failure is answered (auth.failure_delay)
+    connect: Callable[[Upstream], Awaitable[UpstreamConnection]]
+    opened: Callable[[Frontend], None]  # the session registry: revocation ends live sessions
+    closed: Callable[[Frontend], None]
 
 
 @implementer(IHalfCloseableProtocol)
 class Frontend(Spliceable, Protocol):
+    """One client connection: the pre-auth core, the login, then the relay."""
 
-    def __init__(self, service: "Service", listener: "Listener", kind: ProtocolKind, server_tls) -> None:
-        self.service = service
+    def __init__(self, context: SessionContext, listener: Listener, spec: ProtocolSpec,
+                 server_tls: Any) -> None:
+        self.context = context
         self.listener = listener
-        self.kind = kind
+        self.spec = spec
         self.server_tls = server_tls
         self.session_id = secrets.token_hex(6)
-        self.grant = None
-        self.upstream = None
+        self.grant: Grant | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.client_ip = ""
+        self.client_port = 0
+        self.tls_active = False
         self._relay: Relay | None = None
-        self._timer = None
+        self._timer: Any = None
         self._closed = False
         self._started = time.monotonic()
 
     # -- connection ------------------------------------------------------------------------------
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
         peer = self.transport.getPeer()
         self.client_ip = getattr(peer, "host", "") or ""
         self.client_port = getattr(peer, "port", 0) or 0
-        self.tls_active = self.listener.tls == "implicit"
-        self.core = self.kind.make_core(
+        self.tls_active = self.listener.tls is TlsMode.IMPLICIT
+        self.core = self.spec.make_core(
             tls_active=self.tls_active,
-            starttls_available=self.listener.tls == "starttls",
+            starttls_available=self.listener.tls is TlsMode.STARTTLS,
             plaintext_auth=in_networks(self.client_ip, self.listener.plaintext_auth_from),
-            service=self.service,
         )
-        self.service.sessions.add(self)
-        reactor = self.service.reactor
-        self._timer = reactor.callLater(self.service.settings.auth.login_timeout.total_seconds(), self._login_timeout)
-        self._emit(self.core.greeting())
+        self.context.opened(self)
+        self._timer = self.context.reactor.callLater(self.context.login_timeout, self._login_timeout)
+        self._carry_out(self.core.greeting())
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self.relay is not None:
             self.relay.dataReceived(data)
-            return
-        if not self._closed:
-            self._emit(self.core.receive_data(data))
+        elif not self._closed:
+            self._carry_out(self.core.receive_data(data))
 
-    def connectionLost(self, reason) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure) -> None:  # noqa: N802
         self._closed = True
         self._cancel_timer()
-        self.service.sessions.discard(self)
+        self.context.closed(self)
         if self.relay is not None:
             self.relay.connectionLost(reason)
         elif self.upstream is not None:
             self.upstream.close()
 
-    # -- carrying out the core's events ----------------------------------------------------------
+    # -- carrying out the core's commands -------------------------------------------------------
 
-    def _emit(self, events) -> None:
-        for event in events:
+    def _carry_out(self, commands: list[Command]) -> None:
+        for command in commands:
             if self._closed:
                 return
-            if isinstance(event, Send):
-                self.transport.write(event.data)
-            elif isinstance(event, StartTLS):
+            if isinstance(command, Send):
+                self.transport.write(command.data)
+            elif isinstance(command, StartTLS):
                 self.transport.startTLS(self.server_tls)
                 self.tls_active = True
                 self.core.tls_started()
-            elif isinstance(event, Authenticate):
-                defer.ensureDeferred(self._authenticate(event)).addErrback(self._bug)
-            elif isinstance(event, Close):
+            elif isinstance(command, Authenticate):
+                defer.ensureDeferred(self._log_in(command)).addErrback(self._bug)
+            elif isinstance(command, Failed):
+                self._audit("client_error", reason=command.reason)
+            elif isinstance(command, Close):
+                self._audit("disconnect", reason=command.reason)
                 self._closed = True
                 self._cancel_timer()
                 self.transport.loseConnection()
-            elif isinstance(event, Failed):
-                pass  # the core already replied and counts toward its own limits
 
-    def _bug(self, failure) -> None:
-        self.service.audit.event("error", where="frontend", session=self.session_id,
-                                 type=failure.type.__name__, error=failure.getErrorMessage())
+    def _audit(self, event: str, **fields: Any) -> None:
+        self.context.audit.event(event, protocol=self.spec.protocol.value, session=self.session_id,
+                                 client=self.client_ip, **fields)
+
+    def _bug(self, failure: Failure) -> None:
+        self._audit("error", where="frontend", type=failure.type.__name__,
+                    error=failure.getErrorMessage())
         if not self._closed:
             self._closed = True
             self.transport.abortConnection()
@@ -123,62 +175,66 @@ class Frontend(Spliceable, Protocol):
     def _login_timeout(self) -> None:
         self._timer = None
         if self.relay is None and not self._closed:
-            self._emit(self.core.login_timeout())
+            self._carry_out(self.core.login_timeout())
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    # -- authentication and upstream login -------------------------------------------------------
+    # -- the login -------------------------------------------------------------------------------
 
-    async def _authenticate(self, event: Authenticate) -> None:
-        creds = event.credentials
-        attempt = Attempt(self.kind.protocol, creds.login, creds.secret, self.client_ip, self.client_port,
-                          tls=self.tls_active, listener=self.listener.name, session=self.session_id)
-        decision = await self.service.authenticator.authenticate(attempt)
+    async def _log_in(self, command: Authenticate) -> None:
+        """Ask the Authenticator; after a Grant log in upstream, answer the client and splice."""
+        creds = command.credentials
+        attempt = Attempt(self.spec.protocol, creds.login, creds.secret, self.client_ip,
+                          self.client_port, tls=self.tls_active, listener=self.listener.name,
+                          session=self.session_id, mechanism=command.mechanism)
+        decision = await self.context.authenticator.authenticate(attempt)
         if self._closed:
             return
-        if not decision.ok:
-            await self._fail(decision.refusal)
+        if not isinstance(decision, Grant):
+            await self._refuse(decision.refusal)
             return
+        request = LoginRequest(decision.upstream_identity, self.client_ip, self.client_port,
+                               self.session_id, command.hello)
         try:
-            self.upstream = await connect(self.service.upstream_for(self.kind.protocol), self.service.reactor)
+            self.upstream = await self.context.connect(self.spec.upstream)
             if self._closed:
                 self.upstream.close()
                 return
-            success = await self.kind.login_upstream(self.upstream, self, decision)
+            result = await self.spec.login(self.upstream, request)
         except UpstreamError as exc:
-            self.service.audit.event("upstream", result="fail", protocol=self.kind.protocol.value,
-                                     session=self.session_id, login=creds.login, client=self.client_ip,
-                                     reason=str(exc))
+            self._audit("upstream", result="fail", login=creds.login, reason=str(exc))
             if self.upstream is not None:
                 self.upstream.close()
                 self.upstream = None
             if not self._closed:
-                await self._fail(Refusal.TEMPORARY)
+                await self._refuse(Refusal.TEMPORARY)
             return
         if self._closed:
             self.upstream.close()
             return
         self.grant = decision
         self._cancel_timer()
-        self._emit(success)
-        self._splice()
+        self._carry_out(self.core.auth_succeeded(result.capabilities))
+        self._splice(self.upstream, self.spec.watch(result))
 
-    async def _fail(self, refusal: Refusal) -> None:
+    async def _refuse(self, refusal: Refusal) -> None:
         """Failures are answered after auth.failure_delay, as Dovecot does."""
-        delay = self.service.settings.auth.failure_delay.total_seconds()
-        if delay > 0:
-            d = defer.Deferred()
-            self.service.reactor.callLater(delay, d.callback, None)
+        if self.context.failure_delay > 0:
+            d: defer.Deferred[None] = defer.Deferred()
+            self.context.reactor.callLater(self.context.failure_delay, d.callback, None)
             await d
         if not self._closed:
-            self._emit(self.core.auth_failed(refusal))
+            self._carry_out(self.core.auth_failed(refusal))
 
-    def _splice(self) -> None:
-        upstream = self.upstream
-        client_hook, upstream_hook = self.kind.relay_hooks(self)
+    # -- the relay -------------------------------------------------------------------------------
+
+    def _splice(self, upstream: UpstreamConnection, watch: SessionWatch | None) -> None:
+        client_hook = upstream_hook = None
+        if watch is not None:
+            client_hook, upstream_hook = self._hooks(watch)
         relay = Relay(self.transport, upstream.transport, client_pending=self.core.take_pending(),
                       upstream_pending=upstream.take_leftover(), client_hook=client_hook,
                       upstream_hook=upstream_hook)
@@ -186,22 +242,44 @@ class Frontend(Spliceable, Protocol):
         self.relay, upstream.relay = relay.client, relay.upstream
         relay.start().addCallback(self._session_end)
 
-    def _session_end(self, result) -> None:
+    def _hooks(self, watch: SessionWatch) -> tuple[Callable[[bytes], tuple[bytes, bytes]], ...]:
+        """Relay hooks that run both directions through a watch and carry out what it says."""
+
+        def apply(result: WatchResult) -> None:
+            relay = self._relay
+            if relay is not None:
+                if watch.waiting:
+                    relay.client.pause_reading(watch)
+                else:
+                    relay.client.resume_reading(watch)
+            if result.refused:
+                self._audit("refused", commands=list(result.refused))
+            if result.close:
+                self.context.reactor.callLater(0, self._close_both, result.close)
+
+        def from_client(data: bytes) -> tuple[bytes, bytes]:
+            result = watch.client_data(data)
+            apply(result)
+            return result.to_upstream, result.to_client
+
+        def from_upstream(data: bytes) -> tuple[bytes, bytes]:
+            result = watch.upstream_data(data)
+            apply(result)
+            return result.to_client, result.to_upstream
+
+        return from_client, from_upstream
+
+    def _session_end(self, result: RelayResult) -> None:
         grant = self.grant
-        self.service.audit.event(
-            "session", protocol=self.kind.protocol.value, session=self.session_id, client=self.client_ip,
-            account=grant.account.key, login=grant.account.login, code=grant.code_id,
-            bytes_up=result.bytes_up, bytes_down=result.bytes_down,
-            seconds=round(time.monotonic() - self._started, 3), closed_by=getattr(result, "closed_by", None),
-            reason=getattr(result, "reason", None))
+        assert grant is not None
+        self._audit("session", account=grant.account.key, login=grant.account.login,
+                    code=grant.code_id, bytes_up=result.bytes_up, bytes_down=result.bytes_down,
+                    seconds=round(time.monotonic() - self._started, 3), closed_by=result.closed_by,
+                    reason=result.reason)
 
-    @property
-    def relay_object(self) -> Relay | None:
-        return self._relay
-
-    def close_both(self, reason: str) -> None:
-        """Close client and upstream after what was written to them (a hook asked for it)."""
-        self.service.audit.event("session_closed", session=self.session_id, reason=reason)
+    def _close_both(self, reason: str) -> None:
+        """Close client and upstream after what was written to them (the watch asked for it)."""
+        self._audit("session_closed", reason=reason)
         self.transport.loseConnection()
         if self.upstream is not None:
             self.upstream.close()
@@ -216,13 +294,13 @@ class Frontend(Spliceable, Protocol):
 
 
 class FrontendFactory(Factory):
-    def __init__(self, service: "Service", listener: "Listener", kind: ProtocolKind, server_tls) -> None:
-        self.service, self.listener, self.kind, self.server_tls = service, listener, kind, server_tls
+    """Frontends for one listener."""
 
-    def buildProtocol(self, addr):  # noqa: N802
-        proto = Frontend(self.service, self.listener, self.kind, self.server_tls)
+    def __init__(self, context: SessionContext, listener: Listener, spec: ProtocolSpec,
+                 server_tls: Any) -> None:
+        self.context, self.listener, self.spec, self.server_tls = context, listener, spec, server_tls
+
+    def buildProtocol(self, addr: Any) -> Frontend:  # noqa: N802
+        proto = Frontend(self.context, self.listener, self.spec, self.server_tls)
         proto.factory = self
         return proto
-
-
-__all__ = ["Frontend", "FrontendFactory", "ProtocolKind"]

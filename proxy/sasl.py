@@ -149,7 +149,8 @@ def client_xoauth2(user: str, token: str) -> str:
 
 def is_valid_login(login: str) -> bool:
     """A login name with NUL, CR, LF or other control characters is refused before any lookup
-    (DESIGN: the proxy and the upstream must never disagree about who logs in)."""
+    (the proxy and the upstream must never disagree about who logs in: Dovecot cuts a name
+    at NUL)."""
     return bool(login) and len(login) <= MAX_FIELD and not any(
         ord(c) < 0x20 or ord(c) == 0x7F or 0x80 <= ord(c) < 0xA0 for c in login
     )

@@ -12,16 +12,19 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from proxy.audit import Audit
 from proxy.auth.authenticator import Authenticator
-from proxy.auth.decision import Protocol
-from proxy.codes import open_store
+from proxy.codes.open import open_store
 from proxy.codes.hashing import CodeHasher
 from proxy.codes.store import AsyncCodeStore, State, StoreUnavailable
 from proxy.config import Settings
-from proxy.directory.build import open_directory
-from proxy.frontend import FrontendFactory
+from proxy.directory.open import open_directory
+from proxy.frontend import Frontend, FrontendFactory, ProtocolSpec, SessionContext
+from proxy.imap.spec import ImapSpec
+from proxy.pop3.spec import Pop3Spec
+from proxy.protocols import MailProtocol, TlsMode
 from proxy.proxyprotocol import ProxyProtocolFactory, TrustedProxies
+from proxy.smtp.spec import SmtpSpec
 from proxy.tls import ServerTLS, TLSConfigError
-from proxy.upstream import UpstreamError
+from proxy.upstream import UpstreamError, connect
 
 # How often live sessions are checked against the store, so that revoking or disabling a code
 # ends the sessions it opened (bongo-project revokes "at their next command"; we bound the wait).
@@ -33,12 +36,19 @@ SESSION_CHECK_SECONDS = 15
 LISTEN_BACKLOG = 1024
 
 
-def _kinds() -> dict:
-    from proxy.imap.frontend import ImapKind
-    from proxy.pop3.frontend import Pop3Kind
-    from proxy.smtp.frontend import SmtpKind
+# How often an upstream that could not be asked what it offers (SMTP EHLO) is asked again.
+PROBE_RETRY_SECONDS = 30
 
-    return {"imap": ImapKind(), "pop3": Pop3Kind(), "smtp": SmtpKind()}
+
+def protocol_specs(settings: Settings) -> dict[MailProtocol, ProtocolSpec]:
+    """One spec per configured upstream: how its protocol builds cores and logs in."""
+    max_failures, hostname = settings.auth.max_failures, settings.hostname
+    makers = {
+        MailProtocol.IMAP: lambda up: ImapSpec(up, max_failures=max_failures),
+        MailProtocol.POP3: lambda up: Pop3Spec(up, max_failures=max_failures, hostname=hostname),
+        MailProtocol.SMTP: lambda up: SmtpSpec(up, max_failures=max_failures, hostname=hostname),
+    }
+    return {protocol: makers[protocol](up) for protocol, up in settings.upstreams.items()}
 
 
 class Service:
@@ -47,32 +57,39 @@ class Service:
         self.settings = settings
         self.reactor = reactor
         self.audit = audit or Audit(path=settings.audit.file)
-        self.sessions: set = set()
+        self.sessions: set[Frontend] = set()
         self.ports: dict[str, object] = {}  # listener name -> IListeningPort
         self.tls: dict[str, ServerTLS] = {}
-        self.kinds = _kinds()
-        self.hostname = settings.hostname
+        self.specs = protocol_specs(settings)
         self.session_check = session_check
         self._check = None
+        self._probes: dict[MailProtocol, task.LoopingCall] = {}
 
-    def upstream_for(self, protocol: Protocol):
-        return self.settings.upstreams[protocol.value]
+    def _context(self) -> SessionContext:
+        auth = self.settings.auth
+        return SessionContext(
+            authenticator=self.authenticator, audit=self.audit, reactor=self.reactor,
+            login_timeout=auth.login_timeout.total_seconds(),
+            failure_delay=auth.failure_delay.total_seconds(),
+            connect=lambda upstream: connect(upstream, self.reactor),
+            opened=self.sessions.add, closed=self.sessions.discard)
 
     async def start(self) -> None:
         s = self.settings
-        self.directory = open_directory(s)
-        self.sync_store = open_store(s)
+        self.directory = open_directory(s.directory, s.policy)
+        self.sync_store = open_store(s.store)
         self.store = AsyncCodeStore(self.sync_store, self.reactor)
         self.hasher = CodeHasher(s.codes.argon2)
         self.hasher.start(self.reactor)
         self.authenticator = Authenticator(s, self.directory, self.store, self.hasher, self.audit, self.reactor)
+        context = self._context()
         for listener in s.listeners:
             server_tls = None
-            if listener.tls != "none":
+            if listener.tls is not TlsMode.NONE:
                 server_tls = ServerTLS(str(listener.cert_file), str(listener.key_file), listener.min_tls)
                 self.tls[listener.name] = server_tls
-            factory = FrontendFactory(self, listener, self.kinds[listener.protocol], server_tls)
-            if listener.tls == "implicit":
+            factory = FrontendFactory(context, listener, self.specs[listener.protocol], server_tls)
+            if listener.tls is TlsMode.IMPLICIT:
                 factory = TLSMemoryBIOFactory(server_tls, False, factory)
             if listener.proxy_protocol_from:
                 trusted = TrustedProxies.parse([str(n) for n in listener.proxy_protocol_from])
@@ -83,15 +100,35 @@ class Service:
             self.ports[listener.name] = port
             self.audit.event("listening", listener=listener.name, protocol=listener.protocol,
                              address=f"{listener.host}:{port.getHost().port}", tls=listener.tls)
-        if any(listener.protocol == "smtp" for listener in s.listeners):
-            try:
-                await self.kinds["smtp"].learn_extensions(self)
-            except UpstreamError as exc:
-                self.audit.event("upstream", protocol="smtp", result="fail",
-                                 reason=f"cannot learn the upstream's EHLO extensions: {exc}")
+        for protocol in {listener.protocol for listener in s.listeners}:
+            if not await self._probe(protocol):
+                retry = task.LoopingCall(self._retry_probe, protocol)
+                retry.clock = self.reactor
+                retry.start(PROBE_RETRY_SECONDS, now=False)
+                self._probes[protocol] = retry
         self._check = task.LoopingCall(self._end_revoked_sessions)
         self._check.clock = self.reactor
         self._check.start(self.session_check, now=False)
+
+    async def _probe(self, protocol: MailProtocol) -> bool:
+        """Ask the upstream what it offers before login (SMTP: its EHLO extensions)."""
+        spec = self.specs[protocol]
+        try:
+            conn = await connect(spec.upstream, self.reactor)
+            try:
+                await spec.probe(conn)
+            finally:
+                conn.close()
+        except UpstreamError as exc:
+            self.audit.event("upstream", protocol=protocol.value, result="fail",
+                             reason=f"cannot learn what the upstream offers: {exc}")
+            return False
+        return True
+
+    @defer.inlineCallbacks
+    def _retry_probe(self, protocol: MailProtocol):
+        if (yield defer.ensureDeferred(self._probe(protocol))):
+            self._probes.pop(protocol).stop()
 
     def port_of(self, name: str) -> int:
         return self.ports[name].getHost().port
@@ -131,8 +168,9 @@ class Service:
 
     async def stop(self) -> None:
         """Stop listening, end sessions, release pools; safe after a start that failed midway."""
-        if self._check is not None and self._check.running:
-            self._check.stop()
+        for loop in [self._check, *self._probes.values()]:
+            if loop is not None and loop.running:
+                loop.stop()
         for port in self.ports.values():
             await port.stopListening()
         for session in list(self.sessions):

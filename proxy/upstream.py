@@ -7,6 +7,8 @@ After the login the connection's leftover bytes go to the client and the relay t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from twisted.internet import defer, error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -15,6 +17,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 from twisted.internet.interfaces import IHalfCloseableProtocol
 
+from proxy.commands import Hello
 from proxy.config import Upstream
 from proxy.linebuffer import LineBuffer, TooLong
 from proxy.relay import Spliceable
@@ -27,6 +30,30 @@ MAX_UPSTREAM_LINE = 16384
 
 class UpstreamError(Exception):
     """The upstream is down, slow, refused us or spoke nonsense: a temporary failure."""
+
+
+@dataclass(frozen=True)
+class LoginRequest:
+    """Whom a protocol's upstream login logs in, and what it tells the upstream about the client."""
+
+    identity: str  # the account's upstream identity (never the user's password)
+    client_ip: str
+    client_port: int
+    session: str  # the session's id, so that upstream logs can be matched with ours
+    hello: Hello | None = None  # SMTP: the client's EHLO/HELO, repeated upstream
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    """What the upstream said about the logged-in session."""
+
+    capabilities: str = ""  # IMAP: the upstream's capabilities after login
+    extensions: tuple[str, ...] = ()  # SMTP: the EHLO keywords of the logged-in session
+
+    @property
+    def chunking(self) -> bool:
+        """SMTP: BDAT carries a chunk (RFC 3030), so the command watch must skip it."""
+        return any(e.split()[0].upper() == "CHUNKING" for e in self.extensions if e.split())
 
 
 @implementer(IHalfCloseableProtocol)

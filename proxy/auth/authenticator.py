@@ -1,4 +1,4 @@
-"""The Authenticator: turns an Attempt into a Decision (DESIGN.md steps 1-4). Never touches a
+"""The Authenticator: turns an Attempt into a Decision (docs/architecture.md, step 3). Never touches a
 socket; the directory, the store and argon2 run in their thread pools, never on the reactor.
 
 Fails closed: directory, store or hash-pool trouble is a temporary Denial, never a Grant. Only
@@ -79,7 +79,8 @@ class Authenticator:
         account = decision.account
         fields = dict(protocol=attempt.protocol.value, login=attempt.login, client=attempt.client_ip,
                       port=attempt.client_port or None, tls=attempt.tls, listener=attempt.listener or None,
-                      session=attempt.session or None, account=account.key if account else None)
+                      session=attempt.session or None, mechanism=attempt.mechanism or None,
+                      account=account.key if account else None)
         if decision.ok:
             self.limiter.success(attempt.client_ip)
             self.audit.event("auth", result="grant", code=decision.code_id, label=decision.code_label,

@@ -6,19 +6,14 @@ import enum
 from dataclasses import dataclass
 
 from proxy.directory.account import Account
-
-
-class Protocol(str, enum.Enum):
-    IMAP = "imap"
-    POP3 = "pop3"
-    SMTP = "smtp"
+from proxy.protocols import MailProtocol
 
 
 @dataclass(frozen=True)
 class Attempt:
     """One login attempt as a frontend saw it."""
 
-    protocol: Protocol
+    protocol: MailProtocol
     login: str
     secret: str
     client_ip: str
@@ -26,6 +21,7 @@ class Attempt:
     tls: bool = False
     listener: str = ""  # the listener's name, for the audit log
     session: str = ""  # the connection's id, for the audit log
+    mechanism: str = ""  # how the client presented it (LOGIN, PLAIN, USER), for the audit log
 
     def __repr__(self) -> str:
         return (f"Attempt({self.protocol.value}, login={self.login!r}, secret=<hidden>, "
@@ -33,7 +29,7 @@ class Attempt:
 
 
 class Refusal(str, enum.Enum):
-    """Why the client is refused, as far as the client may know (DESIGN: Decisions and replies)."""
+    """Why the client is refused, as far as the client may know (docs/architecture.md: Decisions and replies)."""
 
     CREDENTIALS = "credentials"  # bad credentials (also: unknown login, malformed code)
     EXPIRED = "expired"  # the code verified but is expired, used up or revoked

@@ -1,8 +1,2 @@
-"""App passwords: format, hashing, storage and issuing."""
-
-
-def open_store(settings):
-    """The configured store (SQLite today; PostgreSQL for several nodes), migrated."""
-    from proxy.codes.sqlite import SqliteCodeStore
-
-    return SqliteCodeStore(settings.store.target)
+"""App passwords: format (generate.py), hashing (hashing.py), storage (store.py, sqlite.py, open.py)
+and issuing (issue.py)."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 CODE_LENGTH = 16
 SELECTOR_LENGTH = 4
 
-# Look-alikes left out: 0 O o 1 l I (DESIGN: App passwords). 56 symbols: the secret carries
+# Look-alikes left out: 0 O o 1 l I (README: App passwords). 56 symbols: the secret carries
 # 12 * log2(56) = 69.7 bits, inside NIST SP 800-63B's band for a salted, memory-hard hash.
 MIXED = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnpqrstuvwxyz23456789"
 # For devices whose keypads make case painful: 32 symbols, 60 bits in the secret.

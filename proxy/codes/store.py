@@ -1,4 +1,4 @@
-"""The code store: the record of DESIGN.md, the operations every backend offers, and the
+"""The code store: the record of a code, the operations every backend offers, and the
 asynchronous wrapper the proxy uses (each call runs in the store's own thread pool)."""
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import re
 
 from proxy.config import Upstream
 from proxy.sasl import client_plain
-from proxy.upstream import UpstreamConnection, UpstreamError
+from proxy.upstream import LoginRequest, LoginResult, UpstreamConnection, UpstreamError
 
 _CAPABILITY = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.I)
 
@@ -29,9 +29,9 @@ async def _tagged(conn: UpstreamConnection, tag: bytes, untagged: list[bytes] | 
             untagged.append(line)
 
 
-async def login(conn: UpstreamConnection, settings: Upstream, *, identity: str, client_ip: str,
-                client_port: int, session: str) -> str:
-    """Run the login dialogue; returns the upstream's capability list (text after CAPABILITY)."""
+async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequest) -> LoginResult:
+    """Run the login dialogue; the result carries the upstream's capabilities after login."""
+    identity = request.identity
     greeting = await conn.read_line()
     if greeting.startswith(b"* PREAUTH"):
         raise UpstreamError("upstream pre-authenticated the connection: refusing to relay it")
@@ -49,8 +49,8 @@ async def login(conn: UpstreamConnection, settings: Upstream, *, identity: str, 
     # allows pipelining; Dovecot answers them in order).
     pending = b""
     if settings.send_client_address:
-        fields = {"x-originating-ip": client_ip, "x-originating-port": str(client_port),
-                  "x-session-ext-id": session}
+        fields = {"x-originating-ip": request.client_ip, "x-originating-port": str(request.client_port),
+                  "x-session-ext-id": request.session}
         params = " ".join(f"{_quote(k)} {_quote(v)}" for k, v in fields.items() if v)
         pending = f"I ID ({params})\r\n".encode()
     response = client_plain(identity, settings.master_user or "", settings.master_password or "")
@@ -81,7 +81,7 @@ async def login(conn: UpstreamConnection, settings: Upstream, *, identity: str, 
                 caps = line[len(b"* CAPABILITY "):]
     if not caps:
         raise UpstreamError("upstream sent no capabilities after login")
-    return caps.decode("ascii", errors="replace")
+    return LoginResult(capabilities=caps.decode("ascii", errors="replace"))
 
 
 def _caps(line: bytes) -> bytes | None:

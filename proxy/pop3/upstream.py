@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from proxy.config import Upstream
 from proxy.sasl import client_plain
-from proxy.upstream import UpstreamConnection, UpstreamError
+from proxy.upstream import LoginRequest, LoginResult, UpstreamConnection, UpstreamError
 
 
 def _text(line: bytes) -> str:
@@ -30,8 +30,8 @@ async def _capabilities(conn: UpstreamConnection) -> set[str]:
     return caps
 
 
-async def login(conn: UpstreamConnection, settings: Upstream, *, identity: str, client_ip: str,
-                client_port: int, session: str) -> None:
+async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequest) -> LoginResult:
+    identity = request.identity
     await _ok(conn, "the connection")
     if settings.tls == "starttls":
         conn.send(b"STLS\r\n")
@@ -40,14 +40,15 @@ async def login(conn: UpstreamConnection, settings: Upstream, *, identity: str, 
     if settings.send_client_address:
         caps = await _capabilities(conn)
         if "XCLIENT" in caps:  # Dovecot, for proxies in login_trusted_networks
-            conn.send(f"XCLIENT ADDR={client_ip} PORT={client_port} SESSION={session}\r\n".encode())
+            conn.send(f"XCLIENT ADDR={request.client_ip} PORT={request.client_port} "
+                      f"SESSION={request.session}\r\n".encode())
             await conn.read_line()  # a refusal is not fatal: the login is what matters
-    conn.send(f"AUTH PLAIN {client_plain(identity, settings.master_user or '', settings.master_password or '')}\r\n"
-              .encode())
+    response = client_plain(identity, settings.master_user or "", settings.master_password or "")
+    conn.send(f"AUTH PLAIN {response}\r\n".encode())
     line = await conn.read_line()
     if line.startswith(b"+ "):  # no initial response accepted: send it as the continuation
-        conn.send(client_plain(identity, settings.master_user or "", settings.master_password or "").encode()
-                  + b"\r\n")
+        conn.send(response.encode() + b"\r\n")
         line = await conn.read_line()
     if not line.startswith(b"+OK"):
         raise UpstreamError(f"upstream refused the login as {identity}: {_text(line)}")
+    return LoginResult()

@@ -10,7 +10,7 @@ import ipaddress
 
 from proxy.config import Upstream
 from proxy.sasl import client_plain
-from proxy.upstream import UpstreamConnection, UpstreamError
+from proxy.upstream import LoginRequest, LoginResult, UpstreamConnection, UpstreamError
 
 # What the proxy calls itself in EHLO before the client's own name is known.
 DEFAULT_HELO = "apppass"
@@ -66,9 +66,11 @@ def _keywords(extensions: list[str]) -> dict[str, list[str]]:
     return {e.split()[0].upper(): e.split()[1:] for e in extensions if e.split()}
 
 
-async def login(conn: UpstreamConnection, settings: Upstream, *, identity: str, client_ip: str,
-                client_port: int, helo: str | None, esmtp: bool) -> list[str]:
-    """Log in upstream; returns the extensions the session now has."""
+async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequest) -> LoginResult:
+    """Log in upstream; the result carries the extensions the session now has."""
+    identity, client_ip, client_port = request.identity, request.client_ip, request.client_port
+    helo = request.hello.name if request.hello else None
+    esmtp = request.hello.esmtp if request.hello else False
     helo_name = helo or DEFAULT_HELO
     extensions = await open_session(conn, settings, helo_name)
     keywords = _keywords(extensions)
@@ -96,4 +98,4 @@ async def login(conn: UpstreamConnection, settings: Upstream, *, identity: str, 
         response = client_plain(identity, settings.master_user or "", settings.master_password or "")
         conn.send(f"AUTH PLAIN {response}\r\n".encode())
         await _expect(conn, (235,), f"the login as {identity}")
-    return extensions
+    return LoginResult(extensions=tuple(extensions))

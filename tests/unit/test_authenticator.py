@@ -10,7 +10,8 @@ from twisted.internet import defer, reactor
 
 from proxy.audit import Audit
 from proxy.auth.authenticator import Authenticator
-from proxy.auth.decision import Attempt, Protocol, Refusal
+from proxy.auth.decision import Attempt, Refusal
+from proxy.protocols import MailProtocol as Protocol
 from proxy.codes.hashing import CodeHasher
 from proxy.codes.issue import issue_code
 from proxy.codes.sqlite import SqliteCodeStore

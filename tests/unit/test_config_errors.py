@@ -74,6 +74,9 @@ CASES = [
      'apppass.yaml: policy.require_mfa: must be true or false (got "yes please")'),
     (("policy", "legacy_filter"), "(memberOf=cn=x)",
      "apppass.yaml: policy: legacy_filter and mfa_filter need an ldap directory"),
+    (("policy", "mfa_filter"), "memberOf=cn=mfa",
+     "apppass.yaml: policy.mfa_filter: must be an LDAP filter in parentheses, like "
+     '(objectClass=person) (got "memberOf=cn=mfa")'),
     (("store",), {"mysql": "x"},
      'apppass.yaml: store: must set exactly one of sqlite (got {"mysql": "x"})'),
     (("store",), DELETE, "apppass.yaml: store: is required"),

@@ -1,4 +1,4 @@
-"""Specification of the IMAP pre-auth core (proxy.imap.parse): bytes in, events out."""
+"""Specification of the IMAP pre-auth core (proxy.imap.server): bytes in, commands out."""
 
 from __future__ import annotations
 
@@ -9,19 +9,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.auth.decision import Refusal
-from proxy.events import Authenticate, Close, Failed, Send, StartTLS
-from proxy.imap.parse import (
-    ID_MAX_PAIRS,
-    MAX_BAD,
-    MAX_COMMANDS,
-    MAX_FAILURES,
-    MAX_LINE,
-    MAX_LITERAL,
-    MAX_PENDING,
-    ImapCore,
-    ImapLimits,
-)
+from proxy.commands import Authenticate, Close, Failed, Send, StartTLS
+from proxy.core import MAX_COMMANDS, MAX_ERRORS, MAX_FAILURES, MAX_PENDING
+from proxy.imap.server import MAX_LINE, MAX_LITERAL, ImapCore, ImapLimits
+from proxy.imap.syntax import ID_MAX_PAIRS
 from proxy.sasl import Credentials
+from tests.support.streams import split_at
 
 PLAINTEXT_CAPS = "IMAP4rev1 SASL-IR LITERAL+ ID STARTTLS LOGINDISABLED"
 TLS_CAPS = "IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN"
@@ -92,7 +85,7 @@ def test_starttls_is_not_offered_when_unavailable():
 def test_greeting_text_is_configurable_and_cannot_inject_lines():
     imap = ImapCore(tls_active=True, starttls_available=False, plaintext_auth=False,
                     greeting_text="Hi.\r\n* BYE fake")
-    assert replies(imap.greeting()) == [f"* OK [CAPABILITY {TLS_CAPS}] Hi.  * BYE fake".encode()]
+    assert replies(imap.greeting()) == [f"* OK [CAPABILITY {TLS_CAPS}] Hi.??* BYE fake".encode()]
 
 
 # --- Simple commands --------------------------------------------------------------------------
@@ -307,7 +300,7 @@ def test_starttls_when_not_available_gets_bad():
 def test_login_with_atoms_asks_the_authenticator():
     events = core().receive_data(b"l LOGIN alice@example.org Abcd-Efgh-Jkmn-Pqrs\r\n")
     assert events == [Authenticate(Credentials("alice@example.org", "Abcd-Efgh-Jkmn-Pqrs"),
-                                   "LOGIN", "l", {"command": "LOGIN"})]
+                                   "LOGIN")]
 
 
 def test_login_with_quoted_strings_unescapes_quote_and_backslash():
@@ -331,8 +324,7 @@ def test_login_with_non_synchronizing_literal_gets_no_continuation():
     imap = core()
     assert imap.receive_data(b"l LOGIN alice {6+}\r\n") == []
     events = imap.receive_data(b"sec\r\nt\r\n")
-    assert events == [Authenticate(Credentials("alice", "sec\r\nt"), "LOGIN", "l",
-                                   {"command": "LOGIN"})]
+    assert events == [Authenticate(Credentials("alice", "sec\r\nt"), "LOGIN")]
 
 
 def test_login_with_both_arguments_as_literals():
@@ -484,8 +476,7 @@ def test_login_with_more_than_two_literals_gets_bad():
 
 def test_authenticate_plain_with_initial_response():
     events = core().receive_data(b"a AUTHENTICATE PLAIN " + b64(b"\0alice\0secret") + b"\r\n")
-    assert events == [Authenticate(Credentials("alice", "secret"), "PLAIN", "a",
-                                   {"command": "AUTHENTICATE"})]
+    assert events == [Authenticate(Credentials("alice", "secret"), "PLAIN")]
 
 
 def test_authenticate_plain_without_initial_response_sends_empty_challenge():
@@ -500,8 +491,7 @@ def test_authenticate_login_prompts_for_username_then_password():
     assert replies(imap.receive_data(b"a AUTHENTICATE LOGIN\r\n")) == [b"+ VXNlcm5hbWU6"]
     assert replies(imap.receive_data(b64(b"alice") + b"\r\n")) == [b"+ UGFzc3dvcmQ6"]
     events = imap.receive_data(b64(b"secret") + b"\r\n")
-    assert events == [Authenticate(Credentials("alice", "secret"), "LOGIN", "a",
-                                   {"command": "AUTHENTICATE"})]
+    assert events == [Authenticate(Credentials("alice", "secret"), "LOGIN")]
 
 
 def test_authenticate_login_with_initial_response_skips_the_username_prompt():
@@ -596,13 +586,6 @@ def test_auth_failed_maps_each_refusal_to_its_response_code(refusal, code):
     imap.receive_data(b"l LOGIN alice secret\r\n")
     (line,) = replies(imap.auth_failed(refusal))
     assert line.startswith(b"l NO " + code + b" ")
-
-
-def test_auth_failed_text_replaces_only_the_human_text_and_cannot_inject_lines():
-    imap = core()
-    imap.receive_data(b"l LOGIN alice secret\r\n")
-    assert replies(imap.auth_failed(Refusal.EXPIRED, "Code used up.\r\n* OK x")) == [
-        b"l NO [EXPIRED] Code used up.  * OK x"]
 
 
 def test_failed_logins_close_the_connection_after_max_failures():
@@ -725,10 +708,10 @@ def test_command_whose_lines_together_are_too_long_gets_bad():
 
 def test_too_many_bad_commands_say_bye_and_close():
     imap = core()
-    events = imap.receive_data(b"a FOO\r\n" * MAX_BAD + b"n NOOP\r\n")
+    events = imap.receive_data(b"a FOO\r\n" * MAX_ERRORS + b"n NOOP\r\n")
     assert replies(events)[-1] == b"* BYE Too many invalid commands"
-    assert replies(events).count(b"a BAD Unknown command or not allowed before login") == MAX_BAD
-    assert events[-1] == Close("too many invalid commands")
+    assert replies(events).count(b"a BAD Unknown command or not allowed before login") == MAX_ERRORS
+    assert events[-1] == Close("too many errors")
 
 
 def test_too_many_commands_before_login_say_bye_and_close():
@@ -757,13 +740,13 @@ def test_login_timeout_after_login_does_nothing():
 def test_limits_are_named_constants_with_sane_defaults():
     limits = ImapLimits()
     assert (limits.max_line, limits.max_literal, limits.max_commands, limits.max_failures,
-            limits.max_bad, limits.max_pending) == (
-        MAX_LINE, MAX_LITERAL, MAX_COMMANDS, MAX_FAILURES, MAX_BAD, MAX_PENDING)
+            limits.max_errors, limits.max_pending) == (
+        MAX_LINE, MAX_LITERAL, MAX_COMMANDS, MAX_FAILURES, MAX_ERRORS, MAX_PENDING)
     assert limits.max_literal >= 4 * 255  # any valid login name fits a literal
 
 
 @pytest.mark.parametrize("field", ["max_line", "max_literal", "max_commands", "max_failures",
-                                   "max_bad", "max_pending"])
+                                   "max_errors", "max_pending"])
 def test_limits_must_be_positive(field):
     with pytest.raises(ValueError):
         ImapLimits(**{field: 0})
@@ -826,21 +809,16 @@ def command_streams(draw):
     return b"".join(parts)
 
 
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
-
-
 # Counting limits high enough to see long streams through; max_pending too, since input held
 # during a login depends on when the answer comes, which no split of the input can decide.
-_GENEROUS = dict(max_commands=1000, max_failures=1000, max_bad=1000, max_pending=1 << 20)
+_GENEROUS = dict(max_commands=1000, max_failures=1000, max_errors=1000, max_pending=1 << 20)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stream=command_streams(), cuts=st.lists(st.integers(min_value=0), max_size=30))
 def test_any_split_of_a_command_stream_gives_the_same_events(stream, cuts):
     whole = drive(core(**_GENEROUS), [stream])
-    assert drive(core(**_GENEROUS), split(stream, cuts)) == whole
+    assert drive(core(**_GENEROUS), split_at(stream, cuts)) == whole
 
 
 _LOGIN_CHARS = st.characters(blacklist_categories=("Cc", "Cs"))
@@ -870,8 +848,7 @@ def test_login_arguments_round_trip_into_the_same_credentials(login, secret, how
     password, waits_secret = _encode(secret, how_secret)
     events = core().receive_data(b"l LOGIN " + user + b" " + password + b"\r\n")
     assert replies(events) == [b"+ Ready for literal data"] * (waits_user + waits_secret)
-    assert events[-1] == Authenticate(Credentials(login, secret), "LOGIN", "l",
-                                      {"command": "LOGIN"})
+    assert events[-1] == Authenticate(Credentials(login, secret), "LOGIN")
 
 
 @settings(max_examples=200, deadline=None)
@@ -889,8 +866,7 @@ def test_sasl_arguments_round_trip_into_the_same_credentials(login, secret, init
     if initial:
         first += b" " + responses.pop(0)
     events = imap.receive_data(first + b"\r\n" + b"".join(r + b"\r\n" for r in responses))
-    assert events[-1] == Authenticate(Credentials(login, secret), mechanism, "a",
-                                      {"command": "AUTHENTICATE"})
+    assert events[-1] == Authenticate(Credentials(login, secret), mechanism)
 
 
 _FRAGMENTS = [b"a ", b"LOGIN ", b"ID ", b"AUTHENTICATE PLAIN", b"AUTHENTICATE LOGIN", b"NOOP",
@@ -906,7 +882,7 @@ _FRAGMENTS = [b"a ", b"LOGIN ", b"ID ", b"AUTHENTICATE PLAIN", b"AUTHENTICATE LO
        tls=st.booleans(), outcome=st.sampled_from([None, *Refusal]))
 def test_arbitrary_bytes_never_raise_and_never_exceed_the_bounds(chunks, tls, outcome):
     limits = ImapLimits(max_line=64, max_literal=16, max_pending=100, max_commands=40,
-                        max_bad=30, max_failures=10)
+                        max_errors=30, max_failures=10)
     imap = ImapCore(tls_active=tls, starttls_available=True, plaintext_auth=False,
                     limits=limits)
     for chunk in chunks:
@@ -924,4 +900,4 @@ def test_arbitrary_bytes_never_raise_and_never_exceed_the_bounds(chunks, tls, ou
         if imap.state == "logged-in":
             imap.take_pending()
     assert imap.commands <= limits.max_commands + 1
-    assert imap.bad <= limits.max_bad and imap.failures <= limits.max_failures
+    assert imap.errors <= limits.max_errors and imap.failures <= limits.max_failures

@@ -1,4 +1,4 @@
-"""Specification of the SMTP pre-auth core (SmtpCore) and the post-login SmtpCommandWatch."""
+"""Specification of the SMTP pre-auth core (proxy/smtp/server.py): bytes in, commands out."""
 
 from __future__ import annotations
 
@@ -10,16 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.auth.decision import Refusal
-from proxy.events import Authenticate, Close, Failed, Send, StartTLS
+from proxy.commands import Authenticate, Close, Failed, Send, StartTLS
 from proxy.sasl import MAX_FIELD, is_valid_login
-from proxy.smtp.parse import (
-    MAX_AUTH_LINE,
-    MAX_LINE,
-    SmtpCommandWatch,
-    SmtpCore,
-    SmtpLimits,
-    SmtpWatchLimits,
-)
+from proxy.core import LineLimits
+from proxy.smtp.server import MAX_AUTH_LINE, MAX_LINE, SmtpCore, smtp_limits
+from tests.support.streams import split_at
 
 UPSTREAM_EHLO = ["PIPELINING", "SIZE 10240000", "AUTH PLAIN LOGIN", "AUTH=PLAIN", "STARTTLS",
                  "XCLIENT NAME ADDR PROTO HELO LOGIN", "XFORWARD NAME ADDR", "ENHANCEDSTATUSCODES",
@@ -35,7 +30,7 @@ def plain(authzid: str, authcid: str, password: str) -> bytes:
 
 
 def make(*, tls: bool = True, starttls: bool = False, plaintext: bool = False,
-         limits: SmtpLimits = SmtpLimits(), extensions=UPSTREAM_EHLO) -> SmtpCore:
+         limits: LineLimits | None = None, extensions=UPSTREAM_EHLO) -> SmtpCore:
     return SmtpCore(tls_active=tls, starttls_available=starttls, plaintext_auth=plaintext,
                     limits=limits, hostname="mx.example.org", extensions=extensions)
 
@@ -310,11 +305,6 @@ def test_limit_refusal_gets_421_and_closes():
     assert isinstance(events[-1], Close)
 
 
-def test_refusal_text_replaces_the_human_text_only_and_cannot_split_the_reply():
-    events = authenticating().auth_failed(Refusal.TEMPORARY, "Directory\r\n250 down")
-    assert replies(events) == [b"454 4.7.0 Directory??250 down"]
-
-
 def test_third_failure_gets_421_and_closes():
     core = authenticating()
     core.auth_failed(Refusal.CREDENTIALS)
@@ -355,7 +345,7 @@ def test_input_during_authentication_is_parsed_after_a_refusal():
 
 
 def test_pipelined_input_beyond_max_pending_gets_421_and_closes():
-    core = authenticating(limits=SmtpLimits(max_pending=100))
+    core = authenticating(limits=smtp_limits(max_pending=100))
     assert core.receive_data(b"x" * 100) == []
     events = core.receive_data(b"x")
     assert replies(events)[0].startswith(b"421 4.7.0 mx.example.org")
@@ -439,7 +429,7 @@ def test_mail_commands_before_login_need_authentication(verb):
 
 
 def test_bdat_before_login_is_refused_and_its_chunk_dropped_unread():
-    core = ready(limits=SmtpLimits(max_errors=10))
+    core = ready(limits=smtp_limits(max_errors=10))
     events = core.receive_data(b"BDAT 12 LAST\r\nNOOP\r\nNOOP\r\nNOOP\r\n")
     assert replies(events) == [b"530 5.7.0 Authentication required", b"250 2.0.0 Ok"]
 
@@ -523,9 +513,9 @@ def test_commands_beyond_max_commands_get_421_and_close():
 
 def test_limits_must_be_positive_and_auth_lines_at_least_command_lines():
     with pytest.raises(ValueError):
-        SmtpLimits(max_commands=0)
+        smtp_limits(max_commands=0)
     with pytest.raises(ValueError):
-        SmtpLimits(max_line=1000, max_auth_line=999)
+        smtp_limits(max_line=1000, max_auth_line=999)
 
 
 def test_login_timeout_gets_421_4_4_2_and_closes():
@@ -576,11 +566,6 @@ COMMAND_LINES = [
 ]
 
 
-def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
-
-
 @settings(max_examples=150, deadline=None)
 @given(lines=st.lists(st.sampled_from(COMMAND_LINES), max_size=25),
        ends=st.lists(st.sampled_from([b"\r\n", b"\n"]), min_size=25, max_size=25),
@@ -611,8 +596,8 @@ def check_invariants(core: SmtpCore, events: list, limits: SmtpLimits) -> None:
        decisions=st.lists(st.sampled_from(list(Refusal)), max_size=40),
        small=st.booleans())
 def test_arbitrary_bytes_never_raise_and_stay_within_the_limits(chunks, decisions, small):
-    limits = (SmtpLimits(max_line=64, max_auth_line=128, max_commands=8, max_pending=200)
-              if small else SmtpLimits())
+    limits = (smtp_limits(max_line=64, max_auth_line=128, max_commands=8, max_pending=200)
+              if small else smtp_limits())
     core = make(tls=False, starttls=True, plaintext=True, limits=limits)
     decisions = iter(decisions)
     closed = False
@@ -663,421 +648,3 @@ def test_login_round_trips_any_credentials_or_refuses_them_without_asking(login,
         assert (auth.credentials.login, auth.credentials.secret) == (login, secret)
     else:
         assert not auths(events)
-
-
-# === SmtpCommandWatch ==========================================================================
-
-
-class Session:
-    """A watch between a scripted client and upstream; collects what each side receives."""
-
-    def __init__(self, **kwargs):
-        self.watch = SmtpCommandWatch(**kwargs)
-        self.upstream = bytearray()
-        self.client = bytearray()
-        self.refused: list[str] = []
-        self.closed: str | None = None
-
-    def _apply(self, result):
-        self.upstream += result.to_upstream
-        self.client += result.to_client
-        self.refused += result.refused
-        self.closed = self.closed or result.close
-
-    def send(self, data: bytes) -> "Session":
-        self._apply(self.watch.client_data(data))
-        return self
-
-    def reply(self, data: bytes) -> "Session":
-        self._apply(self.watch.upstream_data(data))
-        return self
-
-
-def test_watch_relays_commands_and_replies_unchanged():
-    s = Session().send(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n")
-    assert bytes(s.upstream) == b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"
-    s.reply(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
-    assert bytes(s.client) == b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
-    assert s.refused == [] and s.closed is None
-
-
-def test_watch_refuses_xclient_sent_after_login_with_nothing_outstanding():
-    s = Session().send(b"XCLIENT LOGIN=bob ADDR=10.0.0.1\r\n")
-    assert bytes(s.upstream) == b""
-    assert bytes(s.client) == b"550 5.7.0 Error: XCLIENT not permitted\r\n"
-    assert s.refused == ["XCLIENT"]
-
-
-def test_watch_refuses_pipelined_xclient_and_keeps_the_replies_in_order():
-    s = Session().send(b"MAIL FROM:<a@b>\r\n  xclient LOGIN=bob\r\nRCPT TO:<c@d>\r\n")
-    assert bytes(s.upstream) == b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"
-    assert bytes(s.client) == b""  # the refusal waits for the reply to MAIL
-    s.reply(b"250 2.1.0 Ok\r\n")
-    assert bytes(s.client) == b"250 2.1.0 Ok\r\n550 5.7.0 Error: XCLIENT not permitted\r\n"
-    s.reply(b"250 2.1.5 Ok\r\n")
-    assert bytes(s.client).endswith(b"not permitted\r\n250 2.1.5 Ok\r\n")
-    assert s.refused == ["XCLIENT"]
-
-
-def test_watch_never_looks_into_data_content_containing_xclient():
-    content = (b"Subject: XCLIENT\r\n\r\nXCLIENT ADDR=6.6.6.6\r\nXFORWARD NAME=x\r\n"
-               b"..\r\n.XCLIENT\r\nSTARTTLS\r\n")
-    s = Session().send(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
-    s.reply(b"250 Ok\r\n250 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n")
-    s.send(content + b".\r\n")
-    assert bytes(s.upstream).endswith(b"DATA\r\n" + content + b".\r\n")
-    assert s.refused == [] and s.closed is None
-
-
-def test_watch_refuses_xclient_after_the_end_of_data():
-    s = Session().send(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
-    s.reply(b"250 Ok\r\n250 Ok\r\n354 go\r\n")
-    s.send(b"XCLIENT in content\r\n.\r\nXCLIENT LOGIN=bob\r\nQUIT\r\n")
-    assert bytes(s.upstream).endswith(b"XCLIENT in content\r\n.\r\nQUIT\r\n")
-    assert s.refused == ["XCLIENT"]
-    s.reply(b"250 2.0.0 queued\r\n221 Bye\r\n")
-    assert bytes(s.client).endswith(b"250 2.0.0 queued\r\n550 5.7.0 Error: XCLIENT not permitted"
-                                    b"\r\n221 Bye\r\n")
-
-
-def test_watch_holds_input_after_data_until_the_upstream_answers():
-    s = Session().send(b"DATA\r\nXCLIENT LOGIN=bob\r\n")
-    assert s.watch.waiting and bytes(s.upstream) == b"DATA\r\n"
-    s.reply(b"354 go\r\n")  # it was content after all
-    assert not s.watch.waiting and s.refused == []
-    assert bytes(s.upstream) == b"DATA\r\nXCLIENT LOGIN=bob\r\n"
-
-
-def test_watch_reads_input_after_a_refused_data_as_commands():
-    s = Session().send(b"DATA\r\nXCLIENT LOGIN=bob\r\nNOOP\r\n")
-    s.reply(b"554 5.5.1 Error: no valid recipients\r\n")
-    assert s.refused == ["XCLIENT"]
-    assert bytes(s.upstream) == b"DATA\r\nNOOP\r\n"
-    assert bytes(s.client) == (b"554 5.5.1 Error: no valid recipients\r\n"
-                               b"550 5.7.0 Error: XCLIENT not permitted\r\n")
-
-
-def test_watch_passes_an_empty_message():
-    s = Session().send(b"DATA\r\n").reply(b"354 go\r\n").send(b".\r\nNOOP\r\n")
-    assert bytes(s.upstream) == b"DATA\r\n.\r\nNOOP\r\n"
-
-
-@pytest.mark.parametrize("content", [b"hi\n.\nXCLIENT LOGIN=bob\r\n", b"hi\r\n.\nQUIT\r\n",
-                                     b"hi\n.\r\nXCLIENT x\r\n", b"hi\r.\r\nXCLIENT x\r\n",
-                                     b".\nXCLIENT x\r\n", b"hi\r\n.\rXCLIENT\r\n"])
-def test_watch_closes_rather_than_guess_at_a_bare_cr_or_lf_end_of_data(content):
-    s = Session().send(b"DATA\r\n").reply(b"354 go\r\n").send(content)
-    assert s.closed and s.watch.closed
-    assert b".\n" not in bytes(s.upstream) and b"\r.\r" not in bytes(s.upstream)
-    assert b"XCLIENT" not in bytes(s.upstream)
-    assert bytes(s.client).endswith(b"521 5.5.2 Error: bare <CR> or <LF> at end of data\r\n")
-    assert s.watch.client_data(b"NOOP\r\n").to_upstream == b""
-
-
-def test_watch_passes_bdat_chunks_through_unread():
-    chunk = b"XCLIENT ADDR=6.6.6.6\r\n"
-    s = Session().send(b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"XCLIENT ADDR=7.7.7.7\r\n")
-    assert bytes(s.upstream) == b"BDAT %d LAST\r\n" % len(chunk) + chunk
-    assert s.refused == ["XCLIENT"]
-    s.reply(b"250 2.0.0 queued\r\n")
-    assert bytes(s.client) == b"250 2.0.0 queued\r\n550 5.7.0 Error: XCLIENT not permitted\r\n"
-
-
-@pytest.mark.parametrize("line", [b"BDAT", b"BDAT x", b"BDAT 10 LAST extra", b"BDAT -1",
-                                  b"BDAT 99999999999"])
-def test_watch_refuses_a_bdat_whose_chunk_size_it_cannot_be_sure_of(line):
-    s = Session().send(line + b"\r\nXCLIENT x\r\n")
-    assert bytes(s.upstream) == b""
-    assert bytes(s.client) == (b"501 5.5.4 Syntax: BDAT count [LAST]\r\n"
-                               b"550 5.7.0 Error: XCLIENT not permitted\r\n")
-
-
-def test_watch_without_chunking_reads_what_follows_bdat_as_commands():
-    s = Session(chunking=False).send(b"BDAT 22\r\nXCLIENT ADDR=6.6.6.6\r\n")
-    assert bytes(s.upstream) == b"BDAT 22\r\n" and s.refused == ["XCLIENT"]
-
-
-@pytest.mark.parametrize("verb", ["STARTTLS", "XFORWARD", "TURN", "ATRN"])
-def test_watch_refuses_commands_that_would_blind_it_or_borrow_the_proxys_trust(verb):
-    s = Session().send(verb.lower().encode() + b" x\r\n")
-    assert bytes(s.upstream) == b"" and s.refused == [verb]
-    assert bytes(s.client).startswith((b"550 5.7.0", b"503 5.5.1", b"502 5.5.1"))
-
-
-def test_watch_relays_command_lines_with_crlf_line_ends():
-    s = Session().send(b"NOOP\nRSET\r\n")
-    assert bytes(s.upstream) == b"NOOP\r\nRSET\r\n"
-
-
-@pytest.mark.parametrize("line", [b"NOOP\rXCLIENT LOGIN=bob", b"NOOP\x00XCLIENT LOGIN=bob"])
-def test_watch_refuses_bare_cr_and_nul_in_command_lines(line):
-    s = Session().send(line + b"\r\n")
-    assert bytes(s.upstream) == b""
-    assert bytes(s.client) == b"500 5.5.2 Error: bare <CR> or <NUL> in command\r\n"
-
-
-def test_watch_refuses_command_lines_too_long_to_relay_safely():
-    s = Session().send(b"NOOP " + b"x" * 3000 + b" XCLIENT LOGIN=bob\r\nNOOP\r\n")
-    assert bytes(s.upstream) == b"NOOP\r\n"
-    assert bytes(s.client) == b"500 5.5.2 Error: line too long\r\n"
-
-
-def test_watch_counts_a_multiline_reply_once():
-    s = Session().send(b"EHLO x\r\nXCLIENT\r\n")
-    s.reply(b"250-mx\r\n250-PIPE")
-    assert bytes(s.client) == b"250-mx\r\n250-PIPE"
-    s.reply(b"LINING\r\n250 8BITMIME\r\n")
-    assert bytes(s.client) == (b"250-mx\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
-                               b"550 5.7.0 Error: XCLIENT not permitted\r\n")
-
-
-def test_watch_closes_when_a_client_floods_before_the_reply_to_data():
-    s = Session(limits=SmtpWatchLimits(max_held=10)).send(b"DATA\r\n" + b"x" * 11)
-    assert s.closed and s.watch.buffered == 0
-
-
-def test_watch_closes_when_the_upstream_asks_for_content_outside_data():
-    s = Session().send(b"NOOP\r\n").reply(b"354 go\r\n")
-    assert s.closed
-
-
-def test_watch_closes_when_too_many_commands_await_replies():
-    s = Session(limits=SmtpWatchLimits(max_outstanding=3)).send(b"NOOP\r\n" * 4)
-    assert s.closed
-
-
-def test_watch_passes_unsolicited_upstream_replies():
-    s = Session().reply(b"421 4.4.2 mx Error: timeout exceeded\r\n")
-    assert bytes(s.client) == b"421 4.4.2 mx Error: timeout exceeded\r\n"
-
-
-# --- the watch against a simulated upstream (properties) -------------------------------------
-
-FORBIDDEN = {b"XCLIENT", b"XFORWARD", b"STARTTLS", b"TURN", b"ATRN"}
-
-
-class FakeUpstream:
-    """An SMTP server after login, reading its input the way real ones differ: a line ends at
-    CRLF only ("crlf"), at LF with one CR before it dropped, as Postfix ("lf"), or at any of CR,
-    LF and CRLF ("any"). A "." line ends DATA; a BDAT chunk is read whatever the reply."""
-
-    def __init__(self, *, flavor: str, chunking: bool = True):
-        self.flavor = flavor
-        self.chunking = chunking
-        self.buf = bytearray()
-        self.mode = "command"
-        self.chunk_left = 0
-        self.recipients = False
-        self.executed: list[bytes] = []
-        self.content = bytearray()
-
-    def _line(self) -> bytes | None:
-        if self.flavor == "crlf":
-            end, size = self.buf.find(b"\r\n"), 2
-        elif self.flavor == "lf":
-            end, size = self.buf.find(b"\n"), 1
-        else:
-            ends = [i for i in (self.buf.find(b"\r"), self.buf.find(b"\n")) if i >= 0]
-            end = min(ends, default=-1)
-            if end >= 0 and self.buf[end:end + 1] == b"\r":
-                if end + 1 == len(self.buf):
-                    return None  # CR or CRLF: not known yet
-                size = 2 if self.buf[end + 1:end + 2] == b"\n" else 1
-            else:
-                size = 1
-        if end < 0:
-            return None
-        line = bytes(self.buf[:end])
-        del self.buf[:end + size]
-        return line[:-1] if self.flavor == "lf" and line.endswith(b"\r") else line
-
-    def feed(self, data: bytes) -> bytes:
-        self.buf += data
-        out = bytearray()
-        while True:
-            if self.mode == "chunk":
-                step = min(self.chunk_left, len(self.buf))
-                self.content += self.buf[:step]
-                del self.buf[:step]
-                self.chunk_left -= step
-                if self.chunk_left:
-                    break
-                self.mode = "command"
-                out += b"250 2.0.0 Ok BDAT\r\n"
-                continue
-            line = self._line()
-            if line is None:
-                break
-            if self.mode == "data":
-                if line == b".":
-                    self.mode = "command"
-                    out += b"250 2.0.0 Ok queued\r\n"
-                else:
-                    self.content += line + b"\n"
-                continue
-            words = line.split()
-            verb = words[0].upper() if words else b""
-            self.executed.append(verb)
-            if verb == b"DATA":
-                if self.recipients:
-                    self.mode = "data"
-                    out += b"354 End data with <CR><LF>.<CR><LF>\r\n"
-                else:
-                    out += b"554 5.5.1 Error: no valid recipients\r\n"
-            elif verb == b"BDAT" and self.chunking and len(words) in (2, 3) and words[1].isdigit():
-                self.chunk_left = int(words[1])
-                self.mode = "chunk"
-            elif verb in (b"MAIL", b"RSET"):
-                self.recipients = False
-                out += b"250 2.0.0 Ok " + verb + b"\r\n"
-            elif verb == b"RCPT":
-                self.recipients = True
-                out += b"250 2.1.5 Ok RCPT\r\n"
-            elif verb == b"EHLO":
-                out += b"250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n"
-            else:
-                out += b"250 2.0.0 Ok " + verb + b"\r\n"
-        return bytes(out)
-
-
-def run_watch(stream: bytes, cuts: list[int], *, flavor: str, chunking: bool, eager: bool):
-    """Pass a client stream through a watch to a FakeUpstream; return (upstream, client, watch).
-    eager: the upstream answers after every chunk; otherwise only when the client has sent all."""
-    watch = SmtpCommandWatch(chunking=chunking)
-    upstream = FakeUpstream(flavor=flavor, chunking=chunking)
-    to_client = bytearray()
-    replies_due = bytearray()
-
-    def deliver(result):
-        nonlocal replies_due
-        to_client.extend(result.to_client)
-        replies_due += upstream.feed(result.to_upstream)
-
-    def flush():
-        nonlocal replies_due
-        while replies_due and not watch.closed:
-            due, replies_due = bytes(replies_due), bytearray()
-            deliver(watch.upstream_data(due))
-
-    for chunk in split_at(stream, cuts):
-        deliver(watch.client_data(chunk))
-        if eager:
-            flush()
-    flush()
-    return upstream, bytes(to_client), watch
-
-
-LINE_END = st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r"])
-COMMAND = st.sampled_from([
-    b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>", b"DATA", b"RSET", b"NOOP", b"EHLO h", b"BDAT x",
-    b"BDAT 3 LAST", b"XCLIENT ADDR=6.6.6.6", b" xclient login=bob", b"XFORWARD ADDR=1.1.1.1",
-    b"\tSTARTTLS", b"TURN", b"NOOP\rXCLIENT LOGIN=bob", b"NOOP\x00XCLIENT LOGIN=bob"])
-SMUGGLED = st.sampled_from([b"XCLIENT ADDR=6.6.6.6", b".", b"..", b"hello", b"", b"DATA"])
-ITEMS = st.lists(st.one_of(
-    # a command line
-    st.tuples(COMMAND, LINE_END).map(b"".join),
-    # a BDAT chunk, its declared size sometimes off by one
-    st.builds(lambda payload, delta, last: (b"BDAT %d%s\r\n" % (max(0, len(payload) + delta),
-                                                                b" LAST" if last else b"")
-                                            + payload),
-              st.sampled_from([b"XCLIENT ADDR=6.6.6.6\r\n", b"\r\n.\r\n", b"abc"])
-              | st.binary(max_size=10),
-              st.sampled_from([0, 0, 0, -1, 1]), st.booleans()),
-    # a transaction's envelope, up to DATA
-    st.just(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n"),
-    # message content, an end of data (well formed or smuggled), and lines after it
-    st.builds(lambda lines, end, after: b"".join(a + b for a, b in lines + [(end, b"")] + after),
-              st.lists(st.tuples(SMUGGLED, LINE_END), max_size=4),
-              st.sampled_from([b".\r\n", b".\n", b".\r", b".\r\r\n", b""]),
-              st.lists(st.tuples(SMUGGLED, LINE_END), max_size=2)),
-    st.binary(max_size=8),
-), max_size=25)
-FLAVOR = st.sampled_from(["crlf", "lf", "any"])
-
-
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(items=ITEMS, cuts=st.lists(st.integers(min_value=0), max_size=20), flavor=FLAVOR,
-       chunking=st.booleans(), eager=st.booleans())
-def test_no_upstream_ever_executes_a_refused_command_whatever_the_client_sends(
-        items, cuts, flavor, chunking, eager):
-    upstream, _, _ = run_watch(b"".join(items), cuts, flavor=flavor, chunking=chunking,
-                               eager=eager)
-    assert not FORBIDDEN & set(upstream.executed)
-
-
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(items=ITEMS, cuts=st.lists(st.integers(min_value=0), max_size=20), flavor=FLAVOR,
-       chunking=st.booleans())
-def test_watch_output_does_not_depend_on_how_input_is_chunked(items, cuts, flavor, chunking):
-    stream = b"".join(items)
-    whole = run_watch(stream, [], flavor=flavor, chunking=chunking, eager=False)
-    split = run_watch(stream, cuts, flavor=flavor, chunking=chunking, eager=False)
-    assert split[0].executed == whole[0].executed
-    assert split[1] == whole[1]
-
-
-@settings(max_examples=300, deadline=None)
-@given(content=st.lists(st.tuples(SMUGGLED, LINE_END), max_size=4),
-       end=st.sampled_from([b".\r\n", b".\n", b".\r", b".\r\r\n", b".\rX", b""]),
-       after=st.lists(st.tuples(SMUGGLED | COMMAND, LINE_END), min_size=1, max_size=4),
-       cuts=st.lists(st.integers(min_value=0), max_size=10), flavor=FLAVOR)
-def test_no_end_of_data_variant_smuggles_a_command_past_the_watch(content, end, after, cuts,
-                                                                  flavor):
-    stream = (b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n"
-              + b"".join(a + b for a, b in content + [(end, b"")] + after))
-    upstream, _, _ = run_watch(stream, cuts, flavor=flavor, chunking=True, eager=True)
-    assert not FORBIDDEN & set(upstream.executed)
-
-
-PIPELINED = {
-    b"NOOP": b"250 2.0.0 Ok NOOP\r\n",
-    b"RSET": b"250 2.0.0 Ok RSET\r\n",
-    b"MAIL FROM:<a@b>": b"250 2.0.0 Ok MAIL\r\n",
-    b"RCPT TO:<c@d>": b"250 2.1.5 Ok RCPT\r\n",
-    b"VRFY bob": b"250 2.0.0 Ok VRFY\r\n",
-    b"EHLO h": b"250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
-    b"XCLIENT ADDR=6.6.6.6": b"550 5.7.0 Error: XCLIENT not permitted\r\n",
-    b"XFORWARD NAME=x": b"550 5.7.0 Error: XFORWARD not permitted\r\n",
-    b"STARTTLS": b"503 5.5.1 Error: STARTTLS not permitted after authentication\r\n",
-}
-
-
-@settings(max_examples=200, deadline=None)
-@given(commands=st.lists(st.sampled_from(sorted(PIPELINED)), max_size=20),
-       cuts=st.lists(st.integers(min_value=0), max_size=20), eager=st.booleans())
-def test_replies_reach_a_pipelining_client_in_command_order(commands, cuts, eager):
-    stream = b"".join(command + b"\r\n" for command in commands)
-    _, to_client, _ = run_watch(stream, cuts, flavor="crlf", chunking=True, eager=eager)
-    assert to_client == b"".join(PIPELINED[command] for command in commands)
-
-
-@settings(max_examples=200, deadline=None)
-@given(chunks=st.lists(st.binary(max_size=200), max_size=30),
-       upstream=st.lists(st.binary(max_size=60), max_size=30))
-def test_watch_never_raises_on_arbitrary_bytes_and_stays_bounded(chunks, upstream):
-    limits = SmtpWatchLimits(max_line=64, max_held=128, max_outstanding=20)
-    watch = SmtpCommandWatch(limits=limits)
-    for data, reply in zip(chunks, upstream + [b""] * len(chunks)):
-        watch.client_data(data)
-        watch.upstream_data(reply)
-        assert watch.buffered <= limits.max_line + limits.max_held + 2
-
-
-MESSAGE_LINE = st.sampled_from([b"XCLIENT ADDR=6.6.6.6", b"XFORWARD NAME=evil", b"STARTTLS",
-                                b"..", b"..XCLIENT", b"BDAT 5", b"DATA", b"QUIT", b""]) | \
-    st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
-
-
-@settings(max_examples=200, deadline=None)
-@given(lines=st.lists(MESSAGE_LINE, max_size=30), cuts=st.lists(st.integers(min_value=0),
-                                                                max_size=20))
-def test_well_formed_message_content_is_relayed_byte_for_byte(lines, cuts):
-    # RFC 5321 §4.5.2: the client stuffs a leading dot; a lone "." only ends the content.
-    content = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
-                       for line in lines)
-    stream = b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n" + content + b".\r\nNOOP\r\n"
-    upstream, to_client, watch = run_watch(stream, cuts, flavor="crlf", chunking=True,
-                                           eager=True)
-    assert not watch.closed and b"550" not in to_client
-    assert upstream.executed == [b"MAIL", b"RCPT", b"DATA", b"NOOP"]
-    assert bytes(upstream.content) == content.replace(b"\r\n", b"\n")

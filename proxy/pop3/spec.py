@@ -1,0 +1,33 @@
+"""POP3 for the frontend: how to build its pre-auth core and how to log in upstream."""
+
+from __future__ import annotations
+
+from proxy.config import Upstream
+from proxy.pop3 import upstream
+from proxy.pop3.server import Pop3Core, pop3_limits
+from proxy.protocols import MailProtocol
+from proxy.upstream import LoginRequest, LoginResult, UpstreamConnection
+
+
+class Pop3Spec:
+    protocol = MailProtocol.POP3
+
+    def __init__(self, upstream_settings: Upstream, *, max_failures: int, hostname: str) -> None:
+        self.upstream = upstream_settings
+        self.limits = pop3_limits(max_failures=max_failures)
+        self.hostname = hostname
+
+    def make_core(self, *, tls_active: bool, starttls_available: bool,
+                  plaintext_auth: bool) -> Pop3Core:
+        return Pop3Core(tls_active=tls_active, starttls_available=starttls_available,
+                        plaintext_auth=plaintext_auth, limits=self.limits, hostname=self.hostname)
+
+    async def probe(self, conn: UpstreamConnection) -> None:
+        """Nothing to learn before login."""
+
+    async def login(self, conn: UpstreamConnection, request: LoginRequest) -> LoginResult:
+        return await upstream.login(conn, self.upstream, request)
+
+    def watch(self, result: LoginResult) -> None:
+        """POP3 sessions are relayed unwatched."""
+        return None

@@ -1,0 +1,44 @@
+"""SMTP for the frontend: its pre-auth core, the upstream login, and the command watch that keeps
+a logged-in client from using the proxy's trust (XCLIENT, XFORWARD)."""
+
+from __future__ import annotations
+
+from proxy.config import Upstream
+from proxy.protocols import MailProtocol
+from proxy.smtp import upstream
+from proxy.smtp.server import SmtpCore, smtp_limits
+from proxy.smtp.watch import SmtpCommandWatch
+from proxy.upstream import LoginRequest, LoginResult, UpstreamConnection
+
+# Advertised until the upstream's own EHLO has been seen (RFC 2920, 6152, 2034).
+FALLBACK_EXTENSIONS = ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES")
+
+
+class SmtpSpec:
+    protocol = MailProtocol.SMTP
+
+    def __init__(self, upstream_settings: Upstream, *, max_failures: int, hostname: str) -> None:
+        self.upstream = upstream_settings
+        self.limits = smtp_limits(max_failures=max_failures)
+        self.hostname = hostname
+        # What the pre-auth EHLO offers: the upstream's extensions, learned by probe().
+        self.advertised: tuple[str, ...] = FALLBACK_EXTENSIONS
+
+    def make_core(self, *, tls_active: bool, starttls_available: bool,
+                  plaintext_auth: bool) -> SmtpCore:
+        return SmtpCore(tls_active=tls_active, starttls_available=starttls_available,
+                        plaintext_auth=plaintext_auth, limits=self.limits, hostname=self.hostname,
+                        extensions=self.advertised)
+
+    async def probe(self, conn: UpstreamConnection) -> None:
+        """Ask the upstream what it supports, so that the pre-auth EHLO advertises the same."""
+        self.advertised = tuple(await upstream.open_session(conn, self.upstream, self.hostname))
+        conn.send(b"QUIT\r\n")
+
+    async def login(self, conn: UpstreamConnection, request: LoginRequest) -> LoginResult:
+        return await upstream.login(conn, self.upstream, request)
+
+    def watch(self, result: LoginResult) -> SmtpCommandWatch:
+        """Both directions go through the watch: it must see the upstream's replies to know
+        whether DATA was accepted (what follows is then message content, not commands)."""
+        return SmtpCommandWatch(chunking=result.chunking)

@@ -1,0 +1,340 @@
+"""The SMTP command watch: follows a logged-in session in both directions, sans-IO.
+
+It sits in the relay after login. It follows the client's stream (command lines, DATA content,
+BDAT chunks) and the upstream's replies, refuses XCLIENT, XFORWARD, STARTTLS and role reversal
+from the client (the proxy's trust with the upstream is not the client's to use), and puts its
+own refusals into the reply stream in the right place. Every input is bounded (WatchLimits).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections import deque
+from dataclasses import dataclass, field
+
+from proxy.linebuffer import LineBuffer, TooLong
+
+CRLF = b"\r\n"
+
+# Command line relayed after login: 2048 octets, CRLF included: Postfix's line_length_limit, above
+# RFC 5321's 512 plus the parameters of SIZE, DSN (RFC 3461) and SMTPUTF8 addresses. A longer line
+# is refused here, never passed on, so no upstream can split it into two commands.
+RELAY_MAX_LINE = 2048
+
+# Client input held while the upstream answers DATA: 65536 octets, then close. RFC 2920 §3.1
+# makes DATA the last command of a pipelined group: a client sends nothing more until 354, so
+# only a misbehaving client fills this; the relay should stop reading while `waiting` is true.
+RELAY_MAX_HELD = 65536
+
+# Commands awaiting the upstream's reply: 10000, then close. Ten times Postfix's
+# smtpd_recipient_limit (1000), so a fully pipelined transaction never reaches it.
+RELAY_MAX_OUTSTANDING = 10000
+
+# Largest BDAT chunk passed through: 2**31 - 1 octets. An upstream that cannot represent a chunk
+# size refuses the command and might read the chunk as commands; a larger size is refused here.
+RELAY_MAX_CHUNK = 2**31 - 1
+
+# Commands refused after login, with the reply the client gets instead of the upstream's.
+REFUSED_AFTER_LOGIN: dict[str, bytes] = {
+    "XCLIENT": b"550 5.7.0 Error: XCLIENT not permitted\r\n",
+    "XFORWARD": b"550 5.7.0 Error: XFORWARD not permitted\r\n",
+    # TLS negotiated between client and upstream through the relay would hide every later
+    # command from the watch.
+    "STARTTLS": b"503 5.5.1 Error: STARTTLS not permitted after authentication\r\n",
+    # Role reversal (RFC 821 TURN, RFC 2645 ATRN) would turn the streams around.
+    "TURN": b"502 5.5.1 Error: TURN not permitted\r\n",
+    "ATRN": b"502 5.5.1 Error: ATRN not permitted\r\n",
+}
+
+_LINE_TOO_LONG = b"500 5.5.2 Error: line too long\r\n"
+_BARE_CR_OR_NUL = b"500 5.5.2 Error: bare <CR> or <NUL> in command\r\n"
+_BAD_BDAT = b"501 5.5.4 Syntax: BDAT count [LAST]\r\n"
+# Postfix 3.9 (smtpd_forbid_bare_newline) answers a bare <LF> so, and disconnects.
+_AMBIGUOUS_END = b"521 5.5.2 Error: bare <CR> or <LF> at end of data\r\n"
+
+_BDAT = re.compile(rb"BDAT ([0-9]{1,10})( LAST)?", re.IGNORECASE)
+_DOT_AFTER_BREAK = re.compile(rb"[\r\n]\.")
+
+
+@dataclass(frozen=True)
+class SmtpWatchLimits:
+    max_line: int = RELAY_MAX_LINE
+    max_held: int = RELAY_MAX_HELD
+    max_outstanding: int = RELAY_MAX_OUTSTANDING
+    max_chunk: int = RELAY_MAX_CHUNK
+
+    def __post_init__(self) -> None:
+        for name in ("max_line", "max_held", "max_outstanding", "max_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SmtpWatchLimits.{name} must be a positive integer, "
+                                 f"not {value!r}")
+
+
+@dataclass(frozen=True)
+class Relayed:
+    """What the relay does with one call's input: bytes for each side, in order."""
+
+    to_upstream: bytes = b""
+    to_client: bytes = b""
+    refused: tuple[str, ...] = ()  # commands refused in this call (verbs), for the audit log
+    close: str | None = None  # close both sides after writing: the streams cannot stay in step
+
+
+@dataclass
+class _Out:
+    to_upstream: bytearray = field(default_factory=bytearray)
+    to_client: bytearray = field(default_factory=bytearray)
+    refused: list[str] = field(default_factory=list)
+    close: str | None = None
+
+    def result(self) -> Relayed:
+        return Relayed(bytes(self.to_upstream), bytes(self.to_client), tuple(self.refused),
+                       self.close)
+
+
+class _Mode(enum.Enum):
+    COMMAND = "command"  # client lines are commands
+    WAITING = "waiting"  # DATA sent: client input held until the upstream's reply to it
+    DATA = "data"  # message content, up to CRLF.CRLF
+    CHUNK = "chunk"  # a BDAT chunk's octets
+    CLOSED = "closed"
+
+
+class _Expect(enum.Enum):
+    REPLY = "reply"  # the upstream's reply to a relayed command
+    DATA_REPLY = "data-reply"  # … to DATA: 354 starts message content
+
+
+class SmtpCommandWatch:
+    """Follows a logged-in SMTP session in both directions; refuses REFUSED_AFTER_LOGIN.
+
+    Feed client bytes to `client_data` and upstream bytes to `upstream_data`, in the order they
+    arrive, and write out what each returns. Command lines are relayed one by one (with CRLF
+    line ends); message content (DATA up to CRLF.CRLF, BDAT chunks) is relayed as it comes and
+    never looked into, except for where it ends. A refused command is not relayed: its reply goes
+    to the client after the upstream's replies to the commands before it (RFC 2920 keeps replies
+    in order), so a pipelining client stays in step.
+
+    Where upstream implementations disagree on where message content ends (a lone dot between
+    bare CR or LF line ends: SMTP smuggling), the watch cannot know what the upstream will read
+    as commands, so it closes the session instead of guessing.
+    """
+
+    def __init__(self, *, chunking: bool = True, limits: SmtpWatchLimits = SmtpWatchLimits()):
+        self.chunking = chunking  # the upstream offered CHUNKING: BDAT carries a chunk
+        self.limits = limits
+        self._mode = _Mode.COMMAND
+        self._lines = LineBuffer(limits.max_line)
+        self._queue: deque[_Expect | bytes] = deque()  # replies due to the client, in order
+        self._outstanding = 0  # _Expect entries in the queue
+        self._held = bytearray()  # client input while WAITING
+        self._chunk_left = 0
+        self._data_tail = CRLF  # the last two octets of content relayed (CRLF at the start)
+        self._data_held = b""  # a possible end of data, not yet relayed
+        self._reply_head = b""  # the first octets of the upstream's current reply line
+
+    @property
+    def closed(self) -> bool:
+        return self._mode is _Mode.CLOSED
+
+    @property
+    def waiting(self) -> bool:
+        """The client's input is held until the upstream answers DATA: stop reading the client."""
+        return self._mode is _Mode.WAITING
+
+    @property
+    def buffered(self) -> int:
+        return self._lines.buffered + len(self._held) + len(self._data_held)
+
+    def client_data(self, data: bytes) -> Relayed:
+        out = _Out()
+        if self._mode is not _Mode.CLOSED:
+            self._feed_client(data, out)
+        return out.result()
+
+    def upstream_data(self, data: bytes) -> Relayed:
+        out = _Out()
+        if self._mode is _Mode.CLOSED:
+            return out.result()
+        start = pos = 0
+        while pos < len(data):
+            end = data.find(b"\n", pos)
+            if end < 0:
+                self._reply_head = (self._reply_head + data[pos:pos + 4])[:4]
+                break
+            head = (self._reply_head + data[pos:end])[:4]
+            self._reply_head = b""
+            pos = end + 1
+            if head[3:4] == b"-":
+                continue  # RFC 5321 §4.2.1: a continuation line of a multiline reply
+            out.to_client += data[start:pos]
+            start = pos
+            self._reply_done(head[:3], out)
+            if self._mode is _Mode.CLOSED:
+                return out.result()
+        out.to_client += data[start:]
+        return out.result()
+
+    # -- the client's stream ------------------------------------------------------------------
+
+    def _feed_client(self, data: bytes, out: _Out) -> None:
+        while True:
+            mode = self._mode
+            if mode is _Mode.COMMAND:
+                self._lines.feed(data)
+                data = self._commands(out)
+                if self._mode is _Mode.COMMAND:
+                    return
+            elif mode is _Mode.WAITING:
+                self._held += data
+                if len(self._held) > self.limits.max_held:
+                    self._close("client sent too much before the reply to DATA", out)
+                return
+            elif mode is _Mode.DATA:
+                rest = self._content(data, out)
+                if rest is None:
+                    return
+                self._expect(_Expect.REPLY, out)
+                self._mode = _Mode.COMMAND
+                data = rest
+            elif mode is _Mode.CHUNK:
+                chunk = data[:self._chunk_left]
+                out.to_upstream += chunk
+                self._chunk_left -= len(chunk)
+                data = data[len(chunk):]
+                if self._chunk_left:
+                    return
+                self._mode = _Mode.COMMAND
+            else:
+                return
+            if self._mode is _Mode.CLOSED:
+                return
+
+    def _commands(self, out: _Out) -> bytes:
+        """Relay or refuse complete command lines; return the raw input after a DATA or BDAT."""
+        while self._mode is _Mode.COMMAND:
+            line = self._lines.next_line()
+            if line is None:
+                return b""
+            if isinstance(line, TooLong):
+                self._local(_LINE_TOO_LONG, out)
+                continue
+            if b"\r" in line or b"\x00" in line:
+                # An upstream might end a line at a bare CR or cut it at NUL: never relay one.
+                self._local(_BARE_CR_OR_NUL, out)
+                continue
+            words = line.split(None, 1)
+            verb = words[0].upper().decode("latin-1") if words else ""
+            if verb in REFUSED_AFTER_LOGIN:
+                out.refused.append(verb)
+                self._local(REFUSED_AFTER_LOGIN[verb], out)
+            elif verb == "DATA":
+                out.to_upstream += line + CRLF
+                self._expect(_Expect.DATA_REPLY, out)
+                self._mode = _Mode.WAITING
+            elif verb == "BDAT" and self.chunking:
+                match = _BDAT.fullmatch(line.strip(b" \t"))
+                size = int(match.group(1)) if match else -1
+                if not 0 <= size <= self.limits.max_chunk:
+                    self._local(_BAD_BDAT, out)
+                    continue
+                out.to_upstream += line + CRLF
+                self._expect(_Expect.REPLY, out)
+                self._chunk_left = size
+                self._mode = _Mode.CHUNK
+            else:
+                out.to_upstream += line + CRLF
+                self._expect(_Expect.REPLY, out)
+        if self._mode is _Mode.CLOSED:
+            return b""
+        return self._lines.clear()
+
+    def _content(self, data: bytes, out: _Out) -> bytes | None:
+        """Relay message content; return the input after CRLF.CRLF, or None until it comes.
+
+        Looks only at a dot right after a line break. CRLF "." CRLF ends the content; a dot
+        between line breaks where either is a bare CR or LF is ambiguous (RFC 5321 §4.1.1.4
+        requires CRLF, but upstreams differ), and closes the session before it is relayed.
+        """
+        window = self._data_tail + self._data_held + data  # the tail was relayed already
+        base = len(self._data_tail)
+        self._data_held = b""
+        pos = 1
+        while True:
+            match = _DOT_AFTER_BREAK.search(window, pos)
+            if match is None:
+                out.to_upstream += window[base:]
+                self._data_tail = window[-2:]
+                return None
+            brk = match.start()  # the line break before the dot; window[brk - 1] exists
+            after = window[brk + 2:brk + 4]
+            if after[:1] not in (b"\r", b"\n"):
+                if after:
+                    pos = brk + 1  # ".." (dot-stuffing) or ".text": content
+                    continue
+            if after in (b"", b"\r"):  # a possible end: wait for the next octets
+                out.to_upstream += window[base:brk + 1]
+                self._data_tail = window[brk - 1:brk + 1]
+                self._data_held = window[brk + 1:]
+                return None
+            if window[brk - 1:brk + 4] == b"\r\n.\r\n":
+                out.to_upstream += window[base:brk + 4]
+                self._data_tail = CRLF
+                return window[brk + 4:]
+            if brk > base:
+                out.to_upstream += window[base:brk]
+            out.to_client += _AMBIGUOUS_END
+            self._close("bare CR or LF around the end of message data", out)
+            return None
+
+    # -- replies ------------------------------------------------------------------------------
+
+    def _expect(self, what: _Expect, out: _Out) -> None:
+        self._queue.append(what)
+        self._outstanding += 1
+        if self._outstanding > self.limits.max_outstanding:
+            self._close("too many commands awaiting replies", out)
+
+    def _local(self, reply: bytes, out: _Out) -> None:
+        """A reply of the proxy's own, in its place among the upstream's."""
+        if self._queue:
+            self._queue.append(reply)
+        else:
+            out.to_client += reply
+
+    def _reply_done(self, code: bytes, out: _Out) -> None:
+        """The upstream finished one reply: release what follows it."""
+        if not self._queue:
+            return  # unsolicited, such as 421 before the upstream closes
+        expected = self._queue.popleft()
+        assert isinstance(expected, _Expect)
+        self._outstanding -= 1
+        if expected is _Expect.DATA_REPLY:
+            if code == b"354":
+                self._mode = _Mode.DATA
+                self._data_tail = CRLF
+                self._data_held = b""
+            else:
+                self._mode = _Mode.COMMAND
+        elif code == b"354":
+            self._close("upstream asked for message content outside DATA", out)
+            return
+        self._flush(out)
+        if expected is _Expect.DATA_REPLY:
+            held = bytes(self._held)
+            self._held.clear()
+            self._feed_client(held, out)
+
+    def _flush(self, out: _Out) -> None:
+        while self._queue and isinstance(self._queue[0], bytes):
+            out.to_client += self._queue.popleft()
+
+    def _close(self, reason: str, out: _Out) -> None:
+        out.close = reason
+        self._mode = _Mode.CLOSED
+        self._queue.clear()
+        self._held.clear()
+        self._lines.clear()
+        self._data_held = b""
