@@ -16,19 +16,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from argon2 import PasswordHasher, Type  # noqa: E402
+from argon2 import PasswordHasher, Type
 
-from proxy.codes.generate import generate  # noqa: E402
-from proxy.codes.hashing import CodeHasher  # noqa: E402
-from proxy.codes.sqlite import SqliteCodeStore  # noqa: E402
-from proxy.codes.store import AsyncCodeStore, NewCode  # noqa: E402
-from proxy.config import Argon2Settings  # noqa: E402
+from proxy.codes.generate import generate
+from proxy.codes.hashing import CodeHasher
+from proxy.codes.sqlite import SqliteCodeStore
+from proxy.codes.store import AsyncCodeStore, NewCode
+from proxy.config import Argon2Settings
 
 
 def raw_rate(settings: Argon2Settings, encoded: str, code: str, seconds: float) -> float:
     """Verifications/s by `threads` plain threads calling argon2-cffi directly."""
-    ph = PasswordHasher(time_cost=settings.time_cost, memory_cost=settings.memory_kib,
-                        parallelism=settings.parallelism, type=Type.ID)
+    ph = PasswordHasher(
+        time_cost=settings.time_cost,
+        memory_cost=settings.memory_kib,
+        parallelism=settings.parallelism,
+        type=Type.ID,
+    )
     count = [0] * settings.threads
     stop = time.perf_counter() + seconds
 
@@ -55,8 +59,9 @@ def store_rate(settings: Argon2Settings, seconds: float) -> float:
     sync_store = SqliteCodeStore(Path(tmp) / "bench.db")
     hasher = CodeHasher(settings)
     code = generate()
-    rec = sync_store.create(NewCode("acct", "bench", "bench", code.selector, hasher.hash(code.value),
-                                    ("imap",)), cap=25)
+    rec = sync_store.create(
+        NewCode("acct", "bench", "bench", code.selector, hasher.hash(code.value), ("imap",)), cap=25
+    )
     store = AsyncCodeStore(sync_store, reactor)
     hasher.start(reactor)
     done = [0]
@@ -101,9 +106,13 @@ def main(argv=None) -> dict:
     encoded = CodeHasher(settings).hash(code)
     raw = raw_rate(settings, encoded, code, a.seconds)
     through = store_rate(settings, a.seconds)
-    out = {"argon2": f"t={settings.time_cost} m={settings.memory_kib}KiB p={settings.parallelism}",
-           "threads": settings.threads, "raw_per_s": round(raw, 1), "store_path_per_s": round(through, 1),
-           "ratio": round(through / raw, 3)}
+    out = {
+        "argon2": f"t={settings.time_cost} m={settings.memory_kib}KiB p={settings.parallelism}",
+        "threads": settings.threads,
+        "raw_per_s": round(raw, 1),
+        "store_path_per_s": round(through, 1),
+        "ratio": round(through / raw, 3),
+    }
     if a.json:
         print(json.dumps(out))
     else:

@@ -78,7 +78,7 @@ class ImapClient(asyncio.Protocol):
             return
         for i, line in enumerate(self._lines):
             if line.startswith(self._want):
-                del self._lines[:i + 1]
+                del self._lines[: i + 1]
                 self._waiter.set_result(line.rstrip(b"\r"))
                 return
         if len(self._lines) > MAX_REPLY_LINES:
@@ -117,15 +117,31 @@ class LoginResult:
         self.replies[text] = self.replies.get(text, 0) + 1
 
 
-async def login_once(host: str, port: int, login: str, secret: str, *,
-                     ssl_ctx: ssl.SSLContext | None = None, source: str | None = None,
-                     keep: bool = False, timeout: float = 30.0):
+async def login_once(
+    host: str,
+    port: int,
+    login: str,
+    secret: str,
+    *,
+    ssl_ctx: ssl.SSLContext | None = None,
+    source: str | None = None,
+    keep: bool = False,
+    timeout: float = 30.0,
+):
     """(latency seconds, tagged reply line, transport if kept and logged in)."""
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
-    transport, client = await asyncio.wait_for(loop.create_connection(
-        ImapClient, host, port, ssl=ssl_ctx, server_hostname="localhost" if ssl_ctx else None,
-        local_addr=(source, 0) if source else None), timeout)
+    transport, client = await asyncio.wait_for(
+        loop.create_connection(
+            ImapClient,
+            host,
+            port,
+            ssl=ssl_ctx,
+            server_hostname="localhost" if ssl_ctx else None,
+            local_addr=(source, 0) if source else None,
+        ),
+        timeout,
+    )
     try:
         await asyncio.wait_for(client.line(b"* "), timeout)
         transport.write(f"a LOGIN {quote(login)} {quote(secret)}\r\n".encode())
@@ -152,7 +168,9 @@ class LoginEngine:
 
     GREETING, REPLY = 1, 2
 
-    def __init__(self, host: str, port: int, *, source: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self, host: str, port: int, *, source: str | None = None, timeout: float = 30.0
+    ) -> None:
         _check_loopback(host)
         if source is not None:
             _check_loopback(source)
@@ -161,9 +179,19 @@ class LoginEngine:
         self.timeout = timeout
         self.kept: list[socket.socket] = []
 
-    def run(self, creds: list, count: int, *, concurrency: int = 16, rate: float | None = None,
-            max_in_flight: int = 1000, keep: bool = False, deadline_s: float = 120.0,
-            classify_replies: bool = False, result: LoginResult | None = None) -> LoginResult:
+    def run(
+        self,
+        creds: list,
+        count: int,
+        *,
+        concurrency: int = 16,
+        rate: float | None = None,
+        max_in_flight: int = 1000,
+        keep: bool = False,
+        deadline_s: float = 120.0,
+        classify_replies: bool = False,
+        result: LoginResult | None = None,
+    ) -> LoginResult:
         result = result or LoginResult()
         ep = select.epoll()
         conns: dict[int, list] = {}  # fd -> [socket, state, buffer, t0, credential]
@@ -263,7 +291,9 @@ class LoginEngine:
                     if conn[1] == self.GREETING and line.startswith(b"* "):
                         cred = conn[4]
                         conn[1] = self.REPLY
-                        conn[0].send(f"a LOGIN {quote(cred.login)} {quote(cred.secret)}\r\n".encode())
+                        conn[0].send(
+                            f"a LOGIN {quote(cred.login)} {quote(cred.secret)}\r\n".encode()
+                        )
                     elif conn[1] == self.REPLY and line.startswith(b"a "):
                         finished(fd, conn, line)
                         buf = None
@@ -293,8 +323,19 @@ class LoginEngine:
         self.kept.clear()
 
 
-async def _run_logins(host, port, creds, count, concurrency, *, ssl_ctx=None, source=None,
-                      keep=False, deadline_s=120.0, result=None) -> LoginResult:
+async def _run_logins(
+    host,
+    port,
+    creds,
+    count,
+    concurrency,
+    *,
+    ssl_ctx=None,
+    source=None,
+    keep=False,
+    deadline_s=120.0,
+    result=None,
+) -> LoginResult:
     result = result or LoginResult()
     issued = 0
     deadline = time.monotonic() + deadline_s
@@ -308,8 +349,15 @@ async def _run_logins(host, port, creds, count, concurrency, *, ssl_ctx=None, so
             issued += 1
             try:
                 latency, reply, transport = await login_once(
-                    host, port, cred.login, cred.secret, ssl_ctx=ssl_ctx, source=source, keep=keep,
-                    timeout=max(1.0, deadline - time.monotonic()))
+                    host,
+                    port,
+                    cred.login,
+                    cred.secret,
+                    ssl_ctx=ssl_ctx,
+                    source=source,
+                    keep=keep,
+                    timeout=max(1.0, deadline - time.monotonic()),
+                )
             except (OSError, TimeoutError, ConnectionError, ssl.SSLError) as exc:
                 result.errors += 1
                 result.count_reply(f"error: {type(exc).__name__}: {exc}"[:120])
@@ -330,25 +378,51 @@ async def _run_logins(host, port, creds, count, concurrency, *, ssl_ctx=None, so
     return result
 
 
-def logins(host: str, port: int, creds: list, count: int, concurrency: int, *,
-           ssl_ctx: ssl.SSLContext | None = None, source: str | None = None,
-           deadline_s: float = 120.0) -> LoginResult:
+def logins(
+    host: str,
+    port: int,
+    creds: list,
+    count: int,
+    concurrency: int,
+    *,
+    ssl_ctx: ssl.SSLContext | None = None,
+    source: str | None = None,
+    deadline_s: float = 120.0,
+) -> LoginResult:
     """`count` logins cycling through `creds` (objects with .login and .secret) by
     `concurrency` clients, each waiting for its reply before the next login (closed loop)."""
     _check_loopback(host)
     if ssl_ctx is None:
-        return LoginEngine(host, port, source=source).run(creds, count, concurrency=concurrency,
-                                                          deadline_s=deadline_s)
-    return asyncio.run(_run_logins(host, port, creds, count, concurrency, ssl_ctx=ssl_ctx,
-                                   source=source, deadline_s=deadline_s))
+        return LoginEngine(host, port, source=source).run(
+            creds, count, concurrency=concurrency, deadline_s=deadline_s
+        )
+    return asyncio.run(
+        _run_logins(
+            host,
+            port,
+            creds,
+            count,
+            concurrency,
+            ssl_ctx=ssl_ctx,
+            source=source,
+            deadline_s=deadline_s,
+        )
+    )
 
 
 class SessionPool:
     """Idle logged-in sessions kept open, grown in steps (memory test). Plaintext sessions are
     plain sockets (LoginEngine, keep=True); TLS sessions live on an asyncio loop."""
 
-    def __init__(self, host: str, port: int, creds: list, concurrency: int = 64, *,
-                 ssl_ctx: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        creds: list,
+        concurrency: int = 64,
+        *,
+        ssl_ctx: ssl.SSLContext | None = None,
+    ) -> None:
         _check_loopback(host)
         self.host, self.port, self.creds, self.concurrency = host, port, creds, concurrency
         self.ssl_ctx = ssl_ctx
@@ -365,11 +439,27 @@ class SessionPool:
         if want <= 0:
             return self.result
         if self.engine is not None:
-            return self.engine.run(self.creds, want, concurrency=self.concurrency, keep=True,
-                                   deadline_s=deadline_s, result=self.result)
-        return self.loop.run_until_complete(_run_logins(
-            self.host, self.port, self.creds, want, self.concurrency, ssl_ctx=self.ssl_ctx,
-            keep=True, deadline_s=deadline_s, result=self.result))
+            return self.engine.run(
+                self.creds,
+                want,
+                concurrency=self.concurrency,
+                keep=True,
+                deadline_s=deadline_s,
+                result=self.result,
+            )
+        return self.loop.run_until_complete(
+            _run_logins(
+                self.host,
+                self.port,
+                self.creds,
+                want,
+                self.concurrency,
+                ssl_ctx=self.ssl_ctx,
+                keep=True,
+                deadline_s=deadline_s,
+                result=self.result,
+            )
+        )
 
     def idle(self, seconds: float) -> None:
         """Wait, letting the TLS sessions' loop run meanwhile."""
@@ -403,8 +493,17 @@ class FetchResult:
         return self.octets * len(self.seconds) / sum(self.seconds) / 1e6
 
 
-def fetch(host: str, port: int, login: str, secret: str, min_seconds: float, max_repeats: int = 100, *,
-          ssl_ctx: ssl.SSLContext | None = None, timeout: float = 60.0) -> FetchResult:
+def fetch(
+    host: str,
+    port: int,
+    login: str,
+    secret: str,
+    min_seconds: float,
+    max_repeats: int = 100,
+    *,
+    ssl_ctx: ssl.SSLContext | None = None,
+    timeout: float = 60.0,
+) -> FetchResult:
     """Log in, SELECT INBOX, FETCH message 1 (BODY.PEEK[]) once to warm up, then again and
     again, timed, until `min_seconds` have passed (at least twice, at most `max_repeats`).
     Reads into a preallocated buffer and looks only at each chunk's tail."""
@@ -425,10 +524,10 @@ def fetch(host: str, port: int, login: str, secret: str, min_seconds: float, max
             if n == 0:
                 raise ConnectionError(f"closed while waiting for {tag!r}")
             total += n
-            tail = (tail + bytes(view[max(0, n - 1024):n]))[-1024:]
+            tail = (tail + bytes(view[max(0, n - 1024) : n]))[-1024:]
             i = tail.rfind(needle)
             if i >= 0 and tail.endswith(b"\r\n"):
-                return total, tail[i + 2:-2]
+                return total, tail[i + 2 : -2]
         raise TimeoutError(f"no tagged reply for {tag!r} within {timeout}s")
 
     def command(tag: bytes, text: bytes) -> tuple[int, bytes]:
@@ -473,8 +572,16 @@ def _read_line(sock) -> bytes:
 # -- storm: a legitimate client, and a flood of wrong codes ----------------------------------
 
 
-def legit_logins(host: str, port: int, login: str, secret: str, seconds: float, *,
-                 source: str, interval: float = 1.0) -> LoginResult:
+def legit_logins(
+    host: str,
+    port: int,
+    login: str,
+    secret: str,
+    seconds: float,
+    *,
+    source: str,
+    interval: float = 1.0,
+) -> LoginResult:
     """One login every `interval` seconds for `seconds`, from `source` (a loopback address),
     each on a new connection; blocking sockets, so nothing else in this process delays it."""
     _check_loopback(host)
@@ -490,7 +597,9 @@ def legit_logins(host: str, port: int, login: str, secret: str, seconds: float, 
             time.sleep(delay)
         t0 = time.perf_counter()
         try:
-            with socket.create_connection((host, port), timeout=30, source_address=(source, 0)) as s:
+            with socket.create_connection(
+                (host, port), timeout=30, source_address=(source, 0)
+            ) as s:
                 f = s.makefile("rb")
                 f.readline()
                 s.sendall(f"a LOGIN {quote(login)} {quote(secret)}\r\n".encode())
@@ -536,28 +645,49 @@ class _Guess:
     secret: str
 
 
-def storm(host: str, port: int, rate: float, seconds: float, source: str, login: str,
-          max_in_flight: int = 1000) -> dict:
+def storm(
+    host: str,
+    port: int,
+    rate: float,
+    seconds: float,
+    source: str,
+    login: str,
+    max_in_flight: int = 1000,
+) -> dict:
     """`rate` logins a second for `seconds` from `source`, each on a new connection, each with
     a random 16-character code in the code alphabet (what a guesser sends): open loop."""
     alphabet = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnpqrstuvwxyz23456789"
-    guesses = [_Guess(login, "".join(secrets.choice(alphabet) for _ in range(16)))
-               for _ in range(min(5000, int(rate * seconds)) or 1)]
+    guesses = [
+        _Guess(login, "".join(secrets.choice(alphabet) for _ in range(16)))
+        for _ in range(min(5000, int(rate * seconds)) or 1)
+    ]
     engine = LoginEngine(host, port, source=source)
-    r = engine.run(guesses, int(rate * seconds), rate=rate, max_in_flight=max_in_flight,
-                   deadline_s=seconds + 35, classify_replies=True)
+    r = engine.run(
+        guesses,
+        int(rate * seconds),
+        rate=rate,
+        max_in_flight=max_in_flight,
+        deadline_s=seconds + 35,
+        classify_replies=True,
+    )
     counts = {k: len(v) for k, v in r.by_kind.items()}
     for k in ("checked", "limited", "temporary", "granted", "other"):
         counts.setdefault(k, 0)
     counts["error"] = r.errors
     attempts = int(rate * seconds) - r.skipped
-    return {"target_rate": rate, "seconds": round(r.sending, 3), "attempts": attempts,
-            "skipped_in_flight_cap": r.skipped,
-            "rate": round(attempts / r.sending, 1) if r.sending else 0.0, "outcomes": counts,
-            "errors": {k: v for k, v in r.replies.items() if k.startswith("error")},
-            "latency_ms_p50": {k: round(1000 * percentile(v, 50), 2) for k, v in r.by_kind.items()},
-            "latency_ms_p99": {k: round(1000 * percentile(v, 99), 2) for k, v in r.by_kind.items()},
-            "generator_cpu_s": round(r.cpu, 3), "generator_cpu_pct": round(100 * r.cpu / r.elapsed, 1)}
+    return {
+        "target_rate": rate,
+        "seconds": round(r.sending, 3),
+        "attempts": attempts,
+        "skipped_in_flight_cap": r.skipped,
+        "rate": round(attempts / r.sending, 1) if r.sending else 0.0,
+        "outcomes": counts,
+        "errors": {k: v for k, v in r.replies.items() if k.startswith("error")},
+        "latency_ms_p50": {k: round(1000 * percentile(v, 50), 2) for k, v in r.by_kind.items()},
+        "latency_ms_p99": {k: round(1000 * percentile(v, 99), 2) for k, v in r.by_kind.items()},
+        "generator_cpu_s": round(r.cpu, 3),
+        "generator_cpu_pct": round(100 * r.cpu / r.elapsed, 1),
+    }
 
 
 # -- small helpers ---------------------------------------------------------------------------

@@ -70,14 +70,40 @@ class Profile:
     storm_rate: float
 
 
-FULL = Profile("full", cold_logins=150, cold_concurrency=8, raw_seconds=3.0, warm_logins=3000,
-               warm_concurrency=16, single_logins=300, relay_octets=20_000_000, relay_seconds=1.5,
-               memory_levels=(1000, 5000, 10000), memory_tls_levels=(250, 1000), memory_codes=20,
-               memory_settle=1.0, storm_seconds=12, storm_rate=500)
-QUICK = Profile("quick", cold_logins=20, cold_concurrency=8, raw_seconds=0.7, warm_logins=300,
-                warm_concurrency=16, single_logins=30, relay_octets=20_000_000, relay_seconds=0.15,
-                memory_levels=(100, 300), memory_tls_levels=(), memory_codes=5, memory_settle=0.3,
-                storm_seconds=2, storm_rate=500)
+FULL = Profile(
+    "full",
+    cold_logins=150,
+    cold_concurrency=8,
+    raw_seconds=3.0,
+    warm_logins=3000,
+    warm_concurrency=16,
+    single_logins=300,
+    relay_octets=20_000_000,
+    relay_seconds=1.5,
+    memory_levels=(1000, 5000, 10000),
+    memory_tls_levels=(250, 1000),
+    memory_codes=20,
+    memory_settle=1.0,
+    storm_seconds=12,
+    storm_rate=500,
+)
+QUICK = Profile(
+    "quick",
+    cold_logins=20,
+    cold_concurrency=8,
+    raw_seconds=0.7,
+    warm_logins=300,
+    warm_concurrency=16,
+    single_logins=30,
+    relay_octets=20_000_000,
+    relay_seconds=0.15,
+    memory_levels=(100, 300),
+    memory_tls_levels=(),
+    memory_codes=5,
+    memory_settle=0.3,
+    storm_seconds=2,
+    storm_rate=500,
+)
 
 
 def _ratio(a, b):
@@ -124,21 +150,30 @@ class Bench:
         if n_cold:
             codes = s.issue_codes(n_cold, "cold")
             self.warmup_codes, codes = codes[:n_warmup], codes[n_warmup:]
-            self.cold_codes = [codes[i * p.cold_logins:(i + 1) * p.cold_logins] for i in range(RUNS)]
+            self.cold_codes = [
+                codes[i * p.cold_logins : (i + 1) * p.cold_logins] for i in range(RUNS)
+            ]
         if n_mem:
             self.memory_codes = s.issue_codes(n_mem, "memory", users=s.users[-n_mem:])
         if "storm" in wants:
             self.legit = s.issue_codes(1, "storm legit", users=[s.users[1]])[0]
         if "relay" in wants:
             self.relay_code = s.issue_codes(1, "relay", users=[s.relay_user])[0]
-            self.relay_octets = append_message(LOOPBACK, s.dovecot.imap_port, s.relay_user,
-                                               s.dovecot.users[s.relay_user], p.relay_octets)
+            self.relay_octets = append_message(
+                LOOPBACK,
+                s.dovecot.imap_port,
+                s.relay_user,
+                s.dovecot.users[s.relay_user],
+                p.relay_octets,
+            )
         n_codes = n_cold + n_mem + len(wants & {"storm", "relay"})
         log(f"issued {n_codes} codes in {time.perf_counter() - t0:.1f}s")
         self.proxy = s.proxy("plain")
         self.proxy.start()
-        log(f"apppass pid {self.proxy.pid}, listening on {self.proxy.plain_port} (plain), "
-            f"{self.proxy.tls_port} (TLS); upstream Dovecot {s.dovecot.imap_port}")
+        log(
+            f"apppass pid {self.proxy.pid}, listening on {self.proxy.plain_port} (plain), "
+            f"{self.proxy.tls_port} (TLS); upstream Dovecot {s.dovecot.imap_port}"
+        )
 
     # -- 1. cold logins ----------------------------------------------------------------------
 
@@ -152,70 +187,127 @@ class Bench:
         # Warm-up, not measured: argon2's memory is touched once in both processes (the first
         # verifications in a fresh process or thread are slower), the proxy's pools start.
         raw_rate(settings, encoded, probe, 0.5)
-        load.logins(LOOPBACK, self.proxy.plain_port, self.warmup_codes, len(self.warmup_codes),
-                    p.cold_concurrency)
+        load.logins(
+            LOOPBACK,
+            self.proxy.plain_port,
+            self.warmup_codes,
+            len(self.warmup_codes),
+            p.cold_concurrency,
+        )
         runs = []
         for i in range(RUNS):
             meter = CpuMeter(s, self.proxy).start()
-            r = load.logins(LOOPBACK, self.proxy.plain_port, self.cold_codes[i], p.cold_logins,
-                            p.cold_concurrency, deadline_s=120)
+            r = load.logins(
+                LOOPBACK,
+                self.proxy.plain_port,
+                self.cold_codes[i],
+                p.cold_logins,
+                p.cold_concurrency,
+                deadline_s=120,
+            )
             cpu = meter.stop()
             raw = raw_rate(settings, encoded, probe, p.raw_seconds)
-            runs.append({"proxy_per_s": round(r.rate, 1), "raw_per_s": round(raw, 1),
-                         "ratio": round(r.rate / raw, 3), "ok": r.ok, "failed": r.failed,
-                         "errors": r.errors, "replies": r.replies,
-                         "p50_ms": ms(load.percentile(r.latencies, 50)),
-                         "p99_ms": ms(load.percentile(r.latencies, 99)), "cpu_pct": cpu})
-            log(f"cold run {i + 1}: {r.rate:.1f} logins/s via apppass ({r.ok} ok, "
-                f"{r.failed + r.errors} not), raw argon2 {raw:.1f}/s; cpu {cpu}")
-        return {"params": {"argon2": f"t={settings.time_cost} m={settings.memory_kib}KiB "
-                                     f"p={settings.parallelism}", "threads": settings.threads,
-                           "logins_per_run": p.cold_logins, "concurrency": p.cold_concurrency,
-                           "raw_seconds": p.raw_seconds},
-                "runs": runs, **_medians(runs, ("proxy_per_s", "raw_per_s", "p50_ms", "p99_ms")),
-                "ratio": _ratio(median([r["proxy_per_s"] for r in runs]), median([r["raw_per_s"] for r in runs]))}
+            runs.append(
+                {
+                    "proxy_per_s": round(r.rate, 1),
+                    "raw_per_s": round(raw, 1),
+                    "ratio": round(r.rate / raw, 3),
+                    "ok": r.ok,
+                    "failed": r.failed,
+                    "errors": r.errors,
+                    "replies": r.replies,
+                    "p50_ms": ms(load.percentile(r.latencies, 50)),
+                    "p99_ms": ms(load.percentile(r.latencies, 99)),
+                    "cpu_pct": cpu,
+                }
+            )
+            log(
+                f"cold run {i + 1}: {r.rate:.1f} logins/s via apppass ({r.ok} ok, "
+                f"{r.failed + r.errors} not), raw argon2 {raw:.1f}/s; cpu {cpu}"
+            )
+        return {
+            "params": {
+                "argon2": f"t={settings.time_cost} m={settings.memory_kib}KiB "
+                f"p={settings.parallelism}",
+                "threads": settings.threads,
+                "logins_per_run": p.cold_logins,
+                "concurrency": p.cold_concurrency,
+                "raw_seconds": p.raw_seconds,
+            },
+            "runs": runs,
+            **_medians(runs, ("proxy_per_s", "raw_per_s", "p50_ms", "p99_ms")),
+            "ratio": _ratio(
+                median([r["proxy_per_s"] for r in runs]), median([r["raw_per_s"] for r in runs])
+            ),
+        }
 
     # -- 2. warm logins ----------------------------------------------------------------------
 
     def warm(self) -> dict:
         p, s = self.p, self.stack
         # Warm-up, not measured: Dovecot starts its imap processes, each user logs in once.
-        load.logins(LOOPBACK, s.dovecot.imap_port, s.dovecot_credentials(), 4 * len(s.users),
-                    p.warm_concurrency)
+        load.logins(
+            LOOPBACK,
+            s.dovecot.imap_port,
+            s.dovecot_credentials(),
+            4 * len(s.users),
+            p.warm_concurrency,
+        )
         runs = []
         for i in range(RUNS):
             codes = self.cold_codes[i]
             direct_creds = s.dovecot_credentials([c.login for c in codes])
             # Make sure the codes are in the verified-credential cache (they are when the cold
             # test ran just before; with --only warm this pass pays their argon2 once).
-            pre = load.logins(LOOPBACK, self.proxy.plain_port, codes, len(codes), p.cold_concurrency)
+            pre = load.logins(
+                LOOPBACK, self.proxy.plain_port, codes, len(codes), p.cold_concurrency
+            )
             run = {"cache_fill_ok": pre.ok}
             for side, port, creds, proxy in (
-                    ("proxy", self.proxy.plain_port, codes, self.proxy),
-                    ("direct", s.dovecot.imap_port, direct_creds, None)):
+                ("proxy", self.proxy.plain_port, codes, self.proxy),
+                ("direct", s.dovecot.imap_port, direct_creds, None),
+            ):
                 meter = CpuMeter(s, proxy).start()
                 r = load.logins(LOOPBACK, port, creds, p.warm_logins, p.warm_concurrency)
                 cpu = meter.stop()
                 one = load.logins(LOOPBACK, port, creds, p.single_logins, 1)
-                run[side] = {"per_s": round(r.rate, 1), "ok": r.ok, "not_ok": r.failed + r.errors,
-                             "replies": r.replies,
-                             "p50_ms": ms(load.percentile(r.latencies, 50)),
-                             "p99_ms": ms(load.percentile(r.latencies, 99)),
-                             "single_p50_ms": ms(load.percentile(one.latencies, 50)),
-                             "single_p99_ms": ms(load.percentile(one.latencies, 99)),
-                             "single_not_ok": one.failed + one.errors, "cpu_pct": cpu}
+                run[side] = {
+                    "per_s": round(r.rate, 1),
+                    "ok": r.ok,
+                    "not_ok": r.failed + r.errors,
+                    "replies": r.replies,
+                    "p50_ms": ms(load.percentile(r.latencies, 50)),
+                    "p99_ms": ms(load.percentile(r.latencies, 99)),
+                    "single_p50_ms": ms(load.percentile(one.latencies, 50)),
+                    "single_p99_ms": ms(load.percentile(one.latencies, 99)),
+                    "single_not_ok": one.failed + one.errors,
+                    "cpu_pct": cpu,
+                }
             run["ratio"] = round(run["proxy"]["per_s"] / run["direct"]["per_s"], 3)
             runs.append(run)
-            log(f"warm run {i + 1}: apppass {run['proxy']['per_s']}/s p50 {run['proxy']['p50_ms']} ms "
+            log(
+                f"warm run {i + 1}: apppass {run['proxy']['per_s']}/s p50 {run['proxy']['p50_ms']} ms "
                 f"p99 {run['proxy']['p99_ms']} ms (cpu {run['proxy']['cpu_pct']}); direct "
                 f"{run['direct']['per_s']}/s p50 {run['direct']['p50_ms']} ms p99 "
-                f"{run['direct']['p99_ms']} ms (cpu {run['direct']['cpu_pct']})")
-        return {"params": {"logins_per_run": p.warm_logins, "concurrency": p.warm_concurrency,
-                           "single_client_logins": p.single_logins},
-                "runs": runs, **_side_medians(runs, ("proxy", "direct"),
-                                              ("per_s", "p50_ms", "p99_ms", "single_p50_ms", "single_p99_ms")),
-                "ratio": _ratio(median([r["proxy"]["per_s"] for r in runs]),
-                                median([r["direct"]["per_s"] for r in runs]))}
+                f"{run['direct']['p99_ms']} ms (cpu {run['direct']['cpu_pct']})"
+            )
+        return {
+            "params": {
+                "logins_per_run": p.warm_logins,
+                "concurrency": p.warm_concurrency,
+                "single_client_logins": p.single_logins,
+            },
+            "runs": runs,
+            **_side_medians(
+                runs,
+                ("proxy", "direct"),
+                ("per_s", "p50_ms", "p99_ms", "single_p50_ms", "single_p99_ms"),
+            ),
+            "ratio": _ratio(
+                median([r["proxy"]["per_s"] for r in runs]),
+                median([r["direct"]["per_s"] for r in runs]),
+            ),
+        }
 
     # -- 3. relay throughput -----------------------------------------------------------------
 
@@ -226,10 +318,14 @@ class Bench:
         user, code = s.relay_user, self.relay_code.secret
         password = s.dovecot.users[user]
         paths = {
-            "plain": {"proxy": (self.proxy, self.proxy.plain_port, code, None),
-                      "direct": (None, s.dovecot.imap_port, password, None)},
-            "tls": {"proxy": (tls_proxy, tls_proxy.tls_port, code, s.client_ssl),
-                    "direct": (None, s.dovecot.imaps_port, password, s.client_ssl)},
+            "plain": {
+                "proxy": (self.proxy, self.proxy.plain_port, code, None),
+                "direct": (None, s.dovecot.imap_port, password, None),
+            },
+            "tls": {
+                "proxy": (tls_proxy, tls_proxy.tls_port, code, s.client_ssl),
+                "direct": (None, s.dovecot.imaps_port, password, s.client_ssl),
+            },
         }
         runs = []
         try:
@@ -240,22 +336,37 @@ class Bench:
                     for side, (proxy, port, secret, ctx) in sides.items():
                         meter = CpuMeter(s, proxy).start()
                         r = load.fetch(LOOPBACK, port, user, secret, p.relay_seconds, ssl_ctx=ctx)
-                        run[mode][side] = {"mb_per_s": round(r.mb_per_s, 1), "octets": r.octets,
-                                           "fetches": len(r.seconds), "cpu_pct": meter.stop()}
-                    run[mode]["ratio"] = round(run[mode]["proxy"]["mb_per_s"]
-                                               / run[mode]["direct"]["mb_per_s"], 3)
+                        run[mode][side] = {
+                            "mb_per_s": round(r.mb_per_s, 1),
+                            "octets": r.octets,
+                            "fetches": len(r.seconds),
+                            "cpu_pct": meter.stop(),
+                        }
+                    run[mode]["ratio"] = round(
+                        run[mode]["proxy"]["mb_per_s"] / run[mode]["direct"]["mb_per_s"], 3
+                    )
                 runs.append(run)
-                log(f"relay run {i + 1}: plain {run['plain']['proxy']['mb_per_s']} vs "
+                log(
+                    f"relay run {i + 1}: plain {run['plain']['proxy']['mb_per_s']} vs "
                     f"{run['plain']['direct']['mb_per_s']} MB/s (cpu {run['plain']['proxy']['cpu_pct']}); "
                     f"TLS {run['tls']['proxy']['mb_per_s']} vs {run['tls']['direct']['mb_per_s']} MB/s "
-                    f"(cpu {run['tls']['proxy']['cpu_pct']})")
+                    f"(cpu {run['tls']['proxy']['cpu_pct']})"
+                )
         finally:
             tls_proxy.stop()
-        out = {"params": {"message_octets": self.relay_octets, "min_seconds_per_path": p.relay_seconds,
-                          "tls": "client-apppass implicit TLS, apppass-Dovecot implicit TLS (imaps)"},
-               "runs": runs}
+        out = {
+            "params": {
+                "message_octets": self.relay_octets,
+                "min_seconds_per_path": p.relay_seconds,
+                "tls": "client-apppass implicit TLS, apppass-Dovecot implicit TLS (imaps)",
+            },
+            "runs": runs,
+        }
         for mode in paths:
-            out[mode] = {side: median([r[mode][side]["mb_per_s"] for r in runs]) for side in ("proxy", "direct")}
+            out[mode] = {
+                side: median([r[mode][side]["mb_per_s"] for r in runs])
+                for side in ("proxy", "direct")
+            }
             out[mode]["ratio"] = _ratio(out[mode]["proxy"], out[mode]["direct"])
         return out
 
@@ -263,25 +374,48 @@ class Bench:
 
     def memory(self) -> dict:
         p, s = self.p, self.stack
-        out = {"params": {"levels": p.memory_levels, "tls_levels": p.memory_tls_levels,
-                          "codes": p.memory_codes, "upstream": "plain (Dovecot imap port)"}}
+        out = {
+            "params": {
+                "levels": p.memory_levels,
+                "tls_levels": p.memory_tls_levels,
+                "codes": p.memory_codes,
+                "upstream": "plain (Dovecot imap port)",
+            }
+        }
         for mode, levels, port_of, ctx in (
-                ("plain", p.memory_levels, lambda x: x.plain_port, None),
-                ("tls", p.memory_tls_levels, lambda x: x.tls_port, s.client_ssl)):
+            ("plain", p.memory_levels, lambda x: x.plain_port, None),
+            ("tls", p.memory_tls_levels, lambda x: x.tls_port, s.client_ssl),
+        ):
             if not levels:
                 continue
-            runs = [self._memory_run(i, mode, levels, port_of(self.proxy), ctx) for i in range(RUNS)]
-            out[mode] = {"runs": runs,
-                         "reached": median([r["reached"] for r in runs]),
-                         "started_mib": median([r["started_kib"] / 1024 for r in runs]),
-                         "baseline_mib": median([r["baseline_kib"] / 1024 for r in runs]),
-                         "rss_mib": {str(lv): median([r["rss_kib"].get(str(lv), 0) / 1024 for r in runs
-                                                      if str(lv) in r["rss_kib"]]) for lv in levels},
-                         "kib_per_session": median([r["kib_per_session"] for r in runs]),
-                         "dovecot_kib_per_session": median([r["dovecot_kib_per_session"] for r in runs]),
-                         "dovecot_pss_mib": {lv: median([r["dovecot_pss_kib"].get(lv, 0) / 1024 for r in runs])
-                                             for lv in runs[0]["dovecot_pss_kib"]},
-                         "kib_per_session_from_start": median([r["kib_per_session_from_start"] for r in runs])}
+            runs = [
+                self._memory_run(i, mode, levels, port_of(self.proxy), ctx) for i in range(RUNS)
+            ]
+            out[mode] = {
+                "runs": runs,
+                "reached": median([r["reached"] for r in runs]),
+                "started_mib": median([r["started_kib"] / 1024 for r in runs]),
+                "baseline_mib": median([r["baseline_kib"] / 1024 for r in runs]),
+                "rss_mib": {
+                    str(lv): median(
+                        [
+                            r["rss_kib"].get(str(lv), 0) / 1024
+                            for r in runs
+                            if str(lv) in r["rss_kib"]
+                        ]
+                    )
+                    for lv in levels
+                },
+                "kib_per_session": median([r["kib_per_session"] for r in runs]),
+                "dovecot_kib_per_session": median([r["dovecot_kib_per_session"] for r in runs]),
+                "dovecot_pss_mib": {
+                    lv: median([r["dovecot_pss_kib"].get(lv, 0) / 1024 for r in runs])
+                    for lv in runs[0]["dovecot_pss_kib"]
+                },
+                "kib_per_session_from_start": median(
+                    [r["kib_per_session_from_start"] for r in runs]
+                ),
+            }
         # Leave a fresh proxy for whatever runs next.
         self.proxy.restart()
         return out
@@ -318,26 +452,41 @@ class Bench:
                 dovecot_pss[str(level)] = s.dovecot_pss_kib()
                 opened[str(level)] = pool.open
                 if target < level:
-                    log(f"memory: {level:,} sessions need {2 * level + base_fds:,} descriptors; "
-                        f"the limit is {soft:,}: measured at {target:,}")
+                    log(
+                        f"memory: {level:,} sessions need {2 * level + base_fds:,} descriptors; "
+                        f"the limit is {soft:,}: measured at {target:,}"
+                    )
                     break
         finally:
             pool.close()
         first, last = str(levels[0]), list(rss)[-1]
         n_first, n_last = opened[first], opened[last]
         slope = (rss[last] - rss[first]) / (n_last - n_first) if n_last > n_first else None
-        run = {"mode": mode, "started_kib": start_kib, "baseline_kib": base_kib,
-               "baseline_fds": base_fds, "nofile": soft,
-               "rss_kib": rss, "opened": opened, "fds": fds, "reached": n_last,
-               "kib_per_session": round(slope, 2) if slope is not None else None,
-               "kib_per_session_from_start": round((rss[last] - base_kib) / max(1, n_last), 2),
-               "dovecot_pss_kib": dovecot_pss,
-               "dovecot_kib_per_session": round((dovecot_pss[last] - dovecot_pss[first]) / (n_last - n_first), 2)
-               if n_last > n_first else None}
-        log(f"memory {mode} run {i + 1}: {start_kib / 1024:.1f} MiB at start, after the first "
+        run = {
+            "mode": mode,
+            "started_kib": start_kib,
+            "baseline_kib": base_kib,
+            "baseline_fds": base_fds,
+            "nofile": soft,
+            "rss_kib": rss,
+            "opened": opened,
+            "fds": fds,
+            "reached": n_last,
+            "kib_per_session": round(slope, 2) if slope is not None else None,
+            "kib_per_session_from_start": round((rss[last] - base_kib) / max(1, n_last), 2),
+            "dovecot_pss_kib": dovecot_pss,
+            "dovecot_kib_per_session": round(
+                (dovecot_pss[last] - dovecot_pss[first]) / (n_last - n_first), 2
+            )
+            if n_last > n_first
+            else None,
+        }
+        log(
+            f"memory {mode} run {i + 1}: {start_kib / 1024:.1f} MiB at start, after the first "
             f"logins {base_kib / 1024:.1f} MiB, "
             + ", ".join(f"{k}: {v / 1024:.1f} MiB" for k, v in rss.items())
-            + f" ({n_last} sessions open at the top); {run['kib_per_session']} KiB/session")
+            + f" ({n_last} sessions open at the top); {run['kib_per_session']} KiB/session"
+        )
         return run
 
     # -- 5. storm ----------------------------------------------------------------------------
@@ -351,21 +500,39 @@ class Bench:
             raise RuntimeError(f"storm: the legitimate client cannot log in: {warm.replies}")
         runs = []
         for i in range(RUNS):
-            calm = load.legit_logins(LOOPBACK, port, legit.login, legit.secret, p.storm_seconds,
-                                     source=LEGIT_SOURCE)
+            calm = load.legit_logins(
+                LOOPBACK, port, legit.login, legit.secret, p.storm_seconds, source=LEGIT_SOURCE
+            )
             source = STORM_SOURCES[i]
             mark = len(self.proxy.audit_lines())
             drops0 = _listen_overflows()
             meter = CpuMeter(s, self.proxy).start()
             gen = subprocess.Popen(
-                [sys.executable, str(REPO / "bench" / "load.py"), "storm", "--port", str(port),
-                 "--rate", str(p.storm_rate), "--seconds", str(p.storm_seconds + 0.5),
-                 "--source", source, "--login", s.users[0]],
-                stdout=subprocess.PIPE, text=True)
+                [
+                    sys.executable,
+                    str(REPO / "bench" / "load.py"),
+                    "storm",
+                    "--port",
+                    str(port),
+                    "--rate",
+                    str(p.storm_rate),
+                    "--seconds",
+                    str(p.storm_seconds + 0.5),
+                    "--source",
+                    source,
+                    "--login",
+                    s.users[0],
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             try:
-                time.sleep(STORM_HEAD_START)  # the storm is under way before the first measured login
-                stormy = load.legit_logins(LOOPBACK, port, legit.login, legit.secret,
-                                           p.storm_seconds, source=LEGIT_SOURCE)
+                time.sleep(
+                    STORM_HEAD_START
+                )  # the storm is under way before the first measured login
+                stormy = load.legit_logins(
+                    LOOPBACK, port, legit.login, legit.secret, p.storm_seconds, source=LEGIT_SOURCE
+                )
                 out, _ = gen.communicate(timeout=p.storm_seconds + 60)
             finally:
                 if gen.poll() is None:
@@ -390,20 +557,26 @@ class Bench:
                     if event.get("reason") == "verification pool full":
                         last_pool_full = _ts(event["ts"])
             half = p.storm_seconds / 2
-            run = {"calm": _legit(calm, half), "storm": _legit(stormy, half), "flood": flood,
-                   "audit_refusals": refusals,
-                   "limiter_engaged_after_s": round(first_limit - first, 3) if first_limit else None,
-                   "pool_full_until_s": round(last_pool_full - first, 3) if last_pool_full else None,
-                   "cpu_pct": cpu}
+            run = {
+                "calm": _legit(calm, half),
+                "storm": _legit(stormy, half),
+                "flood": flood,
+                "audit_refusals": refusals,
+                "limiter_engaged_after_s": round(first_limit - first, 3) if first_limit else None,
+                "pool_full_until_s": round(last_pool_full - first, 3) if last_pool_full else None,
+                "cpu_pct": cpu,
+            }
             run["p50_ratio"] = round(run["storm"]["p50_ms"] / run["calm"]["p50_ms"], 3)
             run["p99_ratio"] = round(run["storm"]["p99_ms"] / run["calm"]["p99_ms"], 3)
             runs.append(run)
-            log(f"storm run {i + 1}: legit p50/p99 {run['calm']['p50_ms']}/{run['calm']['p99_ms']} ms "
+            log(
+                f"storm run {i + 1}: legit p50/p99 {run['calm']['p50_ms']}/{run['calm']['p99_ms']} ms "
                 f"calm, {run['storm']['p50_ms']}/{run['storm']['p99_ms']} ms in the storm "
                 f"({run['storm']['later_p99_ms']} ms after its first second; {run['storm']['not_ok']} "
                 f"not ok); flood {flood['rate']}/s {flood['outcomes']}, limiter engaged after "
                 f"{run['limiter_engaged_after_s']} s, argon2 pool full until {run['pool_full_until_s']} s; "
-                f"cpu {cpu}")
+                f"cpu {cpu}"
+            )
         keys = ("p50_ms", "p99_ms", "later_p99_ms")
         calm = {k: median([r["calm"][k] for r in runs]) for k in keys}
         stormy = {k: median([r["storm"][k] for r in runs]) for k in keys}
@@ -412,26 +585,41 @@ class Bench:
         slow_limit = 2 * (calm["p99_ms"] or 0)
         samples = [(t + STORM_HEAD_START, lat) for r in runs for t, lat in r["storm"]["samples"]]
         slow = [(round(t, 1), lat) for t, lat in samples if lat is None or lat > slow_limit]
-        return {"params": {"rate": p.storm_rate, "seconds": p.storm_seconds,
-                           "legit_source": LEGIT_SOURCE, "storm_sources": STORM_SOURCES[:RUNS],
-                           "failure_delay": "0s", "ip_failures_per_minute":
-                               s.settings.auth.ip_failures_per_minute},
-                "runs": runs,
-                "calm": calm, "storm": stormy,
-                "p50_ratio": _ratio(stormy["p50_ms"], calm["p50_ms"]),
-                "p99_ratio": _ratio(stormy["p99_ms"], calm["p99_ms"]),
-                "later_p99_ratio": _ratio(stormy["later_p99_ms"], calm["later_p99_ms"]),
-
-                "slow_logins": {"limit_ms": round(slow_limit, 2), "count": len(slow), "of": len(samples),
-                                "at_s_and_ms": slow},
-                "limiter_engaged_after_s": median([r["limiter_engaged_after_s"] for r in runs]),
-                "pool_full_until_s": median([r["pool_full_until_s"] for r in runs]),
-                "legit_not_ok": sum(r["storm"]["not_ok"] for r in runs),
-
-                "flood": {"rate": median([r["flood"]["rate"] for r in runs]),
-                          "listen_queue_overflows": median([r["flood"]["listen_queue_overflows"] for r in runs]),
-                          **{k: median([r["flood"]["outcomes"][k] for r in runs])
-                             for k in ("checked", "limited", "temporary", "error")}}}
+        return {
+            "params": {
+                "rate": p.storm_rate,
+                "seconds": p.storm_seconds,
+                "legit_source": LEGIT_SOURCE,
+                "storm_sources": STORM_SOURCES[:RUNS],
+                "failure_delay": "0s",
+                "ip_failures_per_minute": s.settings.auth.ip_failures_per_minute,
+            },
+            "runs": runs,
+            "calm": calm,
+            "storm": stormy,
+            "p50_ratio": _ratio(stormy["p50_ms"], calm["p50_ms"]),
+            "p99_ratio": _ratio(stormy["p99_ms"], calm["p99_ms"]),
+            "later_p99_ratio": _ratio(stormy["later_p99_ms"], calm["later_p99_ms"]),
+            "slow_logins": {
+                "limit_ms": round(slow_limit, 2),
+                "count": len(slow),
+                "of": len(samples),
+                "at_s_and_ms": slow,
+            },
+            "limiter_engaged_after_s": median([r["limiter_engaged_after_s"] for r in runs]),
+            "pool_full_until_s": median([r["pool_full_until_s"] for r in runs]),
+            "legit_not_ok": sum(r["storm"]["not_ok"] for r in runs),
+            "flood": {
+                "rate": median([r["flood"]["rate"] for r in runs]),
+                "listen_queue_overflows": median(
+                    [r["flood"]["listen_queue_overflows"] for r in runs]
+                ),
+                **{
+                    k: median([r["flood"]["outcomes"][k] for r in runs])
+                    for k in ("checked", "limited", "temporary", "error")
+                },
+            },
+        }
 
     # -- driver ------------------------------------------------------------------------------
 
@@ -439,8 +627,10 @@ class Bench:
         started = time.perf_counter()
         self.loadavg_at_start = os.getloadavg()
         if self.loadavg_at_start[0] > 0.5:
-            log(f"warning: the machine is busy before the benchmark (load average "
-                f"{self.loadavg_at_start[0]:.2f}): figures will be lower and noisier")
+            log(
+                f"warning: the machine is busy before the benchmark (load average "
+                f"{self.loadavg_at_start[0]:.2f}): figures will be lower and noisier"
+            )
         try:
             self.setup()
             for name in TESTS:
@@ -457,14 +647,22 @@ class Bench:
 
     def meta(self, seconds: float) -> dict:
         a = self.stack.settings.codes.argon2
-        return {"profile": self.p.name, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                "commit": _commit(), "loadavg_at_start": self.loadavg_at_start,
-                "seconds": round(seconds, 1), "runs": RUNS, "cpus": os.cpu_count(),
-                "cpu_model": _cpu_model(), "python": platform.python_version(),
-                "dovecot": dovecot_version(), "kernel": platform.release(),
-                "argon2": f"t={a.time_cost} m={a.memory_kib}KiB p={a.parallelism} threads={a.threads}",
-                "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
-                "profile_params": asdict(self.p)}
+        return {
+            "profile": self.p.name,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "commit": _commit(),
+            "loadavg_at_start": self.loadavg_at_start,
+            "seconds": round(seconds, 1),
+            "runs": RUNS,
+            "cpus": os.cpu_count(),
+            "cpu_model": _cpu_model(),
+            "python": platform.python_version(),
+            "dovecot": dovecot_version(),
+            "kernel": platform.release(),
+            "argon2": f"t={a.time_cost} m={a.memory_kib}KiB p={a.parallelism} threads={a.threads}",
+            "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
+            "profile_params": asdict(self.p),
+        }
 
 
 def _legit(r: load.LoginResult, skip_s: float) -> dict:
@@ -472,10 +670,16 @@ def _legit(r: load.LoginResult, skip_s: float) -> dict:
     `skip_s` seconds (in a storm: once the limiter has caught up and the backlog of
     verifications it let through has drained: the steady state)."""
     later = [lat for t, lat in r.samples if lat is not None and t >= skip_s]
-    return {"p50_ms": ms(load.percentile(r.latencies, 50)), "p99_ms": ms(load.percentile(r.latencies, 99)),
-            "max_ms": ms(max(r.latencies, default=0)), "later_p99_ms": ms(load.percentile(later, 99)),
-            "ok": r.ok, "not_ok": r.failed + r.errors, "replies": r.replies,
-            "samples": [(round(t, 3), None if lat is None else ms(lat)) for t, lat in r.samples]}
+    return {
+        "p50_ms": ms(load.percentile(r.latencies, 50)),
+        "p99_ms": ms(load.percentile(r.latencies, 99)),
+        "max_ms": ms(max(r.latencies, default=0)),
+        "later_p99_ms": ms(load.percentile(later, 99)),
+        "ok": r.ok,
+        "not_ok": r.failed + r.errors,
+        "replies": r.replies,
+        "samples": [(round(t, 3), None if lat is None else ms(lat)) for t, lat in r.samples],
+    }
 
 
 def _listen_overflows() -> int:
@@ -484,7 +688,9 @@ def _listen_overflows() -> int:
     lines = Path("/proc/net/netstat").read_text().splitlines()
     for head, values in zip(lines[::2], lines[1::2]):
         if head.startswith("TcpExt:"):
-            return dict(zip(head.split()[1:], map(int, values.split()[1:]))).get("ListenOverflows", 0)
+            return dict(zip(head.split()[1:], map(int, values.split()[1:]))).get(
+                "ListenOverflows", 0
+            )
     return 0
 
 
@@ -517,9 +723,12 @@ def _walk_other(node):
 
 def _commit() -> str:
     """The commit measured (read-only git), with "+changes" when proxy/ differs from it."""
+
     def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10,
-                              check=False).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
+        ).stdout.strip()
+
     try:
         head = git("rev-parse", "--short", "HEAD")
         dirty = git("status", "--porcelain", "--", "proxy")
@@ -555,28 +764,53 @@ def table(data: dict) -> str:
 
     if "cold" in res:
         c = res["cold"]
-        rows.append(("cold logins/s (new code each)", f(c["proxy_per_s"]),
-                     f"{f(c['raw_per_s'])} raw argon2", f(c["ratio"], 2), TARGETS["cold"][0],
-                     status("cold", c["ratio"])))
+        rows.append(
+            (
+                "cold logins/s (new code each)",
+                f(c["proxy_per_s"]),
+                f"{f(c['raw_per_s'])} raw argon2",
+                f(c["ratio"], 2),
+                TARGETS["cold"][0],
+                status("cold", c["ratio"]),
+            )
+        )
     if "warm" in res:
         w = res["warm"]
         conc = w["params"]["concurrency"]
-        rows.append((f"warm logins/s ({conc} clients)", f(w["proxy"]["per_s"]),
-                     f"{f(w['direct']['per_s'])} Dovecot", f(w["ratio"], 2), TARGETS["warm"][0],
-                     status("warm", w["ratio"])))
-        for key, label in (("p50_ms", f"warm login p50 ms ({conc} clients)"),
-                           ("p99_ms", f"warm login p99 ms ({conc} clients)"),
-                           ("single_p50_ms", "warm login p50 ms (1 client)"),
-                           ("single_p99_ms", "warm login p99 ms (1 client)")):
+        rows.append(
+            (
+                f"warm logins/s ({conc} clients)",
+                f(w["proxy"]["per_s"]),
+                f"{f(w['direct']['per_s'])} Dovecot",
+                f(w["ratio"], 2),
+                TARGETS["warm"][0],
+                status("warm", w["ratio"]),
+            )
+        )
+        for key, label in (
+            ("p50_ms", f"warm login p50 ms ({conc} clients)"),
+            ("p99_ms", f"warm login p99 ms ({conc} clients)"),
+            ("single_p50_ms", "warm login p50 ms (1 client)"),
+            ("single_p99_ms", "warm login p99 ms (1 client)"),
+        ):
             a, b = w["proxy"][key], w["direct"][key]
-            rows.append((label, f(a, 2), f"{f(b, 2)} Dovecot", f"{a / b:.2f}x" if b else "-", "", ""))
+            rows.append(
+                (label, f(a, 2), f"{f(b, 2)} Dovecot", f"{a / b:.2f}x" if b else "-", "", "")
+            )
     if "relay" in res:
         r = res["relay"]
         mb = r["params"]["message_octets"] / 1e6
         for mode, label in (("plain", "plaintext"), ("tls", "TLS both sides")):
-            rows.append((f"relay MB/s, {mb:.0f} MB FETCH, {label}", f(r[mode]["proxy"]),
-                         f"{f(r[mode]['direct'])} Dovecot", f(r[mode]["ratio"], 2),
-                         TARGETS["relay"][0], status("relay", r[mode]["ratio"])))
+            rows.append(
+                (
+                    f"relay MB/s, {mb:.0f} MB FETCH, {label}",
+                    f(r[mode]["proxy"]),
+                    f"{f(r[mode]['direct'])} Dovecot",
+                    f(r[mode]["ratio"], 2),
+                    TARGETS["relay"][0],
+                    status("relay", r[mode]["ratio"]),
+                )
+            )
     if "memory" in res:
         mem = res["memory"]
         for mode, label in (("plain", "plaintext"), ("tls", "TLS clients")):
@@ -586,45 +820,123 @@ def table(data: dict) -> str:
             levels = list(x["rss_mib"])
             reached = int(x["reached"])
             shown = [f"{int(lv):,}" for lv in levels[:-1]] + [f"{min(reached, int(levels[-1])):,}"]
-            rows.append((f"proxy RSS MiB at start / after 1st logins ({label})",
-                         f"{x['started_mib']:.1f} / {x['baseline_mib']:.1f}", "", "", "", ""))
+            rows.append(
+                (
+                    f"proxy RSS MiB at start / after 1st logins ({label})",
+                    f"{x['started_mib']:.1f} / {x['baseline_mib']:.1f}",
+                    "",
+                    "",
+                    "",
+                    "",
+                )
+            )
             dovecot = x.get("dovecot_pss_mib", {}).get(levels[-1])
-            rows.append((f"proxy RSS MiB at {' / '.join(shown)} idle sessions ({label})",
-                         " / ".join(f"{v:.1f}" for v in x["rss_mib"].values()),
-                         f"Dovecot PSS {dovecot:,.0f} MiB at the top" if dovecot else "", "", "", ""))
-            rows.append((f"KiB per idle session ({label})", f(x["kib_per_session"]),
-                         f"{f(x.get('dovecot_kib_per_session'))} Dovecot", "",
-                         TARGETS["memory"][0] if mode == "plain" else "",
-                         status("memory", x["kib_per_session"]) if mode == "plain" else ""))
+            rows.append(
+                (
+                    f"proxy RSS MiB at {' / '.join(shown)} idle sessions ({label})",
+                    " / ".join(f"{v:.1f}" for v in x["rss_mib"].values()),
+                    f"Dovecot PSS {dovecot:,.0f} MiB at the top" if dovecot else "",
+                    "",
+                    "",
+                    "",
+                )
+            )
+            rows.append(
+                (
+                    f"KiB per idle session ({label})",
+                    f(x["kib_per_session"]),
+                    f"{f(x.get('dovecot_kib_per_session'))} Dovecot",
+                    "",
+                    TARGETS["memory"][0] if mode == "plain" else "",
+                    status("memory", x["kib_per_session"]) if mode == "plain" else "",
+                )
+            )
     if "storm" in res:
         st = res["storm"]
         rate = st["params"]["rate"]
-        rows.append((f"storm: legit p50 ms ({rate:.0f} bad/s)", f(st["storm"]["p50_ms"], 2),
-                     f"{f(st['calm']['p50_ms'], 2)} calm", f"{st['p50_ratio']:.2f}x", "", ""))
-        rows.append((f"storm: legit p99 ms ({rate:.0f} bad/s)", f(st["storm"]["p99_ms"], 2),
-                     f"{f(st['calm']['p99_ms'], 2)} calm", f"{st['p99_ratio']:.2f}x",
-                     "<= 2x calm", status("storm", st["p99_ratio"])))
-        rows.append(("storm: legit p99 ms, 2nd half of the storm", f(st["storm"]["later_p99_ms"], 2),
-                     f"{f(st['calm']['later_p99_ms'], 2)} calm",
-                     f"{st['later_p99_ratio']:.2f}x" if st["later_p99_ratio"] else "-", "", ""))
+        rows.append(
+            (
+                f"storm: legit p50 ms ({rate:.0f} bad/s)",
+                f(st["storm"]["p50_ms"], 2),
+                f"{f(st['calm']['p50_ms'], 2)} calm",
+                f"{st['p50_ratio']:.2f}x",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"storm: legit p99 ms ({rate:.0f} bad/s)",
+                f(st["storm"]["p99_ms"], 2),
+                f"{f(st['calm']['p99_ms'], 2)} calm",
+                f"{st['p99_ratio']:.2f}x",
+                "<= 2x calm",
+                status("storm", st["p99_ratio"]),
+            )
+        )
+        rows.append(
+            (
+                "storm: legit p99 ms, 2nd half of the storm",
+                f(st["storm"]["later_p99_ms"], 2),
+                f"{f(st['calm']['later_p99_ms'], 2)} calm",
+                f"{st['later_p99_ratio']:.2f}x" if st["later_p99_ratio"] else "-",
+                "",
+                "",
+            )
+        )
         sl = st["slow_logins"]
-        when = ", ".join(f"{lat:.0f} ms at {t:.1f} s" if lat is not None else f"failed at {t:.1f} s"
-                         for t, lat in sl["at_s_and_ms"][:4])
-        rows.append((f"storm: legit logins > 2x calm p99 ({sl['limit_ms']:.0f} ms), all runs",
-                     f"{sl['count']} of {sl['of']}", when, "", "", ""))
+        when = ", ".join(
+            f"{lat:.0f} ms at {t:.1f} s" if lat is not None else f"failed at {t:.1f} s"
+            for t, lat in sl["at_s_and_ms"][:4]
+        )
+        rows.append(
+            (
+                f"storm: legit logins > 2x calm p99 ({sl['limit_ms']:.0f} ms), all runs",
+                f"{sl['count']} of {sl['of']}",
+                when,
+                "",
+                "",
+                "",
+            )
+        )
         fl = st["flood"]
-        rows.append(("storm: the flood's outcome per run", f"{fl['rate']:.0f}/s sent",
-                     (f"{fl['checked']:.0f} checked, {fl['temporary']:.0f} pool full, "
-                      f"{fl['limited']:.0f} limited"), "", "", ""))
-        rows.append(("storm: limiter engaged / pool full until", f"{f(st['limiter_engaged_after_s'], 2)} s",
-                     f"{f(st['pool_full_until_s'], 2)} s", "", "", ""))
+        rows.append(
+            (
+                "storm: the flood's outcome per run",
+                f"{fl['rate']:.0f}/s sent",
+                (
+                    f"{fl['checked']:.0f} checked, {fl['temporary']:.0f} pool full, "
+                    f"{fl['limited']:.0f} limited"
+                ),
+                "",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "storm: limiter engaged / pool full until",
+                f"{f(st['limiter_engaged_after_s'], 2)} s",
+                f"{f(st['pool_full_until_s'], 2)} s",
+                "",
+                "",
+                "",
+            )
+        )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    lines = [(f"apppass bench ({m['profile']}, {m['commit']}): {m['cpus']} CPUs ({m['cpu_model']}), "
-              f"Python {m['python']}, "
-              f"Dovecot {m['dovecot']}, argon2id {m['argon2']}; median of {m['runs']} runs; "
-              f"{m['seconds']:.0f} s"
-              + (f"; other CPU load at most {m['max_other_cpu_pct']:.0f}% of a core"
-                 if m.get("max_other_cpu_pct") is not None else ""))]
+    lines = [
+        (
+            f"apppass bench ({m['profile']}, {m['commit']}): {m['cpus']} CPUs ({m['cpu_model']}), "
+            f"Python {m['python']}, "
+            f"Dovecot {m['dovecot']}, argon2id {m['argon2']}; median of {m['runs']} runs; "
+            f"{m['seconds']:.0f} s"
+            + (
+                f"; other CPU load at most {m['max_other_cpu_pct']:.0f}% of a core"
+                if m.get("max_other_cpu_pct") is not None
+                else ""
+            )
+        )
+    ]
     for n, row in enumerate(rows):
         lines.append("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
         if n == 0:
@@ -643,7 +955,9 @@ def raise_nofile() -> tuple[int, int]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small counts: under a minute")
-    ap.add_argument("--json", default=str(DEFAULT_JSON), help=f"where to write results (default {DEFAULT_JSON})")
+    ap.add_argument(
+        "--json", default=str(DEFAULT_JSON), help=f"where to write results (default {DEFAULT_JSON})"
+    )
     ap.add_argument("--only", action="append", help=f"run only these tests: {', '.join(TESTS)}")
     a = ap.parse_args(argv)
     tests = list(TESTS)

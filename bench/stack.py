@@ -122,8 +122,10 @@ class Stack:
     # -- the proxy ---------------------------------------------------------------------------
 
     def _write_directory(self) -> None:
-        accounts = {u: {"id": f"key-{u}", "upstream": u, "groups": [LEGACY_GROUP]}
-                    for u in [*self.users, self.relay_user]}
+        accounts = {
+            u: {"id": f"key-{u}", "upstream": u, "groups": [LEGACY_GROUP]}
+            for u in [*self.users, self.relay_user]
+        }
         (self.root / "users.yaml").write_text(yaml.safe_dump({"accounts": accounts}))
         secret = self.root / "dovecot-master"
         secret.write_text(MASTER_PASSWORD + "\n")
@@ -138,10 +140,14 @@ class Stack:
         folder = self.root / name
         folder.mkdir(exist_ok=True)
         plain_port, tls_port = free_port(), free_port()
-        upstream = {"host": LOOPBACK, "tls": upstream_tls, "login": "authzid",
-                    "master_user": MASTER_USER,
-                    "master_password_file": str(self.root / "dovecot-master"),
-                    "send_client_address": True}
+        upstream = {
+            "host": LOOPBACK,
+            "tls": upstream_tls,
+            "login": "authzid",
+            "master_user": MASTER_USER,
+            "master_password_file": str(self.root / "dovecot-master"),
+            "send_client_address": True,
+        }
         if upstream_tls == "implicit":
             upstream.update(port=self.dovecot.imaps_port, ca_file=str(self.ca.ca))
         else:
@@ -156,10 +162,21 @@ class Stack:
             "auth": {"failure_delay": "0s"},
             "audit": {"file": str(folder / "audit.jsonl")},
             "listeners": [
-                {"name": "plain", "protocol": "imap", "bind": f"{LOOPBACK}:{plain_port}",
-                 "tls": "none", "plaintext_auth_from": ["127.0.0.0/8"]},
-                {"name": "tls", "protocol": "imap", "bind": f"{LOOPBACK}:{tls_port}",
-                 "tls": "implicit", "cert_file": str(self.ca.cert), "key_file": str(self.ca.key)},
+                {
+                    "name": "plain",
+                    "protocol": "imap",
+                    "bind": f"{LOOPBACK}:{plain_port}",
+                    "tls": "none",
+                    "plaintext_auth_from": ["127.0.0.0/8"],
+                },
+                {
+                    "name": "tls",
+                    "protocol": "imap",
+                    "bind": f"{LOOPBACK}:{tls_port}",
+                    "tls": "implicit",
+                    "cert_file": str(self.ca.cert),
+                    "key_file": str(self.ca.key),
+                },
             ],
             "upstream": {"imap": upstream},
         }
@@ -180,15 +197,16 @@ class Stack:
 
     # -- codes -------------------------------------------------------------------------------
 
-    def issue_codes(self, count: int, label: str, users: list[str] | None = None,
-                    threads: int | None = None) -> list[Credential]:
+    def issue_codes(
+        self, count: int, label: str, users: list[str] | None = None, threads: int | None = None
+    ) -> list[Credential]:
         """`count` new codes, spread round-robin over `users` (default: all bench users), issued
         with proxy.codes.issue.issue_code, so hashed with the configured argon2 parameters.
         argon2-cffi releases the GIL: accounts are split over `threads` threads (one account per
         thread, so two threads never pick a selector for the same account at once)."""
-        from proxy.codes.open import open_store
         from proxy.codes.hashing import CodeHasher
         from proxy.codes.issue import issue_code
+        from proxy.codes.open import open_store
         from proxy.directory.open import open_directory
 
         settings = self.settings
@@ -198,7 +216,9 @@ class Stack:
             per_user[users[i % len(users)]] += 1
         cap = settings.codes.max_per_account
         if max(per_user.values(), default=0) > cap:
-            raise ValueError(f"{count} codes over {len(users)} accounts exceed max_per_account={cap}")
+            raise ValueError(
+                f"{count} codes over {len(users)} accounts exceed max_per_account={cap}"
+            )
         directory = open_directory(settings.directory, settings.policy)
         store = open_store(settings.store)
         hasher = CodeHasher(settings.codes.argon2)
@@ -206,8 +226,12 @@ class Stack:
         lock = threading.Lock()
 
         def for_user(login: str, n: int) -> None:
-            out = [issue_code(settings, directory, store, hasher, login=login,
-                              label=f"{label} {j}").code.grouped() for j in range(n)]
+            out = [
+                issue_code(
+                    settings, directory, store, hasher, login=login, label=f"{label} {j}"
+                ).code.grouped()
+                for j in range(n)
+            ]
             with lock:
                 issued[login] = out
 
@@ -264,14 +288,21 @@ class Stack:
 class ProxyProcess:
     """`apppass -c CONFIG serve` as a child process (its own session, stopped by PID)."""
 
-    def __init__(self, name: str, config: Path, folder: Path, plain_port: int, tls_port: int) -> None:
+    def __init__(
+        self, name: str, config: Path, folder: Path, plain_port: int, tls_port: int
+    ) -> None:
         self.name = name
         self.config = config
         self.folder = folder
         self.plain_port = plain_port
         self.tls_port = tls_port
-        self.process = ServerProcess(f"apppass-{name}", [str(APPPASS), "-c", str(config), "serve"],
-                                     output=folder / "output.log", cwd=folder, stop_grace=10.0)
+        self.process = ServerProcess(
+            f"apppass-{name}",
+            [str(APPPASS), "-c", str(config), "serve"],
+            output=folder / "output.log",
+            cwd=folder,
+            stop_grace=10.0,
+        )
 
     @property
     def pid(self) -> int:
@@ -330,11 +361,13 @@ class ProxyProcess:
 
 def _stat(path: str) -> dict:
     text = Path(path).read_text()
-    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
     # fields[0] is field 3 (state): pgrp is field 5, utime/stime 14/15, cutime/cstime 16/17.
-    return {"pgrp": int(fields[2]),
-            "cpu": (int(fields[11]) + int(fields[12])) / CLK_TCK,
-            "ccpu": (int(fields[13]) + int(fields[14])) / CLK_TCK}
+    return {
+        "pgrp": int(fields[2]),
+        "cpu": (int(fields[11]) + int(fields[12])) / CLK_TCK,
+        "ccpu": (int(fields[13]) + int(fields[14])) / CLK_TCK,
+    }
 
 
 def _all_stats():
@@ -378,9 +411,15 @@ class CpuMeter:
     def _sample(self) -> dict:
         ru = os.times()
         proxy_total, reactor = self.proxy.cpu() if self.proxy else (0.0, 0.0)
-        return {"wall": time.perf_counter(), "proxy": proxy_total, "proxy_reactor": reactor,
-                "dovecot": self.stack.dovecot_cpu(), "generator": ru.user + ru.system,
-                "machine": _cpu_stat()[0], "steal": _cpu_stat()[1]}
+        return {
+            "wall": time.perf_counter(),
+            "proxy": proxy_total,
+            "proxy_reactor": reactor,
+            "dovecot": self.stack.dovecot_cpu(),
+            "generator": ru.user + ru.system,
+            "machine": _cpu_stat()[0],
+            "steal": _cpu_stat()[1],
+        }
 
     def start(self) -> CpuMeter:
         self._a = self._sample()
@@ -395,8 +434,10 @@ class CpuMeter:
         d = {k: b[k] - self._a[k] for k in b}
         d["generator"] += extra_generator_cpu
         d["other"] = d["machine"] - d["proxy"] - d["dovecot"] - d["generator"]
-        out = {k: round(100.0 * d[k] / wall, 1)
-               for k in ("proxy", "proxy_reactor", "dovecot", "generator", "other", "steal")}
+        out = {
+            k: round(100.0 * d[k] / wall, 1)
+            for k in ("proxy", "proxy_reactor", "dovecot", "generator", "other", "steal")
+        }
         if not self.proxy:
             out.pop("proxy"), out.pop("proxy_reactor")
         return out
@@ -408,8 +449,10 @@ def append_message(host: str, port: int, login: str, password: str, size: int) -
     import socket
 
     line = b"X" * 74 + b"\r\n"
-    header = (f"From: bench@example.test\r\nTo: {login}@example.test\r\n"
-              f"Subject: apppass relay benchmark\r\n\r\n").encode()
+    header = (
+        f"From: bench@example.test\r\nTo: {login}@example.test\r\n"
+        f"Subject: apppass relay benchmark\r\n\r\n"
+    ).encode()
     body = line * ((size - len(header)) // len(line))
     message = header + body
     with socket.create_connection((host, port), timeout=60) as s:
@@ -440,7 +483,8 @@ def dovecot_version() -> str:
 
     exe = shutil.which("dovecot") or "/usr/sbin/dovecot"
     try:
-        return subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10,
-                              check=False).stdout.split()[0]
+        return subprocess.run(
+            [exe, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.split()[0]
     except (OSError, IndexError, subprocess.SubprocessError):
         return "?"

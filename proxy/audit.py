@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import IO, Any
 
 
@@ -20,7 +20,10 @@ class Audit:
         self.listeners: list = []  # callables that also receive each event (tests, metrics)
 
     def event(self, event: str, **fields: Any) -> dict:
-        record = {"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event}
+        record = {
+            "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "event": event,
+        }
         record.update((k, v) for k, v in fields.items() if v is not None)
         self._stream.write(json.dumps(record, default=str, separators=(",", ":")) + "\n")
         self._stream.flush()

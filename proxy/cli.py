@@ -6,7 +6,7 @@ import argparse
 import ipaddress
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from proxy.config import SCOPES, ConfigError, Settings, config_path, load
 from proxy.configschema import Invalid, parse_duration, parse_expiry
@@ -24,15 +24,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fmt_time(moment: datetime | None) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M") if moment else "-"
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M") if moment else "-"
 
 
 def _scopes(value: str) -> tuple[str, ...]:
     words = [w.strip().lower() for w in value.split(",") if w.strip()]
     bad = [w for w in words if w not in SCOPES]
     if bad or not words:
-        raise UsageError(f"invalid scope {bad[0] if bad else value!r}: use a comma-separated list of "
-                         f"{', '.join(SCOPES)}")
+        raise UsageError(
+            f"invalid scope {bad[0] if bad else value!r}: use a comma-separated list of "
+            f"{', '.join(SCOPES)}"
+        )
     return tuple(dict.fromkeys(words))
 
 
@@ -40,16 +42,20 @@ def _network(value: str) -> str:
     try:
         return str(ipaddress.ip_network(value, strict=False))
     except ValueError:
-        raise UsageError(f"invalid CIDR {value!r}: use a network like 10.0.4.0/24 or 2001:db8::/48") from None
+        raise UsageError(
+            f"invalid CIDR {value!r}: use a network like 10.0.4.0/24 or 2001:db8::/48"
+        ) from None
 
 
 def _expiry(value: str) -> datetime | None:
     try:
-        moment = parse_expiry(value, datetime.now(timezone.utc).replace(microsecond=0))
+        moment = parse_expiry(value, datetime.now(UTC).replace(microsecond=0))
     except Invalid:
-        raise UsageError(f"invalid expiry {value!r}: use a duration like 90d or 12h, a date like "
-                         f"2027-06-30, or never") from None
-    if moment is not None and moment <= datetime.now(timezone.utc):
+        raise UsageError(
+            f"invalid expiry {value!r}: use a duration like 90d or 12h, a date like "
+            f"2027-06-30, or never"
+        ) from None
+    if moment is not None and moment <= datetime.now(UTC):
         raise UsageError(f"invalid expiry {value!r}: it is in the past")
     return moment
 
@@ -58,35 +64,66 @@ def _duration(value: str):
     try:
         return parse_duration(value)
     except Invalid:
-        raise UsageError(f"invalid duration {value!r}: use a duration like 30d, 12h or 15m") from None
+        raise UsageError(
+            f"invalid duration {value!r}: use a duration like 30d, 12h or 15m"
+        ) from None
 
 
 def _record_json(rec) -> dict:
     return {
-        "id": rec.id, "login": rec.account_login, "account_key": rec.account_key, "label": rec.label,
-        "scopes": list(rec.scopes), "networks": list(rec.networks),
+        "id": rec.id,
+        "login": rec.account_login,
+        "account_key": rec.account_key,
+        "label": rec.label,
+        "scopes": list(rec.scopes),
+        "networks": list(rec.networks),
         "created_at": rec.created_at.isoformat() if rec.created_at else None,
         "expires_at": rec.expires_at.isoformat() if rec.expires_at else None,
-        "max_uses": rec.max_uses, "use_count": rec.use_count,
+        "max_uses": rec.max_uses,
+        "use_count": rec.use_count,
         "last_used_at": rec.last_used_at.isoformat() if rec.last_used_at else None,
-        "last_used_ip": rec.last_used_ip, "last_used_protocol": rec.last_used_protocol,
-        "failed_count": rec.failed_count, "disabled": rec.disabled,
+        "last_used_ip": rec.last_used_ip,
+        "last_used_protocol": rec.last_used_protocol,
+        "failed_count": rec.failed_count,
+        "disabled": rec.disabled,
         "revoked_at": rec.revoked_at.isoformat() if rec.revoked_at else None,
-        "created_by": rec.created_by, "state": rec.state().value,
+        "created_by": rec.created_by,
+        "state": rec.state().value,
     }
 
 
 def _table(records) -> str:
-    head = ("ID", "LOGIN", "LABEL", "SCOPES", "CREATED", "EXPIRES", "USES", "LAST USED", "FAILED", "STATE")
+    head = (
+        "ID",
+        "LOGIN",
+        "LABEL",
+        "SCOPES",
+        "CREATED",
+        "EXPIRES",
+        "USES",
+        "LAST USED",
+        "FAILED",
+        "STATE",
+    )
     rows = [head]
     for r in records:
         last = "-"
         if r.last_used_at:
             last = f"{_fmt_time(r.last_used_at)} {r.last_used_ip or ''} {r.last_used_protocol or ''}".strip()
-        rows.append((str(r.id), r.account_login, r.label, ",".join(r.scopes), _fmt_time(r.created_at),
-                     _fmt_time(r.expires_at) if r.expires_at else "never",
-                     f"{r.use_count}/{r.max_uses if r.max_uses is not None else '-'}", last,
-                     str(r.failed_count), r.state().value))
+        rows.append(
+            (
+                str(r.id),
+                r.account_login,
+                r.label,
+                ",".join(r.scopes),
+                _fmt_time(r.created_at),
+                _fmt_time(r.expires_at) if r.expires_at else "never",
+                f"{r.use_count}/{r.max_uses if r.max_uses is not None else '-'}",
+                last,
+                str(r.failed_count),
+                r.state().value,
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -165,13 +202,18 @@ def cmd_check_config(ctx: _Context) -> int:
                 problems.append(f"{s.source.name}: listeners[{i}]: {exc}")
     if problems:
         raise ConfigError(problems)
-    _print(f"{s.source}: ok ({len(s.listeners)} listeners, store {s.store.kind}, directory {s.directory.kind})")
+    _print(
+        f"{s.source}: ok ({len(s.listeners)} listeners, store {s.store.kind}, directory {s.directory.kind})"
+    )
     return EXIT_OK
 
 
 def cmd_migrate(ctx: _Context) -> int:
     before, after = ctx.store.migrate()
-    _print(f"store schema at version {after}" + (f" (was {before})" if before != after else " (up to date)"))
+    _print(
+        f"store schema at version {after}"
+        + (f" (was {before})" if before != after else " (up to date)")
+    )
     return EXIT_OK
 
 
@@ -188,11 +230,21 @@ def cmd_codes_create(ctx: _Context) -> int:
         expires = _expiry(a.expires)
     else:
         default = ctx.settings.codes.default_expires
-        expires = datetime.now(timezone.utc).replace(microsecond=0) + default if default else None
+        expires = datetime.now(UTC).replace(microsecond=0) + default if default else None
     try:
-        issued = issue_code(ctx.settings, ctx.directory, ctx.store, ctx.hasher(), login=a.login, label=a.label,
-                            scopes=scopes, expires_at=expires, max_uses=a.max_uses, networks=nets,
-                            created_by=a.created_by)
+        issued = issue_code(
+            ctx.settings,
+            ctx.directory,
+            ctx.store,
+            ctx.hasher(),
+            login=a.login,
+            label=a.label,
+            scopes=scopes,
+            expires_at=expires,
+            max_uses=a.max_uses,
+            networks=nets,
+            created_by=a.created_by,
+        )
     except (Refused, CapReached) as exc:
         raise _Refused(str(exc)) from None
     rec = issued.record
@@ -203,9 +255,11 @@ def cmd_codes_create(ctx: _Context) -> int:
     _print()
     _print(f"    {issued.code.grouped()}")
     _print()
-    _print(f"Scopes: {', '.join(rec.scopes)}; expires: {_fmt_time(rec.expires_at) if rec.expires_at else 'never'}"
-           + (f"; max uses: {rec.max_uses}" if rec.max_uses else "")
-           + (f"; networks: {' '.join(rec.networks)}" if rec.networks else ""))
+    _print(
+        f"Scopes: {', '.join(rec.scopes)}; expires: {_fmt_time(rec.expires_at) if rec.expires_at else 'never'}"
+        + (f"; max uses: {rec.max_uses}" if rec.max_uses else "")
+        + (f"; networks: {' '.join(rec.networks)}" if rec.networks else "")
+    )
     _print("Enter it as the password on the device. It will not be shown again.")
     return EXIT_OK
 
@@ -226,7 +280,10 @@ def cmd_codes_list(ctx: _Context) -> int:
     elif records:
         _print(_table(records))
     else:
-        _print("no codes" + ("" if a.all else " (use --all to include revoked, expired and used-up codes)"))
+        _print(
+            "no codes"
+            + ("" if a.all else " (use --all to include revoked, expired and used-up codes)")
+        )
     return EXIT_OK
 
 
@@ -248,9 +305,13 @@ def cmd_codes_toggle(ctx: _Context) -> int:
     rec = ctx.code(ctx.args.id)
     disable = ctx.args.action == "disable"
     if rec.revoked_at is not None:
-        raise _Refused(f"code {rec.id} is revoked; it cannot be {'disabled' if disable else 'enabled'}")
+        raise _Refused(
+            f"code {rec.id} is revoked; it cannot be {'disabled' if disable else 'enabled'}"
+        )
     ctx.store.set_disabled(rec.id, disable)
-    _print(f"code {rec.id} ({rec.account_login}, {rec.label}) {'disabled' if disable else 'enabled'}")
+    _print(
+        f"code {rec.id} ({rec.account_login}, {rec.label}) {'disabled' if disable else 'enabled'}"
+    )
     return EXIT_OK
 
 
@@ -276,8 +337,10 @@ def cmd_codes_revoke_all(ctx: _Context) -> int:
 
 def cmd_codes_purge(ctx: _Context) -> int:
     age = _duration(ctx.args.older_than)
-    n = ctx.store.purge(datetime.now(timezone.utc) - age)
-    _print(f"purged {n} revoked, expired or used-up code{'s' if n != 1 else ''} older than {ctx.args.older_than}")
+    n = ctx.store.purge(datetime.now(UTC) - age)
+    _print(
+        f"purged {n} revoked, expired or used-up code{'s' if n != 1 else ''} older than {ctx.args.older_than}"
+    )
     return EXIT_OK
 
 
@@ -290,13 +353,23 @@ def cmd_directory_check(ctx: _Context) -> int:
     p = ctx.settings.policy
     refusal = account_refusal(account, p)
     lines = [
-        ("login", account.login), ("stable id", account.key), ("upstream identity", account.upstream_identity),
-        ("names", ", ".join(account.names) or "-"), ("source", account.dn or "-"),
+        ("login", account.login),
+        ("stable id", account.key),
+        ("upstream identity", account.upstream_identity),
+        ("names", ", ".join(account.names) or "-"),
+        ("source", account.dn or "-"),
         ("groups", ", ".join(account.groups) or "-"),
         ("enabled", "yes" if account.enabled else f"no ({account.disabled_reason or 'disabled'})"),
-        ("legacy sign-in", "allowed" if account.legacy_allowed else
-         f"not allowed (not in {p.legacy_group or 'the legacy filter'})"),
-        ("second factor", ("yes" if account.mfa else "no") + (" (required)" if p.require_mfa else "")),
+        (
+            "legacy sign-in",
+            "allowed"
+            if account.legacy_allowed
+            else f"not allowed (not in {p.legacy_group or 'the legacy filter'})",
+        ),
+        (
+            "second factor",
+            ("yes" if account.mfa else "no") + (" (required)" if p.require_mfa else ""),
+        ),
         ("password changed", _fmt_time(account.password_changed_at)),
         ("verdict", "may use app passwords" if refusal is None else f"refused: {refusal}"),
     ]
@@ -319,30 +392,54 @@ def cmd_demo(ctx: _Context) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="apppass", description="App-password authentication proxy for legacy mail clients.")
-    p.add_argument("-c", "--config", help="config file (default: $APPPASS_CONFIG, else /etc/apppass/apppass.yaml)")
+    p = _Parser(
+        prog="apppass", description="App-password authentication proxy for legacy mail clients."
+    )
+    p.add_argument(
+        "-c",
+        "--config",
+        help="config file (default: $APPPASS_CONFIG, else /etc/apppass/apppass.yaml)",
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("serve", help="run the configured listeners").set_defaults(fn=cmd_serve)
     d = sub.add_parser("demo", help="run a ready demo: SQLite, a demo user, a sandbox upstream")
-    d.add_argument("--dir", default="var/demo", help="where the demo keeps its files (default: var/demo)")
+    d.add_argument(
+        "--dir", default="var/demo", help="where the demo keeps its files (default: var/demo)"
+    )
     from proxy.demo.run import PORTS
 
     for protocol, port in PORTS.items():
-        d.add_argument(f"--{protocol}-port", type=int, default=port, metavar="PORT",
-                       help=f"{protocol.upper()} port on 127.0.0.1 (default: {port})")
+        d.add_argument(
+            f"--{protocol}-port",
+            type=int,
+            default=port,
+            metavar="PORT",
+            help=f"{protocol.upper()} port on 127.0.0.1 (default: {port})",
+        )
     d.set_defaults(fn=cmd_demo)
-    sub.add_parser("migrate", help="bring the store's schema up to date").set_defaults(fn=cmd_migrate)
-    sub.add_parser("check-config", help="validate the config and exit").set_defaults(fn=cmd_check_config)
+    sub.add_parser("migrate", help="bring the store's schema up to date").set_defaults(
+        fn=cmd_migrate
+    )
+    sub.add_parser("check-config", help="validate the config and exit").set_defaults(
+        fn=cmd_check_config
+    )
 
     codes = sub.add_parser("codes", help="manage app passwords").add_subparsers(
-        dest="action", required=True, parser_class=_Parser)
+        dest="action", required=True, parser_class=_Parser
+    )
     c = codes.add_parser("create", help="create a code and show it once")
     c.add_argument("login")
     c.add_argument("--label", required=True, help='what the code is for, e.g. "3rd floor printer"')
-    c.add_argument("--scope", help="comma-separated: imap,pop3,smtp (default: codes.default_scopes)")
-    c.add_argument("--expires", help="90d, 12h, 2027-06-30 or never (default: codes.default_expires)")
+    c.add_argument(
+        "--scope", help="comma-separated: imap,pop3,smtp (default: codes.default_scopes)"
+    )
+    c.add_argument(
+        "--expires", help="90d, 12h, 2027-06-30 or never (default: codes.default_expires)"
+    )
     c.add_argument("--max-uses", type=int, metavar="N", help="stop working after N logins")
-    c.add_argument("--net", action="append", metavar="CIDR", help="only from this network (repeatable)")
+    c.add_argument(
+        "--net", action="append", metavar="CIDR", help="only from this network (repeatable)"
+    )
     c.add_argument("--created-by", default="cli", help=argparse.SUPPRESS)
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_codes_create)
@@ -355,7 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("id", type=int)
     sh.add_argument("--json", action="store_true")
     sh.set_defaults(fn=cmd_codes_show)
-    for action, fn in (("disable", cmd_codes_toggle), ("enable", cmd_codes_toggle), ("revoke", cmd_codes_revoke)):
+    for action, fn in (
+        ("disable", cmd_codes_toggle),
+        ("enable", cmd_codes_toggle),
+        ("revoke", cmd_codes_revoke),
+    ):
         x = codes.add_parser(action, help=f"{action} a code")
         x.add_argument("id", type=int)
         x.set_defaults(fn=fn)
@@ -367,8 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     pu.set_defaults(fn=cmd_codes_purge)
 
     directory = sub.add_parser("directory", help="inspect the directory").add_subparsers(
-        dest="action", required=True, parser_class=_Parser)
-    dc = directory.add_parser("check", help="what the proxy sees for an account, with each policy verdict")
+        dest="action", required=True, parser_class=_Parser
+    )
+    dc = directory.add_parser(
+        "check", help="what the proxy sees for an account, with each policy verdict"
+    )
     dc.add_argument("login")
     dc.set_defaults(fn=cmd_directory_check)
     return p

@@ -34,7 +34,6 @@ from proxy.configschema import (
     text,
     text_list,
 )
-
 from proxy.protocols import UPSTREAM_LOGINS, MailProtocol, TlsMode, UpstreamLogin
 
 if TYPE_CHECKING:
@@ -124,7 +123,9 @@ class Upstream:
     send_client_address: bool = True
 
     def __repr__(self) -> str:
-        return f"Upstream({self.protocol} {self.host}:{self.port} tls={self.tls} login={self.login})"
+        return (
+            f"Upstream({self.protocol} {self.host}:{self.port} tls={self.tls} login={self.login})"
+        )
 
 
 @dataclass(frozen=True)
@@ -173,18 +174,23 @@ def load(file: str | Path) -> Settings:
     except FileNotFoundError:
         raise ConfigError([f"{file}: file not found"]) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}"]) from None
+        raise ConfigError(
+            [f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}"]
+        ) from None
     try:
         data = yaml.safe_load(raw_text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError([f"{name}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"]) from None
+        raise ConfigError(
+            [f"{name}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"]
+        ) from None
     return parse(data, source=name, base_dir=file.resolve().parent, file=file)
 
 
-def parse(data: Any, *, source: str = "apppass.yaml", base_dir: Path = Path("."),
-          file: Path | None = None) -> Settings:
+def parse(
+    data: Any, *, source: str = "apppass.yaml", base_dir: Path = Path("."), file: Path | None = None
+) -> Settings:
     ctx = Context(source, base_dir)
     if not isinstance(data, dict):
         ctx.error("", f"must be a mapping of settings (got {show(data)})")
@@ -201,8 +207,18 @@ def parse(data: Any, *, source: str = "apppass.yaml", base_dir: Path = Path(".")
     audit = _audit(root)
     root.finish()
     ctx.check()
-    return Settings(source=file or Path(source), hostname=hostname, store=store, directory=directory, policy=policy,
-                    codes=codes, auth=auth, listeners=listeners, upstreams=upstreams, audit=audit)
+    return Settings(
+        source=file or Path(source),
+        hostname=hostname,
+        store=store,
+        directory=directory,
+        policy=policy,
+        codes=codes,
+        auth=auth,
+        listeners=listeners,
+        upstreams=upstreams,
+        audit=audit,
+    )
 
 
 def _default_hostname() -> str:
@@ -210,7 +226,9 @@ def _default_hostname() -> str:
     return name if name and _HOSTNAME.fullmatch(name) else "apppass"
 
 
-_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*")
+_HOSTNAME = re.compile(
+    r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*"
+)
 
 
 def _hostname(node: Node, key: str, value: Any) -> str:
@@ -288,41 +306,65 @@ def _ldap_filter(node: Node, key: str, value: Any) -> str:
 
 
 def _policy(root: Node) -> PolicySettings:
-    return _section(root, "policy", PolicySettings, {
-        "legacy_group": text, "legacy_filter": _ldap_filter, "require_mfa": boolean,
-        "mfa_group": text, "mfa_filter": _ldap_filter, "revoke_on_password_change": boolean,
-    })
+    return _section(
+        root,
+        "policy",
+        PolicySettings,
+        {
+            "legacy_group": text,
+            "legacy_filter": _ldap_filter,
+            "require_mfa": boolean,
+            "mfa_group": text,
+            "mfa_filter": _ldap_filter,
+            "revoke_on_password_change": boolean,
+        },
+    )
 
 
 def _codes(root: Node) -> CodeSettings:
     node = root.node("codes")
     if node is None:
         return CodeSettings()
-    argon2 = _section(node, "argon2", Argon2Settings, {
-        "time_cost": integer(1, 100),
-        "memory_kib": integer(MIN_ARGON2_MEMORY_KIB, 4 * 1024 * 1024),
-        "parallelism": integer(1, 64),
-        "threads": integer(1, 256),
-        "queue": integer(0, 100000),
-    })
-    out = _read(node, CodeSettings, {
-        "alphabet": choice("mixed", "lower"),
-        "max_per_account": integer(1, 10000),
-        "default_expires": duration(allow_never=True, minimum=timedelta(minutes=1)),
-        "default_scopes": list_of(SCOPES),
-    }, argon2=argon2)
+    argon2 = _section(
+        node,
+        "argon2",
+        Argon2Settings,
+        {
+            "time_cost": integer(1, 100),
+            "memory_kib": integer(MIN_ARGON2_MEMORY_KIB, 4 * 1024 * 1024),
+            "parallelism": integer(1, 64),
+            "threads": integer(1, 256),
+            "queue": integer(0, 100000),
+        },
+    )
+    out = _read(
+        node,
+        CodeSettings,
+        {
+            "alphabet": choice("mixed", "lower"),
+            "max_per_account": integer(1, 10000),
+            "default_expires": duration(allow_never=True, minimum=timedelta(minutes=1)),
+            "default_scopes": list_of(SCOPES),
+        },
+        argon2=argon2,
+    )
     node.finish()
     return out
 
 
 def _auth(root: Node) -> AuthSettings:
-    return _section(root, "auth", AuthSettings, {
-        "failure_delay": duration(),
-        "max_failures": integer(1, 100),
-        "login_timeout": duration(minimum=timedelta(seconds=1)),
-        "ip_failures_per_minute": integer(1, 1000000),
-        "cache_ttl": duration(),
-    })
+    return _section(
+        root,
+        "auth",
+        AuthSettings,
+        {
+            "failure_delay": duration(),
+            "max_failures": integer(1, 100),
+            "login_timeout": duration(minimum=timedelta(seconds=1)),
+            "ip_failures_per_minute": integer(1, 1000000),
+            "cache_ttl": duration(),
+        },
+    )
 
 
 def _audit_file(node: Node, key: str, value: Any) -> str:
@@ -350,11 +392,14 @@ def _enum(kind: type[T], options: tuple[Any, ...] | None = None) -> Rule:
 
 # The IANA ports for each protocol and TLS mode (RFC 8314 §7 for 465/993/995; RFC 6409 for 587).
 DEFAULT_PORTS = {
-    (MailProtocol.IMAP, TlsMode.NONE): 143, (MailProtocol.IMAP, TlsMode.STARTTLS): 143,
+    (MailProtocol.IMAP, TlsMode.NONE): 143,
+    (MailProtocol.IMAP, TlsMode.STARTTLS): 143,
     (MailProtocol.IMAP, TlsMode.IMPLICIT): 993,
-    (MailProtocol.POP3, TlsMode.NONE): 110, (MailProtocol.POP3, TlsMode.STARTTLS): 110,
+    (MailProtocol.POP3, TlsMode.NONE): 110,
+    (MailProtocol.POP3, TlsMode.STARTTLS): 110,
     (MailProtocol.POP3, TlsMode.IMPLICIT): 995,
-    (MailProtocol.SMTP, TlsMode.NONE): 25, (MailProtocol.SMTP, TlsMode.STARTTLS): 587,
+    (MailProtocol.SMTP, TlsMode.NONE): 25,
+    (MailProtocol.SMTP, TlsMode.STARTTLS): 587,
     (MailProtocol.SMTP, TlsMode.IMPLICIT): 465,
 }
 
@@ -376,17 +421,26 @@ def _listeners(root: Node, upstreams: dict[MailProtocol, Upstream]) -> tuple[Lis
                     node.ctx.error(node.key_path(k), f"file not found: {p}")
         plaintext_from = node.get("plaintext_auth_from", networks, ())
         if tls is TlsMode.NONE and not plaintext_from and node.has("tls"):
-            node.ctx.error(node.key_path("plaintext_auth_from"),
-                           "is required when tls is none (without it nobody can log in on this listener)")
-        name = node.get("name", text, None) or (f"{protocol}-{bind[1]}" if protocol and bind else node.path)
+            node.ctx.error(
+                node.key_path("plaintext_auth_from"),
+                "is required when tls is none (without it nobody can log in on this listener)",
+            )
+        name = node.get("name", text, None) or (
+            f"{protocol}-{bind[1]}" if protocol and bind else node.path
+        )
         if name in names:
             node.ctx.error(node.key_path("name"), f"must be unique ({show(name)} is used twice)")
         names.add(name)
         if protocol and protocol not in upstreams:
             node.ctx.error(node.key_path("protocol"), f"needs upstream.{protocol} to be configured")
         listener = Listener(
-            name=name, protocol=protocol or MailProtocol.IMAP, host=bind[0] if bind else "",
-            port=bind[1] if bind else 0, tls=tls or TlsMode.NONE, cert_file=cert, key_file=key,
+            name=name,
+            protocol=protocol or MailProtocol.IMAP,
+            host=bind[0] if bind else "",
+            port=bind[1] if bind else 0,
+            tls=tls or TlsMode.NONE,
+            cert_file=cert,
+            key_file=key,
             min_tls=node.get("min_tls", _tls_version, default_of(Listener, "min_tls")),
             plaintext_auth_from=plaintext_from,
             proxy_protocol_from=node.get("proxy_protocol_from", networks, ()),
@@ -396,7 +450,9 @@ def _listeners(root: Node, upstreams: dict[MailProtocol, Upstream]) -> tuple[Lis
     binds = [(item.host, item.port) for item in out]
     for i, b in enumerate(binds):
         if b in binds[:i]:
-            root.ctx.error(f"listeners[{i}].bind", f"is used by another listener ({show(f'{b[0]}:{b[1]}')})")
+            root.ctx.error(
+                f"listeners[{i}].bind", f"is used by another listener ({show(f'{b[0]}:{b[1]}')})"
+            )
     return tuple(out)
 
 
@@ -419,20 +475,28 @@ def _upstreams(root: Node) -> dict[MailProtocol, Upstream]:
         ca_file = sub.get("ca_file", path, None)
         if ca_file is not None and not ca_file.is_file():
             sub.ctx.error(sub.key_path("ca_file"), f"file not found: {ca_file}")
-        out[protocol] = _read(sub, Upstream, {
-            "host": text,
-            "verify": boolean,
-            "server_name": text,
-            "connect_timeout": duration(minimum=timedelta(seconds=1)),
-            "timeout": duration(minimum=timedelta(seconds=1)),
-            "master_user": text,
-            "send_client_address": boolean,
-        }, protocol=protocol, tls=tls, login=login, ca_file=ca_file,
+        out[protocol] = _read(
+            sub,
+            Upstream,
+            {
+                "host": text,
+                "verify": boolean,
+                "server_name": text,
+                "connect_timeout": duration(minimum=timedelta(seconds=1)),
+                "timeout": duration(minimum=timedelta(seconds=1)),
+                "master_user": text,
+                "send_client_address": boolean,
+            },
+            protocol=protocol,
+            tls=tls,
+            login=login,
+            ca_file=ca_file,
             port=sub.get("port", integer(1, 65535), DEFAULT_PORTS[(protocol, tls)]),
-            master_password=sub.get("master_password_file", secret_file, None))
+            master_password=sub.get("master_password_file", secret_file, None),
+        )
         sub.finish()
     node.finish()
     return out
 
 
-__all__ = ["ConfigError", "Settings", "load", "parse", "config_path", "text_list"]
+__all__ = ["ConfigError", "Settings", "config_path", "load", "parse", "text_list"]

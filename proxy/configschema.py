@@ -8,9 +8,10 @@ import ipaddress
 import json
 import os
 import re
-from datetime import date, datetime, timedelta, timezone
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # The default of a key that must be given (Node.get reports it as "is required" when absent).
 REQUIRED: Any = object()
@@ -49,7 +50,9 @@ class Context:
         self.problems: list[str] = []
 
     def error(self, path: str, message: str) -> None:
-        self.problems.append(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")
+        self.problems.append(
+            f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}"
+        )
 
     def check(self) -> None:
         if self.problems:
@@ -71,7 +74,9 @@ class Node:
     def has(self, key: str) -> bool:
         return self.data.get(key) is not None
 
-    def get(self, key: str, rule: Callable[["Node", str, Any], Any], default: Any = _MISSING) -> Any:
+    def get(
+        self, key: str, rule: Callable[[Node, str, Any], Any], default: Any = _MISSING
+    ) -> Any:
         """The value of `key` checked by `rule`; `default` when absent (or an error if required)."""
         self._used.add(key)
         value = self.data.get(key)
@@ -121,7 +126,9 @@ class Node:
         """For mappings like `store: {sqlite: PATH}`: exactly one of `choices` must be set."""
         present = [k for k in self.data if k in choices]
         if len(present) != 1:
-            self.ctx.error(self.path, f"must set exactly one of {', '.join(choices)} (got {show(self.data)})")
+            self.ctx.error(
+                self.path, f"must set exactly one of {', '.join(choices)} (got {show(self.data)})"
+            )
             self._used.update(self.data)
             return None
         return present[0]
@@ -133,7 +140,9 @@ class Node:
                 continue
             hint = difflib.get_close_matches(str(key), sorted(self._used), n=1, cutoff=0.6)
             extra = f"; did you mean {hint[0]!r}?" if hint else ""
-            known = f" (known keys: {', '.join(sorted(self._used))})" if not hint and self._used else ""
+            known = (
+                f" (known keys: {', '.join(sorted(self._used))})" if not hint and self._used else ""
+            )
             self.ctx.error(self.key_path(str(key)), f"unknown key{extra}{known}")
 
 
@@ -196,9 +205,11 @@ def parse_duration(value: Any, allow_never: bool = False) -> timedelta | None:
             raise Invalid("must be a duration like 30s, 15m, 12h, 90d (never is not allowed here)")
         if s and _DURATION.sub("", s) == "":
             total = sum(int(n) * _UNITS[u] for n, u in _DURATION.findall(s))
-            if total <= 10 ** 10:
+            if total <= 10**10:
                 return timedelta(seconds=total)
-    raise Invalid("must be a duration like 30s, 15m, 12h, 90d" + (" or never" if allow_never else ""))
+    raise Invalid(
+        "must be a duration like 30s, 15m, 12h, 90d" + (" or never" if allow_never else "")
+    )
 
 
 def duration(allow_never: bool = False, minimum: timedelta = timedelta(0)) -> Callable:
@@ -222,13 +233,13 @@ def parse_expiry(value: str, now: datetime) -> datetime | None:
     except ValueError:
         pass
     else:
-        return datetime(day.year, day.month, day.day, 23, 59, 59, tzinfo=timezone.utc)
+        return datetime(day.year, day.month, day.day, 23, 59, 59, tzinfo=UTC)
     try:
         moment = datetime.fromisoformat(s)
     except ValueError:
         delta = parse_duration(s, allow_never=True)
         return None if delta is None else now + delta
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def path(node: Node, key: str, value: Any) -> Path:
@@ -254,7 +265,9 @@ def secret_file(node: Node, key: str, value: Any) -> str:
     except FileNotFoundError:
         raise Invalid(f"file not found: {p}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise Invalid(f"cannot read {p}: {getattr(exc, 'strerror', None) or 'not UTF-8 text'}") from None
+        raise Invalid(
+            f"cannot read {p}: {getattr(exc, 'strerror', None) or 'not UTF-8 text'}"
+        ) from None
     if not secret:
         raise Invalid(f"file is empty: {p}")
     return secret
@@ -274,7 +287,9 @@ def networks(node: Node, key: str, value: Any) -> tuple:
         try:
             out.append(network(item))
         except Invalid:
-            raise Invalid(f"must be a list of IP networks like 10.0.0.0/8; {show(item)} is not one") from None
+            raise Invalid(
+                f"must be a list of IP networks like 10.0.0.0/8; {show(item)} is not one"
+            ) from None
     return tuple(out)
 
 

@@ -61,8 +61,9 @@ class Limits:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{type(self).__name__}.{f.name} must be a positive integer, "
-                                 f"not {value!r}")
+                raise ValueError(
+                    f"{type(self).__name__}.{f.name} must be a positive integer, not {value!r}"
+                )
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class Reply:
 
 Words = Mapping[Say, Reply]
 
+
 def printable(text: str) -> str:
     """Text from elsewhere (the upstream's capabilities, a configured greeting) made safe for a
     reply line: printable ASCII only, so that it can never split or end the line."""
@@ -157,8 +159,16 @@ class PreAuthCore:
     WORDS: ClassVar[Words]
     REFUSALS: ClassVar[Mapping[Refusal, Reply]]  # the reply to each auth_failed refusal
 
-    def __init__(self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool,
-                 limits: Limits, line_limit: int, hostname: str = "apppass") -> None:
+    def __init__(
+        self,
+        *,
+        tls_active: bool,
+        starttls_available: bool,
+        plaintext_auth: bool,
+        limits: Limits,
+        line_limit: int,
+        hostname: str = "apppass",
+    ) -> None:
         self.tls_active = tls_active
         self.starttls_available = starttls_available
         self.plaintext_auth = plaintext_auth
@@ -204,8 +214,10 @@ class PreAuthCore:
         self._lines.feed(data)
         waiting = self._state in (State.AUTHENTICATING, State.LOGGED_IN)
         out: list[Command] = [] if waiting else self._run()
-        if self._state in (State.AUTHENTICATING, State.LOGGED_IN) \
-                and self._lines.buffered > self.limits.max_pending:
+        if (
+            self._state in (State.AUTHENTICATING, State.LOGGED_IN)
+            and self._lines.buffered > self.limits.max_pending
+        ):
             self._say(Say.OVERFLOW, out)
         return out
 
@@ -393,7 +405,7 @@ _SASL_OUTCOMES = {
 
 def has_controls(line: bytes) -> bool:
     """CR, LF, NUL and other controls (TAB allowed) in a command line."""
-    return any(b < 0x20 and b != 0x09 or b == 0x7F for b in line)
+    return any((b < 0x20 and b != 0x09) or b == 0x7F for b in line)
 
 
 Handler = Callable[["LineCore", bytes, list[Command]], None]

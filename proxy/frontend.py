@@ -14,7 +14,8 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol as TypingProtocol
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -58,8 +59,9 @@ class ProtocolSpec(TypingProtocol):
     protocol: MailProtocol
     upstream: Upstream  # where its sessions log in
 
-    def make_core(self, *, tls_active: bool, starttls_available: bool,
-                  plaintext_auth: bool) -> PreAuthCore: ...
+    def make_core(
+        self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool
+    ) -> PreAuthCore: ...
 
     async def probe(self, conn: UpstreamConnection) -> None:
         """Learn what the upstream offers before login (at start, and again until it answers)."""
@@ -91,8 +93,9 @@ class SessionContext:
 class Frontend(Spliceable, Protocol):
     """One client connection: the pre-auth core, the login, then the relay."""
 
-    def __init__(self, context: SessionContext, listener: Listener, spec: ProtocolSpec,
-                 server_tls: Any) -> None:
+    def __init__(
+        self, context: SessionContext, listener: Listener, spec: ProtocolSpec, server_tls: Any
+    ) -> None:
         self.context = context
         self.listener = listener
         self.spec = spec
@@ -110,7 +113,7 @@ class Frontend(Spliceable, Protocol):
 
     # -- connection ------------------------------------------------------------------------------
 
-    def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+    def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.client_ip = getattr(peer, "host", "") or ""
         self.client_port = getattr(peer, "port", 0) or 0
@@ -121,16 +124,18 @@ class Frontend(Spliceable, Protocol):
             plaintext_auth=in_networks(self.client_ip, self.listener.plaintext_auth_from),
         )
         self.context.opened(self)
-        self._timer = self.context.reactor.callLater(self.context.login_timeout, self._login_timeout)
+        self._timer = self.context.reactor.callLater(
+            self.context.login_timeout, self._login_timeout
+        )
         self._carry_out(self.core.greeting())
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         if self.relay is not None:
             self.relay.dataReceived(data)
         elif not self._closed:
             self._carry_out(self.core.receive_data(data))
 
-    def connectionLost(self, reason: Failure) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure) -> None:
         self._closed = True
         self._cancel_timer()
         self.context.closed(self)
@@ -162,12 +167,18 @@ class Frontend(Spliceable, Protocol):
                 self.transport.loseConnection()
 
     def _audit(self, event: str, **fields: Any) -> None:
-        self.context.audit.event(event, protocol=self.spec.protocol.value, session=self.session_id,
-                                 client=self.client_ip, **fields)
+        self.context.audit.event(
+            event,
+            protocol=self.spec.protocol.value,
+            session=self.session_id,
+            client=self.client_ip,
+            **fields,
+        )
 
     def _bug(self, failure: Failure) -> None:
-        self._audit("error", where="frontend", type=failure.type.__name__,
-                    error=failure.getErrorMessage())
+        self._audit(
+            "error", where="frontend", type=failure.type.__name__, error=failure.getErrorMessage()
+        )
         if not self._closed:
             self._closed = True
             self.transport.abortConnection()
@@ -187,17 +198,30 @@ class Frontend(Spliceable, Protocol):
     async def _log_in(self, command: Authenticate) -> None:
         """Ask the Authenticator; after a Grant log in upstream, answer the client and splice."""
         creds = command.credentials
-        attempt = Attempt(self.spec.protocol, creds.login, creds.secret, self.client_ip,
-                          self.client_port, tls=self.tls_active, listener=self.listener.name,
-                          session=self.session_id, mechanism=command.mechanism)
+        attempt = Attempt(
+            self.spec.protocol,
+            creds.login,
+            creds.secret,
+            self.client_ip,
+            self.client_port,
+            tls=self.tls_active,
+            listener=self.listener.name,
+            session=self.session_id,
+            mechanism=command.mechanism,
+        )
         decision = await self.context.authenticator.authenticate(attempt)
         if self._closed:
             return
         if not isinstance(decision, Grant):
             await self._refuse(decision.refusal)
             return
-        request = LoginRequest(decision.upstream_identity, self.client_ip, self.client_port,
-                               self.session_id, command.hello)
+        request = LoginRequest(
+            decision.upstream_identity,
+            self.client_ip,
+            self.client_port,
+            self.session_id,
+            command.hello,
+        )
         try:
             self.upstream = await self.context.connect(self.spec.upstream)
             if self._closed:
@@ -235,9 +259,14 @@ class Frontend(Spliceable, Protocol):
         client_hook = upstream_hook = None
         if watch is not None:
             client_hook, upstream_hook = self._hooks(watch)
-        relay = Relay(self.transport, upstream.transport, client_pending=self.core.take_pending(),
-                      upstream_pending=upstream.take_leftover(), client_hook=client_hook,
-                      upstream_hook=upstream_hook)
+        relay = Relay(
+            self.transport,
+            upstream.transport,
+            client_pending=self.core.take_pending(),
+            upstream_pending=upstream.take_leftover(),
+            client_hook=client_hook,
+            upstream_hook=upstream_hook,
+        )
         self._relay = relay
         self.relay, upstream.relay = relay.client, relay.upstream
         relay.start().addCallback(self._session_end)
@@ -272,10 +301,17 @@ class Frontend(Spliceable, Protocol):
     def _session_end(self, result: RelayResult) -> None:
         grant = self.grant
         assert grant is not None
-        self._audit("session", account=grant.account.key, login=grant.account.login,
-                    code=grant.code_id, bytes_up=result.bytes_up, bytes_down=result.bytes_down,
-                    seconds=round(time.monotonic() - self._started, 3), closed_by=result.closed_by,
-                    reason=result.reason)
+        self._audit(
+            "session",
+            account=grant.account.key,
+            login=grant.account.login,
+            code=grant.code_id,
+            bytes_up=result.bytes_up,
+            bytes_down=result.bytes_down,
+            seconds=round(time.monotonic() - self._started, 3),
+            closed_by=result.closed_by,
+            reason=result.reason,
+        )
 
     def _close_both(self, reason: str) -> None:
         """Close client and upstream after what was written to them (the watch asked for it)."""
@@ -296,11 +332,17 @@ class Frontend(Spliceable, Protocol):
 class FrontendFactory(Factory):
     """Frontends for one listener."""
 
-    def __init__(self, context: SessionContext, listener: Listener, spec: ProtocolSpec,
-                 server_tls: Any) -> None:
-        self.context, self.listener, self.spec, self.server_tls = context, listener, spec, server_tls
+    def __init__(
+        self, context: SessionContext, listener: Listener, spec: ProtocolSpec, server_tls: Any
+    ) -> None:
+        self.context, self.listener, self.spec, self.server_tls = (
+            context,
+            listener,
+            spec,
+            server_tls,
+        )
 
-    def buildProtocol(self, addr: Any) -> Frontend:  # noqa: N802
+    def buildProtocol(self, addr: Any) -> Frontend:
         proto = Frontend(self.context, self.listener, self.spec, self.server_tls)
         proto.factory = self
         return proto

@@ -362,7 +362,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
     _started = False
     _timer = None
 
-    def makeConnection(self, transport):  # noqa: N802 (Twisted's names)
+    def makeConnection(self, transport):
         # As ProtocolWrapper.makeConnection, but the wrapped protocol starts only after the header.
         directlyProvides(self, providedBy(transport))
         if IHalfCloseableProtocol.implementedBy(type(self.wrappedProtocol)):
@@ -402,7 +402,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         if data and self.connected:
             self.wrappedProtocol.dataReceived(data)
 
-    def dataReceived(self, data):  # noqa: N802
+    def dataReceived(self, data):
         if self._started:
             self.wrappedProtocol.dataReceived(data)
             return
@@ -418,29 +418,29 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         self.header = result
         self._start(result.remaining)
 
-    def getPeer(self):  # noqa: N802
+    def getPeer(self):
         real = self.transport.getPeer()
         if self.header is not None and self.header.source is not None:
             return _twisted_address(self.header.source, real)
         return real
 
-    def getHost(self):  # noqa: N802
+    def getHost(self):
         real = self.transport.getHost()
         if self.header is not None and self.header.destination is not None:
             return _twisted_address(self.header.destination, real)
         return real
 
-    def readConnectionLost(self):  # noqa: N802 (only called when we provide the interface)
+    def readConnectionLost(self):
         if self._started:
             self.wrappedProtocol.readConnectionLost()
         else:
             self.transport.loseConnection()  # EOF before a complete header
 
-    def writeConnectionLost(self):  # noqa: N802
+    def writeConnectionLost(self):
         if self._started:
             self.wrappedProtocol.writeConnectionLost()
 
-    def connectionLost(self, reason):  # noqa: N802
+    def connectionLost(self, reason):
         self._cancel_timer()
         self.connected = 0
         self.factory.unregisterProtocol(self)

@@ -137,13 +137,13 @@ class Spliceable:
 
     relay = None  # a RelaySide once spliced
 
-    def readConnectionLost(self) -> None:  # noqa: N802 (Twisted's names)
+    def readConnectionLost(self) -> None:
         if self.relay is not None:
             self.relay.readConnectionLost()
         else:
             self.transport.loseConnection()
 
-    def writeConnectionLost(self) -> None:  # noqa: N802
+    def writeConnectionLost(self) -> None:
         if self.relay is not None:
             self.relay.writeConnectionLost()
 
@@ -193,20 +193,20 @@ class _WriteBufferWatch:
         self.feeders = feeders
         self.paused = False
 
-    def pauseProducing(self) -> None:  # noqa: N802 (Twisted's interface)
+    def pauseProducing(self) -> None:
         if not self.paused:
             self.paused = True
             self.full.pauses += 1
             for side in self.feeders:
                 side._pause(self)
 
-    def resumeProducing(self) -> None:  # noqa: N802
+    def resumeProducing(self) -> None:
         if self.paused:
             self.paused = False
             for side in self.feeders:
                 side._resume(self)
 
-    def stopProducing(self) -> None:  # noqa: N802
+    def stopProducing(self) -> None:
         # The transport is gone; its connectionLost (forwarded to the relay) does the work.
         self.resumeProducing()
 
@@ -233,7 +233,7 @@ class RelaySide:
 
     # -- events from the transport's protocol ----------------------------------------------
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 -- replaced per instance below
+    def dataReceived(self, data: bytes) -> None:
         self._forward(data)
 
     def _forward(self, data: bytes) -> None:
@@ -255,13 +255,13 @@ class RelaySide:
         if to_peer:
             self._forward(to_peer)
 
-    def readConnectionLost(self) -> None:  # noqa: N802
+    def readConnectionLost(self) -> None:
         self.relay._side_eof(self)
 
-    def writeConnectionLost(self) -> None:  # noqa: N802
+    def writeConnectionLost(self) -> None:
         self.write_closed = True
 
-    def connectionLost(self, reason: Failure) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure) -> None:
         self.relay._side_lost(self, reason)
 
     # -- reading control -------------------------------------------------------------------

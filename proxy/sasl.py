@@ -68,7 +68,9 @@ def parse_plain(message: bytes) -> tuple[str, Credentials]:
     parts = message.split(b"\x00")
     if len(parts) != 3:
         raise SaslError("PLAIN message needs exactly two NUL separators")
-    authzid, authcid, passwd = (_text(p, w) for p, w in zip(parts, ("authzid", "authcid", "password")))
+    authzid, authcid, passwd = (
+        _text(p, w) for p, w in zip(parts, ("authzid", "authcid", "password"))
+    )
     if not authcid:
         raise SaslError("empty authcid")
     return authzid, Credentials(authcid, passwd)
@@ -143,7 +145,7 @@ def client_plain(authzid: str, authcid: str, password: str) -> str:
 
 def client_xoauth2(user: str, token: str) -> str:
     """Base64 XOAUTH2 initial response: `user=U^Aauth=Bearer T^A^A`."""
-    raw = f"user={user}\x01auth=Bearer {token}\x01\x01".encode("utf-8")
+    raw = f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
     return base64.b64encode(raw).decode("ascii")
 
 
@@ -151,8 +153,10 @@ def is_valid_login(login: str) -> bool:
     """A login name with NUL, CR, LF or other control characters is refused before any lookup
     (the proxy and the upstream must never disagree about who logs in: Dovecot cuts a name
     at NUL)."""
-    return bool(login) and len(login) <= MAX_FIELD and not any(
-        ord(c) < 0x20 or ord(c) == 0x7F or 0x80 <= ord(c) < 0xA0 for c in login
+    return (
+        bool(login)
+        and len(login) <= MAX_FIELD
+        and not any(ord(c) < 0x20 or ord(c) == 0x7F or 0x80 <= ord(c) < 0xA0 for c in login)
     )
 
 

@@ -12,8 +12,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from proxy.audit import Audit
 from proxy.auth.authenticator import Authenticator
-from proxy.codes.open import open_store
 from proxy.codes.hashing import CodeHasher
+from proxy.codes.open import open_store
 from proxy.codes.store import AsyncCodeStore, State, StoreUnavailable
 from proxy.config import Settings
 from proxy.directory.open import open_directory
@@ -52,8 +52,13 @@ def protocol_specs(settings: Settings) -> dict[MailProtocol, ProtocolSpec]:
 
 
 class Service:
-    def __init__(self, settings: Settings, reactor, audit: Audit | None = None,
-                 session_check: float = SESSION_CHECK_SECONDS) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        reactor,
+        audit: Audit | None = None,
+        session_check: float = SESSION_CHECK_SECONDS,
+    ) -> None:
         self.settings = settings
         self.reactor = reactor
         self.audit = audit or Audit(path=settings.audit.file)
@@ -68,11 +73,15 @@ class Service:
     def _context(self) -> SessionContext:
         auth = self.settings.auth
         return SessionContext(
-            authenticator=self.authenticator, audit=self.audit, reactor=self.reactor,
+            authenticator=self.authenticator,
+            audit=self.audit,
+            reactor=self.reactor,
             login_timeout=auth.login_timeout.total_seconds(),
             failure_delay=auth.failure_delay.total_seconds(),
             connect=lambda upstream: connect(upstream, self.reactor),
-            opened=self.sessions.add, closed=self.sessions.discard)
+            opened=self.sessions.add,
+            closed=self.sessions.discard,
+        )
 
     async def start(self) -> None:
         s = self.settings
@@ -81,12 +90,16 @@ class Service:
         self.store = AsyncCodeStore(self.sync_store, self.reactor)
         self.hasher = CodeHasher(s.codes.argon2)
         self.hasher.start(self.reactor)
-        self.authenticator = Authenticator(s, self.directory, self.store, self.hasher, self.audit, self.reactor)
+        self.authenticator = Authenticator(
+            s, self.directory, self.store, self.hasher, self.audit, self.reactor
+        )
         context = self._context()
         for listener in s.listeners:
             server_tls = None
             if listener.tls is not TlsMode.NONE:
-                server_tls = ServerTLS(str(listener.cert_file), str(listener.key_file), listener.min_tls)
+                server_tls = ServerTLS(
+                    str(listener.cert_file), str(listener.key_file), listener.min_tls
+                )
                 self.tls[listener.name] = server_tls
             factory = FrontendFactory(context, listener, self.specs[listener.protocol], server_tls)
             if listener.tls is TlsMode.IMPLICIT:
@@ -95,11 +108,17 @@ class Service:
                 trusted = TrustedProxies.parse([str(n) for n in listener.proxy_protocol_from])
                 factory = ProxyProtocolFactory(factory, trusted)
             endpoint_type = TCP6ServerEndpoint if ":" in listener.host else TCP4ServerEndpoint
-            port = await endpoint_type(self.reactor, listener.port, backlog=LISTEN_BACKLOG,
-                                       interface=listener.host).listen(factory)
+            port = await endpoint_type(
+                self.reactor, listener.port, backlog=LISTEN_BACKLOG, interface=listener.host
+            ).listen(factory)
             self.ports[listener.name] = port
-            self.audit.event("listening", listener=listener.name, protocol=listener.protocol,
-                             address=f"{listener.host}:{port.getHost().port}", tls=listener.tls)
+            self.audit.event(
+                "listening",
+                listener=listener.name,
+                protocol=listener.protocol,
+                address=f"{listener.host}:{port.getHost().port}",
+                tls=listener.tls,
+            )
         for protocol in {listener.protocol for listener in s.listeners}:
             if not await self._probe(protocol):
                 retry = task.LoopingCall(self._retry_probe, protocol)
@@ -120,8 +139,12 @@ class Service:
             finally:
                 conn.close()
         except UpstreamError as exc:
-            self.audit.event("upstream", protocol=protocol.value, result="fail",
-                             reason=f"cannot learn what the upstream offers: {exc}")
+            self.audit.event(
+                "upstream",
+                protocol=protocol.value,
+                result="fail",
+                reason=f"cannot learn what the upstream offers: {exc}",
+            )
             return False
         return True
 
@@ -162,8 +185,12 @@ class Service:
             state = record.state() if record else State.REVOKED
             if state in (State.REVOKED, State.DISABLED):
                 for session in sessions:
-                    self.audit.event("session_ended", session=session.session_id, code=code_id,
-                                     reason=f"app password {state.value}")
+                    self.audit.event(
+                        "session_ended",
+                        session=session.session_id,
+                        code=code_id,
+                        reason=f"app password {state.value}",
+                    )
                     session.end(f"app password {code_id} {state.value}")
 
     async def stop(self) -> None:
@@ -203,6 +230,8 @@ def serve(settings: Settings) -> int:
         defer.ensureDeferred(service.start()).addCallbacks(started, failed)
 
     reactor.callWhenRunning(run)
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(service.stop()))
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: defer.ensureDeferred(service.stop())
+    )
     reactor.run()
     return exit_code[0]

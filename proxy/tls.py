@@ -255,7 +255,7 @@ class ServerTLS:
     def expires_at(self) -> datetime.datetime:
         return self._leaf.not_valid_after_utc
 
-    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:  # noqa: N802,N803 (Twisted)
+    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         return SSL.Connection(self._context, None)
 
 
@@ -281,7 +281,7 @@ class _UnverifiedClientTLS:
         is_ip = isIPAddress(hostname) or isIPv6Address(hostname)
         self._sni = None if is_ip else hostname.encode("idna")
 
-    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:  # noqa: N802,N803
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         connection = self._options.clientConnectionForTLS(tlsProtocol)
         if self._sni:
             connection.set_tlsext_host_name(self._sni)

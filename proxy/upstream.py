@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from twisted.internet import defer, error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
-from twisted.internet.interfaces import IHalfCloseableProtocol
 
 from proxy.commands import Hello
 from proxy.config import Upstream
@@ -70,14 +70,14 @@ class UpstreamConnection(Spliceable, Protocol):
 
     # -- Twisted events --------------------------------------------------------------------------
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         if self.relay is not None:
             self.relay.dataReceived(data)
             return
         self._lines.feed(data)
         self._wake()
 
-    def connectionLost(self, reason) -> None:  # noqa: N802
+    def connectionLost(self, reason) -> None:
         if self.relay is not None:
             self.relay.connectionLost(reason)
             return
@@ -105,7 +105,9 @@ class UpstreamConnection(Spliceable, Protocol):
             if self._lost is not None:
                 raise self._lost
             self._waiting = d = defer.Deferred()
-            timer = self._reactor.callLater(self.settings.timeout.total_seconds(), self._time_out, d)
+            timer = self._reactor.callLater(
+                self.settings.timeout.total_seconds(), self._time_out, d
+            )
             try:
                 await d
             finally:
@@ -115,7 +117,11 @@ class UpstreamConnection(Spliceable, Protocol):
     def _time_out(self, d: defer.Deferred) -> None:
         if self._waiting is d:
             self._waiting = None
-            d.errback(UpstreamError(f"no answer from upstream within {self.settings.timeout.total_seconds():g}s"))
+            d.errback(
+                UpstreamError(
+                    f"no answer from upstream within {self.settings.timeout.total_seconds():g}s"
+                )
+            )
             self.transport.abortConnection()
 
     async def start_tls(self) -> None:
@@ -134,8 +140,11 @@ class UpstreamConnection(Spliceable, Protocol):
 
 
 def client_tls(settings: Upstream):
-    return upstream_tls(settings.server_name or settings.host, ca_file=str(settings.ca_file) if settings.ca_file else None,
-                        verify=settings.verify)
+    return upstream_tls(
+        settings.server_name or settings.host,
+        ca_file=str(settings.ca_file) if settings.ca_file else None,
+        verify=settings.verify,
+    )
 
 
 async def connect(settings: Upstream, reactor) -> UpstreamConnection:
@@ -153,5 +162,7 @@ async def connect(settings: Upstream, reactor) -> UpstreamConnection:
     try:
         proto = await endpoint.connect(factory)
     except (error.ConnectError, error.DNSLookupError, error.TimeoutError, OSError) as exc:
-        raise UpstreamError(f"cannot connect to {settings.host}:{settings.port}: {exc.__class__.__name__}") from None
+        raise UpstreamError(
+            f"cannot connect to {settings.host}:{settings.port}: {exc.__class__.__name__}"
+        ) from None
     return getattr(proto, "wrappedProtocol", proto)

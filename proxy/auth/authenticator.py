@@ -40,8 +40,16 @@ _CLAIM_REFUSALS = {
 
 
 class Authenticator:
-    def __init__(self, settings: Settings, directory, store, hasher, audit: Audit, reactor,
-                 clock=time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        directory,
+        store,
+        hasher,
+        audit: Audit,
+        reactor,
+        clock=time.monotonic,
+    ) -> None:
         self.settings = settings
         self.directory = directory
         self.store = store  # AsyncCodeStore
@@ -51,7 +59,9 @@ class Authenticator:
         self._clock = clock
         self.limiter = FailureLimiter(settings.auth.ip_failures_per_minute)
         self.cache = VerifiedCache(settings.auth.cache_ttl.total_seconds())
-        self._dir_pool = ThreadPool(minthreads=1, maxthreads=DIRECTORY_THREADS, name="apppass-directory")
+        self._dir_pool = ThreadPool(
+            minthreads=1, maxthreads=DIRECTORY_THREADS, name="apppass-directory"
+        )
         self._dir_pool.start()
 
     def stop(self) -> None:
@@ -60,15 +70,22 @@ class Authenticator:
     def _lookup(self, login: str):
         if not getattr(self.directory, "blocking", True):
             return defer.maybeDeferred(self.directory.lookup, login)
-        return threads.deferToThreadPool(self._reactor, self._dir_pool, self.directory.lookup, login)
+        return threads.deferToThreadPool(
+            self._reactor, self._dir_pool, self.directory.lookup, login
+        )
 
     def authenticate(self, attempt: Attempt) -> defer.Deferred:
         """A Deferred that always fires with a Grant or a Denial (never errbacks)."""
         d = defer.ensureDeferred(self._decide(attempt))
 
         def unexpected(failure):
-            self.audit.event("error", where="authenticate", error=failure.getErrorMessage(),
-                             type=failure.type.__name__, session=attempt.session)
+            self.audit.event(
+                "error",
+                where="authenticate",
+                error=failure.getErrorMessage(),
+                type=failure.type.__name__,
+                session=attempt.session,
+            )
             return Denial(Refusal.TEMPORARY, "internal error")
 
         d.addErrback(unexpected)
@@ -77,19 +94,38 @@ class Authenticator:
 
     def _record(self, decision, attempt: Attempt):
         account = decision.account
-        fields = dict(protocol=attempt.protocol.value, login=attempt.login, client=attempt.client_ip,
-                      port=attempt.client_port or None, tls=attempt.tls, listener=attempt.listener or None,
-                      session=attempt.session or None, mechanism=attempt.mechanism or None,
-                      account=account.key if account else None)
+        fields = dict(
+            protocol=attempt.protocol.value,
+            login=attempt.login,
+            client=attempt.client_ip,
+            port=attempt.client_port or None,
+            tls=attempt.tls,
+            listener=attempt.listener or None,
+            session=attempt.session or None,
+            mechanism=attempt.mechanism or None,
+            account=account.key if account else None,
+        )
         if decision.ok:
             self.limiter.success(attempt.client_ip)
-            self.audit.event("auth", result="grant", code=decision.code_id, label=decision.code_label,
-                             upstream_identity=decision.upstream_identity, **fields)
+            self.audit.event(
+                "auth",
+                result="grant",
+                code=decision.code_id,
+                label=decision.code_label,
+                upstream_identity=decision.upstream_identity,
+                **fields,
+            )
         else:
             if decision.refusal == Refusal.CREDENTIALS:
                 self.limiter.failure(attempt.client_ip, self._clock())
-            self.audit.event("auth", result="deny", refusal=decision.refusal.value, reason=decision.reason,
-                             code=decision.code_id, **fields)
+            self.audit.event(
+                "auth",
+                result="deny",
+                refusal=decision.refusal.value,
+                reason=decision.reason,
+                code=decision.code_id,
+                **fields,
+            )
         return decision
 
     async def _decide(self, attempt: Attempt):
@@ -103,7 +139,11 @@ class Authenticator:
         except DirectoryUnavailable as exc:
             return Denial(Refusal.TEMPORARY, f"directory unavailable: {exc}")
         if parts is None or account is None:
-            reason = "unknown login" if account is None else "not an app password (wrong length or characters)"
+            reason = (
+                "unknown login"
+                if account is None
+                else "not an app password (wrong length or characters)"
+            )
             return await self._dummy(reason, account, attempt.client_ip)
         selector, code = parts
 
@@ -116,9 +156,13 @@ class Authenticator:
             except StoreUnavailable as exc:
                 return Denial(Refusal.TEMPORARY, f"store unavailable: {exc}", account)
             if record is None:
-                return await self._dummy("no app password with this selector", account, attempt.client_ip)
+                return await self._dummy(
+                    "no app password with this selector", account, attempt.client_ip
+                )
             try:
-                verified = await self.hasher.verify(record.hash, code, client_bucket(attempt.client_ip))
+                verified = await self.hasher.verify(
+                    record.hash, code, client_bucket(attempt.client_ip)
+                )
             except ClientShareFull:
                 return self._flooding(attempt.client_ip, account)
             except PoolFull:
@@ -128,16 +172,25 @@ class Authenticator:
                     await self.store.record_failure(record.id, attempt.client_ip)
                 except StoreUnavailable:
                     pass
-                return Denial(Refusal.CREDENTIALS, f"wrong secret for app password {record.id}", account, record.id)
+                return Denial(
+                    Refusal.CREDENTIALS,
+                    f"wrong secret for app password {record.id}",
+                    account,
+                    record.id,
+                )
             code_id, label = record.id, record.label
             self.cache.put(account.key, code, code_id, label, self._clock())
 
         refusal = account_refusal(account, self.settings.policy)
         if refusal:
             return Denial(Refusal.FORBIDDEN, refusal, account, code_id)
-        not_before = account.password_changed_at if self.settings.policy.revoke_on_password_change else None
+        not_before = (
+            account.password_changed_at if self.settings.policy.revoke_on_password_change else None
+        )
         try:
-            claim = await self.store.claim(code_id, attempt.protocol.value, attempt.client_ip, not_before)
+            claim = await self.store.claim(
+                code_id, attempt.protocol.value, attempt.client_ip, not_before
+            )
         except StoreUnavailable as exc:
             return Denial(Refusal.TEMPORARY, f"store unavailable: {exc}", account, code_id)
         if claim != Claim.OK:
@@ -155,8 +208,11 @@ class Authenticator:
         """An address with its whole share of the queue waiting is flooding: count it as a
         failure, so the limiter stops it before the queue drains rather than after."""
         self.limiter.failure(client_ip, self._clock())
-        return Denial(Refusal.LIMIT, "this address has its whole share of the verification queue waiting",
-                      account)
+        return Denial(
+            Refusal.LIMIT,
+            "this address has its whole share of the verification queue waiting",
+            account,
+        )
 
     async def _dummy(self, reason: str, account: Account | None, client_ip: str):
         """Spend one verification so that this failure takes as long as a wrong secret."""

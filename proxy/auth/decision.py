@@ -24,8 +24,10 @@ class Attempt:
     mechanism: str = ""  # how the client presented it (LOGIN, PLAIN, USER), for the audit log
 
     def __repr__(self) -> str:
-        return (f"Attempt({self.protocol.value}, login={self.login!r}, secret=<hidden>, "
-                f"client={self.client_ip}, tls={self.tls})")
+        return (
+            f"Attempt({self.protocol.value}, login={self.login!r}, secret=<hidden>, "
+            f"client={self.client_ip}, tls={self.tls})"
+        )
 
 
 class Refusal(str, enum.Enum):

@@ -28,7 +28,9 @@ def client_bucket(ip: str) -> str:
 
 
 class FailureLimiter:
-    def __init__(self, per_window: int, window: float = WINDOW_SECONDS, max_tracked: int = MAX_TRACKED) -> None:
+    def __init__(
+        self, per_window: int, window: float = WINDOW_SECONDS, max_tracked: int = MAX_TRACKED
+    ) -> None:
         self.per_window = per_window
         self.window = window
         self.max_tracked = max_tracked

@@ -33,13 +33,15 @@ class Code:
 
     def grouped(self) -> str:
         """`abcd-efgh-ijkm-npqr`: dashes, not spaces, so that a pasted code stays one IMAP atom."""
-        return "-".join(self.value[i:i + 4] for i in range(0, CODE_LENGTH, 4))
+        return "-".join(self.value[i : i + 4] for i in range(0, CODE_LENGTH, 4))
 
     def __repr__(self) -> str:
         return "Code(<hidden>)"
 
 
-def generate(alphabet: str = "mixed", avoid_selectors: frozenset[str] | set[str] = frozenset()) -> Code:
+def generate(
+    alphabet: str = "mixed", avoid_selectors: frozenset[str] | set[str] = frozenset()
+) -> Code:
     """A new random code whose selector is not among `avoid_selectors` (the account's others)."""
     symbols = ALPHABETS[alphabet]
     while True:

@@ -70,8 +70,11 @@ class CodeHasher:
 
     def start(self, reactor) -> None:
         self._reactor = reactor
-        self._pool = ThreadPool(minthreads=self.settings.threads, maxthreads=self.settings.threads,
-                                name="apppass-argon2")
+        self._pool = ThreadPool(
+            minthreads=self.settings.threads,
+            maxthreads=self.settings.threads,
+            name="apppass-argon2",
+        )
         self._pool.start()
 
     def stop(self) -> None:
@@ -112,7 +115,9 @@ class CodeHasher:
             else:
                 del self._waiting[client]
             self._running += 1
-            job = threads.deferToThreadPool(self._reactor, self._pool, self.verify_sync, encoded, code)
+            job = threads.deferToThreadPool(
+                self._reactor, self._pool, self.verify_sync, encoded, code
+            )
             job.addBoth(self._finished, d)
 
     def _finished(self, result, d: defer.Deferred) -> None:

@@ -34,9 +34,20 @@ def resolve(directory, login: str) -> Account:
     return account
 
 
-def issue_code(settings: Settings, directory, store: CodeStore, hasher: CodeHasher, *, login: str,
-               label: str, scopes: tuple[str, ...] | None = None, expires_at: datetime | None = None,
-               max_uses: int | None = None, networks: tuple[str, ...] = (), created_by: str = "cli") -> Issued:
+def issue_code(
+    settings: Settings,
+    directory,
+    store: CodeStore,
+    hasher: CodeHasher,
+    *,
+    login: str,
+    label: str,
+    scopes: tuple[str, ...] | None = None,
+    expires_at: datetime | None = None,
+    max_uses: int | None = None,
+    networks: tuple[str, ...] = (),
+    created_by: str = "cli",
+) -> Issued:
     label = label.strip()
     if not label or len(label) > MAX_LABEL or any(ord(c) < 0x20 for c in label):
         raise Refused(f"a label must be 1 to {MAX_LABEL} printable characters")
@@ -46,8 +57,18 @@ def issue_code(settings: Settings, directory, store: CodeStore, hasher: CodeHash
         raise Refused(f"{account.login}: {refusal}")
     code = generate(settings.codes.alphabet, store.selectors(account.key))
     record = store.create(
-        NewCode(account_key=account.key, account_login=account.login, label=label, selector=code.selector,
-                hash=hasher.hash(code.value), scopes=tuple(scopes or settings.codes.default_scopes),
-                networks=tuple(networks), expires_at=expires_at, max_uses=max_uses, created_by=created_by),
-        cap=settings.codes.max_per_account)
+        NewCode(
+            account_key=account.key,
+            account_login=account.login,
+            label=label,
+            selector=code.selector,
+            hash=hasher.hash(code.value),
+            scopes=tuple(scopes or settings.codes.default_scopes),
+            networks=tuple(networks),
+            expires_at=expires_at,
+            max_uses=max_uses,
+            created_by=created_by,
+        ),
+        cap=settings.codes.max_per_account,
+    )
     return Issued(record, code)

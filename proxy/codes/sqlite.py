@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-from proxy.codes.store import CapReached, Claim, CodeRecord, NewCode, StoreUnavailable, ip_allowed, utcnow
+from proxy.codes.store import (
+    CapReached,
+    Claim,
+    CodeRecord,
+    NewCode,
+    StoreUnavailable,
+    ip_allowed,
+    utcnow,
+)
 
 # Versioned migrations: step i (a list of statements) brings the schema from version i to i + 1.
 # Never edit a shipped step; append a new one.
 MIGRATIONS = [
-    ["""
+    [
+        """
     CREATE TABLE codes (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         account_key TEXT NOT NULL,
@@ -36,7 +45,8 @@ MIGRATIONS = [
         revoked_at INTEGER,
         created_by TEXT NOT NULL
     )""",
-     "CREATE UNIQUE INDEX codes_account_selector ON codes (account_key, selector)"],
+        "CREATE UNIQUE INDEX codes_account_selector ON codes (account_key, selector)",
+    ],
 ]
 
 # How long a writer waits for SQLite's lock before the attempt fails as temporary.
@@ -48,21 +58,31 @@ def _ts(moment: datetime | None) -> int | None:
 
 
 def _dt(value: int | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, timezone.utc)
+    return None if value is None else datetime.fromtimestamp(value, UTC)
 
 
 def _record(row: sqlite3.Row) -> CodeRecord:
     return CodeRecord(
-        id=row["id"], account_key=row["account_key"], account_login=row["account_login"],
-        label=row["label"], selector=row["selector"], hash=row["hash"],
+        id=row["id"],
+        account_key=row["account_key"],
+        account_login=row["account_login"],
+        label=row["label"],
+        selector=row["selector"],
+        hash=row["hash"],
         scopes=tuple(s for s in row["scopes"].split(",") if s),
         networks=tuple(row["networks"].split()),
-        created_at=_dt(row["created_at"]), expires_at=_dt(row["expires_at"]),
-        max_uses=row["max_uses"], use_count=row["use_count"],
-        last_used_at=_dt(row["last_used_at"]), last_used_ip=row["last_used_ip"],
-        last_used_protocol=row["last_used_protocol"], failed_count=row["failed_count"],
-        last_failed_at=_dt(row["last_failed_at"]), disabled=bool(row["disabled"]),
-        revoked_at=_dt(row["revoked_at"]), created_by=row["created_by"],
+        created_at=_dt(row["created_at"]),
+        expires_at=_dt(row["expires_at"]),
+        max_uses=row["max_uses"],
+        use_count=row["use_count"],
+        last_used_at=_dt(row["last_used_at"]),
+        last_used_ip=row["last_used_ip"],
+        last_used_protocol=row["last_used_protocol"],
+        failed_count=row["failed_count"],
+        last_failed_at=_dt(row["last_failed_at"]),
+        disabled=bool(row["disabled"]),
+        revoked_at=_dt(row["revoked_at"]),
+        created_by=row["created_by"],
     )
 
 
@@ -87,8 +107,12 @@ class SqliteCodeStore:
             if str(self.path) != ":memory:":
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                                       check_same_thread=False)
+                conn = sqlite3.connect(
+                    self.path,
+                    timeout=BUSY_TIMEOUT_MS / 1000,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -120,8 +144,10 @@ class SqliteCodeStore:
             start = conn.execute("PRAGMA user_version").fetchone()[0]
             if start > len(MIGRATIONS):
                 conn.execute("ROLLBACK")
-                raise StoreUnavailable(f"{self.path}: schema version {start} is newer than this apppass "
-                                       f"({len(MIGRATIONS)}); upgrade apppass")
+                raise StoreUnavailable(
+                    f"{self.path}: schema version {start} is newer than this apppass "
+                    f"({len(MIGRATIONS)}); upgrade apppass"
+                )
             for step in range(start, len(MIGRATIONS)):
                 for statement in MIGRATIONS[step]:
                     conn.execute(statement)
@@ -142,16 +168,31 @@ class SqliteCodeStore:
             conn.execute("BEGIN IMMEDIATE")
             live = conn.execute(
                 "SELECT count(*) FROM codes WHERE account_key = ? AND revoked_at IS NULL"
-                " AND (expires_at IS NULL OR expires_at > ?)", (new.account_key, _ts(now))).fetchone()[0]
+                " AND (expires_at IS NULL OR expires_at > ?)",
+                (new.account_key, _ts(now)),
+            ).fetchone()[0]
             if live >= cap:
                 conn.execute("ROLLBACK")
-                raise CapReached(f"{new.account_login} already has {live} codes (codes.max_per_account is {cap})")
+                raise CapReached(
+                    f"{new.account_login} already has {live} codes (codes.max_per_account is {cap})"
+                )
             cur = conn.execute(
                 "INSERT INTO codes (account_key, account_login, label, selector, hash, scopes, networks,"
                 " created_at, expires_at, max_uses, created_by) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (new.account_key, new.account_login, new.label, new.selector, new.hash,
-                 "," + ",".join(new.scopes) + ",", " ".join(new.networks), _ts(now),
-                 _ts(new.expires_at), new.max_uses, new.created_by))
+                (
+                    new.account_key,
+                    new.account_login,
+                    new.label,
+                    new.selector,
+                    new.hash,
+                    "," + ",".join(new.scopes) + ",",
+                    " ".join(new.networks),
+                    _ts(now),
+                    _ts(new.expires_at),
+                    new.max_uses,
+                    new.created_by,
+                ),
+            )
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
@@ -164,39 +205,52 @@ class SqliteCodeStore:
         return _record(row) if row else None
 
     def find(self, account_key: str, selector: str) -> CodeRecord | None:
-        row = self._run("SELECT * FROM codes WHERE account_key = ? AND selector = ?",
-                        (account_key, selector)).fetchone()
+        row = self._run(
+            "SELECT * FROM codes WHERE account_key = ? AND selector = ?", (account_key, selector)
+        ).fetchone()
         return _record(row) if row else None
 
     def selectors(self, account_key: str) -> set[str]:
         rows = self._run("SELECT selector FROM codes WHERE account_key = ?", (account_key,))
         return {r[0] for r in rows}
 
-    def list(self, account_key: str | None = None, include_inactive: bool = False,
-             now: datetime | None = None) -> list[CodeRecord]:
+    def list(
+        self,
+        account_key: str | None = None,
+        include_inactive: bool = False,
+        now: datetime | None = None,
+    ) -> list[CodeRecord]:
         sql, params = "SELECT * FROM codes WHERE 1=1", []
         if account_key is not None:
             sql += " AND account_key = ?"
             params.append(account_key)
         if not include_inactive:
-            sql += (" AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)"
-                    " AND (max_uses IS NULL OR use_count < max_uses)")
+            sql += (
+                " AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)"
+                " AND (max_uses IS NULL OR use_count < max_uses)"
+            )
             params.append(_ts(now or utcnow()))
         return [_record(r) for r in self._run(sql + " ORDER BY account_login, id", params)]
 
     def set_disabled(self, code_id: int, disabled: bool) -> bool:
-        cur = self._run("UPDATE codes SET disabled = ? WHERE id = ? AND revoked_at IS NULL",
-                        (int(disabled), code_id))
+        cur = self._run(
+            "UPDATE codes SET disabled = ? WHERE id = ? AND revoked_at IS NULL",
+            (int(disabled), code_id),
+        )
         return cur.rowcount == 1
 
     def revoke(self, code_id: int, now: datetime | None = None) -> bool:
-        cur = self._run("UPDATE codes SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-                        (_ts(now or utcnow()), code_id))
+        cur = self._run(
+            "UPDATE codes SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+            (_ts(now or utcnow()), code_id),
+        )
         return cur.rowcount == 1
 
     def revoke_all(self, account_key: str, now: datetime | None = None) -> int:
-        cur = self._run("UPDATE codes SET revoked_at = ? WHERE account_key = ? AND revoked_at IS NULL",
-                        (_ts(now or utcnow()), account_key))
+        cur = self._run(
+            "UPDATE codes SET revoked_at = ? WHERE account_key = ? AND revoked_at IS NULL",
+            (_ts(now or utcnow()), account_key),
+        )
         return cur.rowcount
 
     def purge(self, older_than: datetime) -> int:
@@ -206,15 +260,25 @@ class SqliteCodeStore:
             "DELETE FROM codes WHERE (revoked_at IS NOT NULL AND revoked_at < ?)"
             " OR (expires_at IS NOT NULL AND expires_at < ?)"
             " OR (max_uses IS NOT NULL AND use_count >= max_uses AND coalesce(last_used_at, created_at) < ?)",
-            (t, t, t))
+            (t, t, t),
+        )
         return cur.rowcount
 
     def record_failure(self, code_id: int, ip: str, now: datetime | None = None) -> None:
-        self._run("UPDATE codes SET failed_count = failed_count + 1, last_failed_at = ?, last_failed_ip = ?"
-                  " WHERE id = ?", (_ts(now or utcnow()), ip, code_id))
+        self._run(
+            "UPDATE codes SET failed_count = failed_count + 1, last_failed_at = ?, last_failed_ip = ?"
+            " WHERE id = ?",
+            (_ts(now or utcnow()), ip, code_id),
+        )
 
-    def claim(self, code_id: int, protocol: str, ip: str, not_before: datetime | None = None,
-              now: datetime | None = None) -> Claim:
+    def claim(
+        self,
+        code_id: int,
+        protocol: str,
+        ip: str,
+        not_before: datetime | None = None,
+        now: datetime | None = None,
+    ) -> Claim:
         """One statement re-checks everything that can change and counts the use; max_uses is
         never exceeded however many logins race. On refusal, a read says why."""
         now_ts = _ts(now or utcnow())
@@ -226,7 +290,8 @@ class SqliteCodeStore:
             " AND (expires_at IS NULL OR expires_at > ?)"
             " AND (max_uses IS NULL OR use_count < max_uses)"
             " AND instr(scopes, ?) > 0 AND ip_allowed(networks, ?) AND created_at >= ?",
-            (now_ts, ip, protocol, code_id, now_ts, f",{protocol},", ip, floor))
+            (now_ts, ip, protocol, code_id, now_ts, f",{protocol},", ip, floor),
+        )
         if cur.rowcount == 1:
             return Claim.OK
         row = self._run("SELECT * FROM codes WHERE id = ?", (code_id,)).fetchone()
@@ -235,7 +300,7 @@ class SqliteCodeStore:
         rec = _record(row)
         if rec.revoked_at is not None:
             return Claim.REVOKED
-        if rec.created_at < datetime.fromtimestamp(floor, timezone.utc):
+        if rec.created_at < datetime.fromtimestamp(floor, UTC):
             return Claim.SUPERSEDED
         if rec.expires_at is not None and _ts(rec.expires_at) <= now_ts:
             return Claim.EXPIRED

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Protocol
 
 from twisted.internet import threads
@@ -15,7 +15,7 @@ from proxy.addresses import in_networks
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 class State(str, enum.Enum):
@@ -118,14 +118,22 @@ class CodeStore(Protocol):
     def get(self, code_id: int) -> CodeRecord | None: ...
     def find(self, account_key: str, selector: str) -> CodeRecord | None: ...
     def selectors(self, account_key: str) -> set[str]: ...
-    def list(self, account_key: str | None = None, include_inactive: bool = False) -> list[CodeRecord]: ...
+    def list(
+        self, account_key: str | None = None, include_inactive: bool = False
+    ) -> list[CodeRecord]: ...
     def set_disabled(self, code_id: int, disabled: bool) -> bool: ...
     def revoke(self, code_id: int, now: datetime | None = None) -> bool: ...
     def revoke_all(self, account_key: str, now: datetime | None = None) -> int: ...
     def purge(self, older_than: datetime) -> int: ...
     def record_failure(self, code_id: int, ip: str, now: datetime | None = None) -> None: ...
-    def claim(self, code_id: int, protocol: str, ip: str, not_before: datetime | None = None,
-              now: datetime | None = None) -> Claim: ...
+    def claim(
+        self,
+        code_id: int,
+        protocol: str,
+        ip: str,
+        not_before: datetime | None = None,
+        now: datetime | None = None,
+    ) -> Claim: ...
     def close(self) -> None: ...
 
 

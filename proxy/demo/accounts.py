@@ -63,6 +63,7 @@ class SandboxView(Protocol):
 
 # --- the in-memory store ------------------------------------------------------------------------
 
+
 @implementer(IMessageIMAP, IMessageIMAPFile)
 class Message:
     """One stored message (or, as a sub-part, one MIME part): raw bytes, a UID and flags."""
@@ -196,7 +197,11 @@ class Mailbox:
     def _select(self, messages: imap4.MessageSet, uid: bool) -> list[tuple[int, Message]]:
         last = (self.messages[-1].uid if uid else len(self.messages)) if self.messages else 0
         messages.last = last
-        return [(seq, m) for seq, m in enumerate(self.messages, 1) if (m.uid if uid else seq) in messages]
+        return [
+            (seq, m)
+            for seq, m in enumerate(self.messages, 1)
+            if (m.uid if uid else seq) in messages
+        ]
 
     def fetch(self, messages, uid):
         return self._select(messages, uid)
@@ -266,6 +271,7 @@ class POP3Maildrop(pop3.Mailbox):
 
 # --- authentication: one checker for the three protocols ----------------------------------------
 
+
 class IAuthzidPlain(credentials.ICredentials):
     """SASL PLAIN credentials (RFC 4616): authzid, authcid and password; `valid` if well-formed."""
 
@@ -328,8 +334,11 @@ class Checker:
         if not creds.authzid or creds.authzid == creds.authcid:
             return self._own_password(creds.authcid, creds.password)
         sb = self._sandbox
-        if (_same(creds.authcid, sb.master_user) and _same(creds.password, sb.master_password)
-                and creds.authzid in sb.users):
+        if (
+            _same(creds.authcid, sb.master_user)
+            and _same(creds.password, sb.master_password)
+            and creds.authzid in sb.users
+        ):
             return creds.authzid
         return None
 

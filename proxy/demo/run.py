@@ -23,9 +23,22 @@ MASTER_USER = "apppass-master"
 
 
 def _write_config(folder: Path, upstream_ports: dict[str, int], ports: dict[str, int]) -> Path:
-    (folder / "users.yaml").write_text(yaml.safe_dump({"accounts": {"demo": {
-        "id": "demo-0001", "name": "Demo User", "aliases": ["demo@example.test"], "upstream": "demo",
-        "groups": ["legacy-mail"]}}}, sort_keys=False))
+    (folder / "users.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "accounts": {
+                    "demo": {
+                        "id": "demo-0001",
+                        "name": "Demo User",
+                        "aliases": ["demo@example.test"],
+                        "upstream": "demo",
+                        "groups": ["legacy-mail"],
+                    }
+                }
+            },
+            sort_keys=False,
+        )
+    )
     secret = folder / "master-password"
     if not secret.exists():
         secret.write_text(secrets.token_urlsafe(24) + "\n")
@@ -36,16 +49,39 @@ def _write_config(folder: Path, upstream_ports: dict[str, int], ports: dict[str,
         "policy": {"legacy_group": "legacy-mail"},
         "auth": {"failure_delay": "1s"},
         "audit": {"file": "audit.jsonl"},
-        "listeners": [{"name": f"{p}-demo", "protocol": p, "bind": f"{HOST}:{port}", "tls": "none",
-                       "plaintext_auth_from": ["127.0.0.0/8"]} for p, port in ports.items()],
-        "upstream": {p: {"host": HOST, "port": upstream_ports[p], "tls": "none",
-                         **({"login": "xclient"} if p == "smtp" else
-                            {"login": "authzid", "master_user": MASTER_USER,
-                             "master_password_file": "master-password"})} for p in ports},
+        "listeners": [
+            {
+                "name": f"{p}-demo",
+                "protocol": p,
+                "bind": f"{HOST}:{port}",
+                "tls": "none",
+                "plaintext_auth_from": ["127.0.0.0/8"],
+            }
+            for p, port in ports.items()
+        ],
+        "upstream": {
+            p: {
+                "host": HOST,
+                "port": upstream_ports[p],
+                "tls": "none",
+                **(
+                    {"login": "xclient"}
+                    if p == "smtp"
+                    else {
+                        "login": "authzid",
+                        "master_user": MASTER_USER,
+                        "master_password_file": "master-password",
+                    }
+                ),
+            }
+            for p in ports
+        },
     }
     path = folder / "apppass.yaml"
-    path.write_text("# Written by `apppass demo`: the sandbox setup. Not for production.\n"
-                    + yaml.safe_dump(config, sort_keys=False))
+    path.write_text(
+        "# Written by `apppass demo`: the sandbox setup. Not for production.\n"
+        + yaml.safe_dump(config, sort_keys=False)
+    )
     return path
 
 
@@ -79,9 +115,9 @@ def _instructions(code: str, ports: dict[str, int]) -> str:
 def run_demo(args) -> int:
     from twisted.internet import reactor
 
-    from proxy.codes.open import open_store
     from proxy.codes.hashing import CodeHasher
     from proxy.codes.issue import issue_code
+    from proxy.codes.open import open_store
     from proxy.demo.sandbox import Sandbox
     from proxy.directory.open import open_directory
     from proxy.service import Service
@@ -100,21 +136,37 @@ def run_demo(args) -> int:
         sandbox_ports = sandbox.listen(reactor, host=HOST)
         cfg = _write_config(folder, sandbox_ports._asdict(), ports)
         settings = load(cfg)
-        store, directory = open_store(settings.store), open_directory(settings.directory, settings.policy)
+        store, directory = (
+            open_store(settings.store),
+            open_directory(settings.directory, settings.policy),
+        )
         store.revoke_all("demo-0001")
-        issued = issue_code(settings, directory, store, CodeHasher(settings.codes.argon2), login="demo",
-                            label="demo", created_by="demo")
+        issued = issue_code(
+            settings,
+            directory,
+            store,
+            CodeHasher(settings.codes.argon2),
+            login="demo",
+            label="demo",
+            created_by="demo",
+        )
         store.close()
         service = Service(settings, reactor)
         try:
             await service.start()
         except error.CannotListenError as exc:
-            raise SystemExit(f"apppass demo: cannot listen on {exc.interface}:{exc.port} "
-                             f"({exc.socketError.strerror if exc.socketError else 'in use'}); "
-                             "is another demo running?") from None
-        reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(service.stop()))
+            raise SystemExit(
+                f"apppass demo: cannot listen on {exc.interface}:{exc.port} "
+                f"({exc.socketError.strerror if exc.socketError else 'in use'}); "
+                "is another demo running?"
+            ) from None
+        reactor.addSystemEventTrigger(
+            "before", "shutdown", lambda: defer.ensureDeferred(service.stop())
+        )
         text = _instructions(issued.code.grouped(), ports)
-        sys.stdout.write(text.replace("{cfg}", str(cfg)).replace("{audit}", str(folder / "audit.jsonl")) + "\n")
+        sys.stdout.write(
+            text.replace("{cfg}", str(cfg)).replace("{audit}", str(folder / "audit.jsonl")) + "\n"
+        )
         sys.stdout.flush()
 
     def failed(failure):
@@ -122,7 +174,9 @@ def run_demo(args) -> int:
         if isinstance(exc, ConfigError):
             sys.stderr.write("\n".join(exc.problems) + "\n")
         else:
-            sys.stderr.write(f"{exc}\n" if isinstance(exc, SystemExit) else f"apppass demo: {exc}\n")
+            sys.stderr.write(
+                f"{exc}\n" if isinstance(exc, SystemExit) else f"apppass demo: {exc}\n"
+            )
         exit_code[0] = 1
         reactor.stop()
 

@@ -69,7 +69,7 @@ and is gone when `apppass demo` stops, there is no TLS, and it listens on loopba
 
 Try sending a message to {address} through the proxy's SMTP port, then read it
 here over IMAP or POP3.
-""".encode("utf-8")
+""".encode()
 
 
 @implementer(IRealm)
@@ -97,8 +97,13 @@ class Sandbox:
     through the master account (SASL PLAIN authzid, or SMTP XCLIENT LOGIN).
     """
 
-    def __init__(self, users: dict[str, str | None], master_user: str, master_password: str,
-                 domain: str = "example.test"):
+    def __init__(
+        self,
+        users: dict[str, str | None],
+        master_user: str,
+        master_password: str,
+        domain: str = "example.test",
+    ):
         if not master_user or not master_password:
             raise ValueError("the sandbox needs a master user and a master password")
         if master_user in users:
@@ -123,8 +128,14 @@ class Sandbox:
         """The user's INBOX (KeyError for an unknown user)."""
         return self._accounts[user].mailboxes["INBOX"]
 
-    def listen(self, reactor, host: str = "127.0.0.1", imap_port: int = 0, pop3_port: int = 0,
-               smtp_port: int = 0) -> Ports:
+    def listen(
+        self,
+        reactor,
+        host: str = "127.0.0.1",
+        imap_port: int = 0,
+        pop3_port: int = 0,
+        smtp_port: int = 0,
+    ) -> Ports:
         """Listen on loopback (port 0: any free port); returns the bound ports."""
         try:
             loopback = ipaddress.ip_address(host).is_loopback
@@ -135,7 +146,11 @@ class Sandbox:
         if self._listening:
             raise RuntimeError("the sandbox is already listening")
         try:
-            for port, cls in ((imap_port, SandboxIMAP), (pop3_port, SandboxPOP3), (smtp_port, SandboxSMTP)):
+            for port, cls in (
+                (imap_port, SandboxIMAP),
+                (pop3_port, SandboxPOP3),
+                (smtp_port, SandboxSMTP),
+            ):
                 factory = policies.WrappingFactory(_Factory(cls, self))  # tracks live connections
                 self._listening.append(reactor.listenTCP(port, factory, interface=host))
                 self._factories.append(factory)

@@ -123,8 +123,13 @@ class SandboxIMAP(_IMAP):
     def do_APPEND(self, tag, mailbox, flags, date, message):
         super().do_APPEND(tag, mailbox, flags or [], date, message)
 
-    auth_APPEND = select_APPEND = (do_APPEND, _IMAP.arg_astring, _IMAP.opt_plist, _IMAP.opt_datetime,
-                                     _IMAP.arg_literal)
+    auth_APPEND = select_APPEND = (
+        do_APPEND,
+        _IMAP.arg_astring,
+        _IMAP.opt_plist,
+        _IMAP.opt_datetime,
+        _IMAP.arg_literal,
+    )
 
     # IDLE (RFC 2177): Twisted's, with the continuation text RFC 3501 §7.5 asks for.
     def do_IDLE(self, tag):
@@ -135,6 +140,7 @@ class SandboxIMAP(_IMAP):
 
 
 # --- POP3 ---------------------------------------------------------------------------------------
+
 
 class SandboxPOP3(pop3.POP3):
     """twisted.mail's POP3 server with `AUTH PLAIN [initial-response]` (RFC 5034) and authzid."""
@@ -192,9 +198,20 @@ class SandboxPOP3(pop3.POP3):
 # --- SMTP ---------------------------------------------------------------------------------------
 
 # RFC 3463 codes for the replies twisted.mail writes without one (RFC 2034 wants them all).
-_ENHANCED = {221: b"2.0.0", 235: b"2.7.0", 250: b"2.0.0", 451: b"4.3.0", 454: b"4.7.0",
-             500: b"5.5.2", 501: b"5.5.4", 503: b"5.5.1", 504: b"5.5.4", 535: b"5.7.8",
-             550: b"5.1.1", 553: b"5.1.3"}
+_ENHANCED = {
+    221: b"2.0.0",
+    235: b"2.7.0",
+    250: b"2.0.0",
+    451: b"4.3.0",
+    454: b"4.7.0",
+    500: b"5.5.2",
+    501: b"5.5.4",
+    503: b"5.5.1",
+    504: b"5.5.4",
+    535: b"5.7.8",
+    550: b"5.1.1",
+    553: b"5.1.3",
+}
 _HAS_ENHANCED = re.compile(rb"[245]\.\d{1,3}\.\d{1,3} ")
 
 
@@ -230,9 +247,11 @@ class Submission:
     def receivedHeader(self, helo, origin, recipients):
         name, addr = as_text(helo[0] or "unknown"), as_text(helo[1])
         rcpt = " ".join(f"<{u.dest}>" for u in recipients)
-        return (f"Received: from {name} ([{addr}])\n\t(Authenticated sender: {self.user})\n"
-                f"\tby {self._sandbox.domain} (apppass sandbox) with ESMTPA id {secrets.token_hex(5).upper()}\n"
-                f"\tfor {rcpt}; {email.utils.formatdate(localtime=True)}").encode("utf-8")
+        return (
+            f"Received: from {name} ([{addr}])\n\t(Authenticated sender: {self.user})\n"
+            f"\tby {self._sandbox.domain} (apppass sandbox) with ESMTPA id {secrets.token_hex(5).upper()}\n"
+            f"\tfor {rcpt}; {email.utils.formatdate(localtime=True)}"
+        ).encode()
 
     def validateFrom(self, helo, origin):
         return origin
@@ -240,8 +259,12 @@ class Submission:
     def validateTo(self, user):
         owner = self._sandbox.user_for_address(str(user.dest))
         if owner is None:
-            raise smtp.SMTPBadRcpt(user.dest, 550, "5.1.1 Recipient unknown: the sandbox delivers "
-                                                   "only to its own users and relays nothing")
+            raise smtp.SMTPBadRcpt(
+                user.dest,
+                550,
+                "5.1.1 Recipient unknown: the sandbox delivers "
+                "only to its own users and relays nothing",
+            )
         inbox = self._sandbox.mailbox(owner)
         return lambda: _IncomingMessage(inbox)
 
@@ -268,8 +291,14 @@ class SandboxSMTP(smtp.ESMTP):
         return self.host + b" ESMTP " + NOTICE
 
     def extensions(self):
-        return {b"SIZE": [b"%d" % MAX_MESSAGE_SIZE], b"8BITMIME": None, b"PIPELINING": None,
-                b"ENHANCEDSTATUSCODES": None, b"XCLIENT": list(XCLIENT_ATTRIBUTES), b"AUTH": [b"PLAIN"]}
+        return {
+            b"SIZE": [b"%d" % MAX_MESSAGE_SIZE],
+            b"8BITMIME": None,
+            b"PIPELINING": None,
+            b"ENHANCEDSTATUSCODES": None,
+            b"XCLIENT": list(XCLIENT_ATTRIBUTES),
+            b"AUTH": [b"PLAIN"],
+        }
 
     def sendCode(self, code, message=b""):
         if code in _ENHANCED and not _HAS_ENHANCED.match(message):

@@ -46,12 +46,17 @@ def open_directory(directory: DirectoryChoice, policy: PolicyGroups) -> Director
 
         if directory.ldap is None:
             raise ValueError("directory: an ldap directory needs its ldap settings")
-        return LdapDirectory(directory.ldap, legacy_group=policy.legacy_group,
-                             legacy_filter=policy.legacy_filter, mfa_group=policy.mfa_group,
-                             mfa_filter=policy.mfa_filter)
+        return LdapDirectory(
+            directory.ldap,
+            legacy_group=policy.legacy_group,
+            legacy_filter=policy.legacy_filter,
+            mfa_group=policy.mfa_group,
+            mfa_filter=policy.mfa_filter,
+        )
     from proxy.directory.static import StaticDirectory
 
     if directory.static_file is None:
         raise ValueError("directory: a static directory needs its file")
-    return StaticDirectory(directory.static_file, legacy_group=policy.legacy_group,
-                           mfa_group=policy.mfa_group)
+    return StaticDirectory(
+        directory.static_file, legacy_group=policy.legacy_group, mfa_group=policy.mfa_group
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import replace
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +19,19 @@ from proxy.sasl import is_valid_login
 
 def _moment(node: Node, key: str, value: Any) -> datetime:
     if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
     if isinstance(value, date):
-        return datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
+        return datetime(value.year, value.month, value.day, tzinfo=UTC)
     try:
         moment = datetime.fromisoformat(str(value))
     except ValueError:
         raise Invalid("must be a date or time like 2026-06-30 or 2026-06-30T12:00:00Z") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def parse_accounts(data: Any, source: str, legacy_group: str | None,
-                   mfa_group: str | None) -> dict[str, Account]:
+def parse_accounts(
+    data: Any, source: str, legacy_group: str | None, mfa_group: str | None
+) -> dict[str, Account]:
     """Validate a users file; returns {lowercased login name or alias: Account}."""
     ctx = Context(source, Path("."))
     if not isinstance(data, dict):
@@ -41,7 +42,7 @@ def parse_accounts(data: Any, source: str, legacy_group: str | None,
     root.finish()
     names: dict[str, Account] = {}
     keys: set[str] = set()
-    for login, entry in (accounts.data.items() if accounts else ()):
+    for login, entry in accounts.data.items() if accounts else ():
         accounts._used.add(login)
         path = accounts.key_path(str(login))
         if not isinstance(login, str) or not is_valid_login(login):
@@ -67,7 +68,8 @@ def parse_accounts(data: Any, source: str, legacy_group: str | None,
             groups=tuple(groups),
             enabled=enabled,
             disabled_reason="" if enabled else "disabled",
-            legacy_allowed=legacy_group is None or legacy_group.lower() in {g.lower() for g in groups},
+            legacy_allowed=legacy_group is None
+            or legacy_group.lower() in {g.lower() for g in groups},
             mfa=mfa or (mfa_group is not None and mfa_group.lower() in {g.lower() for g in groups}),
             password_changed_at=changed,
             dn=f"{source}:{login}",
@@ -88,7 +90,7 @@ def parse_accounts(data: Any, source: str, legacy_group: str | None,
 def _with_expiry(account: Account | None) -> Account | None:
     """An account whose `expires` moment has passed is disabled from then on."""
     expires = account.extra.get("expires") if account else None
-    if account and account.enabled and expires and expires <= datetime.now(timezone.utc):
+    if account and account.enabled and expires and expires <= datetime.now(UTC):
         return replace(account, enabled=False, disabled_reason="expired")
     return account
 
@@ -105,7 +107,9 @@ class StaticDirectory:
 
     blocking = False
 
-    def __init__(self, file: Path, legacy_group: str | None = None, mfa_group: str | None = None) -> None:
+    def __init__(
+        self, file: Path, legacy_group: str | None = None, mfa_group: str | None = None
+    ) -> None:
         self.file = Path(file)
         self.legacy_group = legacy_group
         self.mfa_group = mfa_group
@@ -166,4 +170,4 @@ class StaticDirectory:
         pass
 
 
-__all__ = ["StaticDirectory", "parse_accounts", "DirectoryUnavailable"]
+__all__ = ["DirectoryUnavailable", "StaticDirectory", "parse_accounts"]

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from proxy.auth.decision import Refusal
 from proxy.commands import Command, StartTLS
 from proxy.core import MAX_PENDING, Count, Limits, PreAuthCore, Reply, Say, State, printable
-from proxy.linebuffer import TooLong
-from proxy.sasl import Credentials
 from proxy.imap.syntax import (
     ATOM_CHARS,
     ID_MAX_PAIRS,
@@ -33,6 +31,8 @@ from proxy.imap.syntax import (
     parse_id,
     tokenize,
 )
+from proxy.linebuffer import TooLong
+from proxy.sasl import Credentials
 
 # Pre-auth command line: 8192 octets, CRLF included. Dovecot's imap-login parses pre-auth
 # commands with the same bound (MAX_IMAP_LINE 8192); RFC 7162 §4 asks clients to keep command
@@ -81,17 +81,21 @@ WORDS: Mapping[Say, Reply] = {
     Say.LINE_TOO_LONG: Reply("{tag} BAD Command line too long"),
     Say.CONTROLS: Reply("{tag} BAD Invalid character in command"),
     Say.UNKNOWN_COMMAND: Reply("{tag} BAD Unknown command or not allowed before login"),
-    Say.AUTH_SYNTAX: Reply("{tag} BAD AUTHENTICATE expects a mechanism and an optional initial "
-                           "response"),
+    Say.AUTH_SYNTAX: Reply(
+        "{tag} BAD AUTHENTICATE expects a mechanism and an optional initial response"
+    ),
     Say.UNKNOWN_MECHANISM: Reply("{tag} NO Unsupported authentication mechanism", Count.NOTE),
-    Say.PLAINTEXT_DISALLOWED: Reply("{tag} NO [PRIVACYREQUIRED] Plaintext authentication is not "
-                                    "allowed without TLS.", Count.NOTE),
+    Say.PLAINTEXT_DISALLOWED: Reply(
+        "{tag} NO [PRIVACYREQUIRED] Plaintext authentication is not allowed without TLS.",
+        Count.NOTE,
+    ),
     Say.SASL_TOO_LONG: Reply("{tag} BAD Authentication response too long"),
     Say.SASL_CANCELLED: Reply("{tag} BAD Authentication cancelled"),
     Say.BAD_BASE64: Reply("{tag} BAD Invalid authentication data"),
     Say.MALFORMED_SASL: Reply("{tag} BAD Invalid authentication data"),
-    Say.AUTHZID_REFUSED: Reply("{tag} NO [AUTHORIZATIONFAILED] Authorization identity refused",
-                               Count.FAILURE),
+    Say.AUTHZID_REFUSED: Reply(
+        "{tag} NO [AUTHORIZATIONFAILED] Authorization identity refused", Count.FAILURE
+    ),
     Say.BAD_CREDENTIALS: Reply(_FAILED, Count.FAILURE),
     Say.TOO_MANY_COMMANDS: Reply("* BYE Too many commands before login", Count.CLOSE),
     Say.TOO_MANY_FAILURES: Reply("* BYE Too many invalid authentication attempts", Count.CLOSE),
@@ -103,16 +107,22 @@ WORDS: Mapping[Say, Reply] = {
 # Replies to an auth_failed Refusal (RFC 5530 response codes).
 REFUSALS: Mapping[Refusal, Reply] = {
     Refusal.CREDENTIALS: Reply(_FAILED, Count.FAILURE),
-    Refusal.EXPIRED: Reply("{tag} NO [EXPIRED] This app password has expired or is used up.",
-                           Count.FAILURE),
-    Refusal.FORBIDDEN: Reply("{tag} NO [AUTHORIZATIONFAILED] This app password may not be used "
-                             "here.", Count.FAILURE),
-    Refusal.PRIVACY: Reply("{tag} NO [PRIVACYREQUIRED] Plaintext authentication is not allowed "
-                           "without TLS.", Count.FAILURE),
-    Refusal.TEMPORARY: Reply("{tag} NO [UNAVAILABLE] Temporary authentication failure, try again "
-                             "later.", Count.FAILURE),
-    Refusal.LIMIT: Reply("{tag} NO [UNAVAILABLE] Too many login attempts, try again later.",
-                         Count.FAILURE),
+    Refusal.EXPIRED: Reply(
+        "{tag} NO [EXPIRED] This app password has expired or is used up.", Count.FAILURE
+    ),
+    Refusal.FORBIDDEN: Reply(
+        "{tag} NO [AUTHORIZATIONFAILED] This app password may not be used here.", Count.FAILURE
+    ),
+    Refusal.PRIVACY: Reply(
+        "{tag} NO [PRIVACYREQUIRED] Plaintext authentication is not allowed without TLS.",
+        Count.FAILURE,
+    ),
+    Refusal.TEMPORARY: Reply(
+        "{tag} NO [UNAVAILABLE] Temporary authentication failure, try again later.", Count.FAILURE
+    ),
+    Refusal.LIMIT: Reply(
+        "{tag} NO [UNAVAILABLE] Too many login attempts, try again later.", Count.FAILURE
+    ),
 }
 
 
@@ -134,11 +144,23 @@ class ImapCore(PreAuthCore):
     REFUSALS = REFUSALS
     limits: ImapLimits
 
-    def __init__(self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool,
-                 limits: ImapLimits | None = None, greeting_text: str = "apppass ready.") -> None:
+    def __init__(
+        self,
+        *,
+        tls_active: bool,
+        starttls_available: bool,
+        plaintext_auth: bool,
+        limits: ImapLimits | None = None,
+        greeting_text: str = "apppass ready.",
+    ) -> None:
         limits = limits or ImapLimits()
-        super().__init__(tls_active=tls_active, starttls_available=starttls_available,
-                         plaintext_auth=plaintext_auth, limits=limits, line_limit=limits.max_line)
+        super().__init__(
+            tls_active=tls_active,
+            starttls_available=starttls_available,
+            plaintext_auth=plaintext_auth,
+            limits=limits,
+            line_limit=limits.max_line,
+        )
         self.greeting_text = printable(greeting_text)
         # Parameters of the client's last ID command; None if it sent none, NIL, or invalid ones.
         # Client-controlled: nothing upstream may trust fields such as x-originating-ip from it.
@@ -255,8 +277,11 @@ class ImapCore(PreAuthCore):
             self._drop_literal(marker)
             return
         if marker is not None and name not in _MAX_LITERALS:
-            text = ("Unexpected literal" if name in self.COMMANDS
-                    else "Unknown command or not allowed before login")
+            text = (
+                "Unexpected literal"
+                if name in self.COMMANDS
+                else "Unknown command or not allowed before login"
+            )
             self._refuse_command(tag, name, marker, text, out)
             return
         tokens = tokenize(parts[2] if len(parts) > 2 else b"")
@@ -306,8 +331,9 @@ class ImapCore(PreAuthCore):
         if marker.synchronizing:
             out.append(self._send("+ Ready for literal data"))
 
-    def _refuse_command(self, tag: str, name: str, marker: Marker | None, text: str,
-                        out: list[Command]) -> None:
+    def _refuse_command(
+        self, tag: str, name: str, marker: Marker | None, text: str, out: list[Command]
+    ) -> None:
         """Answer a command that cannot be carried out, without reading its literal: ID is
         answered OK whatever its parameters (RFC 2971); anything else gets BAD."""
         if name == "ID":
@@ -367,8 +393,9 @@ class ImapCore(PreAuthCore):
         if self.tls_active:
             self._error(f"{cmd.tag} BAD TLS is already active", out, "STARTTLS with TLS active")
         elif not self.starttls_available:
-            self._error(f"{cmd.tag} BAD STARTTLS is not available here", out,
-                        "STARTTLS unavailable")
+            self._error(
+                f"{cmd.tag} BAD STARTTLS is not available here", out, "STARTTLS unavailable"
+            )
         else:
             out.append(self._send(f"{cmd.tag} OK Begin TLS negotiation now"))
             out.append(StartTLS())
@@ -381,8 +408,9 @@ class ImapCore(PreAuthCore):
     def _cmd_login(self, cmd: _PendingCommand, out: list[Command]) -> None:
         values = [a.value for a in cmd.args if isinstance(a, (Atom, String))]
         if len(cmd.args) != 2 or len(values) != 2:
-            self._error(f"{cmd.tag} BAD LOGIN expects a user name and a password", out,
-                        "bad arguments")
+            self._error(
+                f"{cmd.tag} BAD LOGIN expects a user name and a password", out, "bad arguments"
+            )
             return
         try:
             login, secret = (v.decode("utf-8") for v in values)

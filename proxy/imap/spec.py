@@ -16,10 +16,15 @@ class ImapSpec:
         self.upstream = upstream_settings
         self.limits = ImapLimits(max_failures=max_failures)
 
-    def make_core(self, *, tls_active: bool, starttls_available: bool,
-                  plaintext_auth: bool) -> ImapCore:
-        return ImapCore(tls_active=tls_active, starttls_available=starttls_available,
-                        plaintext_auth=plaintext_auth, limits=self.limits)
+    def make_core(
+        self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool
+    ) -> ImapCore:
+        return ImapCore(
+            tls_active=tls_active,
+            starttls_available=starttls_available,
+            plaintext_auth=plaintext_auth,
+            limits=self.limits,
+        )
 
     async def probe(self, conn: UpstreamConnection) -> None:
         """Nothing to learn before login: the tagged OK carries the upstream's capabilities."""
@@ -29,4 +34,4 @@ class ImapSpec:
 
     def watch(self, result: LoginResult) -> None:
         """IMAP sessions are relayed unwatched."""
-        return None
+        return

@@ -16,12 +16,14 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-async def _tagged(conn: UpstreamConnection, tag: bytes, untagged: list[bytes] | None = None) -> tuple[bytes, bytes]:
+async def _tagged(
+    conn: UpstreamConnection, tag: bytes, untagged: list[bytes] | None = None
+) -> tuple[bytes, bytes]:
     """Read until the tagged reply; returns (status, rest). Untagged lines are collected."""
     while True:
         line = await conn.read_line()
         if line.startswith(tag + b" "):
-            status, _, rest = line[len(tag) + 1:].partition(b" ")
+            status, _, rest = line[len(tag) + 1 :].partition(b" ")
             return status.upper(), rest
         if line.startswith(b"* BYE"):
             raise UpstreamError(f"upstream said BYE: {line[6:80].decode(errors='replace')}")
@@ -36,7 +38,9 @@ async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequ
     if greeting.startswith(b"* PREAUTH"):
         raise UpstreamError("upstream pre-authenticated the connection: refusing to relay it")
     if not greeting.startswith(b"* OK"):
-        raise UpstreamError(f"unexpected upstream greeting: {greeting[:80].decode(errors='replace')}")
+        raise UpstreamError(
+            f"unexpected upstream greeting: {greeting[:80].decode(errors='replace')}"
+        )
     caps = _caps(greeting)
     if settings.tls == "starttls":
         conn.send(b"S STARTTLS\r\n")
@@ -49,8 +53,11 @@ async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequ
     # allows pipelining; Dovecot answers them in order).
     pending = b""
     if settings.send_client_address:
-        fields = {"x-originating-ip": request.client_ip, "x-originating-port": str(request.client_port),
-                  "x-session-ext-id": request.session}
+        fields = {
+            "x-originating-ip": request.client_ip,
+            "x-originating-port": str(request.client_port),
+            "x-session-ext-id": request.session,
+        }
         params = " ".join(f"{_quote(k)} {_quote(v)}" for k, v in fields.items() if v)
         pending = f"I ID ({params})\r\n".encode()
     response = client_plain(identity, settings.master_user or "", settings.master_password or "")
@@ -70,7 +77,9 @@ async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequ
             status, _, rest = line[2:].partition(b" ")
             break
     if status.upper() != b"OK":
-        raise UpstreamError(f"upstream refused the login as {identity}: {rest[:120].decode(errors='replace')}")
+        raise UpstreamError(
+            f"upstream refused the login as {identity}: {rest[:120].decode(errors='replace')}"
+        )
     caps = _caps(rest)
     if caps is None:
         untagged: list[bytes] = []
@@ -78,7 +87,7 @@ async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequ
         await _tagged(conn, b"C", untagged)
         for line in untagged:
             if line.upper().startswith(b"* CAPABILITY "):
-                caps = line[len(b"* CAPABILITY "):]
+                caps = line[len(b"* CAPABILITY ") :]
     if not caps:
         raise UpstreamError("upstream sent no capabilities after login")
     return LoginResult(capabilities=caps.decode("ascii", errors="replace"))

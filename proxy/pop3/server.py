@@ -38,8 +38,9 @@ def pop3_limits(**changes: int) -> LineLimits:
 
 
 _AUTH_FAILED = "-ERR [AUTH] Authentication failed."
-_PLAINTEXT_DISALLOWED = ("-ERR [AUTH] Plaintext authentication disallowed on non-secure "
-                         "(SSL/TLS) connections.")
+_PLAINTEXT_DISALLOWED = (
+    "-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
+)
 
 WORDS: Mapping[Say, Reply] = {
     Say.CHALLENGE: Reply("+ {challenge}", Count.NOTHING),  # "+" SP base64 (may be empty)
@@ -71,9 +72,12 @@ REFUSALS: Mapping[Refusal, Reply] = {
     Refusal.EXPIRED: Reply(_AUTH_FAILED, Count.FAILURE),
     Refusal.FORBIDDEN: Reply(_AUTH_FAILED, Count.FAILURE),
     Refusal.PRIVACY: Reply(_PLAINTEXT_DISALLOWED, Count.FAILURE),
-    Refusal.TEMPORARY: Reply("-ERR [SYS/TEMP] Temporary authentication failure, try again later.",
-                             Count.FAILURE),
-    Refusal.LIMIT: Reply("-ERR [SYS/TEMP] Too many login attempts, try again later.", Count.FAILURE),
+    Refusal.TEMPORARY: Reply(
+        "-ERR [SYS/TEMP] Temporary authentication failure, try again later.", Count.FAILURE
+    ),
+    Refusal.LIMIT: Reply(
+        "-ERR [SYS/TEMP] Too many login attempts, try again later.", Count.FAILURE
+    ),
 }
 
 # AUTHORIZATION-state commands of RFC 1939 §7 and RFC 2449 that make sense only after login.
@@ -86,14 +90,29 @@ class Pop3Core(LineCore):
     WORDS = WORDS
     REFUSALS = REFUSALS
 
-    def __init__(self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool,
-                 limits: LineLimits | None = None, hostname: str = "apppass") -> None:
-        if not (hostname.isascii() and hostname.isprintable() and hostname.strip() == hostname
-                and hostname):
+    def __init__(
+        self,
+        *,
+        tls_active: bool,
+        starttls_available: bool,
+        plaintext_auth: bool,
+        limits: LineLimits | None = None,
+        hostname: str = "apppass",
+    ) -> None:
+        if not (
+            hostname.isascii()
+            and hostname.isprintable()
+            and hostname.strip() == hostname
+            and hostname
+        ):
             raise ValueError(f"hostname must be printable ASCII, not {hostname!r}")
-        super().__init__(tls_active=tls_active, starttls_available=starttls_available,
-                         plaintext_auth=plaintext_auth, limits=limits or pop3_limits(),
-                         hostname=hostname)
+        super().__init__(
+            tls_active=tls_active,
+            starttls_available=starttls_available,
+            plaintext_auth=plaintext_auth,
+            limits=limits or pop3_limits(),
+            hostname=hostname,
+        )
         self._user: bytes | None = None  # the name of an accepted USER, until PASS
 
     def capabilities(self) -> list[str]:
@@ -193,7 +212,9 @@ class Pop3Core(LineCore):
         if not words:
             # The RFC 1734-era listing (Outlook, Thunderbird probe it): mechanisms, then ".".
             names = list(MECHANISMS) if self.plaintext_allowed else []
-            out.append(Send("".join(f"{line}\r\n" for line in ["+OK", *names, "."]).encode("ascii")))
+            out.append(
+                Send("".join(f"{line}\r\n" for line in ["+OK", *names, "."]).encode("ascii"))
+            )
         else:
             self._auth(words, out)
 

@@ -17,10 +17,16 @@ class Pop3Spec:
         self.limits = pop3_limits(max_failures=max_failures)
         self.hostname = hostname
 
-    def make_core(self, *, tls_active: bool, starttls_available: bool,
-                  plaintext_auth: bool) -> Pop3Core:
-        return Pop3Core(tls_active=tls_active, starttls_available=starttls_available,
-                        plaintext_auth=plaintext_auth, limits=self.limits, hostname=self.hostname)
+    def make_core(
+        self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool
+    ) -> Pop3Core:
+        return Pop3Core(
+            tls_active=tls_active,
+            starttls_available=starttls_available,
+            plaintext_auth=plaintext_auth,
+            limits=self.limits,
+            hostname=self.hostname,
+        )
 
     async def probe(self, conn: UpstreamConnection) -> None:
         """Nothing to learn before login."""
@@ -30,4 +36,4 @@ class Pop3Spec:
 
     def watch(self, result: LoginResult) -> None:
         """POP3 sessions are relayed unwatched."""
-        return None
+        return

@@ -40,8 +40,10 @@ async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequ
     if settings.send_client_address:
         caps = await _capabilities(conn)
         if "XCLIENT" in caps:  # Dovecot, for proxies in login_trusted_networks
-            conn.send(f"XCLIENT ADDR={request.client_ip} PORT={request.client_port} "
-                      f"SESSION={request.session}\r\n".encode())
+            conn.send(
+                f"XCLIENT ADDR={request.client_ip} PORT={request.client_port} "
+                f"SESSION={request.session}\r\n".encode()
+            )
             await conn.read_line()  # a refusal is not fatal: the login is what matters
     response = client_plain(identity, settings.master_user or "", settings.master_password or "")
     conn.send(f"AUTH PLAIN {response}\r\n".encode())

@@ -57,8 +57,9 @@ WORDS: Mapping[Say, Reply] = {
     Say.AUTHZID_REFUSED: Reply(_BAD_CREDENTIALS, Count.FAILURE),
     Say.BAD_CREDENTIALS: Reply(_BAD_CREDENTIALS, Count.FAILURE),
     Say.TOO_MANY_COMMANDS: Reply("421 4.7.0 {host} Error: too many commands", Count.CLOSE),
-    Say.TOO_MANY_FAILURES: Reply("421 4.7.0 {host} Error: too many failed authentications",
-                                 Count.CLOSE),
+    Say.TOO_MANY_FAILURES: Reply(
+        "421 4.7.0 {host} Error: too many failed authentications", Count.CLOSE
+    ),
     Say.TOO_MANY_ERRORS: Reply("421 4.7.0 {host} Error: too many errors", Count.CLOSE),
     Say.OVERFLOW: Reply("421 4.7.0 {host} Error: too much pipelined input", Count.CLOSE),
     Say.LOGIN_TIMEOUT: Reply("421 4.4.2 {host} Error: timeout exceeded", Count.CLOSE),  # Postfix's
@@ -86,14 +87,25 @@ class SmtpCore(LineCore):
     WORDS = WORDS
     REFUSALS = REFUSALS
 
-    def __init__(self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool,
-                 limits: LineLimits | None = None, hostname: str = "apppass",
-                 extensions: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        tls_active: bool,
+        starttls_available: bool,
+        plaintext_auth: bool,
+        limits: LineLimits | None = None,
+        hostname: str = "apppass",
+        extensions: Sequence[str] = (),
+    ) -> None:
         if not (hostname.isascii() and _is_token(hostname.encode("ascii"))):
             raise ValueError(f"hostname must be a printable ASCII word, not {hostname!r}")
-        super().__init__(tls_active=tls_active, starttls_available=starttls_available,
-                         plaintext_auth=plaintext_auth, limits=limits or smtp_limits(),
-                         hostname=hostname)
+        super().__init__(
+            tls_active=tls_active,
+            starttls_available=starttls_available,
+            plaintext_auth=plaintext_auth,
+            limits=limits or smtp_limits(),
+            hostname=hostname,
+        )
         self.extensions = upstream_extensions(extensions)
         # The client's EHLO/HELO argument (its first word) and whether it said EHLO, for the
         # upstream login (XCLIENT HELO=, or the proxy's own EHLO). Client-controlled; reset by
@@ -186,8 +198,11 @@ class SmtpCore(LineCore):
         if not args:
             self._error("501 5.5.4 Syntax: VRFY address", out, "VRFY without argument")
         else:  # RFC 5321 §3.5.3: neither confirm nor deny, before login least of all
-            out.append(self._send("252 2.0.0 Cannot VRFY user, but will accept message and "
-                                  "attempt delivery"))
+            out.append(
+                self._send(
+                    "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"
+                )
+            )
 
     def _cmd_help(self, args: bytes, out: list[Command]) -> None:
         out.append(self._send("214 2.0.0 Commands: EHLO HELO STARTTLS AUTH NOOP RSET QUIT"))
@@ -212,8 +227,9 @@ class SmtpCore(LineCore):
 
     def _cmd_proxy_only(self, args: bytes, out: list[Command]) -> None:
         # Postfix answers an unauthorised XCLIENT/XFORWARD so; they are the proxy's trust.
-        self._error("550 5.7.0 Error: insufficient authorization", out,
-                    "XCLIENT/XFORWARD from a client")
+        self._error(
+            "550 5.7.0 Error: insufficient authorization", out, "XCLIENT/XFORWARD from a client"
+        )
 
     def _cmd_not_implemented(self, args: bytes, out: list[Command]) -> None:
         self._error("502 5.5.1 Error: command not implemented", out, "command not implemented")

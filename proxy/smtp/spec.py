@@ -24,11 +24,17 @@ class SmtpSpec:
         # What the pre-auth EHLO offers: the upstream's extensions, learned by probe().
         self.advertised: tuple[str, ...] = FALLBACK_EXTENSIONS
 
-    def make_core(self, *, tls_active: bool, starttls_available: bool,
-                  plaintext_auth: bool) -> SmtpCore:
-        return SmtpCore(tls_active=tls_active, starttls_available=starttls_available,
-                        plaintext_auth=plaintext_auth, limits=self.limits, hostname=self.hostname,
-                        extensions=self.advertised)
+    def make_core(
+        self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool
+    ) -> SmtpCore:
+        return SmtpCore(
+            tls_active=tls_active,
+            starttls_available=starttls_available,
+            plaintext_auth=plaintext_auth,
+            limits=self.limits,
+            hostname=self.hostname,
+            extensions=self.advertised,
+        )
 
     async def probe(self, conn: UpstreamConnection) -> None:
         """Ask the upstream what it supports, so that the pre-auth EHLO advertises the same."""

@@ -30,7 +30,9 @@ async def reply(conn: UpstreamConnection) -> tuple[int, list[str]]:
     while True:
         line = await conn.read_line()
         if len(line) < 3 or not line[:3].isdigit():
-            raise UpstreamError(f"upstream sent a malformed reply: {line[:80].decode(errors='replace')}")
+            raise UpstreamError(
+                f"upstream sent a malformed reply: {line[:80].decode(errors='replace')}"
+            )
         lines.append(line[4:].decode("utf-8", errors="replace"))
         if line[3:4] != b"-":
             return int(line[:3]), lines
@@ -77,25 +79,37 @@ async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequ
     if settings.login == "xclient":
         offered = {a.upper() for a in keywords.get("XCLIENT", [])}
         if "XCLIENT" not in keywords or "LOGIN" not in offered:
-            raise UpstreamError("upstream does not offer XCLIENT LOGIN to this proxy "
-                                "(Postfix: smtpd_authorized_xclient_hosts)")
+            raise UpstreamError(
+                "upstream does not offer XCLIENT LOGIN to this proxy "
+                "(Postfix: smtpd_authorized_xclient_hosts)"
+            )
         addr = client_ip
         try:
             if ipaddress.ip_address(client_ip).version == 6:
                 addr = "IPV6:" + client_ip
         except ValueError:
             addr = "[UNAVAILABLE]"
-        attrs = {"LOGIN": identity, "ADDR": addr, "PORT": str(client_port) if client_port else "[UNAVAILABLE]",
-                 "NAME": "[UNAVAILABLE]", "HELO": helo or "[UNAVAILABLE]", "PROTO": "ESMTP" if esmtp else "SMTP"}
+        attrs = {
+            "LOGIN": identity,
+            "ADDR": addr,
+            "PORT": str(client_port) if client_port else "[UNAVAILABLE]",
+            "NAME": "[UNAVAILABLE]",
+            "HELO": helo or "[UNAVAILABLE]",
+            "PROTO": "ESMTP" if esmtp else "SMTP",
+        }
         # Only the attributes the upstream offers; xtext keeps every value one printable word.
-        parts = [f"{k}={v if v.startswith('[') else xtext(v)}" for k, v in attrs.items() if k in offered]
+        parts = [
+            f"{k}={v if v.startswith('[') else xtext(v)}" for k, v in attrs.items() if k in offered
+        ]
         conn.send(f"XCLIENT {' '.join(parts)}\r\n".encode())
         await _expect(conn, (220,), "XCLIENT")
         extensions = await ehlo(conn, helo_name)
     elif settings.login == "authzid":
         if "AUTH" not in keywords or "PLAIN" not in {m.upper() for m in keywords["AUTH"]}:
             raise UpstreamError("upstream does not offer AUTH PLAIN")
-        response = client_plain(identity, settings.master_user or "", settings.master_password or "")
+        response = client_plain(
+            identity, settings.master_user or "", settings.master_password or ""
+        )
         conn.send(f"AUTH PLAIN {response}\r\n".encode())
         await _expect(conn, (235,), f"the login as {identity}")
     return LoginResult(extensions=tuple(extensions))

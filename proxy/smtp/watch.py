@@ -68,8 +68,9 @@ class SmtpWatchLimits:
         for name in ("max_line", "max_held", "max_outstanding", "max_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"SmtpWatchLimits.{name} must be a positive integer, "
-                                 f"not {value!r}")
+                raise ValueError(
+                    f"SmtpWatchLimits.{name} must be a positive integer, not {value!r}"
+                )
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,9 @@ class _Out:
     close: str | None = None
 
     def result(self) -> Relayed:
-        return Relayed(bytes(self.to_upstream), bytes(self.to_client), tuple(self.refused),
-                       self.close)
+        return Relayed(
+            bytes(self.to_upstream), bytes(self.to_client), tuple(self.refused), self.close
+        )
 
 
 class _Mode(enum.Enum):
@@ -162,7 +164,7 @@ class SmtpCommandWatch:
         while pos < len(data):
             end = data.find(b"\n", pos)
             if end < 0:
-                self._reply_head = (self._reply_head + data[pos:pos + 4])[:4]
+                self._reply_head = (self._reply_head + data[pos : pos + 4])[:4]
                 break
             head = (self._reply_head + data[pos:end])[:4]
             self._reply_head = b""
@@ -200,10 +202,10 @@ class SmtpCommandWatch:
                 self._mode = _Mode.COMMAND
                 data = rest
             elif mode is _Mode.CHUNK:
-                chunk = data[:self._chunk_left]
+                chunk = data[: self._chunk_left]
                 out.to_upstream += chunk
                 self._chunk_left -= len(chunk)
-                data = data[len(chunk):]
+                data = data[len(chunk) :]
                 if self._chunk_left:
                     return
                 self._mode = _Mode.COMMAND
@@ -269,20 +271,20 @@ class SmtpCommandWatch:
                 self._data_tail = window[-2:]
                 return None
             brk = match.start()  # the line break before the dot; window[brk - 1] exists
-            after = window[brk + 2:brk + 4]
+            after = window[brk + 2 : brk + 4]
             if after[:1] not in (b"\r", b"\n"):
                 if after:
                     pos = brk + 1  # ".." (dot-stuffing) or ".text": content
                     continue
             if after in (b"", b"\r"):  # a possible end: wait for the next octets
-                out.to_upstream += window[base:brk + 1]
-                self._data_tail = window[brk - 1:brk + 1]
-                self._data_held = window[brk + 1:]
+                out.to_upstream += window[base : brk + 1]
+                self._data_tail = window[brk - 1 : brk + 1]
+                self._data_held = window[brk + 1 :]
                 return None
-            if window[brk - 1:brk + 4] == b"\r\n.\r\n":
-                out.to_upstream += window[base:brk + 4]
+            if window[brk - 1 : brk + 4] == b"\r\n.\r\n":
+                out.to_upstream += window[base : brk + 4]
                 self._data_tail = CRLF
-                return window[brk + 4:]
+                return window[brk + 4 :]
             if brk > base:
                 out.to_upstream += window[base:brk]
             out.to_client += _AMBIGUOUS_END

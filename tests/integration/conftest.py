@@ -17,9 +17,14 @@ HERE = Path(__file__).parent
 
 
 def pytest_collection_modifyitems(config, items):
-    unmarked = [item.nodeid for item in items
-                if item.path.is_relative_to(HERE) and item.get_closest_marker("integration") is None]
+    unmarked = [
+        item.nodeid
+        for item in items
+        if item.path.is_relative_to(HERE) and item.get_closest_marker("integration") is None
+    ]
     if unmarked:
         raise pytest.UsageError(
             "tests in tests/integration without the integration marker "
-            "(add `pytestmark = pytest.mark.integration` to the module):\n  " + "\n  ".join(unmarked))
+            "(add `pytestmark = pytest.mark.integration` to the module):\n  "
+            + "\n  ".join(unmarked)
+        )

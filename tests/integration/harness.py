@@ -19,12 +19,20 @@ from tests.servers.common import free_port
 # Accounts of the proxy's static directory; upstream identities are the Dovecot users.
 USERS = {
     "accounts": {
-        "alice": {"id": "key-alice", "aliases": ["alice@example.test"], "upstream": "alice",
-                  "groups": ["legacy-mail"]},
+        "alice": {
+            "id": "key-alice",
+            "aliases": ["alice@example.test"],
+            "upstream": "alice",
+            "groups": ["legacy-mail"],
+        },
         "bob": {"id": "key-bob", "upstream": "bob", "groups": ["staff"]},
         "printer1": {"id": "key-printer1", "upstream": "printer1", "groups": ["legacy-mail"]},
         "demo": {"id": "key-demo", "upstream": "demo", "groups": ["legacy-mail"]},
-        "ghost": {"id": "key-ghost", "upstream": "ghost", "groups": ["legacy-mail"]},  # not upstream
+        "ghost": {
+            "id": "key-ghost",
+            "upstream": "ghost",
+            "groups": ["legacy-mail"],
+        },  # not upstream
     }
 }
 
@@ -50,8 +58,15 @@ class ProxyHarness:
 
     def issue(self, login: str = "alice", label: str = "test device", **kw) -> tuple[int, str]:
         """A new code for `login`: (id, code as shown to the user)."""
-        issued = issue_code(self.settings, self.service.directory, self.store, self._hasher, login=login,
-                            label=label, **kw)
+        issued = issue_code(
+            self.settings,
+            self.service.directory,
+            self.store,
+            self._hasher,
+            login=login,
+            label=label,
+            **kw,
+        )
         return issued.record.id, issued.code.grouped()
 
     @property
@@ -59,8 +74,12 @@ class ProxyHarness:
         return CodeHasher(self.settings.codes.argon2)
 
     def audit_events(self, event: str | None = None, session: str | None = None) -> list[dict]:
-        return [e for e in self.events if (event is None or e["event"] == event)
-                and (session is None or e.get("session") == session)]
+        return [
+            e
+            for e in self.events
+            if (event is None or e["event"] == event)
+            and (session is None or e.get("session") == session)
+        ]
 
     def audit_text(self) -> str:
         return "\n".join(json.dumps(e) for e in self.events)
@@ -69,8 +88,15 @@ class ProxyHarness:
         await self.service.stop()
 
 
-async def start_proxy(folder: Path, *, listeners: list[dict], upstream: dict, auth: dict | None = None,
-                      policy: dict | None = None, directory: dict | None = None) -> ProxyHarness:
+async def start_proxy(
+    folder: Path,
+    *,
+    listeners: list[dict],
+    upstream: dict,
+    auth: dict | None = None,
+    policy: dict | None = None,
+    directory: dict | None = None,
+) -> ProxyHarness:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "users.yaml").write_text(yaml.safe_dump(USERS))
     for name, up in upstream.items():

@@ -24,12 +24,30 @@ accounts:
 
 # situation -> login in each directory
 ACCOUNTS = {
-    "static": {"allowed": "alice", "alias": "alice@example.org", "device": "printer1", "not_in_group": "bob",
-               "disabled": "carol", "expired": "dave"},
-    "openldap": {"allowed": "alice", "alias": "alice@example.org", "device": "printer1", "not_in_group": "bob",
-                 "disabled": "carol", "expired": "dave"},
-    "active_directory": {"allowed": "alice", "alias": "alice@example.com", "device": "printer1",
-                         "not_in_group": "bob", "disabled": "dora", "expired": "eve"},
+    "static": {
+        "allowed": "alice",
+        "alias": "alice@example.org",
+        "device": "printer1",
+        "not_in_group": "bob",
+        "disabled": "carol",
+        "expired": "dave",
+    },
+    "openldap": {
+        "allowed": "alice",
+        "alias": "alice@example.org",
+        "device": "printer1",
+        "not_in_group": "bob",
+        "disabled": "carol",
+        "expired": "dave",
+    },
+    "active_directory": {
+        "allowed": "alice",
+        "alias": "alice@example.com",
+        "device": "printer1",
+        "not_in_group": "bob",
+        "disabled": "dora",
+        "expired": "eve",
+    },
 }
 
 POLICY = PolicySettings(legacy_group="legacy-mail", mfa_group="mfa-enrolled")
@@ -40,19 +58,38 @@ def directory(request, tmp_path):
     kind = request.param
     if kind == "static":
         (tmp_path / "users.yaml").write_text(STATIC_USERS)
-        d = StaticDirectory(tmp_path / "users.yaml", legacy_group="legacy-mail", mfa_group="mfa-enrolled")
+        d = StaticDirectory(
+            tmp_path / "users.yaml", legacy_group="legacy-mail", mfa_group="mfa-enrolled"
+        )
     elif kind == "openldap":
         server = request.getfixturevalue("slapd")
-        d = LdapDirectory(LdapSettings.openldap(
-            uris=(server.uri,), bind_dn=server.service_dn, bind_password=server.service_password,
-            base_dn=server.base_dn), legacy_group="legacy-mail", legacy_filter=None, mfa_group="mfa-enrolled",
-            mfa_filter=None)
+        d = LdapDirectory(
+            LdapSettings.openldap(
+                uris=(server.uri,),
+                bind_dn=server.service_dn,
+                bind_password=server.service_password,
+                base_dn=server.base_dn,
+            ),
+            legacy_group="legacy-mail",
+            legacy_filter=None,
+            mfa_group="mfa-enrolled",
+            mfa_filter=None,
+        )
     else:
         dc = request.getfixturevalue("samba_dc")
-        d = LdapDirectory(LdapSettings.active_directory(
-            uris=(dc.ldaps_uri,), ca_file=str(dc.tls.ca), bind_dn=dc.service_bind_dn,
-            bind_password=dc.service_password, base_dn=dc.base_dn), legacy_group="legacy-mail",
-            legacy_filter=None, mfa_group="mfa-enrolled", mfa_filter=None)
+        d = LdapDirectory(
+            LdapSettings.active_directory(
+                uris=(dc.ldaps_uri,),
+                ca_file=str(dc.tls.ca),
+                bind_dn=dc.service_bind_dn,
+                bind_password=dc.service_password,
+                base_dn=dc.base_dn,
+            ),
+            legacy_group="legacy-mail",
+            legacy_filter=None,
+            mfa_group="mfa-enrolled",
+            mfa_filter=None,
+        )
     yield kind, d
     d.close()
 
@@ -92,7 +129,8 @@ def test_mfa_comes_from_the_group(directory):
     strict = PolicySettings(legacy_group="legacy-mail", require_mfa=True)
     assert account_refusal(account(directory, "allowed"), strict) is None
     assert account_refusal(account(directory, "device"), strict) == (
-        "account has no second factor and policy.require_mfa is on")
+        "account has no second factor and policy.require_mfa is on"
+    )
 
 
 def test_unknown_and_injected_names_resolve_to_nothing(directory):

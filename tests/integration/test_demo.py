@@ -18,9 +18,18 @@ pytestmark = pytest.mark.integration
 def test_demo_prints_commands_that_work(tmp_path):
     exe = Path(sys.executable).parent / "apppass"
     ports = {p: free_port() for p in ("imap", "pop3", "smtp")}
-    proc = subprocess.Popen([str(exe), "demo", "--dir", str(tmp_path / "demo"),
-                             *(f"--{p}-port={port}" for p, port in ports.items())],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "demo",
+            "--dir",
+            str(tmp_path / "demo"),
+            *(f"--{p}-port={port}" for p, port in ports.items()),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         lines = []
         deadline = time.monotonic() + 60
@@ -31,15 +40,22 @@ def test_demo_prints_commands_that_work(tmp_path):
         assert len(commands) == 5, f"{len(commands)} commands printed"  # they hold the code
         outputs = []
         for command in commands:
-            result = subprocess.run(["bash", "-c", command.replace("curl ", "curl -sS --max-time 20 ")],
-                                    capture_output=True, text=True, timeout=30)
+            result = subprocess.run(
+                ["bash", "-c", command.replace("curl ", "curl -sS --max-time 20 ")],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             assert result.returncode == 0, result.stderr  # not the command: it holds the code
             outputs.append(result.stdout)
         assert "EXISTS" in outputs[0]
         assert "Welcome to the apppass sandbox" in outputs[1] and "Welcome" in outputs[2]
         assert "sent through apppass" in outputs[4] and "Authenticated sender: demo" in outputs[4]
-        listing = subprocess.run([str(exe), "-c", str(tmp_path / "demo" / "apppass.yaml"), "codes", "list"],
-                                 capture_output=True, text=True)
+        listing = subprocess.run(
+            [str(exe), "-c", str(tmp_path / "demo" / "apppass.yaml"), "codes", "list"],
+            capture_output=True,
+            text=True,
+        )
         assert " 5/- " in listing.stdout, listing.stdout
     finally:
         proc.send_signal(signal.SIGINT)

@@ -21,8 +21,16 @@ PLAIN = {"name": "plain", "protocol": "imap", "tls": "none", "plaintext_auth_fro
 
 
 def upstream(dovecot, **kw):
-    return {"imap": {"host": "127.0.0.1", "port": dovecot.imap_port, "tls": "none", "master_user": MASTER_USER,
-                     "master_password": MASTER_PASSWORD, **kw}}
+    return {
+        "imap": {
+            "host": "127.0.0.1",
+            "port": dovecot.imap_port,
+            "tls": "none",
+            "master_user": MASTER_USER,
+            "master_password": MASTER_PASSWORD,
+            **kw,
+        }
+    }
 
 
 def read_until_closed(port: int, send: bytes = b"", timeout: float = 20) -> tuple[bytes, float]:
@@ -38,8 +46,9 @@ def read_until_closed(port: int, send: bytes = b"", timeout: float = 20) -> tupl
 
 @pytest_twisted.ensureDeferred
 async def test_silent_client_is_logged_out_after_the_login_timeout(dovecot, tmp_path):
-    harness = await start_proxy(tmp_path, listeners=[dict(PLAIN)], upstream=upstream(dovecot),
-                                auth={"login_timeout": "1s"})
+    harness = await start_proxy(
+        tmp_path, listeners=[dict(PLAIN)], upstream=upstream(dovecot), auth={"login_timeout": "1s"}
+    )
     try:
         data, seconds = await threads.deferToThread(read_until_closed, harness.port("plain"))
     finally:
@@ -54,13 +63,20 @@ async def test_upstream_tls_that_does_not_verify_is_unavailable(dovecot, tmp_pat
     other_dir = short_tempdir("ca-")
     try:
         other_ca = TestCA.create(other_dir)
-        harness = await start_proxy(tmp_path, listeners=[dict(PLAIN)],
-                                    upstream=upstream(dovecot, port=dovecot.imaps_port, tls="implicit",
-                                                      ca_file=str(other_ca.ca)))
+        harness = await start_proxy(
+            tmp_path,
+            listeners=[dict(PLAIN)],
+            upstream=upstream(
+                dovecot, port=dovecot.imaps_port, tls="implicit", ca_file=str(other_ca.ca)
+            ),
+        )
         try:
             _, code = harness.issue("alice")
-            data, _ = await threads.deferToThread(read_until_closed, harness.port("plain"),
-                                                  f'a LOGIN alice "{code}"\r\nb LOGOUT\r\n'.encode())
+            data, _ = await threads.deferToThread(
+                read_until_closed,
+                harness.port("plain"),
+                f'a LOGIN alice "{code}"\r\nb LOGOUT\r\n'.encode(),
+            )
             failures = harness.audit_events("upstream")
         finally:
             await harness.stop()
@@ -72,8 +88,12 @@ async def test_upstream_tls_that_does_not_verify_is_unavailable(dovecot, tmp_pat
 
 @pytest_twisted.ensureDeferred
 async def test_many_failures_from_one_address_are_refused_unseen(dovecot, tmp_path):
-    harness = await start_proxy(tmp_path, listeners=[dict(PLAIN)], upstream=upstream(dovecot),
-                                auth={"ip_failures_per_minute": 2})
+    harness = await start_proxy(
+        tmp_path,
+        listeners=[dict(PLAIN)],
+        upstream=upstream(dovecot),
+        auth={"ip_failures_per_minute": 2},
+    )
     try:
         _, code = harness.issue("alice")
         script = b"".join(f'{t} LOGIN alice "AAAA-BBBB-CCCC-DDD{t}"\r\n'.encode() for t in "ab")

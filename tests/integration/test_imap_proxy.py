@@ -24,15 +24,37 @@ async def proxy(dovecot, test_ca, tmp_path_factory):
     harness = await start_proxy(
         tmp_path_factory.mktemp("imap-proxy"),
         listeners=[
-            {"name": "plain", "protocol": "imap", "tls": "none", "plaintext_auth_from": ["127.0.0.0/8"]},
-            {"name": "starttls", "protocol": "imap", "tls": "starttls", "cert_file": str(test_ca.cert),
-             "key_file": str(test_ca.key)},
-            {"name": "implicit", "protocol": "imap", "tls": "implicit", "cert_file": str(test_ca.cert),
-             "key_file": str(test_ca.key)},
+            {
+                "name": "plain",
+                "protocol": "imap",
+                "tls": "none",
+                "plaintext_auth_from": ["127.0.0.0/8"],
+            },
+            {
+                "name": "starttls",
+                "protocol": "imap",
+                "tls": "starttls",
+                "cert_file": str(test_ca.cert),
+                "key_file": str(test_ca.key),
+            },
+            {
+                "name": "implicit",
+                "protocol": "imap",
+                "tls": "implicit",
+                "cert_file": str(test_ca.cert),
+                "key_file": str(test_ca.key),
+            },
         ],
-        upstream={"imap": {"host": "127.0.0.1", "port": dovecot.imap_port, "tls": "starttls",
-                           "ca_file": str(test_ca.ca), "master_user": MASTER_USER,
-                           "master_password": MASTER_PASSWORD}},
+        upstream={
+            "imap": {
+                "host": "127.0.0.1",
+                "port": dovecot.imap_port,
+                "tls": "starttls",
+                "ca_file": str(test_ca.ca),
+                "master_user": MASTER_USER,
+                "master_password": MASTER_PASSWORD,
+            }
+        },
     )
     yield harness
     await harness.stop()
@@ -72,8 +94,13 @@ async def test_imaplib_login_select_fetch_append_logout(proxy, dovecot):
         with imaplib.IMAP4("127.0.0.1", proxy.port("plain")) as imap:
             typ, data = imap.login("alice", code)
             assert typ == "OK"
-            assert b"IMAP4rev1" in imap.capabilities[0:1][0].encode() or "IMAP4REV1" in imap.capabilities
-            typ, _ = imap.append("INBOX", None, None, f"Subject: {subject}\r\n\r\nhello\r\n".encode())
+            assert (
+                b"IMAP4rev1" in imap.capabilities[0:1][0].encode()
+                or "IMAP4REV1" in imap.capabilities
+            )
+            typ, _ = imap.append(
+                "INBOX", None, None, f"Subject: {subject}\r\n\r\nhello\r\n".encode()
+            )
             assert typ == "OK"
             typ, data = imap.select("INBOX")
             assert typ == "OK"
@@ -93,8 +120,9 @@ async def test_imaplib_login_select_fetch_append_logout(proxy, dovecot):
 async def test_login_with_synchronizing_literals_gets_continuations(proxy):
     _, code = proxy.issue("alice")
     c = code.encode()
-    out = await in_thread(raw, proxy.port("plain"), [b"a LOGIN {5}\r\n", b"alice {%d}\r\n" % len(c),
-                                                      c + b"\r\n"])
+    out = await in_thread(
+        raw, proxy.port("plain"), [b"a LOGIN {5}\r\n", b"alice {%d}\r\n" % len(c), c + b"\r\n"]
+    )
     lines = out.splitlines()
     assert lines[1].startswith(b"+") and lines[2].startswith(b"+")
     assert lines[3].startswith(b"a OK [CAPABILITY IMAP4rev1")
@@ -104,22 +132,33 @@ async def test_login_with_synchronizing_literals_gets_continuations(proxy):
 async def test_login_with_non_synchronizing_literals(proxy):
     _, code = proxy.issue("alice")
     c = code.encode()
-    out = await in_thread(raw, proxy.port("plain"), [b"a LOGIN {5+}\r\nalice {%d+}\r\n%s\r\n" % (len(c), c)])
+    out = await in_thread(
+        raw, proxy.port("plain"), [b"a LOGIN {5+}\r\nalice {%d+}\r\n%s\r\n" % (len(c), c)]
+    )
     assert out.splitlines()[-1].startswith(b"a OK [CAPABILITY")
 
 
 def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(["curl", "-sS", "--max-time", "20", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "20", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
-@pytest.mark.parametrize("mechanism,sasl_ir", [("PLAIN", True), ("PLAIN", False), ("LOGIN", False),
-                                               ("LOGIN", True)])
+@pytest.mark.parametrize(
+    "mechanism,sasl_ir", [("PLAIN", True), ("PLAIN", False), ("LOGIN", False), ("LOGIN", True)]
+)
 @pytest_twisted.ensureDeferred
 async def test_curl_authenticate(proxy, mechanism, sasl_ir):
     _, code = proxy.issue("alice", label=f"curl {mechanism}")
-    args = ["-u", f"alice:{code}", "--login-options", f"AUTH={mechanism}",
-            f"imap://127.0.0.1:{proxy.port('plain')}/INBOX", "-X", "EXAMINE INBOX"]
+    args = [
+        "-u",
+        f"alice:{code}",
+        "--login-options",
+        f"AUTH={mechanism}",
+        f"imap://127.0.0.1:{proxy.port('plain')}/INBOX",
+        "-X",
+        "EXAMINE INBOX",
+    ]
     if sasl_ir:
         args.insert(0, "--sasl-ir")
     result = await in_thread(curl, *args)
@@ -148,7 +187,9 @@ async def test_idle_sees_new_mail(proxy, dovecot):
                 pass
             s.sendall(b"c IDLE\r\n")
             assert f.readline().startswith(b"+")
-            with imaplib.IMAP4("127.0.0.1", dovecot.imap_port) as other:  # new mail arrives directly
+            with imaplib.IMAP4(
+                "127.0.0.1", dovecot.imap_port
+            ) as other:  # new mail arrives directly
                 other.login(dovecot.master_login("alice"), MASTER_PASSWORD)
                 other.append("INBOX", None, None, b"Subject: idle\r\n\r\nping\r\n")
             line = f.readline()
@@ -185,7 +226,9 @@ async def test_implicit_tls_login(proxy, test_ca):
     _, code = proxy.issue("alice")
 
     def client():
-        with imaplib.IMAP4_SSL("127.0.0.1", proxy.port("implicit"), ssl_context=test_ca.client_context()) as imap:
+        with imaplib.IMAP4_SSL(
+            "127.0.0.1", proxy.port("implicit"), ssl_context=test_ca.client_context()
+        ) as imap:
             assert imap.login("alice", code)[0] == "OK"
             assert imap.select("INBOX")[0] == "OK"
 
@@ -195,8 +238,11 @@ async def test_implicit_tls_login(proxy, test_ca):
 @pytest_twisted.ensureDeferred
 async def test_plaintext_login_refused_outside_plaintext_auth_from(proxy):
     _, code = proxy.issue("alice")
-    out = await in_thread(raw, proxy.port("starttls"), [f'a LOGIN alice "{code}"\r\n'.encode(),
-                                                         b"b AUTHENTICATE PLAIN\r\n"])
+    out = await in_thread(
+        raw,
+        proxy.port("starttls"),
+        [f'a LOGIN alice "{code}"\r\n'.encode(), b"b AUTHENTICATE PLAIN\r\n"],
+    )
     lines = out.splitlines()
     assert b"LOGINDISABLED" in lines[0]
     assert lines[1].startswith(b"a NO [PRIVACYREQUIRED]")
@@ -233,25 +279,33 @@ async def test_wrong_code_and_unknown_user_get_authenticationfailed(proxy):
     code_id, code = proxy.issue("alice")
     wrong = code[:5] + ("A" if code[5] != "A" else "B") + code[6:]
     assert (await in_thread(login_reply, proxy.port("plain"), "alice", wrong)).startswith(
-        b"a NO [AUTHENTICATIONFAILED]")
+        b"a NO [AUTHENTICATIONFAILED]"
+    )
     assert (await in_thread(login_reply, proxy.port("plain"), "nobody", code)).startswith(
-        b"a NO [AUTHENTICATIONFAILED]")
+        b"a NO [AUTHENTICATIONFAILED]"
+    )
     assert proxy.store.get(code_id).failed_count == 1
 
 
-@pytest.mark.parametrize("setup,expected", [
-    ("revoke", b"a NO [EXPIRED]"),
-    ("disable", b"a NO [AUTHORIZATIONFAILED]"),
-    ("expire", b"a NO [EXPIRED]"),
-    ("use_up", b"a NO [EXPIRED]"),
-    ("smtp_only", b"a NO [AUTHORIZATIONFAILED]"),
-    ("other_network", b"a NO [AUTHORIZATIONFAILED]"),
-    ("not_legacy", b"a NO [AUTHORIZATIONFAILED]"),
-])
+@pytest.mark.parametrize(
+    "setup,expected",
+    [
+        ("revoke", b"a NO [EXPIRED]"),
+        ("disable", b"a NO [AUTHORIZATIONFAILED]"),
+        ("expire", b"a NO [EXPIRED]"),
+        ("use_up", b"a NO [EXPIRED]"),
+        ("smtp_only", b"a NO [AUTHORIZATIONFAILED]"),
+        ("other_network", b"a NO [AUTHORIZATIONFAILED]"),
+        ("not_legacy", b"a NO [AUTHORIZATIONFAILED]"),
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_each_refusal_gets_its_reply(proxy, setup, expected):
-    kw = {"smtp_only": {"scopes": ("smtp",)}, "other_network": {"networks": ("10.0.0.0/8",)},
-          "use_up": {"max_uses": 1}}.get(setup, {})
+    kw = {
+        "smtp_only": {"scopes": ("smtp",)},
+        "other_network": {"networks": ("10.0.0.0/8",)},
+        "use_up": {"max_uses": 1},
+    }.get(setup, {})
     login = "alice"
     if setup == "not_legacy":
         login = "bob"
@@ -298,8 +352,11 @@ async def test_upstream_refusing_the_user_is_unavailable(proxy):
 async def test_failures_then_bye_and_audit_never_holds_a_code(proxy):
     _, code = proxy.issue("alice")
     wrong = "AAAA-BBBB-CCCC-DDDD"
-    out = await in_thread(raw, proxy.port("plain"), [f'{t} LOGIN alice "{wrong}"\r\n'.encode() for t in "abc"]
-                          + [None])
+    out = await in_thread(
+        raw,
+        proxy.port("plain"),
+        [f'{t} LOGIN alice "{wrong}"\r\n'.encode() for t in "abc"] + [None],
+    )
     assert out.count(b"NO [AUTHENTICATIONFAILED]") == 3
     assert b"* BYE" in out
     text = proxy.audit_text() + (proxy.folder / "audit.jsonl").read_text()
@@ -381,7 +438,9 @@ async def test_big_fetch_read_slowly_keeps_proxy_buffers_bounded(proxy, dovecot)
 
     def login_and_fetch():
         f.readline()
-        sock.sendall(f'a LOGIN alice "{code}"\r\nb SELECT INBOX\r\nc SEARCH SUBJECT "{subject}"\r\n'.encode())
+        sock.sendall(
+            f'a LOGIN alice "{code}"\r\nb SELECT INBOX\r\nc SEARCH SUBJECT "{subject}"\r\n'.encode()
+        )
         num = None
         while True:
             line = f.readline()

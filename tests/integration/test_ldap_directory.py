@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import ldap3
 import pytest
@@ -21,16 +21,20 @@ import pytest_twisted
 from proxy.directory.account import DirectoryUnavailable
 from proxy.directory.ldap.directory import LdapDirectory
 from proxy.directory.ldap.filters import LoginQuery
-from proxy.directory.ldap.settings import DEFAULT_CACHE_TTL, DEFAULT_NEGATIVE_CACHE_TTL, LdapSettings
+from proxy.directory.ldap.settings import (
+    DEFAULT_CACHE_TTL,
+    DEFAULT_NEGATIVE_CACHE_TTL,
+    LdapSettings,
+)
 from tests.servers.common import remove_tree, short_tempdir
-from tests.support.ca import TestCA
-from tests.servers.samba import PAST_FILETIME, SambaDC
+from tests.servers.samba import SambaDC
 from tests.servers.slapd import LOCKOUT_DURATION, Slapd, entry_uuid
+from tests.support.ca import TestCA
 
 pytestmark = pytest.mark.integration
 
 LOGGER = "proxy.directory.ldap"  # the package: its modules log to child loggers
-OLD_CHANGE = datetime(2020, 1, 1, tzinfo=timezone.utc)
+OLD_CHANGE = datetime(2020, 1, 1, tzinfo=UTC)
 # Generous bounds for "fails fast" on a loaded CI machine; the timeouts below are 1 s.
 SHORT_TIMEOUT = 1.0
 FAILS_WITHIN = 6.0
@@ -57,7 +61,7 @@ class FakeNow:
         self.offset = timedelta()
 
     def __call__(self) -> datetime:
-        return datetime.now(timezone.utc) + self.offset
+        return datetime.now(UTC) + self.offset
 
     def advance(self, seconds: float) -> None:
         self.offset += timedelta(seconds=seconds)
@@ -91,19 +95,30 @@ def directories(clock: FakeClock, now: FakeNow) -> Iterator[Callable[..., LdapDi
 def openldap(server: Slapd, *, tls: str = "ldaps", **overrides) -> LdapSettings:
     """Settings for a slapd fixture: the openldap preset plus URIs, bind and base."""
     uris = {"ldaps": (server.ldaps_uri,), "starttls": (server.uri,), "plain": (server.uri,)}[tls]
-    values = dict(uris=uris, start_tls=tls == "starttls",
-                  ca_file=str(server.tls.ca) if server.tls else "",
-                  bind_dn=server.service_dn, bind_password=server.service_password,
-                  base_dn=server.base_dn, timeout=SHORT_TIMEOUT, connect_timeout=SHORT_TIMEOUT)
+    values = dict(
+        uris=uris,
+        start_tls=tls == "starttls",
+        ca_file=str(server.tls.ca) if server.tls else "",
+        bind_dn=server.service_dn,
+        bind_password=server.service_password,
+        base_dn=server.base_dn,
+        timeout=SHORT_TIMEOUT,
+        connect_timeout=SHORT_TIMEOUT,
+    )
     values.update(overrides)
     return LdapSettings.openldap(**values)
 
 
 def active_directory(dc: SambaDC, *, tls: str = "ldaps", **overrides) -> LdapSettings:
     uris = {"ldaps": (dc.ldaps_uri,), "starttls": (dc.uri,), "plain": (dc.uri,)}[tls]
-    values = dict(uris=uris, start_tls=tls == "starttls", ca_file=str(dc.tls.ca),
-                  bind_dn=dc.service_bind_dn, bind_password=dc.service_password,
-                  base_dn=dc.base_dn)
+    values = dict(
+        uris=uris,
+        start_tls=tls == "starttls",
+        ca_file=str(dc.tls.ca),
+        bind_dn=dc.service_bind_dn,
+        bind_password=dc.service_password,
+        base_dn=dc.base_dn,
+    )
     values.update(overrides)
     return LdapSettings.active_directory(**values)
 
@@ -163,14 +178,18 @@ def test_domain_backslash_user_maps_to_the_uid_of_a_configured_domain(slapd, dir
     assert "unknown domain 'OTHER'" in caplog.text
 
 
-def test_an_unknown_login_is_none_and_cached_negatively_for_a_short_while(slapd_factory,
-                                                                         directories, clock):
+def test_an_unknown_login_is_none_and_cached_negatively_for_a_short_while(
+    slapd_factory, directories, clock
+):
     server = slapd_factory()
     directory = directories(openldap(server))
     assert directory.lookup("zoe") is None
     with server.admin() as conn:
-        conn.add(server.user_dn("zoe"), ["inetOrgPerson"],
-                 {"cn": "Zoe", "sn": "Z", "mail": "zoe@example.org"})
+        conn.add(
+            server.user_dn("zoe"),
+            ["inetOrgPerson"],
+            {"cn": "Zoe", "sn": "Z", "mail": "zoe@example.org"},
+        )
     assert directory.lookup("zoe") is None  # the negative answer is cached
     clock.advance(DEFAULT_NEGATIVE_CACHE_TTL + 0.1)
     assert directory.lookup("zoe").upstream_identity == "zoe@example.org"
@@ -180,8 +199,9 @@ def test_a_cached_account_is_refreshed_after_the_cache_lifetime(slapd_factory, d
     server = slapd_factory()
     directory = directories(openldap(server))
     assert directory.lookup("bob").enabled
-    server.modify(server.user_dn("bob"), {"pwdAccountLockedTime": [(ldap3.MODIFY_REPLACE,
-                                                                     ["000001010000Z"])]})
+    server.modify(
+        server.user_dn("bob"), {"pwdAccountLockedTime": [(ldap3.MODIFY_REPLACE, ["000001010000Z"])]}
+    )
     assert directory.lookup("bob").enabled  # cached
     clock.advance(DEFAULT_CACHE_TTL + 0.1)
     bob = directory.lookup("bob")
@@ -191,8 +211,11 @@ def test_a_cached_account_is_refreshed_after_the_cache_lifetime(slapd_factory, d
 def test_a_name_two_entries_answer_to_logs_in_as_nobody(slapd_factory, directories, caplog):
     server = slapd_factory()
     with server.admin() as conn:  # mail "alice" on another entry: uid=alice or mail=alice?
-        conn.add(server.user_dn("alice2"), ["inetOrgPerson"],
-                 {"cn": "Alice Two", "sn": "T", "mail": "alice"})
+        conn.add(
+            server.user_dn("alice2"),
+            ["inetOrgPerson"],
+            {"cn": "Alice Two", "sn": "T", "mail": "alice"},
+        )
     with caplog.at_level(logging.WARNING, LOGGER):
         assert directories(openldap(server)).lookup("alice") is None
     assert "ambiguous" in caplog.text
@@ -231,11 +254,13 @@ def test_accounts_past_pwdEndTime_or_shadowExpire_are_refused_as_expired(slapd, 
         assert attribute in account.extra["reasons"]["enabled"]
 
 
-def test_failed_binds_lock_the_account_until_the_lockout_duration_passes(slapd_factory,
-                                                                         directories, now):
+def test_failed_binds_lock_the_account_until_the_lockout_duration_passes(
+    slapd_factory, directories, now
+):
     server = slapd_factory()
-    directory = directories(openldap(server, password_policy_dn=server.policy_dn,
-                                     cache_ttl=0, negative_cache_ttl=0))
+    directory = directories(
+        openldap(server, password_policy_dn=server.policy_dn, cache_ttl=0, negative_cache_ttl=0)
+    )
     assert directory.lookup("frank").enabled
     server.fail_binds("frank")
     frank = directory.lookup("frank")
@@ -245,8 +270,9 @@ def test_failed_binds_lock_the_account_until_the_lockout_duration_passes(slapd_f
     assert directory.lookup("frank").enabled  # ppolicy would let frank bind again too
 
 
-def test_without_a_known_lockout_duration_a_locked_account_stays_locked(slapd_factory,
-                                                                        directories, now):
+def test_without_a_known_lockout_duration_a_locked_account_stays_locked(
+    slapd_factory, directories, now
+):
     server = slapd_factory()
     server.fail_binds("frank")
     directory = directories(openldap(server))  # no password_policy_dn: fail closed
@@ -264,12 +290,16 @@ def test_an_account_without_the_upstream_identity_attribute_is_not_enabled(slapd
 # --- policy groups and filters -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("legacy", [
-    {"legacy_group": "legacy-mail"},
-    {"legacy_group": "cn=legacy-mail,ou=groups,dc=example,dc=org"},
-    {"legacy_group": "CN=Legacy-Mail, OU=Groups, DC=Example, DC=Org"},
-    {"legacy_filter": "(|(uid=alice)(uid=printer1))"},
-], ids=["group-name", "group-dn", "group-dn-other-spelling", "filter"])
+@pytest.mark.parametrize(
+    "legacy",
+    [
+        {"legacy_group": "legacy-mail"},
+        {"legacy_group": "cn=legacy-mail,ou=groups,dc=example,dc=org"},
+        {"legacy_group": "CN=Legacy-Mail, OU=Groups, DC=Example, DC=Org"},
+        {"legacy_filter": "(|(uid=alice)(uid=printer1))"},
+    ],
+    ids=["group-name", "group-dn", "group-dn-other-spelling", "filter"],
+)
 def test_legacy_sign_in_is_allowed_by_group_name_dn_or_filter(slapd, directories, legacy):
     directory = directories(openldap(slapd), **legacy)
     assert directory.lookup("alice").legacy_allowed
@@ -298,14 +328,18 @@ def test_a_legacy_group_that_does_not_exist_allows_nobody(slapd, directories, ca
 
 
 def test_legacy_group_and_filter_together_must_both_hold(slapd, directories):
-    directory = directories(openldap(slapd), legacy_group="legacy-mail",
-                            legacy_filter="(uid=printer1)")
+    directory = directories(
+        openldap(slapd), legacy_group="legacy-mail", legacy_filter="(uid=printer1)"
+    )
     assert directory.lookup("printer1").legacy_allowed
     assert not directory.lookup("alice").legacy_allowed
 
 
-@pytest.mark.parametrize("mfa", [{"mfa_group": "mfa-enrolled"},
-                                 {"mfa_filter": "(cn=Alice Liddell)"}], ids=["group", "filter"])
+@pytest.mark.parametrize(
+    "mfa",
+    [{"mfa_group": "mfa-enrolled"}, {"mfa_filter": "(cn=Alice Liddell)"}],
+    ids=["group", "filter"],
+)
 def test_mfa_is_present_for_members_of_the_mfa_group_or_filter(slapd, directories, mfa):
     directory = directories(openldap(slapd), **mfa)
     assert directory.lookup("alice").mfa
@@ -320,7 +354,7 @@ def test_a_password_change_moves_password_changed_at(slapd_factory, directories,
     server = slapd_factory()
     directory = directories(openldap(server))
     assert directory.lookup("grace").password_changed_at == OLD_CHANGE
-    before = datetime.now(timezone.utc).replace(microsecond=0)
+    before = datetime.now(UTC).replace(microsecond=0)
     server.set_password("grace", "grace-New-Pw-1")
     clock.advance(DEFAULT_CACHE_TTL + 0.1)
     changed = directory.lookup("grace").password_changed_at
@@ -331,11 +365,25 @@ def test_a_password_change_moves_password_changed_at(slapd_factory, directories,
 # --- hostile names -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("login", ["*)(uid=*", "*", "alice)(uid=*", "al*", "(uid=alice)",
-                                   "alice\x00", "alice\x00@evil.example", "\x00", "alice\r\n",
-                                   "EXAMPLE\\*", "a\\b\\c"])
+@pytest.mark.parametrize(
+    "login",
+    [
+        "*)(uid=*",
+        "*",
+        "alice)(uid=*",
+        "al*",
+        "(uid=alice)",
+        "alice\x00",
+        "alice\x00@evil.example",
+        "\x00",
+        "alice\r\n",
+        "EXAMPLE\\*",
+        "a\\b\\c",
+    ],
+)
 def test_filter_injection_and_control_characters_match_nothing_and_are_logged_as_invalid(
-        slapd, directories, caplog, login):
+    slapd, directories, caplog, login
+):
     directory = directories(openldap(slapd, netbios_domains=("EXAMPLE",)))
     with caplog.at_level(logging.WARNING, LOGGER):
         assert directory.lookup(login) is None
@@ -354,8 +402,9 @@ def test_escaped_filters_built_from_hostile_input_match_nothing_on_the_server(sl
 # --- servers down, slow, failover, TLS -----------------------------------------------------
 
 
-def test_stopping_slapd_gives_temporary_failures_and_a_restart_recovers(slapd_factory,
-                                                                        directories, clock):
+def test_stopping_slapd_gives_temporary_failures_and_a_restart_recovers(
+    slapd_factory, directories, clock
+):
     server = slapd_factory()
     directory = directories(openldap(server))
     key = directory.lookup("alice").key  # a pooled, bound connection now exists
@@ -371,8 +420,9 @@ def test_stopping_slapd_gives_temporary_failures_and_a_restart_recovers(slapd_fa
     assert directory.lookup("bob") is not None
 
 
-def test_an_unresponsive_slapd_times_out_as_a_temporary_failure_and_recovers(slapd_factory,
-                                                                            directories, clock):
+def test_an_unresponsive_slapd_times_out_as_a_temporary_failure_and_recovers(
+    slapd_factory, directories, clock
+):
     server = slapd_factory()
     directory = directories(openldap(server))
     assert directory.lookup("alice") is not None
@@ -439,8 +489,9 @@ def test_a_server_certificate_from_another_ca_is_a_temporary_failure(slapd, dire
         remove_tree(other)
 
 
-def test_a_wrong_service_password_is_a_temporary_failure_and_is_never_logged(slapd, directories,
-                                                                             caplog):
+def test_a_wrong_service_password_is_a_temporary_failure_and_is_never_logged(
+    slapd, directories, caplog
+):
     secret = "Wrong-Service-Secret-42"
     directory = directories(openldap(slapd, bind_password=secret))
     with caplog.at_level(logging.DEBUG):
@@ -454,7 +505,9 @@ def test_a_wrong_service_password_is_a_temporary_failure_and_is_never_logged(sla
 def test_the_service_password_can_come_from_a_file(slapd, directories, tmp_path):
     password_file = tmp_path / "bind-password"
     password_file.write_text(slapd.service_password + "\n")
-    directory = directories(openldap(slapd, bind_password="", bind_password_file=str(password_file)))
+    directory = directories(
+        openldap(slapd, bind_password="", bind_password_file=str(password_file))
+    )
     assert directory.lookup("alice") is not None
 
 
@@ -471,9 +524,11 @@ async def test_lookups_from_the_twisted_thread_pool_share_a_bounded_connection_p
         for login in logins:
             results.append(threads.deferToThreadPool(reactor, pool, directory.lookup, login))
         from twisted.internet.defer import gatherResults
+
         accounts = await gatherResults(results, consumeErrors=True)
-        assert [a.login if a else None for a in accounts] == \
-            [None if login == "nobody" else login for login in logins]
+        assert [a.login if a else None for a in accounts] == [
+            None if login == "nobody" else login for login in logins
+        ]
         stats = directory.stats()
         assert stats["opened"] <= settings.pool_size
         assert stats["open"] == stats["idle"]  # every connection came back to the pool
@@ -486,11 +541,19 @@ def test_check_reports_the_search_the_account_and_each_verdict(slapd, directorie
     report = directory.check("alice@example.org")
     assert report.outcome == "found" and report.allowed
     assert [(v.name, v.ok) for v in report.verdicts] == [
-        ("enabled", True), ("legacy sign-in", True), ("mfa", True)]
+        ("enabled", True),
+        ("legacy sign-in", True),
+        ("mfa", True),
+    ]
     text = str(report)
-    for expected in (entry_uuid(slapd.user_dn("alice")), "alice@example.org",
-                     "legacy-mail, mfa-enrolled", "yes (member of cn=legacy-mail",
-                     "2020-01-01T00:00:00+00:00", "(mail=alice@example.org)"):
+    for expected in (
+        entry_uuid(slapd.user_dn("alice")),
+        "alice@example.org",
+        "legacy-mail, mfa-enrolled",
+        "yes (member of cn=legacy-mail",
+        "2020-01-01T00:00:00+00:00",
+        "(mail=alice@example.org)",
+    ):
         assert expected in text, expected
     carol = directory.check("carol")
     assert not carol.allowed and "no (disabled: pwdAccountLockedTime" in str(carol)
@@ -514,8 +577,15 @@ def objectguid(dc: SambaDC, name: str) -> str:
 def test_ad_login_by_every_name_form_gives_the_same_account(samba_dc, directories):
     directory = directories(active_directory(samba_dc))
     key = objectguid(samba_dc, "alice")
-    for login in ("alice", "ALICE", "alice@samdom.example.com", "Alice@SAMDOM.EXAMPLE.COM",
-                  "alice@example.com", "SAMDOM\\alice", "samdom\\Alice"):
+    for login in (
+        "alice",
+        "ALICE",
+        "alice@samdom.example.com",
+        "Alice@SAMDOM.EXAMPLE.COM",
+        "alice@example.com",
+        "SAMDOM\\alice",
+        "samdom\\Alice",
+    ):
         account = directory.lookup(login)
         assert account is not None, login
         assert account.key == key, login
@@ -525,8 +595,10 @@ def test_ad_login_by_every_name_form_gives_the_same_account(samba_dc, directorie
 
 
 def test_ad_user_at_dns_domain_works_without_a_userPrincipalName(samba_dc, directories):
-    assert samba_dc.read(samba_dc.user_dn("noupn"), ["userPrincipalName"]).get(
-        "userPrincipalName", []) == []
+    assert (
+        samba_dc.read(samba_dc.user_dn("noupn"), ["userPrincipalName"]).get("userPrincipalName", [])
+        == []
+    )
     account = directories(active_directory(samba_dc)).lookup("noupn@samdom.example.com")
     assert account is not None and account.key == objectguid(samba_dc, "noupn")
     assert account.upstream_identity == "noupn-mail@example.com"
@@ -571,10 +643,14 @@ def test_ad_an_account_without_mail_is_not_enabled(samba_dc, directories):
     assert not nomail.enabled and nomail.disabled_reason == "no upstream identity"
 
 
-@pytest.mark.parametrize("legacy", [
-    {"legacy_group": "legacy-mail"},
-    {"legacy_group": "CN=legacy-mail,CN=Users,DC=samdom,DC=example,DC=com"},
-], ids=["group-name", "group-dn"])
+@pytest.mark.parametrize(
+    "legacy",
+    [
+        {"legacy_group": "legacy-mail"},
+        {"legacy_group": "CN=legacy-mail,CN=Users,DC=samdom,DC=example,DC=com"},
+    ],
+    ids=["group-name", "group-dn"],
+)
 def test_ad_legacy_group_counts_nested_members(samba_dc, directories, legacy):
     directory = directories(active_directory(samba_dc), **legacy)
     assert directory.lookup("alice").legacy_allowed
@@ -604,11 +680,20 @@ def test_ad_a_password_change_moves_pwdLastSet(samba_dc, directories, clock):
     clock.advance(DEFAULT_CACHE_TTL + 0.1)
     after = directory.lookup("pat").password_changed_at
     assert before is not None and after is not None and after > before
-    assert abs(datetime.now(timezone.utc) - after) < timedelta(minutes=1)
+    assert abs(datetime.now(UTC) - after) < timedelta(minutes=1)
 
 
-@pytest.mark.parametrize("login", ["*)(sAMAccountName=*", "*", "SAMDOM\\*", "alice\x00",
-                                   "SAMDOM\\alice\x00", "*@samdom.example.com"])
+@pytest.mark.parametrize(
+    "login",
+    [
+        "*)(sAMAccountName=*",
+        "*",
+        "SAMDOM\\*",
+        "alice\x00",
+        "SAMDOM\\alice\x00",
+        "*@samdom.example.com",
+    ],
+)
 def test_ad_filter_injection_and_nul_match_nothing(samba_dc, directories, caplog, login):
     directory = directories(active_directory(samba_dc))
     with caplog.at_level(logging.WARNING, LOGGER):
@@ -626,7 +711,8 @@ def test_ad_escaped_filters_built_from_hostile_input_match_nothing(samba_dc):
 
 
 def test_ad_samba_cuts_assertion_values_at_nul_so_nul_logins_never_reach_a_filter(
-        samba_dc, directories):
+    samba_dc, directories
+):
     # Escaped or not, Samba compares "alice\x00" as "alice": the reason to refuse
     # control characters before any lookup (Dovecot cuts names at NUL too).
     user_filter = LdapSettings.active_directory().user_filter
@@ -646,7 +732,8 @@ def test_ad_over_starttls_and_plain_ldap(samba_dc, directories):
 
 def test_ad_check_shows_the_discovered_domain_forms(samba_dc, directories):
     report = directories(active_directory(samba_dc), legacy_group="legacy-mail").check(
-        "samdom\\carl")
+        "samdom\\carl"
+    )
     assert report.outcome == "found" and report.form == "DOMAIN\\user"
     assert "(sAMAccountName=carl)" in report.filter
     assert "through nested groups" in str(report)

@@ -72,11 +72,13 @@ def test_imap_login_with_a_wrong_password_fails_without_delay(dovecot: Dovecot) 
 
 
 def test_imap_authenticate_plain_with_authzid_logs_in_as_the_user_via_the_master(
-        dovecot: Dovecot) -> None:
+    dovecot: Dovecot,
+) -> None:
     mark = dovecot.log_mark()
     with imaplib.IMAP4(HOST, dovecot.imap_port) as imap:
         typ, _ = imap.authenticate(
-            "PLAIN", lambda _challenge: plain_response(ALICE, MASTER_USER, MASTER_PASSWORD))
+            "PLAIN", lambda _challenge: plain_response(ALICE, MASTER_USER, MASTER_PASSWORD)
+        )
         assert typ == "OK"
         assert imap.select("INBOX")[0] == "OK"
     log = dovecot.wait_for_log("Login: user=<alice>", since=mark)
@@ -92,11 +94,13 @@ def test_master_login_for_an_unknown_user_is_an_authorization_failure(dovecot: D
     with imaplib.IMAP4(HOST, dovecot.imap_port) as imap:
         with pytest.raises(imaplib.IMAP4.error, match="AUTHORIZATIONFAILED"):
             imap.authenticate(
-                "PLAIN", lambda _c: plain_response("nobody", MASTER_USER, MASTER_PASSWORD))
+                "PLAIN", lambda _c: plain_response("nobody", MASTER_USER, MASTER_PASSWORD)
+            )
 
 
 def test_imap_id_x_originating_ip_from_loopback_becomes_the_logged_remote_ip(
-        dovecot: Dovecot) -> None:
+    dovecot: Dovecot,
+) -> None:
     mark = dovecot.log_mark()
     with imaplib.IMAP4(HOST, dovecot.imap_port) as imap:
         typ, _ = imap.xatom("ID", '("x-originating-ip" "192.0.2.55" "x-originating-port" "4711")')
@@ -129,8 +133,9 @@ def test_imap_starttls_verifies_against_the_test_ca(dovecot: Dovecot, test_ca: T
 
 def test_imaps_implicit_tls_verifies_by_ip_and_by_name(dovecot: Dovecot, test_ca: TestCA) -> None:
     for host in (HOST, "localhost"):
-        with imaplib.IMAP4_SSL(host, dovecot.imaps_port,
-                               ssl_context=test_ca.client_context()) as imap:
+        with imaplib.IMAP4_SSL(
+            host, dovecot.imaps_port, ssl_context=test_ca.client_context()
+        ) as imap:
             assert imap.login(ALICE, ALICE_PASSWORD)[0] == "OK"
 
 
@@ -142,11 +147,26 @@ def test_imaps_is_not_trusted_without_the_test_ca(dovecot: Dovecot) -> None:
 def test_curl_imaps_with_sasl_authzid_lists_the_inbox(dovecot: Dovecot, test_ca: TestCA) -> None:
     ensure_installed(["curl"])
     result = subprocess.run(
-        ["curl", "--silent", "--show-error", "--max-time", "20",
-         "--cacert", str(test_ca.ca), "--login-options", "AUTH=PLAIN",
-         "--user", f"{MASTER_USER}:{MASTER_PASSWORD}", "--sasl-authzid", ALICE,
-         f"imaps://{HOST}:{dovecot.imaps_port}/"],
-        capture_output=True, text=True, timeout=30)
+        [
+            "curl",
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "20",
+            "--cacert",
+            str(test_ca.ca),
+            "--login-options",
+            "AUTH=PLAIN",
+            "--user",
+            f"{MASTER_USER}:{MASTER_PASSWORD}",
+            "--sasl-authzid",
+            ALICE,
+            f"imaps://{HOST}:{dovecot.imaps_port}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     assert "INBOX" in result.stdout
 
@@ -204,7 +224,8 @@ def test_pop3_stls_and_pop3s_verify_against_the_test_ca(dovecot: Dovecot, test_c
 
 
 def test_xclient_login_delivers_with_authenticated_sender_and_client_address(
-        postfix: Postfix) -> None:
+    postfix: Postfix,
+) -> None:
     subject = token()
     mark = postfix.log_mark()
     with smtplib.SMTP(HOST, postfix.smtp_port, timeout=10) as smtp:
@@ -213,8 +234,11 @@ def test_xclient_login_delivers_with_authenticated_sender_and_client_address(
         code, reply = smtp.docmd("XCLIENT", "LOGIN=alice ADDR=192.0.2.7")
         assert code == 220, reply
         smtp.ehlo("client.test")
-        smtp.sendmail(postfix.address(ALICE), [postfix.address(ALICE)],
-                      f"From: {postfix.address(ALICE)}\r\nSubject: {subject}\r\n\r\nhello\r\n")
+        smtp.sendmail(
+            postfix.address(ALICE),
+            [postfix.address(ALICE)],
+            f"From: {postfix.address(ALICE)}\r\nSubject: {subject}\r\n\r\nhello\r\n",
+        )
     message = postfix.wait_for_message(ALICE, subject)
     received = " ".join(" ".join(str(h).split()) for h in message.get_all("Received"))
     assert "(Authenticated sender: alice)" in received
@@ -224,7 +248,8 @@ def test_xclient_login_delivers_with_authenticated_sender_and_client_address(
 
 
 def test_submission_auth_plain_with_authzid_through_dovecot_sasl(
-        postfix: Postfix, test_ca: TestCA) -> None:
+    postfix: Postfix, test_ca: TestCA
+) -> None:
     subject = token()
     with smtplib.SMTP(HOST, postfix.submission_port, timeout=10) as smtp:
         smtp.ehlo("proxy.test")
@@ -234,8 +259,11 @@ def test_submission_auth_plain_with_authzid_through_dovecot_sasl(
         response = base64.b64encode(plain_response("bob", MASTER_USER, MASTER_PASSWORD)).decode()
         code, reply = smtp.docmd("AUTH", f"PLAIN {response}")
         assert code == 235, reply
-        smtp.sendmail(postfix.address("bob"), [postfix.address(ALICE)],
-                      f"From: {postfix.address('bob')}\r\nSubject: {subject}\r\n\r\nhi\r\n")
+        smtp.sendmail(
+            postfix.address("bob"),
+            [postfix.address(ALICE)],
+            f"From: {postfix.address('bob')}\r\nSubject: {subject}\r\n\r\nhi\r\n",
+        )
     message = postfix.wait_for_message(ALICE, subject)
     assert "(Authenticated sender: bob)" in " ".join(str(h) for h in message.get_all("Received"))
 
@@ -247,14 +275,17 @@ def test_submission_refuses_a_wrong_password_and_unauthenticated_mail(postfix: P
             smtp.login(ALICE, "not-the-password")
         assert failure.value.smtp_code == 535
         with pytest.raises(smtplib.SMTPRecipientsRefused):
-            smtp.sendmail(postfix.address(ALICE), [postfix.address(ALICE)],
-                          "Subject: x\r\n\r\nx\r\n")
+            smtp.sendmail(
+                postfix.address(ALICE), [postfix.address(ALICE)], "Subject: x\r\n\r\nx\r\n"
+            )
 
 
 def test_submissions_implicit_tls_login_with_own_password(
-        postfix: Postfix, test_ca: TestCA) -> None:
-    with smtplib.SMTP_SSL(HOST, postfix.submissions_port, timeout=10,
-                          context=test_ca.client_context()) as smtp:
+    postfix: Postfix, test_ca: TestCA
+) -> None:
+    with smtplib.SMTP_SSL(
+        HOST, postfix.submissions_port, timeout=10, context=test_ca.client_context()
+    ) as smtp:
         code, _ = smtp.login(ALICE, ALICE_PASSWORD)
         assert code == 235
 
@@ -263,12 +294,33 @@ def test_swaks_xclient_delivers_to_the_maildir(postfix: Postfix, test_ca: TestCA
     ensure_installed(["swaks"])
     subject = token()
     result = subprocess.run(
-        ["swaks", "--server", HOST, "--port", str(postfix.smtp_port),
-         "--from", postfix.address("demo"), "--to", postfix.address("printer1"),
-         "--xclient-login", "demo", "--xclient-addr", "198.51.100.9",
-         "--tls", "--tls-verify", "--tls-ca-path", str(test_ca.ca),
-         "--header", f"Subject: {subject}", "--body", "scan attached"],
-        capture_output=True, text=True, timeout=60)
+        [
+            "swaks",
+            "--server",
+            HOST,
+            "--port",
+            str(postfix.smtp_port),
+            "--from",
+            postfix.address("demo"),
+            "--to",
+            postfix.address("printer1"),
+            "--xclient-login",
+            "demo",
+            "--xclient-addr",
+            "198.51.100.9",
+            "--tls",
+            "--tls-verify",
+            "--tls-ca-path",
+            str(test_ca.ca),
+            "--header",
+            f"Subject: {subject}",
+            "--body",
+            "scan attached",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     message = postfix.wait_for_message("printer1", subject)
     received = " ".join(str(h) for h in message.get_all("Received"))

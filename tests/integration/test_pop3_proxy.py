@@ -25,13 +25,26 @@ async def proxy(dovecot, test_ca, tmp_path_factory):
     harness = await start_proxy(
         tmp_path_factory.mktemp("pop3-proxy"),
         listeners=[
-            {"name": "plain", "protocol": "pop3", "tls": "none", "plaintext_auth_from": ["127.0.0.0/8"]},
+            {
+                "name": "plain",
+                "protocol": "pop3",
+                "tls": "none",
+                "plaintext_auth_from": ["127.0.0.0/8"],
+            },
             {"name": "stls", "protocol": "pop3", "tls": "starttls", **cert},
             {"name": "implicit", "protocol": "pop3", "tls": "implicit", **cert},
         ],
-        upstream={"pop3": {"host": "127.0.0.1", "port": dovecot.pop3_port, "tls": "starttls",
-                           "ca_file": str(test_ca.ca), "master_user": MASTER_USER,
-                           "master_password": MASTER_PASSWORD}})
+        upstream={
+            "pop3": {
+                "host": "127.0.0.1",
+                "port": dovecot.pop3_port,
+                "tls": "starttls",
+                "ca_file": str(test_ca.ca),
+                "master_user": MASTER_USER,
+                "master_password": MASTER_PASSWORD,
+            }
+        },
+    )
     yield harness
     await harness.stop()
 
@@ -89,7 +102,9 @@ async def test_auth_plain_with_initial_response(proxy):
         with socket.create_connection(("127.0.0.1", proxy.port("plain")), timeout=10) as s:
             f = s.makefile("rb")
             f.readline()
-            s.sendall(b"AUTH PLAIN " + base64.b64encode(f"\0alice\0{code}".encode()) + b"\r\nSTAT\r\n")
+            s.sendall(
+                b"AUTH PLAIN " + base64.b64encode(f"\0alice\0{code}".encode()) + b"\r\nSTAT\r\n"
+            )
             return f.readline(), f.readline()
 
     ok, stat = await in_thread(client)
@@ -97,15 +112,21 @@ async def test_auth_plain_with_initial_response(proxy):
 
 
 def curl(*args):
-    return subprocess.run(["curl", "-sS", "--max-time", "20", *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "20", *args], capture_output=True, text=True, timeout=30
+    )
 
 
-@pytest.mark.parametrize("options", [[], ["--login-options", "AUTH=PLAIN"], ["--login-options", "AUTH=LOGIN"]])
+@pytest.mark.parametrize(
+    "options", [[], ["--login-options", "AUTH=PLAIN"], ["--login-options", "AUTH=LOGIN"]]
+)
 @pytest_twisted.ensureDeferred
 async def test_curl_lists_messages(proxy, dovecot, options):
     _, code = proxy.issue("alice", scopes=("pop3",))
     await in_thread(put_message, dovecot, "alice")
-    result = await in_thread(curl, *options, "-u", f"alice:{code}", f"pop3://127.0.0.1:{proxy.port('plain')}/")
+    result = await in_thread(
+        curl, *options, "-u", f"alice:{code}", f"pop3://127.0.0.1:{proxy.port('plain')}/"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().split("\n")[0].split()[0] == "1"
 
@@ -123,7 +144,9 @@ async def test_stls_then_login_and_implicit_tls(proxy, test_ca):
         pop.user("alice")
         assert pop.pass_(code).startswith(b"+OK")
         pop.quit()
-        pop = poplib.POP3_SSL("127.0.0.1", proxy.port("implicit"), context=test_ca.client_context(), timeout=15)
+        pop = poplib.POP3_SSL(
+            "127.0.0.1", proxy.port("implicit"), context=test_ca.client_context(), timeout=15
+        )
         pop.user("alice")
         assert pop.pass_(code).startswith(b"+OK")
         pop.quit()
@@ -143,15 +166,24 @@ def pass_reply(port: int, login: str, code: str) -> bytes:
         return f.readline()
 
 
-@pytest.mark.parametrize("setup,expected", [
-    ("wrong", b"-ERR [AUTH]"), ("unknown", b"-ERR [AUTH]"), ("revoke", b"-ERR [AUTH]"),
-    ("disable", b"-ERR [AUTH]"), ("expire", b"-ERR [AUTH]"), ("use_up", b"-ERR [AUTH]"),
-    ("smtp_only", b"-ERR [AUTH]"), ("plaintext", b"-ERR [AUTH]"),
-])
+@pytest.mark.parametrize(
+    "setup,expected",
+    [
+        ("wrong", b"-ERR [AUTH]"),
+        ("unknown", b"-ERR [AUTH]"),
+        ("revoke", b"-ERR [AUTH]"),
+        ("disable", b"-ERR [AUTH]"),
+        ("expire", b"-ERR [AUTH]"),
+        ("use_up", b"-ERR [AUTH]"),
+        ("smtp_only", b"-ERR [AUTH]"),
+        ("plaintext", b"-ERR [AUTH]"),
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_each_failure_gets_its_reply(proxy, setup, expected):
     kw = {"smtp_only": {"scopes": ("smtp",)}, "use_up": {"max_uses": 1, "scopes": ("pop3",)}}.get(
-        setup, {"scopes": ("pop3",)})
+        setup, {"scopes": ("pop3",)}
+    )
     rec_id, code = proxy.issue("alice", **kw)
     login, port = "alice", proxy.port("plain")
     if setup == "wrong":

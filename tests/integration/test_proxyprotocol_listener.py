@@ -51,7 +51,9 @@ async def run_listener(trusted: TrustedProxies, payload: bytes, close_after=Fals
     made, lost, closed = defer.Deferred(), defer.Deferred(), defer.Deferred()
     rejected = []
     factory = protocol.Factory.forProtocol(lambda: Recorder(made, lost))
-    wrapper = ProxyProtocolFactory(factory, trusted, on_reject=lambda peer, why: rejected.append(why))
+    wrapper = ProxyProtocolFactory(
+        factory, trusted, on_reject=lambda peer, why: rejected.append(why)
+    )
     port = reactor.listenTCP(0, wrapper, interface="127.0.0.1")
     try:
         ep = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
@@ -108,7 +110,12 @@ async def test_wrapper_closes_a_trusted_peer_that_sends_no_header():
 @pytest_twisted.ensureDeferred
 async def test_wrapper_drops_a_trusted_peer_that_never_completes_its_header():
     clock = task.Clock()
-    made, lost, closed, wrapped = defer.Deferred(), defer.Deferred(), defer.Deferred(), defer.Deferred()
+    made, lost, closed, wrapped = (
+        defer.Deferred(),
+        defer.Deferred(),
+        defer.Deferred(),
+        defer.Deferred(),
+    )
     rejected = []
 
     class Watched(ProxyProtocolWrapper):

@@ -103,8 +103,16 @@ class Peer(protocol.Protocol):
     """A scripted end: optional greeting on connect; `payload` sent on connect or on the first
     data received, then a write half-close; on read EOF optionally a last word, then close."""
 
-    def __init__(self, greeting=b"", payload=b"", send_on_first_data=False, half_close=True,
-                 on_eof_send=b"", close_on_eof=True, abort_on_first_data=False):
+    def __init__(
+        self,
+        greeting=b"",
+        payload=b"",
+        send_on_first_data=False,
+        half_close=True,
+        on_eof_send=b"",
+        close_on_eof=True,
+        abort_on_first_data=False,
+    ):
         self.greeting, self.payload = greeting, payload
         self.send_on_first_data, self.half_close = send_on_first_data, half_close
         self.on_eof_send, self.close_on_eof = on_eof_send, close_on_eof
@@ -191,8 +199,9 @@ class Env:
         env.up = await ep.connect(protocol.Factory.forProtocol(ProxySide))
         return env
 
-    def start(self, hook=None, client_pending=None, upstream_pending=None,
-              upstream_hook=None) -> defer.Deferred:
+    def start(
+        self, hook=None, client_pending=None, upstream_pending=None, upstream_hook=None
+    ) -> defer.Deferred:
         self.relay = Relay(
             self.front.transport,
             self.up.transport,
@@ -236,8 +245,13 @@ async def test_large_random_payloads_arrive_intact_both_ways_and_are_counted(pki
     # the upstream starts on the client's first bytes. Under TLS the client cannot half-close:
     # it sends, then waits for the upstream's end.
     client = Peer(payload=up_data, send_on_first_data=True, half_close=not tls)
-    upstream = Peer(greeting=greeting, payload=down_data, send_on_first_data=True, half_close=True,
-                    close_on_eof=True)
+    upstream = Peer(
+        greeting=greeting,
+        payload=down_data,
+        send_on_first_data=True,
+        half_close=True,
+        close_on_eof=True,
+    )
     env = await Env.create(client, upstream, **tls_args(pki, tls))
     try:
         await wait(env.up.buffered_at_least(len(greeting)))
@@ -246,7 +260,9 @@ async def test_large_random_payloads_arrive_intact_both_ways_and_are_counted(pki
         if tls:
             client.transport.loseConnection()
         result = await done
-        assert await wait(upstream.eof) == up_data  # the relay is done; the peer may read a bit later
+        assert (
+            await wait(upstream.eof) == up_data
+        )  # the relay is done; the peer may read a bit later
         assert result.bytes_up == len(up_data)
         assert result.bytes_down == len(greeting) + len(down_data)
         assert result.clean
@@ -309,8 +325,12 @@ class Flow:
             self.max_buffered = max(self.max_buffered, write_buffered(self.transport))
 
     def check(self):
-        if (self.client.paused and self.source.paused and self.relay_side is not None
-                and self.relay_side.reading_paused):
+        if (
+            self.client.paused
+            and self.source.paused
+            and self.relay_side is not None
+            and self.relay_side.reading_paused
+        ):
             self.stalls += 1
             self.client.resume()
 
@@ -441,9 +461,11 @@ async def test_slow_reader_keeps_relay_buffers_bounded_while_upstream_sends_50_m
         assert result.bytes_down == total and result.closed_by == "upstream" and result.clean
         # The relay never held more than Twisted's buffers allow...
         bound = BUFFER_BOUND_TLS if tls else BUFFER_BOUND_TCP
-        print(f"\n[{'tls' if tls else 'tcp'}] max relay write buffer {flow.max_buffered} octets "
-              f"(bound {bound}); {flow.samples} samples, {flow.stalls} stalls, "
-              f"{env.relay.client.pauses} relay pauses")
+        print(
+            f"\n[{'tls' if tls else 'tcp'}] max relay write buffer {flow.max_buffered} octets "
+            f"(bound {bound}); {flow.samples} samples, {flow.stalls} stalls, "
+            f"{env.relay.client.pauses} relay pauses"
+        )
         assert 0 < flow.max_buffered <= bound
         # ...because back-pressure really happened, repeatedly, all the way to the source.
         assert flow.client.pauses >= 5
@@ -603,11 +625,16 @@ async def test_hook_drops_what_it_refuses_and_replies_to_the_client():
         done = env.start(hook=RefuseXclient())
         client.transport.write(b"mple.org>\r\nxclient NAME=spoof\r\nQUIT\r\n")
         client.transport.loseWriteConnection()
-        assert await wait(upstream.eof) == b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nQUIT\r\n"
+        assert (
+            await wait(upstream.eof)
+            == b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nQUIT\r\n"
+        )
         await wait(client.eof)
         assert bytes(client.received) == b"550 5.7.0 XCLIENT not allowed\r\n" * 2
         result = await done
-        assert result.bytes_up == len(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nQUIT\r\n")
+        assert result.bytes_up == len(
+            b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nQUIT\r\n"
+        )
         assert result.bytes_down == 2 * len(b"550 5.7.0 XCLIENT not allowed\r\n")
     finally:
         await env.stop()
@@ -649,8 +676,9 @@ async def test_upstream_hook_can_answer_the_upstream_and_filter_what_the_client_
         return to_client, to_upstream
 
     client = Peer(payload=b"go\r\n", half_close=False, close_on_eof=True)
-    upstream = Peer(payload=b"* OK hi\r\nPING\r\n", send_on_first_data=True, half_close=True,
-                    close_on_eof=False)
+    upstream = Peer(
+        payload=b"* OK hi\r\nPING\r\n", send_on_first_data=True, half_close=True, close_on_eof=False
+    )
     env = await Env.create(client, upstream)
     try:
         done = env.start(upstream_hook=answer_pings)

@@ -71,10 +71,11 @@ def imap_dialogue(port, *commands):
 
 # --- IMAP -----------------------------------------------------------------------------------
 
+
 @pytest_twisted.inlineCallbacks
 def test_imap_greeting_says_sandbox_and_offers_plain_with_initial_response(sandbox):
     _, ports = sandbox
-    greeting, = yield threads.deferToThread(imap_dialogue, ports.imap)
+    (greeting,) = yield threads.deferToThread(imap_dialogue, ports.imap)
     assert greeting.startswith(b"* OK [CAPABILITY IMAP4rev1 ")
     assert b"for trying apppass out only" in greeting and b"no TLS" in greeting
     for cap in (b"AUTH=PLAIN", b"SASL-IR", b"ID", b"IDLE"):
@@ -86,9 +87,11 @@ def test_imap_proxy_dialogue_id_then_authenticate_plain_with_initial_response(sa
     _, ports = sandbox
     response = client_plain("demo", MASTER, MASTER_PASSWORD)
     _, ident, login = yield threads.deferToThread(
-        imap_dialogue, ports.imap,
+        imap_dialogue,
+        ports.imap,
         ("I", 'ID ("x-originating-ip" "1.2.3.4" "x-originating-port" "5678")'),
-        ("L", f"AUTHENTICATE PLAIN {response}"))
+        ("L", f"AUTHENTICATE PLAIN {response}"),
+    )
     assert ident[0].startswith(b"* ID (") and ident[-1].startswith(b"I OK")
     assert login[-1].startswith(b"L OK [CAPABILITY IMAP4rev1 ")
     after = login[-1].split(b"[CAPABILITY ")[1].split(b"]")[0].split()
@@ -116,32 +119,44 @@ def test_imaplib_authzid_login_selects_fetches_welcome_and_appends(sandbox):
     assert b"Subject: Welcome to the apppass sandbox" in fetched[0][1]
     assert appended[0] == "OK"
     assert [s[1].strip() for s in subjects if isinstance(s, tuple)] == [
-        b"Subject: Welcome to the apppass sandbox", b"Subject: note to self"]
+        b"Subject: Welcome to the apppass sandbox",
+        b"Subject: note to self",
+    ]
     assert sb.mailbox("demo").messages[-1].raw == b"Subject: note to self\r\n\r\nhello\r\n"
 
 
-@pytest.mark.parametrize("authzid, authcid, password", [
-    ("demo", MASTER, "wrong"),          # wrong master password
-    ("nobody", MASTER, MASTER_PASSWORD),  # authzid names no user
-    ("", MASTER, MASTER_PASSWORD),      # the master account is no mailbox of its own
-    ("alice", "demo", ""),              # only the master may speak for another user
-    ("", "demo", ""),                   # demo has no password of its own
-])
+@pytest.mark.parametrize(
+    "authzid, authcid, password",
+    [
+        ("demo", MASTER, "wrong"),  # wrong master password
+        ("nobody", MASTER, MASTER_PASSWORD),  # authzid names no user
+        ("", MASTER, MASTER_PASSWORD),  # the master account is no mailbox of its own
+        ("alice", "demo", ""),  # only the master may speak for another user
+        ("", "demo", ""),  # demo has no password of its own
+    ],
+)
 @pytest_twisted.inlineCallbacks
 def test_imap_authenticate_plain_refuses_anything_but_master_for_a_known_user(
-        sandbox, authzid, authcid, password):
+    sandbox, authzid, authcid, password
+):
     _, ports = sandbox
     _, login = yield threads.deferToThread(
-        imap_dialogue, ports.imap, ("L", f"AUTHENTICATE PLAIN {client_plain(authzid, authcid, password)}"))
+        imap_dialogue,
+        ports.imap,
+        ("L", f"AUTHENTICATE PLAIN {client_plain(authzid, authcid, password)}"),
+    )
     assert login[-1] == b"L NO [AUTHENTICATIONFAILED] Authentication failed."
 
 
-@pytest.mark.parametrize("login, ok", [
-    ("alice alice-password", True),
-    ('demo ""', False),                        # demo has no password of its own
-    ("alice wrong", False),
-    (f"{MASTER} {MASTER_PASSWORD}", False),    # the master account is no mailbox
-])
+@pytest.mark.parametrize(
+    "login, ok",
+    [
+        ("alice alice-password", True),
+        ('demo ""', False),  # demo has no password of its own
+        ("alice wrong", False),
+        (f"{MASTER} {MASTER_PASSWORD}", False),  # the master account is no mailbox
+    ],
+)
 @pytest_twisted.inlineCallbacks
 def test_imap_login_works_only_for_a_user_with_a_password(sandbox, login, ok):
     _, ports = sandbox
@@ -169,7 +184,9 @@ def test_imap_idle_announces_a_message_delivered_over_smtp(sandbox):
             with smtplib.SMTP(HOST, ports.smtp) as s:
                 s.docmd("XCLIENT", "LOGIN=demo")
                 s.ehlo()
-                s.sendmail("demo@example.test", ["demo@example.test"], b"Subject: ping\r\n\r\nping\r\n")
+                s.sendmail(
+                    "demo@example.test", ["demo@example.test"], b"Subject: ping\r\n\r\nping\r\n"
+                )
             pushed = imap.line()
             imap.send("DONE")
             return continuation, pushed, imap.line()
@@ -189,14 +206,27 @@ def test_curl_with_sasl_authzid_reads_the_welcome_message(sandbox, scheme, path)
     port = ports.imap if scheme == "imap" else ports.pop3
     result = yield threads.deferToThread(
         subprocess.run,
-        ["curl", "-sS", "--max-time", "20", "--sasl-ir", "--user", f"{MASTER}:{MASTER_PASSWORD}",
-         "--sasl-authzid", "demo", f"{scheme}://{HOST}:{port}{path}"],
-        capture_output=True, text=True)
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "--sasl-ir",
+            "--user",
+            f"{MASTER}:{MASTER_PASSWORD}",
+            "--sasl-authzid",
+            "demo",
+            f"{scheme}://{HOST}:{port}{path}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "Subject: Welcome to the apppass sandbox" in result.stdout
 
 
 # --- POP3 -----------------------------------------------------------------------------------
+
 
 @pytest_twisted.inlineCallbacks
 def test_pop3_auth_plain_with_authzid_retrieves_and_deletes(sandbox):
@@ -252,6 +282,7 @@ def test_pop3_auth_plain_by_continuation_and_refusals(sandbox):
 
 # --- SMTP -----------------------------------------------------------------------------------
 
+
 @pytest_twisted.inlineCallbacks
 def test_smtp_xclient_login_then_ehlo_delivers_to_own_inbox_visible_over_imap(sandbox):
     _, ports = sandbox
@@ -260,10 +291,15 @@ def test_smtp_xclient_login_then_ehlo_delivers_to_own_inbox_visible_over_imap(sa
         with smtplib.SMTP(HOST, ports.smtp) as s:
             s.ehlo()
             features = dict(s.esmtp_features)
-            xclient = s.docmd("XCLIENT", "LOGIN=demo ADDR=1.2.3.4 NAME=[UNAVAILABLE] HELO=client+2Eexample")
+            xclient = s.docmd(
+                "XCLIENT", "LOGIN=demo ADDR=1.2.3.4 NAME=[UNAVAILABLE] HELO=client+2Eexample"
+            )
             s.ehlo()
-            refused = s.sendmail("demo@example.test", ["demo@example.test"],
-                                 b"Subject: hello from smtp\r\n\r\n.leading dot\r\nbody\r\n")
+            refused = s.sendmail(
+                "demo@example.test",
+                ["demo@example.test"],
+                b"Subject: hello from smtp\r\n\r\n.leading dot\r\nbody\r\n",
+            )
         with imaplib.IMAP4(HOST, ports.imap) as imap:
             imap.authenticate("PLAIN", lambda _: plain("demo", MASTER, MASTER_PASSWORD))
             imap.select("INBOX")
@@ -278,7 +314,9 @@ def test_smtp_xclient_login_then_ehlo_delivers_to_own_inbox_visible_over_imap(sa
         assert ext in features
     assert xclient[0] == 220 and b"for trying apppass out only" in xclient[1]
     assert refused == {}
-    assert message.startswith(b"Received: from client.example ([1.2.3.4])\r\n\t(Authenticated sender: demo)")
+    assert message.startswith(
+        b"Received: from client.example ([1.2.3.4])\r\n\t(Authenticated sender: demo)"
+    )
     assert b"\r\nSubject: hello from smtp\r\n\r\n.leading dot\r\nbody\r\n" in message
 
 
@@ -305,13 +343,18 @@ def test_smtp_auth_plain_with_authzid_and_local_recipients_only(sandbox):
             s.ehlo()
             wrong = s.docmd("AUTH", "PLAIN " + client_plain("demo", MASTER, "wrong"))
             good = s.docmd("AUTH", "PLAIN " + client_plain("demo", MASTER, MASTER_PASSWORD))
-            refused = s.sendmail("demo@example.test", ["someone@elsewhere.test", "alice@example.test"],
-                                 b"Subject: hi alice\r\n\r\nhi\r\n")
+            refused = s.sendmail(
+                "demo@example.test",
+                ["someone@elsewhere.test", "alice@example.test"],
+                b"Subject: hi alice\r\n\r\nhi\r\n",
+            )
         return wrong, good, refused
 
     wrong, good, refused = yield threads.deferToThread(client)
     assert wrong[0] == 535 and wrong[1].startswith(b"5.7.8")
     assert good[0] == 235 and good[1].startswith(b"2.7.0")
-    assert list(refused) == ["someone@elsewhere.test"] and refused["someone@elsewhere.test"][0] == 550
+    assert (
+        list(refused) == ["someone@elsewhere.test"] and refused["someone@elsewhere.test"][0] == 550
+    )
     assert b"Subject: hi alice" in sb.mailbox("alice").messages[-1].raw
     assert b"(Authenticated sender: demo)" in sb.mailbox("alice").messages[-1].raw

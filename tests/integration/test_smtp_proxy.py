@@ -22,20 +22,39 @@ pytestmark = pytest.mark.integration
 def tls_listeners(test_ca) -> list[dict]:
     cert = {"cert_file": str(test_ca.cert), "key_file": str(test_ca.key)}
     return [
-        {"name": "plain", "protocol": "smtp", "tls": "none", "plaintext_auth_from": ["127.0.0.0/8"]},
+        {
+            "name": "plain",
+            "protocol": "smtp",
+            "tls": "none",
+            "plaintext_auth_from": ["127.0.0.0/8"],
+        },
         {"name": "starttls", "protocol": "smtp", "tls": "starttls", **cert},
         {"name": "implicit", "protocol": "smtp", "tls": "implicit", **cert},
-        {"name": "proxied", "protocol": "smtp", "tls": "none", "plaintext_auth_from": ["192.0.2.0/24"],
-         "proxy_protocol_from": ["127.0.0.0/8"]},
+        {
+            "name": "proxied",
+            "protocol": "smtp",
+            "tls": "none",
+            "plaintext_auth_from": ["192.0.2.0/24"],
+            "proxy_protocol_from": ["127.0.0.0/8"],
+        },
     ]
 
 
 @pytest_twisted.async_yield_fixture(scope="module")
 async def xclient_proxy(postfix, test_ca, tmp_path_factory):
     harness = await start_proxy(
-        tmp_path_factory.mktemp("smtp-xclient"), listeners=tls_listeners(test_ca),
-        upstream={"smtp": {"host": "127.0.0.1", "port": postfix.smtp_port, "tls": "starttls",
-                           "ca_file": str(test_ca.ca), "login": "xclient"}})
+        tmp_path_factory.mktemp("smtp-xclient"),
+        listeners=tls_listeners(test_ca),
+        upstream={
+            "smtp": {
+                "host": "127.0.0.1",
+                "port": postfix.smtp_port,
+                "tls": "starttls",
+                "ca_file": str(test_ca.ca),
+                "login": "xclient",
+            }
+        },
+    )
     yield harness
     await harness.stop()
 
@@ -44,20 +63,49 @@ async def xclient_proxy(postfix, test_ca, tmp_path_factory):
 async def authzid_proxy(postfix, test_ca, tmp_path_factory):
     harness = await start_proxy(
         tmp_path_factory.mktemp("smtp-authzid"),
-        listeners=[{"name": "plain", "protocol": "smtp", "tls": "none", "plaintext_auth_from": ["127.0.0.0/8"]}],
-        upstream={"smtp": {"host": "127.0.0.1", "port": postfix.submissions_port, "tls": "implicit",
-                           "ca_file": str(test_ca.ca), "login": "authzid", "master_user": MASTER_USER,
-                           "master_password": MASTER_PASSWORD}})
+        listeners=[
+            {
+                "name": "plain",
+                "protocol": "smtp",
+                "tls": "none",
+                "plaintext_auth_from": ["127.0.0.0/8"],
+            }
+        ],
+        upstream={
+            "smtp": {
+                "host": "127.0.0.1",
+                "port": postfix.submissions_port,
+                "tls": "implicit",
+                "ca_file": str(test_ca.ca),
+                "login": "authzid",
+                "master_user": MASTER_USER,
+                "master_password": MASTER_PASSWORD,
+            }
+        },
+    )
     yield harness
     await harness.stop()
 
 
 def message(token: str, sender="alice@example.test", to="alice@example.test") -> bytes:
-    return (f"From: {sender}\r\nTo: {to}\r\nSubject: {token}\r\n\r\nscanned document {token}\r\n").encode()
+    return (
+        f"From: {sender}\r\nTo: {to}\r\nSubject: {token}\r\n\r\nscanned document {token}\r\n"
+    ).encode()
 
 
-def send_smtplib(port, login, code, *, mechanism="PLAIN", initial=True, tls=None, implicit_ctx=None,
-                 sender="alice@example.test", to="alice@example.test", token=None):
+def send_smtplib(
+    port,
+    login,
+    code,
+    *,
+    mechanism="PLAIN",
+    initial=True,
+    tls=None,
+    implicit_ctx=None,
+    sender="alice@example.test",
+    to="alice@example.test",
+    token=None,
+):
     token = token or str(uuid.uuid4())
     cls = smtplib.SMTP_SSL if implicit_ctx else smtplib.SMTP
     kwargs = {"context": implicit_ctx} if implicit_ctx else {}
@@ -77,13 +125,20 @@ def in_thread(fn, *args, **kwargs):
     return threads.deferToThread(fn, *args, **kwargs)
 
 
-@pytest.mark.parametrize("mechanism,initial", [("PLAIN", True), ("PLAIN", False), ("LOGIN", True),
-                                               ("LOGIN", False)])
+@pytest.mark.parametrize(
+    "mechanism,initial", [("PLAIN", True), ("PLAIN", False), ("LOGIN", True), ("LOGIN", False)]
+)
 @pytest_twisted.ensureDeferred
 async def test_smtplib_sends_with_each_auth_form(xclient_proxy, dovecot, mechanism, initial):
     code_id, code = xclient_proxy.issue("alice", label=f"smtplib {mechanism}", scopes=("smtp",))
-    token = await in_thread(send_smtplib, xclient_proxy.port("plain"), "alice", code, mechanism=mechanism,
-                            initial=initial)
+    token = await in_thread(
+        send_smtplib,
+        xclient_proxy.port("plain"),
+        "alice",
+        code,
+        mechanism=mechanism,
+        initial=initial,
+    )
     msg = await in_thread(dovecot.wait_for_message, "alice", token)
     assert msg["Return-Path"] == "<alice@example.test>"
     assert "Authenticated sender: alice" in str(msg.get_all("Received"))
@@ -96,13 +151,17 @@ async def test_starttls_and_implicit_tls(xclient_proxy, dovecot, test_ca):
     _, code = xclient_proxy.issue("alice", scopes=("smtp",))
     ctx = test_ca.client_context()
     t1 = await in_thread(send_smtplib, xclient_proxy.port("starttls"), "alice", code, tls=ctx)
-    t2 = await in_thread(send_smtplib, xclient_proxy.port("implicit"), "alice", code, implicit_ctx=ctx)
+    t2 = await in_thread(
+        send_smtplib, xclient_proxy.port("implicit"), "alice", code, implicit_ctx=ctx
+    )
     await in_thread(dovecot.wait_for_message, "alice", t1)
     await in_thread(dovecot.wait_for_message, "alice", t2)
 
 
 def swaks(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["swaks", "--silent", "1", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["swaks", "--silent", "1", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.mark.parametrize("auth", ["PLAIN", "LOGIN"])
@@ -110,12 +169,30 @@ def swaks(*args: str) -> subprocess.CompletedProcess:
 async def test_swaks_over_starttls(xclient_proxy, dovecot, test_ca, auth):
     _, code = xclient_proxy.issue("printer1", label="swaks", scopes=("smtp",))
     token = str(uuid.uuid4())
-    result = await in_thread(swaks, "--server", f"127.0.0.1:{xclient_proxy.port('starttls')}", "--tls",
-                             "--tls-ca-path", str(test_ca.ca), "--tls-verify", "--auth", auth,
-                             "--auth-user", "printer1", "--auth-password", code,
-                             "--from", "printer1@example.test", "--to", "printer1@example.test",
-                             "--header", f"Subject: {token}")
-    assert result.returncode == 0, f"swaks exited {result.returncode}"  # its transcript holds the code
+    result = await in_thread(
+        swaks,
+        "--server",
+        f"127.0.0.1:{xclient_proxy.port('starttls')}",
+        "--tls",
+        "--tls-ca-path",
+        str(test_ca.ca),
+        "--tls-verify",
+        "--auth",
+        auth,
+        "--auth-user",
+        "printer1",
+        "--auth-password",
+        code,
+        "--from",
+        "printer1@example.test",
+        "--to",
+        "printer1@example.test",
+        "--header",
+        f"Subject: {token}",
+    )
+    assert result.returncode == 0, (
+        f"swaks exited {result.returncode}"
+    )  # its transcript holds the code
     msg = await in_thread(dovecot.wait_for_message, "printer1", token)
     assert msg["Return-Path"] == "<printer1@example.test>"
 
@@ -150,12 +227,29 @@ def auth_plain_line(login: str, code: str) -> bytes:
 async def test_helo_only_client_can_auth_and_send(xclient_proxy, dovecot):
     _, code = xclient_proxy.issue("printer1", label="old MFP", scopes=("smtp",))
     token = str(uuid.uuid4())
-    replies = await in_thread(session, xclient_proxy.port("plain"), [
-        b"HELO mfp\r\n", auth_plain_line("printer1", code), b"MAIL FROM:<printer1@example.test>\r\n",
-        b"RCPT TO:<printer1@example.test>\r\n", b"DATA\r\n", message(token, "printer1@example.test",
-                                                                   "printer1@example.test") + b".\r\n",
-        b"QUIT\r\n"])
-    assert [r[:3] for r in replies] == [b"220", b"250", b"235", b"250", b"250", b"354", b"250", b"221"]
+    replies = await in_thread(
+        session,
+        xclient_proxy.port("plain"),
+        [
+            b"HELO mfp\r\n",
+            auth_plain_line("printer1", code),
+            b"MAIL FROM:<printer1@example.test>\r\n",
+            b"RCPT TO:<printer1@example.test>\r\n",
+            b"DATA\r\n",
+            message(token, "printer1@example.test", "printer1@example.test") + b".\r\n",
+            b"QUIT\r\n",
+        ],
+    )
+    assert [r[:3] for r in replies] == [
+        b"220",
+        b"250",
+        b"235",
+        b"250",
+        b"250",
+        b"354",
+        b"250",
+        b"221",
+    ]
     await in_thread(dovecot.wait_for_message, "printer1", token)
 
 
@@ -171,7 +265,9 @@ async def test_ehlo_advertises_upstream_extensions_and_auth_only_where_allowed(x
 @pytest_twisted.ensureDeferred
 async def test_plaintext_auth_refused_before_starttls(xclient_proxy):
     _, code = xclient_proxy.issue("alice", scopes=("smtp",))
-    replies = await in_thread(session, xclient_proxy.port("starttls"), [b"EHLO x\r\n", auth_plain_line("alice", code)])
+    replies = await in_thread(
+        session, xclient_proxy.port("starttls"), [b"EHLO x\r\n", auth_plain_line("alice", code)]
+    )
     assert replies[-1].startswith(b"538 5.7.11")
 
 
@@ -181,10 +277,19 @@ async def test_upstream_records_the_real_client_address(xclient_proxy, postfix, 
     token = str(uuid.uuid4())
     mark = postfix.log_mark()
     header = b"PROXY TCP4 192.0.2.7 127.0.0.1 40001 25\r\n"
-    replies = await in_thread(session, xclient_proxy.port("proxied"), [
-        b"EHLO scanner.example.test\r\n", auth_plain_line("printer1", code),
-        b"MAIL FROM:<printer1@example.test>\r\n", b"RCPT TO:<printer1@example.test>\r\n", b"DATA\r\n",
-        message(token, "printer1@example.test", "printer1@example.test") + b".\r\n"], proxy_header=header)
+    replies = await in_thread(
+        session,
+        xclient_proxy.port("proxied"),
+        [
+            b"EHLO scanner.example.test\r\n",
+            auth_plain_line("printer1", code),
+            b"MAIL FROM:<printer1@example.test>\r\n",
+            b"RCPT TO:<printer1@example.test>\r\n",
+            b"DATA\r\n",
+            message(token, "printer1@example.test", "printer1@example.test") + b".\r\n",
+        ],
+        proxy_header=header,
+    )
     assert replies[-1].startswith(b"250"), replies
     msg = await in_thread(dovecot.wait_for_message, "printer1", token)
     assert "192.0.2.7" in str(msg.get_all("Received"))
@@ -196,12 +301,22 @@ async def test_upstream_records_the_real_client_address(xclient_proxy, postfix, 
 async def test_client_xclient_and_xforward_after_auth_are_refused(xclient_proxy, postfix):
     _, code = xclient_proxy.issue("printer1", scopes=("smtp",))
     mark = postfix.log_mark()
-    replies = await in_thread(session, xclient_proxy.port("plain"), [
-        b"EHLO x\r\n", auth_plain_line("printer1", code), b"XCLIENT LOGIN=alice ADDR=10.9.9.9\r\n",
-        b"XFORWARD ADDR=10.9.9.9\r\n", b"MAIL FROM:<printer1@example.test>\r\n"])
+    replies = await in_thread(
+        session,
+        xclient_proxy.port("plain"),
+        [
+            b"EHLO x\r\n",
+            auth_plain_line("printer1", code),
+            b"XCLIENT LOGIN=alice ADDR=10.9.9.9\r\n",
+            b"XFORWARD ADDR=10.9.9.9\r\n",
+            b"MAIL FROM:<printer1@example.test>\r\n",
+        ],
+    )
     assert replies[-3][:1] == b"5" and replies[-2][:1] == b"5", replies
     assert replies[-1].startswith(b"250")
-    assert "LOGIN=alice" not in postfix.log_since(mark) and "10.9.9.9" not in postfix.log_since(mark)
+    assert "LOGIN=alice" not in postfix.log_since(mark) and "10.9.9.9" not in postfix.log_since(
+        mark
+    )
     assert xclient_proxy.audit_events("refused")
 
 
@@ -210,22 +325,41 @@ async def test_pipelined_xclient_after_data_refused_is_still_refused(xclient_pro
     _, code = xclient_proxy.issue("printer1", scopes=("smtp",))
     mark = postfix.log_mark()
     # DATA without recipients is refused by Postfix; the XCLIENT after it must not pass as content.
-    replies = await in_thread(session, xclient_proxy.port("plain"), [
-        b"EHLO x\r\n", auth_plain_line("printer1", code), b"MAIL FROM:<printer1@example.test>\r\n",
-        b"DATA\r\n", b"XCLIENT LOGIN=alice\r\n"])
+    replies = await in_thread(
+        session,
+        xclient_proxy.port("plain"),
+        [
+            b"EHLO x\r\n",
+            auth_plain_line("printer1", code),
+            b"MAIL FROM:<printer1@example.test>\r\n",
+            b"DATA\r\n",
+            b"XCLIENT LOGIN=alice\r\n",
+        ],
+    )
     assert replies[-2][:1] == b"5" and replies[-1][:1] == b"5", replies
     assert "LOGIN=alice" not in postfix.log_since(mark)
 
 
-@pytest.mark.parametrize("setup,expected", [
-    ("wrong", b"535 5.7.8"), ("unknown", b"535 5.7.8"), ("revoke", b"535 5.7.8"), ("disable", b"535 5.7.8"),
-    ("expire", b"535 5.7.8"), ("use_up", b"535 5.7.8"), ("imap_only", b"535 5.7.8"),
-    ("other_network", b"535 5.7.8"),
-])
+@pytest.mark.parametrize(
+    "setup,expected",
+    [
+        ("wrong", b"535 5.7.8"),
+        ("unknown", b"535 5.7.8"),
+        ("revoke", b"535 5.7.8"),
+        ("disable", b"535 5.7.8"),
+        ("expire", b"535 5.7.8"),
+        ("use_up", b"535 5.7.8"),
+        ("imap_only", b"535 5.7.8"),
+        ("other_network", b"535 5.7.8"),
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_each_failure_gets_535(xclient_proxy, setup, expected):
-    kw = {"imap_only": {"scopes": ("imap",)}, "other_network": {"networks": ("10.0.0.0/8",)},
-          "use_up": {"max_uses": 1}}.get(setup, {"scopes": ("smtp",)})
+    kw = {
+        "imap_only": {"scopes": ("imap",)},
+        "other_network": {"networks": ("10.0.0.0/8",)},
+        "use_up": {"max_uses": 1},
+    }.get(setup, {"scopes": ("smtp",)})
     rec_id, code = xclient_proxy.issue("alice", **kw)
     login = "nobody" if setup == "unknown" else "alice"
     if setup == "wrong":
@@ -237,9 +371,13 @@ async def test_each_failure_gets_535(xclient_proxy, setup, expected):
     elif setup == "expire":
         xclient_proxy.store._run("UPDATE codes SET expires_at = 1 WHERE id = ?", (rec_id,))
     elif setup == "use_up":
-        ok = await in_thread(session, xclient_proxy.port("plain"), [b"EHLO x\r\n", auth_plain_line(login, code)])
+        ok = await in_thread(
+            session, xclient_proxy.port("plain"), [b"EHLO x\r\n", auth_plain_line(login, code)]
+        )
         assert ok[-1].startswith(b"235")
-    replies = await in_thread(session, xclient_proxy.port("plain"), [b"EHLO x\r\n", auth_plain_line(login, code)])
+    replies = await in_thread(
+        session, xclient_proxy.port("plain"), [b"EHLO x\r\n", auth_plain_line(login, code)]
+    )
     assert replies[-1].startswith(expected), replies
 
 
@@ -256,7 +394,9 @@ async def test_upstream_down_gives_454(xclient_proxy, postfix):
     _, code = xclient_proxy.issue("alice", scopes=("smtp",))
     await in_thread(postfix.stop)
     try:
-        replies = await in_thread(session, xclient_proxy.port("plain"), [b"EHLO x\r\n", auth_plain_line("alice", code)])
+        replies = await in_thread(
+            session, xclient_proxy.port("plain"), [b"EHLO x\r\n", auth_plain_line("alice", code)]
+        )
     finally:
         await in_thread(postfix.start)
     assert replies[-1].startswith(b"454 4.7.0"), replies
@@ -267,7 +407,9 @@ async def test_starttls_command_injection_is_defeated(xclient_proxy, test_ca):
     code_id, code = xclient_proxy.issue("alice", scopes=("smtp",))
 
     def client():
-        with socket.create_connection(("127.0.0.1", xclient_proxy.port("starttls")), timeout=10) as s:
+        with socket.create_connection(
+            ("127.0.0.1", xclient_proxy.port("starttls")), timeout=10
+        ) as s:
             f = s.makefile("rb")
             f.readline()
             s.sendall(b"EHLO x\r\n")
@@ -290,11 +432,27 @@ async def test_starttls_command_injection_is_defeated(xclient_proxy, test_ca):
 @pytest_twisted.ensureDeferred
 async def test_silent_client_gets_421_after_the_login_timeout(postfix, tmp_path):
     harness = await start_proxy(
-        tmp_path, listeners=[{"name": "plain", "protocol": "smtp", "tls": "none",
-                              "plaintext_auth_from": ["127.0.0.0/8"]}],
-        upstream={"smtp": {"host": "127.0.0.1", "port": postfix.smtp_port, "tls": "none", "login": "xclient"}},
-        auth={"login_timeout": "1s"})
+        tmp_path,
+        listeners=[
+            {
+                "name": "plain",
+                "protocol": "smtp",
+                "tls": "none",
+                "plaintext_auth_from": ["127.0.0.0/8"],
+            }
+        ],
+        upstream={
+            "smtp": {
+                "host": "127.0.0.1",
+                "port": postfix.smtp_port,
+                "tls": "none",
+                "login": "xclient",
+            }
+        },
+        auth={"login_timeout": "1s"},
+    )
     try:
+
         def wait_for_close():
             with socket.create_connection(("127.0.0.1", harness.port("plain")), timeout=20) as s:
                 data = b""

@@ -44,7 +44,9 @@ class Greeter(protocol.Protocol):
 
 
 def listen(server_tls: ServerTLS):
-    return reactor.listenSSL(0, protocol.Factory.forProtocol(Greeter), server_tls, interface="127.0.0.1")
+    return reactor.listenSSL(
+        0, protocol.Factory.forProtocol(Greeter), server_tls, interface="127.0.0.1"
+    )
 
 
 def ssl_client(port: int, ca_file: Path, version: ssl.TLSVersion | None = None, legacy=False):
@@ -117,20 +119,27 @@ async def test_tls12_client_is_refused_at_min_13(test_ca, server):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest_twisted.ensureDeferred
 async def test_tls10_client_is_refused_at_min_12(test_ca, server):
-    assert client_can_speak(ssl.TLSVersion.TLSv1), "the test client's OpenSSL must offer this TLS version"
+    assert client_can_speak(ssl.TLSVersion.TLSv1), (
+        "the test client's OpenSSL must offer this TLS version"
+    )
     tls = ServerTLS(str(server.cert), str(server.key), min_tls="1.2")
     with pytest.raises(ssl.SSLError):
         await handshake_with_ssl_module(tls, test_ca.ca, ssl.TLSVersion.TLSv1, legacy=True)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.parametrize("min_tls, version, name", [
-    ("1.0", ssl.TLSVersion.TLSv1, "TLSv1"),
-    ("1.0", ssl.TLSVersion.TLSv1_1, "TLSv1.1"),
-    ("1.1", ssl.TLSVersion.TLSv1_1, "TLSv1.1"),
-])
+@pytest.mark.parametrize(
+    "min_tls, version, name",
+    [
+        ("1.0", ssl.TLSVersion.TLSv1, "TLSv1"),
+        ("1.0", ssl.TLSVersion.TLSv1_1, "TLSv1.1"),
+        ("1.1", ssl.TLSVersion.TLSv1_1, "TLSv1.1"),
+    ],
+)
 @pytest_twisted.ensureDeferred
-async def test_legacy_client_is_accepted_when_the_listener_allows_it(test_ca, server, min_tls, version, name):
+async def test_legacy_client_is_accepted_when_the_listener_allows_it(
+    test_ca, server, min_tls, version, name
+):
     assert client_can_speak(version), "the test client's OpenSSL must offer this TLS version"
     tls = ServerTLS(str(server.cert), str(server.key), min_tls=min_tls)
     got, _ = await handshake_with_ssl_module(tls, test_ca.ca, version, legacy=True)
@@ -140,7 +149,9 @@ async def test_legacy_client_is_accepted_when_the_listener_allows_it(test_ca, se
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest_twisted.ensureDeferred
 async def test_tls10_client_is_refused_at_min_11(test_ca, server):
-    assert client_can_speak(ssl.TLSVersion.TLSv1), "the test client's OpenSSL must offer this TLS version"
+    assert client_can_speak(ssl.TLSVersion.TLSv1), (
+        "the test client's OpenSSL must offer this TLS version"
+    )
     tls = ServerTLS(str(server.cert), str(server.key), min_tls="1.1")
     with pytest.raises(ssl.SSLError):
         await handshake_with_ssl_module(tls, test_ca.ca, ssl.TLSVersion.TLSv1, legacy=True)
@@ -196,8 +207,10 @@ async def connect_upstream(server_tls: ServerTLS, creator):
     try:
         result = defer.Deferred()
         reactor.connectSSL(
-            "127.0.0.1", port.getHost().port,
-            protocol.ClientFactory.forProtocol(lambda: HandshakeProbe(result)), creator,
+            "127.0.0.1",
+            port.getHost().port,
+            protocol.ClientFactory.forProtocol(lambda: HandshakeProbe(result)),
+            creator,
         )
         return await result.addTimeout(10, reactor)
     finally:
@@ -232,7 +245,9 @@ async def test_upstream_with_a_wrong_hostname_fails(test_ca, server_tls):
     from service_identity import VerificationError
 
     with pytest.raises(VerificationError):
-        await connect_upstream(server_tls, upstream_tls("imap.example.org", ca_file=str(test_ca.ca)))
+        await connect_upstream(
+            server_tls, upstream_tls("imap.example.org", ca_file=str(test_ca.ca))
+        )
 
 
 @pytest_twisted.ensureDeferred
@@ -250,7 +265,9 @@ async def test_upstream_system_store_does_not_trust_a_private_ca(server_tls):
 
 
 @pytest_twisted.ensureDeferred
-async def test_upstream_verify_false_accepts_any_certificate_for_any_name(other_ca, server, server_tls):
+async def test_upstream_verify_false_accepts_any_certificate_for_any_name(
+    other_ca, server, server_tls
+):
     cert = await connect_upstream(
         server_tls, upstream_tls("imap.example.org", ca_file=str(other_ca.ca), verify=False)
     )

@@ -17,7 +17,16 @@ from tests.servers.postfix import DOMAIN, Postfix
 from tests.support.ca import CertFiles, TestCA
 
 __all__ = [
-    "LOOPBACK", "CertFiles", "ServerError", "TestCA", "free_port",
-    "DEFAULT_USERS", "MASTER_PASSWORD", "MASTER_SEPARATOR", "MASTER_USER", "Dovecot",
-    "DOMAIN", "Postfix",
+    "DEFAULT_USERS",
+    "DOMAIN",
+    "LOOPBACK",
+    "MASTER_PASSWORD",
+    "MASTER_SEPARATOR",
+    "MASTER_USER",
+    "CertFiles",
+    "Dovecot",
+    "Postfix",
+    "ServerError",
+    "TestCA",
+    "free_port",
 ]

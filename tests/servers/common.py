@@ -144,8 +144,9 @@ def wait_for_port(
     process: ServerProcess | None = None,
 ) -> None:
     """Wait until host:port accepts a TCP connection."""
-    wait_until(lambda: port_accepts(port, host), timeout, f"{host}:{port} to accept",
-               process=process)
+    wait_until(
+        lambda: port_accepts(port, host), timeout, f"{host}:{port} to accept", process=process
+    )
 
 
 def unix_socket_accepts(path: str | os.PathLike[str]) -> bool:
@@ -230,12 +231,15 @@ class LogFile:
     def tail(self, lines: int = LOG_TAIL_LINES) -> str:
         return "\n".join(self.text().splitlines()[-lines:])
 
-    def wait_for(self, needle: str | Callable[[str], bool], since: int = 0,
-                 timeout: float = 10.0) -> str:
+    def wait_for(
+        self, needle: str | Callable[[str], bool], since: int = 0, timeout: float = 10.0
+    ) -> str:
         """Wait until the log (from since) contains needle, or satisfies it; return that text."""
         if isinstance(needle, str):
+
             def found(text: str) -> bool:
                 return needle in text
+
             what = f"{needle!r} in {self.path}"
         else:
             found = needle
@@ -266,10 +270,17 @@ class ServerProcess:
     interpreter exit, as a backstop for a crashed test session.
     """
 
-    def __init__(self, name: str, argv: Sequence[str], output: Path,
-                 logs: Iterable[Path] = (), env: dict[str, str] | None = None,
-                 cwd: Path | None = None, signal_group: bool = False,
-                 stop_grace: float = 10.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        output: Path,
+        logs: Iterable[Path] = (),
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        signal_group: bool = False,
+        stop_grace: float = 10.0,
+    ) -> None:
         self.name = name
         self.signal_group = signal_group
         self.stop_grace = stop_grace
@@ -297,8 +308,13 @@ class ServerProcess:
             raise ServerError(f"{self.name} is already running (pid {self.pid})")
         with self.output.open("ab") as out:
             self.popen = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=self.env, cwd=self.cwd, start_new_session=True,
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
             )
         _live.add(self)
 
@@ -326,8 +342,9 @@ class ServerProcess:
                 popen.wait(STOP_KILL_WAIT)
                 break
             try:
-                popen.wait(min(remaining, STOP_RESIGNAL_INTERVAL) if self.signal_group
-                           else remaining)
+                popen.wait(
+                    min(remaining, STOP_RESIGNAL_INTERVAL) if self.signal_group else remaining
+                )
             except subprocess.TimeoutExpired:
                 pass
         # Children that outlived the leader (they share its process group).
@@ -358,11 +375,13 @@ def _stop_leftovers() -> None:
         process.stop()
 
 
-def run_checked(argv: Sequence[str], what: str, env: dict[str, str] | None = None,
-                timeout: float = 60.0) -> str:
+def run_checked(
+    argv: Sequence[str], what: str, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> str:
     """Run a short command; on failure raise ServerError with its output."""
-    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    proc = subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=timeout
+    )
     if proc.returncode != 0:
         raise ServerError(
             f"{what} failed (exit {proc.returncode}): {' '.join(map(str, argv))}\n"
@@ -379,8 +398,9 @@ def ensure_installed(paths: Iterable[str]) -> None:
     missing = [p for p in paths if not (os.path.exists(p) or shutil.which(p))]
     if not missing:
         return
-    run_checked(["bash", str(INSTALL_SCRIPT)], f"installing test packages (missing {missing})",
-                timeout=900)
+    run_checked(
+        ["bash", str(INSTALL_SCRIPT)], f"installing test packages (missing {missing})", timeout=900
+    )
     still = [p for p in missing if not (os.path.exists(p) or shutil.which(p))]
     if still:
         raise ServerError(f"still missing after {INSTALL_SCRIPT}: {still}")

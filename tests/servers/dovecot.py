@@ -50,8 +50,14 @@ from tests.support.ca import CertFiles, TestCA
 DOVECOT = "/usr/sbin/dovecot"
 DOVECONF = "/usr/bin/doveconf"
 DOVEADM = "/usr/bin/doveadm"
-REQUIRED = (DOVECOT, DOVECONF, DOVEADM, "/usr/lib/dovecot/imap", "/usr/lib/dovecot/pop3",
-            "/usr/lib/dovecot/lmtp")
+REQUIRED = (
+    DOVECOT,
+    DOVECONF,
+    DOVEADM,
+    "/usr/lib/dovecot/imap",
+    "/usr/lib/dovecot/pop3",
+    "/usr/lib/dovecot/lmtp",
+)
 
 # Known accounts of every test session. Passwords are deliberately unlike app passwords.
 DEFAULT_USERS: Mapping[str, str] = {
@@ -85,9 +91,16 @@ MessageMatch = str | Callable[[EmailMessage], bool] | None
 class Dovecot:
     """A private Dovecot instance; ports are chosen at construction and kept across restarts."""
 
-    def __init__(self, tls: TestCA | CertFiles, users: Mapping[str, str] | None = None,
-                 master_user: str = MASTER_USER, master_password: str = MASTER_PASSWORD,
-                 root: Path | None = None, debug: bool = False, extra_config: str = "") -> None:
+    def __init__(
+        self,
+        tls: TestCA | CertFiles,
+        users: Mapping[str, str] | None = None,
+        master_user: str = MASTER_USER,
+        master_password: str = MASTER_PASSWORD,
+        root: Path | None = None,
+        debug: bool = False,
+        extra_config: str = "",
+    ) -> None:
         self.tls = tls
         self.root = root or short_tempdir("dc-")
         self.host = LOOPBACK
@@ -115,9 +128,13 @@ class Dovecot:
         check_socket_path(self.base_dir / "login" / "imap-master")  # the deepest socket
 
         self.process = ServerProcess(
-            "dovecot", [DOVECOT, "-c", str(self.config_path), "-F"],
-            output=self.root / "output.log", logs=[self.log.path],
-            signal_group=True, stop_grace=STOP_GRACE)
+            "dovecot",
+            [DOVECOT, "-c", str(self.config_path), "-F"],
+            output=self.root / "output.log",
+            logs=[self.log.path],
+            signal_group=True,
+            stop_grace=STOP_GRACE,
+        )
 
     # --- accounts ---------------------------------------------------------------------
 
@@ -125,8 +142,11 @@ class Dovecot:
         """Add or change a user, also while running: then it returns once Dovecot has re-read
         its passwd-file and accepts the new password (checked with `doveadm auth test`)."""
         # Dovecot lowercases login names (auth_username_format = %Ln) and splits at "*".
-        if (name != name.lower() or any(c in name for c in f":{MASTER_SEPARATOR}@ \n\r\0")
-                or any(c in password for c in "\n\r\0")):
+        if (
+            name != name.lower()
+            or any(c in name for c in f":{MASTER_SEPARATOR}@ \n\r\0")
+            or any(c in password for c in "\n\r\0")
+        ):
             raise ValueError(f"unusable user name or password for the passwd-file: {name!r}")
         self.users[name] = password
         if self.passwd_path.exists():
@@ -141,18 +161,37 @@ class Dovecot:
         if self.running and password is not None:
             self._wait_for_passdb(name, password, accepted=False)
 
-    def _wait_for_passdb(self, name: str, password: str, accepted: bool,
-                         timeout: float = 10.0) -> None:
+    def _wait_for_passdb(
+        self, name: str, password: str, accepted: bool, timeout: float = 10.0
+    ) -> None:
         """Dovecot looks at a changed passwd-file at most once a second: poll until it did."""
+
         def visible() -> bool:
             proc = subprocess.run(
-                [DOVEADM, "-c", str(self.config_path), "auth", "test", "-x", "service=imap",
-                 name, password],
-                stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+                [
+                    DOVEADM,
+                    "-c",
+                    str(self.config_path),
+                    "auth",
+                    "test",
+                    "-x",
+                    "service=imap",
+                    name,
+                    password,
+                ],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=timeout,
+            )
             return (proc.returncode == 0) == accepted
 
-        wait_until(visible, timeout, f"Dovecot to {'accept' if accepted else 'refuse'} {name}",
-                   interval=0.1, process=self.process)
+        wait_until(
+            visible,
+            timeout,
+            f"Dovecot to {'accept' if accepted else 'refuse'} {name}",
+            interval=0.1,
+            process=self.process,
+        )
 
     def master_login(self, user: str) -> str:
         """The LOGIN name that logs in as user with the master password: "user*proxy"."""
@@ -209,18 +248,25 @@ class Dovecot:
     def message_files(self, user: str) -> list[Path]:
         """Files of the INBOX (new/ and cur/), oldest first."""
         base = self.maildir(user)
-        files = [p for sub in ("new", "cur") if (base / sub).is_dir()
-                 for p in (base / sub).iterdir() if p.is_file()]
+        files = [
+            p
+            for sub in ("new", "cur")
+            if (base / sub).is_dir()
+            for p in (base / sub).iterdir()
+            if p.is_file()
+        ]
         return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
 
     def messages(self, user: str) -> list[EmailMessage]:
         """The INBOX of user, parsed, oldest first."""
         return [_parse(p.read_bytes()) for p in self.message_files(user)]
 
-    def wait_for_message(self, user: str, match: MessageMatch = None,
-                         timeout: float = 15.0) -> EmailMessage:
+    def wait_for_message(
+        self, user: str, match: MessageMatch = None, timeout: float = 15.0
+    ) -> EmailMessage:
         """Wait until user's INBOX holds a message containing match (a string searched in the
         raw message) or satisfying it (a predicate); return the first such message."""
+
         def find() -> EmailMessage | None:
             for path in self.message_files(user):
                 try:
@@ -237,8 +283,9 @@ class Dovecot:
                     return message
             return None
 
-        return wait_until(find, timeout, f"a message for {user} matching {match!r}",
-                          process=self.process)
+        return wait_until(
+            find, timeout, f"a message for {user} matching {match!r}", process=self.process
+        )
 
     def clear_mail(self, user: str) -> None:
         shutil.rmtree(self.mail_root / user, ignore_errors=True)
@@ -254,8 +301,9 @@ class Dovecot:
     def log_since(self, mark: int) -> str:
         return self.log.since(mark)
 
-    def wait_for_log(self, needle: str | Callable[[str], bool], since: int = 0,
-                     timeout: float = 10.0) -> str:
+    def wait_for_log(
+        self, needle: str | Callable[[str], bool], since: int = 0, timeout: float = 10.0
+    ) -> str:
         return self.log.wait_for(needle, since, timeout)
 
     # --- generated files --------------------------------------------------------------
@@ -265,14 +313,17 @@ class Dovecot:
             path.mkdir(parents=True, exist_ok=True)
         chown(self.mail_root, MAIL_USER)
         self.mail_root.chmod(0o750)
-        _write_world_readable(self.masters_path,
-                              _passwd_line(self.master_user, self.master_password))
+        _write_world_readable(
+            self.masters_path, _passwd_line(self.master_user, self.master_password)
+        )
         self._write_passwd()
         self.config_path.write_text(self.config())
 
     def _write_passwd(self) -> None:
-        text = "".join(_passwd_line(name, password, self.mail_root / name)
-                       for name, password in sorted(self.users.items()))
+        text = "".join(
+            _passwd_line(name, password, self.mail_root / name)
+            for name, password in sorted(self.users.items())
+        )
         _write_world_readable(self.passwd_path, text)
 
     def config(self) -> str:
@@ -422,5 +473,11 @@ def ensure_dovecot() -> None:
     ensure_installed(REQUIRED)
 
 
-__all__ = ["Dovecot", "DEFAULT_USERS", "MASTER_USER", "MASTER_PASSWORD", "MASTER_SEPARATOR",
-           "ServerError"]
+__all__ = [
+    "DEFAULT_USERS",
+    "MASTER_PASSWORD",
+    "MASTER_SEPARATOR",
+    "MASTER_USER",
+    "Dovecot",
+    "ServerError",
+]

@@ -43,8 +43,13 @@ from tests.support.ca import CertFiles, TestCA
 
 POSTFIX = "/usr/sbin/postfix"
 MASTER = "/usr/lib/postfix/sbin/master"
-REQUIRED = (POSTFIX, MASTER, "/usr/lib/postfix/sbin/smtpd", "/usr/lib/postfix/sbin/lmtp",
-            "/usr/lib/postfix/sbin/postlogd")
+REQUIRED = (
+    POSTFIX,
+    MASTER,
+    "/usr/lib/postfix/sbin/smtpd",
+    "/usr/lib/postfix/sbin/lmtp",
+    "/usr/lib/postfix/sbin/postlogd",
+)
 
 DOMAIN = "example.test"
 HOSTNAME = f"mx.{DOMAIN}"
@@ -55,8 +60,14 @@ CONFIG_BACKDATE = 60.0  # seconds
 class Postfix:
     """A private Postfix instance in front of a running test Dovecot (LMTP and SASL)."""
 
-    def __init__(self, dovecot: Dovecot, tls: TestCA | CertFiles, domain: str = DOMAIN,
-                 root: Path | None = None, extra_main_cf: str = "") -> None:
+    def __init__(
+        self,
+        dovecot: Dovecot,
+        tls: TestCA | CertFiles,
+        domain: str = DOMAIN,
+        root: Path | None = None,
+        extra_main_cf: str = "",
+    ) -> None:
         self.dovecot = dovecot
         self.tls = tls
         self.domain = domain
@@ -73,8 +84,11 @@ class Postfix:
         self.data_dir = self.root / "data"
         self.log = LogFile(self.root / "postfix.log")
         self.process = ServerProcess(
-            "postfix", [MASTER, "-c", str(self.config_dir), "-s"],
-            output=self.root / "output.log", logs=[self.log.path])
+            "postfix",
+            [MASTER, "-c", str(self.config_dir), "-s"],
+            output=self.root / "output.log",
+            logs=[self.log.path],
+        )
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -124,8 +138,9 @@ class Postfix:
     def messages(self, user: str) -> list[EmailMessage]:
         return self.dovecot.messages(user)
 
-    def wait_for_message(self, user: str, match: MessageMatch = None,
-                         timeout: float = 15.0) -> EmailMessage:
+    def wait_for_message(
+        self, user: str, match: MessageMatch = None, timeout: float = 15.0
+    ) -> EmailMessage:
         """Wait until a message for user matching match arrived in Dovecot; return it."""
         return self.dovecot.wait_for_message(user, match, timeout)
 
@@ -140,8 +155,9 @@ class Postfix:
     def log_since(self, mark: int) -> str:
         return self.log.since(mark)
 
-    def wait_for_log(self, needle: str | Callable[[str], bool], since: int = 0,
-                     timeout: float = 10.0) -> str:
+    def wait_for_log(
+        self, needle: str | Callable[[str], bool], since: int = 0, timeout: float = 10.0
+    ) -> str:
         return self.log.wait_for(needle, since, timeout)
 
     # --- generated files --------------------------------------------------------------
@@ -266,4 +282,4 @@ def ensure_postfix() -> None:
     ensure_installed(REQUIRED)
 
 
-__all__ = ["Postfix", "DOMAIN", "HOSTNAME"]
+__all__ = ["DOMAIN", "HOSTNAME", "Postfix"]

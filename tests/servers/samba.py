@@ -22,16 +22,16 @@ import random
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import ldap3
 import pytest
 
 from tests.servers.common import (
-    ensure_installed,
     ServerError,
     ServerProcess,
+    ensure_installed,
     port_is_free,
     remove_tree,
     run_checked,
@@ -151,7 +151,7 @@ def pick_address() -> str:
 
 
 def to_filetime(when: datetime) -> int:
-    delta = when - datetime(1601, 1, 1, tzinfo=timezone.utc)
+    delta = when - datetime(1601, 1, 1, tzinfo=UTC)
     return (delta.days * 86400 + delta.seconds) * 10_000_000 + delta.microseconds * 10
 
 
@@ -166,16 +166,19 @@ class SambaDC:
     service_user = SERVICE_USER
     service_password = SERVICE_PASSWORD
 
-    def __init__(self, tls: TestCA | None = None, root: Path | None = None,
-                 ip: str | None = None) -> None:
+    def __init__(
+        self, tls: TestCA | None = None, root: Path | None = None, ip: str | None = None
+    ) -> None:
         self.tls = tls
         self.root = root or short_tempdir("ad-")
         self.ip = ip or pick_address()
         self.conf = self.root / "etc" / "smb.conf"
         self.tls_dir = self.root / "private" / "tls"
         self.process = ServerProcess(
-            "samba", [SAMBA, "-s", str(self.conf), "-i", "--no-process-group"],
-            output=self.root / "output.log")
+            "samba",
+            [SAMBA, "-s", str(self.conf), "-i", "--no-process-group"],
+            output=self.root / "output.log",
+        )
         self.provisioned = False
 
     # --- addresses -----------------------------------------------------------------------
@@ -209,21 +212,42 @@ class SambaDC:
         if self.tls is not None:
             self._install_certificate()
         self.conf.write_text(self.config())
-        run_checked([
-            SAMBA_TOOL, "domain", "provision", "-s", str(self.conf),
-            f"--targetdir={self.root}", f"--realm={REALM}", f"--domain={NETBIOS_DOMAIN}",
-            "--server-role=dc", "--dns-backend=NONE", "--use-rfc2307", "--host-name=dc1",
-            f"--host-ip={self.ip}", f"--adminpass={ADMIN_PASSWORD}",
-        ], "samba-tool domain provision", timeout=300)
+        run_checked(
+            [
+                SAMBA_TOOL,
+                "domain",
+                "provision",
+                "-s",
+                str(self.conf),
+                f"--targetdir={self.root}",
+                f"--realm={REALM}",
+                f"--domain={NETBIOS_DOMAIN}",
+                "--server-role=dc",
+                "--dns-backend=NONE",
+                "--use-rfc2307",
+                "--host-name=dc1",
+                f"--host-ip={self.ip}",
+                f"--adminpass={ADMIN_PASSWORD}",
+            ],
+            "samba-tool domain provision",
+            timeout=300,
+        )
         # Provisioning may rewrite smb.conf; ours is the one we want.
         self.conf.write_text(self.config())
         # Simple test passwords, changes at once, and lockout after a few failures.
-        self.samba_tool("domain", "passwordsettings", "set", "--complexity=off",
-                        "--min-pwd-age=0", "--max-pwd-age=0", "--min-pwd-length=1",
-                        "--history-length=0",
-                        f"--account-lockout-threshold={LOCKOUT_THRESHOLD}",
-                        f"--account-lockout-duration={LOCKOUT_MINUTES}",
-                        f"--reset-account-lockout-after={LOCKOUT_MINUTES}")
+        self.samba_tool(
+            "domain",
+            "passwordsettings",
+            "set",
+            "--complexity=off",
+            "--min-pwd-age=0",
+            "--max-pwd-age=0",
+            "--min-pwd-length=1",
+            "--history-length=0",
+            f"--account-lockout-threshold={LOCKOUT_THRESHOLD}",
+            f"--account-lockout-duration={LOCKOUT_MINUTES}",
+            f"--reset-account-lockout-after={LOCKOUT_MINUTES}",
+        )
         self.provisioned = True
 
     def start(self, timeout: float = 60.0) -> None:
@@ -262,18 +286,25 @@ class SambaDC:
     # --- accounts ------------------------------------------------------------------------
 
     def samba_tool(self, *args: str) -> str:
-        return run_checked([SAMBA_TOOL, *args, "-s", str(self.conf)],
-                           f"samba-tool {' '.join(args[:2])}", timeout=120)
+        return run_checked(
+            [SAMBA_TOOL, *args, "-s", str(self.conf)],
+            f"samba-tool {' '.join(args[:2])}",
+            timeout=120,
+        )
 
     def samba_tool_batch(self, commands: Sequence[Sequence[str]]) -> str:
         """Run several samba-tool commands in one Python process: samba-tool's start (about
         0.5 s of imports) is paid once. Stops at the first command that fails."""
         argv = [[*c, "-s", str(self.conf)] for c in commands]
-        return run_checked([SAMBA_PYTHON, "-c", _BATCH_RUNNER, json.dumps(argv)],
-                           f"samba-tool batch of {len(argv)} commands", timeout=300)
+        return run_checked(
+            [SAMBA_PYTHON, "-c", _BATCH_RUNNER, json.dumps(argv)],
+            f"samba-tool batch of {len(argv)} commands",
+            timeout=300,
+        )
 
-    def seed(self, users: Sequence[SeedUser] = SEED_USERS,
-             groups: Sequence[SeedGroup] = SEED_GROUPS) -> None:
+    def seed(
+        self, users: Sequence[SeedUser] = SEED_USERS, groups: Sequence[SeedGroup] = SEED_GROUPS
+    ) -> None:
         """Create the seed accounts and groups (the DC must be running)."""
         commands = [self._create_args(u) for u in users]
         for group in groups:
@@ -283,8 +314,9 @@ class SambaDC:
         self.samba_tool_batch(commands)
         for user in users:
             if user.expired:
-                self.modify(user.dn, {"accountExpires": [(ldap3.MODIFY_REPLACE,
-                                                          [str(PAST_FILETIME)])]})
+                self.modify(
+                    user.dn, {"accountExpires": [(ldap3.MODIFY_REPLACE, [str(PAST_FILETIME)])]}
+                )
             if not user.upn:
                 self.modify(user.dn, {"userPrincipalName": [(ldap3.MODIFY_DELETE, [])]})
 
@@ -312,8 +344,9 @@ class SambaDC:
     def fail_binds(self, name: str, times: int = LOCKOUT_THRESHOLD) -> None:
         """Bind as name with a wrong password `times` times (badPwdCount, then lockout)."""
         for _ in range(times):
-            conn = ldap3.Connection(self._server(), f"{name}@{DNS_DOMAIN}", "Wrong-Password-0",
-                                    receive_timeout=10)
+            conn = ldap3.Connection(
+                self._server(), f"{name}@{DNS_DOMAIN}", "Wrong-Password-0", receive_timeout=10
+            )
             try:
                 if conn.bind():
                     raise ServerError(f"a wrong password bound as {name}")
@@ -322,9 +355,15 @@ class SambaDC:
 
     def admin(self) -> ldap3.Connection:
         """A connection bound as Administrator (use it in a with block)."""
-        return ldap3.Connection(self._server(), f"{NETBIOS_DOMAIN}\\Administrator",
-                                ADMIN_PASSWORD, auto_bind=True, auto_referrals=False,
-                                receive_timeout=10, raise_exceptions=True)
+        return ldap3.Connection(
+            self._server(),
+            f"{NETBIOS_DOMAIN}\\Administrator",
+            ADMIN_PASSWORD,
+            auto_bind=True,
+            auto_referrals=False,
+            receive_timeout=10,
+            raise_exceptions=True,
+        )
 
     def modify(self, dn: str, changes: dict) -> None:
         with self.admin() as conn:
@@ -350,8 +389,7 @@ class SambaDC:
         """Our CA's certificate for this address, in place before the first start (otherwise
         Samba makes a self-signed one without an IP SAN)."""
         assert self.tls is not None
-        files = self.tls.issue(f"samba-{self.ip}", dns_names=("dc1." + DNS_DOMAIN,),
-                               ips=(self.ip,))
+        files = self.tls.issue(f"samba-{self.ip}", dns_names=("dc1." + DNS_DOMAIN,), ips=(self.ip,))
         self.tls_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(files.cert, self.tls_dir / "cert.pem")
         shutil.copyfile(self.tls.ca, self.tls_dir / "ca.pem")
@@ -363,9 +401,11 @@ class SambaDC:
         d = self.root
         tls = "    tls enabled = no\n"
         if self.tls is not None:
-            tls = (f"    tls enabled = yes\n    tls keyfile = {self.tls_dir}/key.pem\n"
-                   f"    tls certfile = {self.tls_dir}/cert.pem\n"
-                   f"    tls cafile = {self.tls_dir}/ca.pem\n")
+            tls = (
+                f"    tls enabled = yes\n    tls keyfile = {self.tls_dir}/key.pem\n"
+                f"    tls certfile = {self.tls_dir}/cert.pem\n"
+                f"    tls cafile = {self.tls_dir}/ca.pem\n"
+            )
         return f"""\
 # Generated by tests/servers/samba.py.
 [global]
@@ -410,5 +450,14 @@ def samba_dc(test_ca: TestCA) -> Iterator[SambaDC]:
         dc.cleanup()
 
 
-__all__ = ["SambaDC", "SeedUser", "SeedGroup", "SEED_USERS", "SEED_GROUPS", "samba_dc",
-           "to_filetime", "ensure_samba", "PAST_FILETIME"]
+__all__ = [
+    "PAST_FILETIME",
+    "SEED_GROUPS",
+    "SEED_USERS",
+    "SambaDC",
+    "SeedGroup",
+    "SeedUser",
+    "ensure_samba",
+    "samba_dc",
+    "to_filetime",
+]

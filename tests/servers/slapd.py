@@ -27,10 +27,10 @@ import ldap3
 import pytest
 
 from tests.servers.common import (
-    ensure_installed,
     LOOPBACK,
     ServerError,
     ServerProcess,
+    ensure_installed,
     free_port,
     remove_tree,
     run_checked,
@@ -82,24 +82,45 @@ class SeedUser:
 
 
 SEED_USERS: tuple[SeedUser, ...] = (
-    SeedUser("alice", "alice-Pw-1", "alice@example.org", "Alice Liddell",
-             (f"pwdChangedTime: {OLD_CHANGE}",)),
+    SeedUser(
+        "alice",
+        "alice-Pw-1",
+        "alice@example.org",
+        "Alice Liddell",
+        (f"pwdChangedTime: {OLD_CHANGE}",),
+    ),
     # bob's mail differs from his uid: bob@example.org only works as an implicit UPN.
     SeedUser("bob", "bob-Pw-2", "robert@example.org", "Bob Builder"),
     SeedUser("printer1", "printer1-Pw-3", "printer1@example.org", "Printer on floor 1"),
     # Locked by an administrator (ppolicy's "000001010000Z"): disabled.
-    SeedUser("carol", "carol-Pw-4", "carol@example.org", "Carol Disabled",
-             ("pwdAccountLockedTime: 000001010000Z",)),
-    SeedUser("dave", "dave-Pw-5", "dave@example.org", "Dave Expired",
-             ("pwdEndTime: 20200101000000Z",)),
-    SeedUser("erin", "erin-Pw-6", "erin@example.org", "Erin Shadow Expired",
-             ("shadowExpire: 1",), posix=True),
+    SeedUser(
+        "carol",
+        "carol-Pw-4",
+        "carol@example.org",
+        "Carol Disabled",
+        ("pwdAccountLockedTime: 000001010000Z",),
+    ),
+    SeedUser(
+        "dave", "dave-Pw-5", "dave@example.org", "Dave Expired", ("pwdEndTime: 20200101000000Z",)
+    ),
+    SeedUser(
+        "erin",
+        "erin-Pw-6",
+        "erin@example.org",
+        "Erin Shadow Expired",
+        ("shadowExpire: 1",),
+        posix=True,
+    ),
     SeedUser("frank", "frank-Pw-7", "frank@example.org", "Frank Locked Out"),
-    SeedUser("grace", "grace-Pw-8", "grace@example.org", "Grace Changes Password",
-             (f"pwdChangedTime: {OLD_CHANGE}",)),
+    SeedUser(
+        "grace",
+        "grace-Pw-8",
+        "grace@example.org",
+        "Grace Changes Password",
+        (f"pwdChangedTime: {OLD_CHANGE}",),
+    ),
     # Disabled by a site convention, for disabled_filter.
-    SeedUser("heidi", "heidi-Pw-9", "heidi@example.org", "Heidi Left",
-             ("employeeType: disabled",)),
+    SeedUser("heidi", "heidi-Pw-9", "heidi@example.org", "Heidi Left", ("employeeType: disabled",)),
     SeedUser("nomail", "nomail-Pw-10", None, "No Mail Attribute"),
 )
 
@@ -127,8 +148,9 @@ def entry_uuid(dn: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_X500, dn.lower()))
 
 
-def seed_ldif(users: Sequence[SeedUser] = SEED_USERS,
-              groups: Sequence[SeedGroup] = SEED_GROUPS) -> str:
+def seed_ldif(
+    users: Sequence[SeedUser] = SEED_USERS, groups: Sequence[SeedGroup] = SEED_GROUPS
+) -> str:
     blocks = [
         f"dn: {SUFFIX}\nobjectClass: dcObject\nobjectClass: organization\no: Example\ndc: example",
         f"dn: ou=services,{SUFFIX}\nobjectClass: organizationalUnit\nou: services",
@@ -145,8 +167,13 @@ def seed_ldif(users: Sequence[SeedUser] = SEED_USERS,
         lines = [f"dn: {user.dn}", "objectClass: inetOrgPerson"]
         if user.posix:
             lines.append("objectClass: shadowAccount")
-        lines += [f"uid: {user.uid}", f"cn: {user.cn or user.uid}", f"sn: {user.uid}",
-                  f"userPassword: {user.password}", f"entryUUID: {entry_uuid(user.dn)}"]
+        lines += [
+            f"uid: {user.uid}",
+            f"cn: {user.cn or user.uid}",
+            f"sn: {user.uid}",
+            f"userPassword: {user.password}",
+            f"entryUUID: {entry_uuid(user.dn)}",
+        ]
         if user.mail:
             lines.append(f"mail: {user.mail}")
         lines += user.extra
@@ -154,8 +181,12 @@ def seed_ldif(users: Sequence[SeedUser] = SEED_USERS,
     for n, group in enumerate(groups):
         members = [u for u in users if u.uid in group.members]
         if group.posix:
-            lines = [f"dn: {group.dn}", "objectClass: posixGroup", f"cn: {group.cn}",
-                     f"gidNumber: {10000 + n}"]
+            lines = [
+                f"dn: {group.dn}",
+                "objectClass: posixGroup",
+                f"cn: {group.cn}",
+                f"gidNumber: {10000 + n}",
+            ]
             lines += [f"memberUid: {u.uid}" for u in members]
         else:
             lines = [f"dn: {group.dn}", "objectClass: groupOfNames", f"cn: {group.cn}"]
@@ -178,8 +209,13 @@ def ensure_slapd() -> None:
 class Slapd:
     """A private slapd; its ports are chosen at construction and kept across restarts."""
 
-    def __init__(self, tls: TestCA | None = None, root: Path | None = None,
-                 ldif: str | None = None, name: str = "slapd") -> None:
+    def __init__(
+        self,
+        tls: TestCA | None = None,
+        root: Path | None = None,
+        ldif: str | None = None,
+        name: str = "slapd",
+    ) -> None:
         self.tls = tls
         self.name = name
         self.root = root or short_tempdir("ld-")
@@ -227,8 +263,10 @@ class Slapd:
         ensure_slapd()
         if not self._seeded:
             self._write_files()
-            run_checked([SLAPADD, "-f", str(self.config_path), "-l", str(self.ldif_path)],
-                        f"slapadd for {self.name}")
+            run_checked(
+                [SLAPADD, "-f", str(self.config_path), "-l", str(self.ldif_path)],
+                f"slapadd for {self.name}",
+            )
             self._seeded = True
         self.process.start()
         try:
@@ -281,8 +319,14 @@ class Slapd:
     def admin(self) -> ldap3.Connection:
         """A connection bound as the rootdn (close it, or use it in a with block)."""
         server = ldap3.Server(self.host, port=self.port, get_info=ldap3.NONE, connect_timeout=5)
-        return ldap3.Connection(server, ADMIN_DN, ADMIN_PASSWORD, auto_bind=True,
-                                receive_timeout=10, raise_exceptions=True)
+        return ldap3.Connection(
+            server,
+            ADMIN_DN,
+            ADMIN_PASSWORD,
+            auto_bind=True,
+            receive_timeout=10,
+            raise_exceptions=True,
+        )
 
     def bind_as(self, uid: str, password: str) -> bool:
         server = ldap3.Server(self.host, port=self.port, get_info=ldap3.NONE, connect_timeout=5)
@@ -303,8 +347,14 @@ class Slapd:
         pwdChangedTime."""
         server = ldap3.Server(self.host, port=self.port, get_info=ldap3.NONE, connect_timeout=5)
         old = next(u.password for u in SEED_USERS if u.uid == uid)
-        with ldap3.Connection(server, self.user_dn(uid), old, auto_bind=True,
-                              receive_timeout=10, raise_exceptions=True) as conn:
+        with ldap3.Connection(
+            server,
+            self.user_dn(uid),
+            old,
+            auto_bind=True,
+            receive_timeout=10,
+            raise_exceptions=True,
+        ) as conn:
             conn.extend.standard.modify_password(self.user_dn(uid), old, password)
 
     def modify(self, dn: str, changes: dict) -> None:
@@ -346,9 +396,11 @@ class Slapd:
         includes = "\n".join(f"include {SCHEMA_DIR}/{s}.schema" for s in SCHEMAS)
         tls = ""
         if self.tls is not None:
-            tls = (f"TLSCACertificateFile {self.tls.ca}\n"
-                   f"TLSCertificateFile {self.tls.cert}\n"
-                   f"TLSCertificateKeyFile {self.tls.key}\n")
+            tls = (
+                f"TLSCACertificateFile {self.tls.ca}\n"
+                f"TLSCertificateFile {self.tls.cert}\n"
+                f"TLSCertificateKeyFile {self.tls.key}\n"
+            )
         return f"""\
 # Generated by tests/servers/slapd.py.
 {includes}
@@ -419,14 +471,25 @@ def slapd_factory(test_ca: TestCA) -> Iterator[Callable[..., Slapd]]:
 
 def wait_for_ldap(server: Slapd, timeout: float = 10.0) -> None:
     """Wait until slapd answers a search (not only accepts TCP)."""
+
     def answers() -> bool:
         try:
             return server.count_entries("(objectClass=organization)") == 1
         except ldap3.core.exceptions.LDAPException:
             return False
+
     wait_until(answers, timeout, f"{server.name} to answer", process=server.process)
 
 
-__all__ = ["Slapd", "SeedUser", "SeedGroup", "SEED_USERS", "SEED_GROUPS", "entry_uuid",
-           "seed_ldif", "slapd", "slapd_factory", 
-           "wait_for_ldap"]
+__all__ = [
+    "SEED_GROUPS",
+    "SEED_USERS",
+    "SeedGroup",
+    "SeedUser",
+    "Slapd",
+    "entry_uuid",
+    "seed_ldif",
+    "slapd",
+    "slapd_factory",
+    "wait_for_ldap",
+]

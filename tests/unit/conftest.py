@@ -17,9 +17,12 @@ def _guarded(name: str, original):
     def guarded(sock: socket.socket, *args, **kwargs):
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             address = args[0] if args else ""
-            raise NetworkUsed(f"socket.{name}({address!r}) in a unit test: tests that open sockets "
-                              "belong in tests/integration")
+            raise NetworkUsed(
+                f"socket.{name}({address!r}) in a unit test: tests that open sockets "
+                "belong in tests/integration"
+            )
         return original(sock, *args, **kwargs)
+
     return guarded
 
 

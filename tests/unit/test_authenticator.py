@@ -2,7 +2,7 @@
 
 import io
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import pytest_twisted
@@ -11,13 +11,13 @@ from twisted.internet import defer, reactor
 from proxy.audit import Audit
 from proxy.auth.authenticator import Authenticator
 from proxy.auth.decision import Attempt, Refusal
-from proxy.protocols import MailProtocol as Protocol
 from proxy.codes.hashing import CodeHasher
 from proxy.codes.issue import issue_code
 from proxy.codes.sqlite import SqliteCodeStore
 from proxy.codes.store import AsyncCodeStore
 from proxy.config import parse
 from proxy.directory.static import StaticDirectory
+from proxy.protocols import MailProtocol as Protocol
 
 USERS = """
 accounts:
@@ -38,11 +38,16 @@ class Clock:
 @pytest.fixture
 def env(tmp_path):
     (tmp_path / "users.yaml").write_text(USERS)
-    settings = parse({"store": {"sqlite": "codes.db"}, "directory": {"static": "users.yaml"},
-                      "policy": {"legacy_group": "legacy-mail"},
-                      "auth": {"ip_failures_per_minute": 3, "cache_ttl": "60s"},
-                      "codes": {"argon2": {"memory_kib": 8192, "time_cost": 1}}},
-                     base_dir=tmp_path)
+    settings = parse(
+        {
+            "store": {"sqlite": "codes.db"},
+            "directory": {"static": "users.yaml"},
+            "policy": {"legacy_group": "legacy-mail"},
+            "auth": {"ip_failures_per_minute": 3, "cache_ttl": "60s"},
+            "codes": {"argon2": {"memory_kib": 8192, "time_cost": 1}},
+        },
+        base_dir=tmp_path,
+    )
     directory = StaticDirectory(settings.directory.static_file, legacy_group="legacy-mail")
     sync_store = SqliteCodeStore(settings.store.target)
     hasher = CodeHasher(settings.codes.argon2)
@@ -57,10 +62,25 @@ def env(tmp_path):
 
     e = Env()
     e.settings, e.directory, e.sync_store, e.hasher, e.auth, e.audit, e.clock = (
-        settings, directory, sync_store, hasher, auth, out, clock)
+        settings,
+        directory,
+        sync_store,
+        hasher,
+        auth,
+        out,
+        clock,
+    )
 
     def issue(login="alice", **kw):
-        return issue_code(settings, directory, sync_store, hasher, login=login, label=kw.pop("label", "phone"), **kw)
+        return issue_code(
+            settings,
+            directory,
+            sync_store,
+            hasher,
+            login=login,
+            label=kw.pop("label", "phone"),
+            **kw,
+        )
 
     e.issue = issue
 
@@ -81,7 +101,10 @@ def test_good_code_is_granted_and_counted(env):
     decision = yield env.attempt("alice", issued.code.grouped())
     assert decision.ok
     assert (decision.code_id, decision.upstream_identity, decision.code_label) == (
-        issued.record.id, "alice@example.test", "phone")
+        issued.record.id,
+        "alice@example.test",
+        "phone",
+    )
     rec = env.sync_store.get(issued.record.id)
     assert (rec.use_count, rec.last_used_ip, rec.last_used_protocol) == (1, "192.0.2.10", "imap")
 
@@ -95,18 +118,25 @@ def test_code_works_with_any_login_name_of_the_account(env):
 @pytest_twisted.inlineCallbacks
 def test_wrong_secret_is_bad_credentials_and_counted_on_the_code(env):
     issued = env.issue()
-    wrong = issued.code.value[:4] + ("A" if issued.code.value[4] != "A" else "B") + issued.code.value[5:]
+    wrong = (
+        issued.code.value[:4]
+        + ("A" if issued.code.value[4] != "A" else "B")
+        + issued.code.value[5:]
+    )
     decision = yield env.attempt("alice", wrong)
     assert (decision.ok, decision.refusal) == (False, Refusal.CREDENTIALS)
     assert env.sync_store.get(issued.record.id).failed_count == 1
 
 
-@pytest.mark.parametrize("login,secret,reason", [
-    ("nobody", "AbCdEfGhJkMnPqRs", "unknown login"),
-    ("alice", "short", "not an app password (wrong length or characters)"),
-    ("alice", "ZZZZEfGhJkMnPqRs", "no app password with this selector"),
-    ("alice\x00bob", "AbCdEfGhJkMnPqRs", "invalid login name (control characters)"),
-])
+@pytest.mark.parametrize(
+    "login,secret,reason",
+    [
+        ("nobody", "AbCdEfGhJkMnPqRs", "unknown login"),
+        ("alice", "short", "not an app password (wrong length or characters)"),
+        ("alice", "ZZZZEfGhJkMnPqRs", "no app password with this selector"),
+        ("alice\x00bob", "AbCdEfGhJkMnPqRs", "invalid login name (control characters)"),
+    ],
+)
 @pytest_twisted.inlineCallbacks
 def test_failures_before_verification_are_only_bad_credentials(env, login, secret, reason):
     env.issue()
@@ -126,11 +156,14 @@ def test_account_not_allowed_is_forbidden_only_after_the_code_verified(env):
     assert bad.refusal == Refusal.CREDENTIALS
 
 
-@pytest.mark.parametrize("change,protocol,refusal,reason", [
-    ("revoke", Protocol.IMAP, Refusal.EXPIRED, "app password {id} revoked"),
-    ("disable", Protocol.IMAP, Refusal.FORBIDDEN, "app password {id} disabled"),
-    (None, Protocol.POP3, Refusal.FORBIDDEN, "app password {id} not valid for pop3"),
-])
+@pytest.mark.parametrize(
+    "change,protocol,refusal,reason",
+    [
+        ("revoke", Protocol.IMAP, Refusal.EXPIRED, "app password {id} revoked"),
+        ("disable", Protocol.IMAP, Refusal.FORBIDDEN, "app password {id} disabled"),
+        (None, Protocol.POP3, Refusal.FORBIDDEN, "app password {id} not valid for pop3"),
+    ],
+)
 @pytest_twisted.inlineCallbacks
 def test_claim_refusals_after_verification(env, change, protocol, refusal, reason):
     issued = env.issue(scopes=("imap", "smtp"))
@@ -144,7 +177,7 @@ def test_claim_refusals_after_verification(env, change, protocol, refusal, reaso
 
 @pytest_twisted.inlineCallbacks
 def test_expired_used_up_and_network_refusals(env):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     expired = env.issue(label="a", expires_at=now - timedelta(seconds=1))
     used = env.issue(label="b", max_uses=1)
     netted = env.issue(label="c", networks=("10.0.0.0/8",))
@@ -170,7 +203,9 @@ def test_repeated_failures_from_one_address_are_limited_then_forgotten(env):
     for _ in range(3):
         assert (yield env.attempt("alice", "AbCd" + "x" * 12)).refusal == Refusal.CREDENTIALS
     assert (yield env.attempt("alice", issued.code.value)).refusal == Refusal.LIMIT
-    assert (yield env.attempt("alice", issued.code.value, ip="192.0.2.11")).ok  # other clients unaffected
+    assert (
+        yield env.attempt("alice", issued.code.value, ip="192.0.2.11")
+    ).ok  # other clients unaffected
     env.clock.now += 61
     assert (yield env.attempt("alice", issued.code.value)).ok
 
@@ -178,9 +213,13 @@ def test_repeated_failures_from_one_address_are_limited_then_forgotten(env):
 @pytest_twisted.inlineCallbacks
 def test_password_change_supersedes_older_codes(env, tmp_path):
     issued = env.issue()
-    later = (datetime.now(timezone.utc) + timedelta(seconds=5)).isoformat()
-    env.directory.file.write_text(USERS.replace("upstream: alice@example.test}",
-                                                f"upstream: alice@example.test, password_changed: '{later}'}}"))
+    later = (datetime.now(UTC) + timedelta(seconds=5)).isoformat()
+    env.directory.file.write_text(
+        USERS.replace(
+            "upstream: alice@example.test}",
+            f"upstream: alice@example.test, password_changed: '{later}'}}",
+        )
+    )
     env.directory.reload()
     decision = yield env.attempt("alice", issued.code.value)
     assert decision.refusal == Refusal.EXPIRED

@@ -26,7 +26,8 @@ def config(tmp_path):
         "store: {sqlite: codes.db}\n"
         "directory: {static: users.yaml}\n"
         "policy: {legacy_group: legacy-mail}\n"
-        "codes: {max_per_account: 2, argon2: {memory_kib: 8192, time_cost: 1}}\n")
+        "codes: {max_per_account: 2, argon2: {memory_kib: 8192, time_cost: 1}}\n"
+    )
     return cfg
 
 
@@ -43,7 +44,9 @@ def create(config, capsys, *extra, login="alice", label="phone"):
 def test_create_prints_the_code_once_grouped_with_a_warning(config, capsys):
     code, out, err = create(config, capsys, "--scope", "smtp,imap", "--expires", "90d")
     assert code == 0, err
-    assert re.search(r"^    [A-Za-z2-9]{4}-[A-Za-z2-9]{4}-[A-Za-z2-9]{4}-[A-Za-z2-9]{4}$", out, re.M)
+    assert re.search(
+        r"^    [A-Za-z2-9]{4}-[A-Za-z2-9]{4}-[A-Za-z2-9]{4}-[A-Za-z2-9]{4}$", out, re.M
+    )
     assert "It will not be shown again." in out
     assert "Scopes: smtp, imap" in out
 
@@ -58,15 +61,20 @@ def test_create_json_includes_the_code_and_record(config, capsys):
     code, out, _ = create(config, capsys, "--json", "--max-uses", "5", "--net", "10.0.4.0/24")
     data = json.loads(out)
     assert code == 0
-    assert data["max_uses"] == 5 and data["networks"] == ["10.0.4.0/24"] and data["state"] == "active"
+    assert (
+        data["max_uses"] == 5 and data["networks"] == ["10.0.4.0/24"] and data["state"] == "active"
+    )
     assert len(data["code"]) == 19
 
 
-@pytest.mark.parametrize("login,message", [
-    ("nobody", "apppass: unknown login 'nobody'"),
-    ("bob", "apppass: bob: account not allowed legacy sign-in (not a member of legacy-mail)"),
-    ("carol", "apppass: carol: account disabled"),
-])
+@pytest.mark.parametrize(
+    "login,message",
+    [
+        ("nobody", "apppass: unknown login 'nobody'"),
+        ("bob", "apppass: bob: account not allowed legacy sign-in (not a member of legacy-mail)"),
+        ("carol", "apppass: carol: account disabled"),
+    ],
+)
 def test_create_refuses_accounts_with_a_reason(config, capsys, login, message):
     code, out, err = create(config, capsys, login=login)
     assert (code, err.strip(), out) == (1, message, "")
@@ -80,15 +88,26 @@ def test_create_refuses_past_the_cap(config, capsys):
     assert err.strip() == "apppass: alice already has 2 codes (codes.max_per_account is 2)"
 
 
-@pytest.mark.parametrize("args,message", [
-    (("--expires", "soon"), "apppass: invalid expiry 'soon': use a duration like 90d or 12h, a date like "
-                            "2027-06-30, or never"),
-    (("--expires", "2001-01-01"), "apppass: invalid expiry '2001-01-01': it is in the past"),
-    (("--net", "10.0.0.0/33"), "apppass: invalid CIDR '10.0.0.0/33': use a network like 10.0.4.0/24 or "
-                               "2001:db8::/48"),
-    (("--scope", "imap,http"), "apppass: invalid scope 'http': use a comma-separated list of imap, pop3, smtp"),
-    (("--max-uses", "0"), "apppass: --max-uses must be a whole number >= 1"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ("--expires", "soon"),
+            "apppass: invalid expiry 'soon': use a duration like 90d or 12h, a date like "
+            "2027-06-30, or never",
+        ),
+        (("--expires", "2001-01-01"), "apppass: invalid expiry '2001-01-01': it is in the past"),
+        (
+            ("--net", "10.0.0.0/33"),
+            "apppass: invalid CIDR '10.0.0.0/33': use a network like 10.0.4.0/24 or 2001:db8::/48",
+        ),
+        (
+            ("--scope", "imap,http"),
+            "apppass: invalid scope 'http': use a comma-separated list of imap, pop3, smtp",
+        ),
+        (("--max-uses", "0"), "apppass: --max-uses must be a whole number >= 1"),
+    ],
+)
 def test_create_usage_errors_exit_2_with_one_line(config, capsys, args, message):
     code, out, err = create(config, capsys, *args)
     assert (code, err.strip(), out) == (2, message, "")
@@ -101,9 +120,24 @@ def test_list_shows_an_aligned_table_with_states(config, capsys):
     code, out, _ = run(config, capsys, "codes", "list")
     lines = out.splitlines()
     assert code == 0
-    assert lines[0].split() == ["ID", "LOGIN", "LABEL", "SCOPES", "CREATED", "EXPIRES", "USES", "LAST", "USED",
-                                "FAILED", "STATE"]
-    assert "3rd floor printer" in lines[1] and lines[1].rstrip().endswith("active") and "0/3" in lines[1]
+    assert lines[0].split() == [
+        "ID",
+        "LOGIN",
+        "LABEL",
+        "SCOPES",
+        "CREATED",
+        "EXPIRES",
+        "USES",
+        "LAST",
+        "USED",
+        "FAILED",
+        "STATE",
+    ]
+    assert (
+        "3rd floor printer" in lines[1]
+        and lines[1].rstrip().endswith("active")
+        and "0/3" in lines[1]
+    )
     assert lines[2].rstrip().endswith("disabled")
     assert lines[0].index("STATE") == lines[1].index("active")
 
@@ -134,7 +168,10 @@ def test_revoke_all_and_purge(config, capsys):
     code, out, _ = run(config, capsys, "codes", "purge", "--older-than", "30d")
     assert code == 0 and out.startswith("purged 0 ")
     code, _, err = run(config, capsys, "codes", "purge", "--older-than", "a month")
-    assert (code, err.strip()) == (2, "apppass: invalid duration 'a month': use a duration like 30d, 12h or 15m")
+    assert (code, err.strip()) == (
+        2,
+        "apppass: invalid duration 'a month': use a duration like 30d, 12h or 15m",
+    )
 
 
 def test_directory_check_shows_every_verdict(config, capsys):
@@ -148,10 +185,14 @@ def test_directory_check_shows_every_verdict(config, capsys):
 
 def test_check_config_reports_all_errors_and_exits_2(tmp_path, capsys):
     cfg = tmp_path / "apppass.yaml"
-    cfg.write_text("store: {sqlite: x.db}\ndirectory: {static: nope.yaml}\ncodes: {alphabet: upper}\n")
+    cfg.write_text(
+        "store: {sqlite: x.db}\ndirectory: {static: nope.yaml}\ncodes: {alphabet: upper}\n"
+    )
     code, out, err = run(cfg, capsys, "check-config")
     assert code == 2
-    assert err.splitlines() == ['apppass.yaml: codes.alphabet: must be one of mixed, lower (got "upper")']
+    assert err.splitlines() == [
+        'apppass.yaml: codes.alphabet: must be one of mixed, lower (got "upper")'
+    ]
 
 
 def test_check_config_reports_a_missing_users_file(tmp_path, capsys):
@@ -165,7 +206,9 @@ def test_no_traceback_reaches_the_user_from_the_console_script(tmp_path):
     cfg = tmp_path / "apppass.yaml"
     cfg.write_text("store: [oops\n")
     exe = Path(sys.executable).parent / "apppass"
-    proc = subprocess.run([str(exe), "-c", str(cfg), "codes", "list"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(exe), "-c", str(cfg), "codes", "list"], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("apppass.yaml: not valid YAML at line")
@@ -185,7 +228,8 @@ def test_check_config_loads_listener_certificates(tmp_path, capsys):
     cfg.write_text(
         "store: {sqlite: x.db}\ndirectory: {static: users.yaml}\n"
         "upstream: {imap: {host: 127.0.0.1, master_user: m, master_password_file: master}}\n"
-        "listeners: [{protocol: imap, bind: '127.0.0.1:1993', tls: implicit, cert_file: cert.pem, key_file: key.pem}]\n")
+        "listeners: [{protocol: imap, bind: '127.0.0.1:1993', tls: implicit, cert_file: cert.pem, key_file: key.pem}]\n"
+    )
     code, _, err = run(cfg, capsys, "check-config")
     assert code == 2
     assert err.startswith(f"apppass.yaml: listeners[0]: {tmp_path}/cert.pem:"), err

@@ -12,7 +12,7 @@ def test_mixed_alphabet_leaves_out_look_alikes():
 
 
 def test_lower_alphabet_is_lowercase_without_look_alikes():
-    assert LOWER == LOWER.lower()
+    assert LOWER.lower() == LOWER
     assert not set("0o1l") & set(LOWER)
     assert len(set(LOWER)) == 32
 
@@ -50,7 +50,7 @@ def test_repr_never_shows_the_code():
 def test_spaces_and_dashes_between_groups_are_ignored():
     code = generate()
     assert split(code.grouped()) == (code.selector, code.value)
-    spaced = " ".join(code.value[i:i + 4] for i in range(0, 16, 4))
+    spaced = " ".join(code.value[i : i + 4] for i in range(0, 16, 4))
     assert split(spaced) == (code.selector, code.value)
 
 

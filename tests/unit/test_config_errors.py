@@ -17,10 +17,22 @@ def base(tmp_path):
     return {
         "store": {"sqlite": "var/apppass.db"},
         "directory": {"static": "users.yaml"},
-        "upstream": {"imap": {"host": "127.0.0.1", "port": 143, "master_user": "proxy",
-                              "master_password_file": "master"}},
-        "listeners": [{"protocol": "imap", "bind": "127.0.0.1:1143", "tls": "none",
-                       "plaintext_auth_from": ["127.0.0.0/8"]}],
+        "upstream": {
+            "imap": {
+                "host": "127.0.0.1",
+                "port": 143,
+                "master_user": "proxy",
+                "master_password_file": "master",
+            }
+        },
+        "listeners": [
+            {
+                "protocol": "imap",
+                "bind": "127.0.0.1:1143",
+                "tls": "none",
+                "plaintext_auth_from": ["127.0.0.0/8"],
+            }
+        ],
     }
 
 
@@ -46,79 +58,169 @@ def with_change(base, path, value):
 DELETE = object()
 
 CASES = [
-    (("codes", "argon2", "memory_kib"), "big",
-     'apppass.yaml: codes.argon2.memory_kib: must be an integer >= 8192 and <= 4194304 (got "big")'),
-    (("codes", "argon2", "memory_kib"), 4096,
-     "apppass.yaml: codes.argon2.memory_kib: must be an integer >= 8192 and <= 4194304 (got 4096)"),
-    (("codes", "argon2", "time_cost"), 0,
-     "apppass.yaml: codes.argon2.time_cost: must be an integer >= 1 and <= 100 (got 0)"),
-    (("codes", "argon2", "threads"), True,
-     "apppass.yaml: codes.argon2.threads: must be an integer >= 1 and <= 256 (got true)"),
-    (("codes", "alphabet"), "upper",
-     'apppass.yaml: codes.alphabet: must be one of mixed, lower (got "upper")'),
-    (("codes", "max_per_account"), 0,
-     "apppass.yaml: codes.max_per_account: must be an integer >= 1 and <= 10000 (got 0)"),
-    (("codes", "default_expires"), "soon",
-     'apppass.yaml: codes.default_expires: must be a duration like 30s, 15m, 12h, 90d or never (got "soon")'),
-    (("codes", "default_scopes"), ["imap", "http"],
-     'apppass.yaml: codes.default_scopes: must be a list of imap, pop3, smtp; "http" is not one '
-     '(got ["imap", "http"])'),
-    (("codes", "argon2", "memroy_kib"), 65536,
-     "apppass.yaml: codes.argon2.memroy_kib: unknown key; did you mean 'memory_kib'?"),
-    (("auth", "failure_delay"), "2 seconds",
-     'apppass.yaml: auth.failure_delay: must be a duration like 30s, 15m, 12h, 90d (got "2 seconds")'),
-    (("auth", "login_timeout"), "never",
-     'apppass.yaml: auth.login_timeout: must be a duration like 30s, 15m, 12h, 90d '
-     '(never is not allowed here) (got "never")'),
-    (("policy", "require_mfa"), "yes please",
-     'apppass.yaml: policy.require_mfa: must be true or false (got "yes please")'),
-    (("policy", "legacy_filter"), "(memberOf=cn=x)",
-     "apppass.yaml: policy: legacy_filter and mfa_filter need an ldap directory"),
-    (("policy", "mfa_filter"), "memberOf=cn=mfa",
-     "apppass.yaml: policy.mfa_filter: must be an LDAP filter in parentheses, like "
-     '(objectClass=person) (got "memberOf=cn=mfa")'),
-    (("store",), {"mysql": "x"},
-     'apppass.yaml: store: must set exactly one of sqlite (got {"mysql": "x"})'),
+    (
+        ("codes", "argon2", "memory_kib"),
+        "big",
+        'apppass.yaml: codes.argon2.memory_kib: must be an integer >= 8192 and <= 4194304 (got "big")',
+    ),
+    (
+        ("codes", "argon2", "memory_kib"),
+        4096,
+        "apppass.yaml: codes.argon2.memory_kib: must be an integer >= 8192 and <= 4194304 (got 4096)",
+    ),
+    (
+        ("codes", "argon2", "time_cost"),
+        0,
+        "apppass.yaml: codes.argon2.time_cost: must be an integer >= 1 and <= 100 (got 0)",
+    ),
+    (
+        ("codes", "argon2", "threads"),
+        True,
+        "apppass.yaml: codes.argon2.threads: must be an integer >= 1 and <= 256 (got true)",
+    ),
+    (
+        ("codes", "alphabet"),
+        "upper",
+        'apppass.yaml: codes.alphabet: must be one of mixed, lower (got "upper")',
+    ),
+    (
+        ("codes", "max_per_account"),
+        0,
+        "apppass.yaml: codes.max_per_account: must be an integer >= 1 and <= 10000 (got 0)",
+    ),
+    (
+        ("codes", "default_expires"),
+        "soon",
+        'apppass.yaml: codes.default_expires: must be a duration like 30s, 15m, 12h, 90d or never (got "soon")',
+    ),
+    (
+        ("codes", "default_scopes"),
+        ["imap", "http"],
+        'apppass.yaml: codes.default_scopes: must be a list of imap, pop3, smtp; "http" is not one '
+        '(got ["imap", "http"])',
+    ),
+    (
+        ("codes", "argon2", "memroy_kib"),
+        65536,
+        "apppass.yaml: codes.argon2.memroy_kib: unknown key; did you mean 'memory_kib'?",
+    ),
+    (
+        ("auth", "failure_delay"),
+        "2 seconds",
+        'apppass.yaml: auth.failure_delay: must be a duration like 30s, 15m, 12h, 90d (got "2 seconds")',
+    ),
+    (
+        ("auth", "login_timeout"),
+        "never",
+        "apppass.yaml: auth.login_timeout: must be a duration like 30s, 15m, 12h, 90d "
+        '(never is not allowed here) (got "never")',
+    ),
+    (
+        ("policy", "require_mfa"),
+        "yes please",
+        'apppass.yaml: policy.require_mfa: must be true or false (got "yes please")',
+    ),
+    (
+        ("policy", "legacy_filter"),
+        "(memberOf=cn=x)",
+        "apppass.yaml: policy: legacy_filter and mfa_filter need an ldap directory",
+    ),
+    (
+        ("policy", "mfa_filter"),
+        "memberOf=cn=mfa",
+        "apppass.yaml: policy.mfa_filter: must be an LDAP filter in parentheses, like "
+        '(objectClass=person) (got "memberOf=cn=mfa")',
+    ),
+    (
+        ("store",),
+        {"mysql": "x"},
+        'apppass.yaml: store: must set exactly one of sqlite (got {"mysql": "x"})',
+    ),
     (("store",), DELETE, "apppass.yaml: store: is required"),
-    (("directory",), {"static": "users.yaml", "ldap": {}},
-     'apppass.yaml: directory: must set exactly one of static, ldap (got {"static": "users.yaml", "ldap": {}})'),
-    (("listeners", 0, "bind"), "localhost",
-     'apppass.yaml: listeners[0].bind: must be "HOST:PORT", e.g. "127.0.0.1:1143" or "[::]:993" '
-     '(got "localhost")'),
-    (("listeners", 0, "bind"), "127.0.0.1:70000",
-     'apppass.yaml: listeners[0].bind: port must be between 1 and 65535 (got "127.0.0.1:70000")'),
-    (("listeners", 0, "protocol"), "http",
-     'apppass.yaml: listeners[0].protocol: must be one of imap, pop3, smtp (got "http")'),
-    (("listeners", 0, "tls"), "implicit",
-     "apppass.yaml: listeners[0].cert_file: is required when tls is implicit"),
-    (("listeners", 0, "min_tls"), "1.4",
-     'apppass.yaml: listeners[0].min_tls: must be one of 1.0, 1.1, 1.2, 1.3 (got "1.4")'),
-    (("listeners", 0, "plaintext_auth_from"), ["10.0.0.0/8", "everyone"],
-     'apppass.yaml: listeners[0].plaintext_auth_from: must be a list of IP networks like 10.0.0.0/8; '
-     '"everyone" is not one (got ["10.0.0.0/8", "everyone"])'),
-    (("listeners", 0, "protocol"), "smtp",
-     "apppass.yaml: listeners[0].protocol: needs upstream.smtp to be configured"),
-    (("upstream", "imap", "master_password_file"), "missing-file",
-     "apppass.yaml: upstream.imap.master_password_file: file not found: {tmp}/missing-file "
-     '(got "missing-file")'),
-    (("upstream", "imap", "master_password_file"), "empty",
-     'apppass.yaml: upstream.imap.master_password_file: file is empty: {tmp}/empty (got "empty")'),
-    (("upstream", "imap", "login"), "xclient",
-     'apppass.yaml: upstream.imap.login: must be one of authzid (got "xclient")'),
-    (("upstream", "imap", "master_user"), DELETE,
-     "apppass.yaml: upstream.imap.master_user: is required when login is authzid"),
+    (
+        ("directory",),
+        {"static": "users.yaml", "ldap": {}},
+        'apppass.yaml: directory: must set exactly one of static, ldap (got {"static": "users.yaml", "ldap": {}})',
+    ),
+    (
+        ("listeners", 0, "bind"),
+        "localhost",
+        'apppass.yaml: listeners[0].bind: must be "HOST:PORT", e.g. "127.0.0.1:1143" or "[::]:993" '
+        '(got "localhost")',
+    ),
+    (
+        ("listeners", 0, "bind"),
+        "127.0.0.1:70000",
+        'apppass.yaml: listeners[0].bind: port must be between 1 and 65535 (got "127.0.0.1:70000")',
+    ),
+    (
+        ("listeners", 0, "protocol"),
+        "http",
+        'apppass.yaml: listeners[0].protocol: must be one of imap, pop3, smtp (got "http")',
+    ),
+    (
+        ("listeners", 0, "tls"),
+        "implicit",
+        "apppass.yaml: listeners[0].cert_file: is required when tls is implicit",
+    ),
+    (
+        ("listeners", 0, "min_tls"),
+        "1.4",
+        'apppass.yaml: listeners[0].min_tls: must be one of 1.0, 1.1, 1.2, 1.3 (got "1.4")',
+    ),
+    (
+        ("listeners", 0, "plaintext_auth_from"),
+        ["10.0.0.0/8", "everyone"],
+        "apppass.yaml: listeners[0].plaintext_auth_from: must be a list of IP networks like 10.0.0.0/8; "
+        '"everyone" is not one (got ["10.0.0.0/8", "everyone"])',
+    ),
+    (
+        ("listeners", 0, "protocol"),
+        "smtp",
+        "apppass.yaml: listeners[0].protocol: needs upstream.smtp to be configured",
+    ),
+    (
+        ("upstream", "imap", "master_password_file"),
+        "missing-file",
+        "apppass.yaml: upstream.imap.master_password_file: file not found: {tmp}/missing-file "
+        '(got "missing-file")',
+    ),
+    (
+        ("upstream", "imap", "master_password_file"),
+        "empty",
+        'apppass.yaml: upstream.imap.master_password_file: file is empty: {tmp}/empty (got "empty")',
+    ),
+    (
+        ("upstream", "imap", "login"),
+        "xclient",
+        'apppass.yaml: upstream.imap.login: must be one of authzid (got "xclient")',
+    ),
+    (
+        ("upstream", "imap", "master_user"),
+        DELETE,
+        "apppass.yaml: upstream.imap.master_user: is required when login is authzid",
+    ),
     (("upstream", "imap", "host"), DELETE, "apppass.yaml: upstream.imap.host: is required"),
-    (("listeners", 0, "plaintext_auth_from"), DELETE,
-     "apppass.yaml: listeners[0].plaintext_auth_from: is required when tls is none "
-     "(without it nobody can log in on this listener)"),
-    (("upstream", "imap", "verify"), "no",
-     'apppass.yaml: upstream.imap.verify: must be true or false (got "no")'),
+    (
+        ("listeners", 0, "plaintext_auth_from"),
+        DELETE,
+        "apppass.yaml: listeners[0].plaintext_auth_from: is required when tls is none "
+        "(without it nobody can log in on this listener)",
+    ),
+    (
+        ("upstream", "imap", "verify"),
+        "no",
+        'apppass.yaml: upstream.imap.verify: must be true or false (got "no")',
+    ),
     (("listners",), [], "apppass.yaml: listners: unknown key; did you mean 'listeners'?"),
 ]
 
 
-@pytest.mark.parametrize("path,value,message", CASES, ids=[".".join(map(str, c[0])) + "=" + repr(c[1])[:20]
-                                                           for c in CASES])
+@pytest.mark.parametrize(
+    "path,value,message",
+    CASES,
+    ids=[".".join(map(str, c[0])) + "=" + repr(c[1])[:20] for c in CASES],
+)
 def test_bad_config_is_reported_with_key_path_rule_and_value(base, tmp_path, path, value, message):
     problems = errors(with_change(base, path, value), tmp_path)
     assert message.replace("{tmp}", str(tmp_path)) in problems, problems
@@ -143,14 +245,19 @@ def test_every_mistake_is_reported_at_once(base, tmp_path):
 def test_secret_file_content_never_appears_in_errors(base, tmp_path):
     (tmp_path / "master").write_bytes(b"\xff\xfesecret")
     problems = errors(base, tmp_path)
-    assert problems == [f"apppass.yaml: upstream.imap.master_password_file: cannot read {tmp_path}/master: "
-                        'not UTF-8 text (got "master")']
+    assert problems == [
+        f"apppass.yaml: upstream.imap.master_password_file: cannot read {tmp_path}/master: "
+        'not UTF-8 text (got "master")'
+    ]
 
 
 def test_duplicate_listener_addresses_are_refused(base, tmp_path):
     data = copy.deepcopy(base)
     data["listeners"].append(dict(data["listeners"][0], name="again"))
-    assert 'apppass.yaml: listeners[1].bind: is used by another listener ("127.0.0.1:1143")' in errors(data, tmp_path)
+    assert (
+        'apppass.yaml: listeners[1].bind: is used by another listener ("127.0.0.1:1143")'
+        in errors(data, tmp_path)
+    )
 
 
 def test_yaml_syntax_error_names_line(tmp_path):
@@ -168,7 +275,9 @@ def test_missing_file_is_one_clear_line(tmp_path):
 
 
 def test_top_level_must_be_a_mapping(tmp_path):
-    assert errors(["store"], tmp_path) == ['apppass.yaml: must be a mapping of settings (got ["store"])']
+    assert errors(["store"], tmp_path) == [
+        'apppass.yaml: must be a mapping of settings (got ["store"])'
+    ]
 
 
 def test_example_config_is_valid():

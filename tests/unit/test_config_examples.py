@@ -34,4 +34,8 @@ def test_example_config_is_valid(example, tmp_path):
 
 
 def test_there_are_examples():
-    assert {e.name for e in EXAMPLES} >= {"printer-relay.yaml", "openldap.yaml", "active-directory.yaml"}
+    assert {e.name for e in EXAMPLES} >= {
+        "printer-relay.yaml",
+        "openldap.yaml",
+        "active-directory.yaml",
+    }

@@ -1,6 +1,6 @@
 """Durations and expiries as people write them in the config and on the command line."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given
@@ -8,19 +8,30 @@ from hypothesis import strategies as st
 
 from proxy.configschema import Invalid, parse_duration, parse_expiry
 
-NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("30s", timedelta(seconds=30)), ("15m", timedelta(minutes=15)), ("12h", timedelta(hours=12)),
-    ("90d", timedelta(days=90)), ("2w", timedelta(weeks=2)), ("1h30m", timedelta(minutes=90)),
-    ("0s", timedelta(0)), (45, timedelta(seconds=45)), (" 12H ", timedelta(hours=12)),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("30s", timedelta(seconds=30)),
+        ("15m", timedelta(minutes=15)),
+        ("12h", timedelta(hours=12)),
+        ("90d", timedelta(days=90)),
+        ("2w", timedelta(weeks=2)),
+        ("1h30m", timedelta(minutes=90)),
+        ("0s", timedelta(0)),
+        (45, timedelta(seconds=45)),
+        (" 12H ", timedelta(hours=12)),
+    ],
+)
 def test_duration_forms(text, expected):
     assert parse_duration(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "soon", "12", "-5d", "1.5h", "d", "12hours", "never", True, None, 1.5])
+@pytest.mark.parametrize(
+    "text", ["", "soon", "12", "-5d", "1.5h", "d", "12hours", "never", True, None, 1.5]
+)
 def test_bad_durations_are_refused(text):
     with pytest.raises(Invalid):
         parse_duration(text)
@@ -34,7 +45,7 @@ def test_never_is_allowed_only_where_asked():
 
 def test_expiry_from_duration_date_or_never():
     assert parse_expiry("90d", NOW) == NOW + timedelta(days=90)
-    assert parse_expiry("2027-06-30", NOW) == datetime(2027, 6, 30, 23, 59, 59, tzinfo=timezone.utc)
+    assert parse_expiry("2027-06-30", NOW) == datetime(2027, 6, 30, 23, 59, 59, tzinfo=UTC)
     assert parse_expiry("never", NOW) is None
 
 

@@ -36,20 +36,36 @@ def settings(max_failures: int | None = None):
     auth: dict[str, Any] = {"failure_delay": f"{int(FAILURE_DELAY)}s"}
     if max_failures is not None:
         auth["max_failures"] = max_failures
-    return parse({
-        "hostname": "mx.example.org",
-        "store": {"sqlite": "codes.db"},
-        "directory": {"static": "users.yaml"},
-        "auth": auth,
-        "listeners": [{"protocol": p, "bind": f"127.0.0.1:{port}", "tls": "none",
-                       "plaintext_auth_from": ["0.0.0.0/0"]}
-                      for p, port in (("imap", 1143), ("pop3", 1110), ("smtp", 1587))],
-        "upstream": {"imap": {"host": "192.0.2.1", "master_user": "proxy",
-                              "master_password_file": __file__},
-                     "pop3": {"host": "192.0.2.1", "master_user": "proxy",
-                              "master_password_file": __file__},
-                     "smtp": {"host": "192.0.2.1", "login": "xclient"}},
-    })
+    return parse(
+        {
+            "hostname": "mx.example.org",
+            "store": {"sqlite": "codes.db"},
+            "directory": {"static": "users.yaml"},
+            "auth": auth,
+            "listeners": [
+                {
+                    "protocol": p,
+                    "bind": f"127.0.0.1:{port}",
+                    "tls": "none",
+                    "plaintext_auth_from": ["0.0.0.0/0"],
+                }
+                for p, port in (("imap", 1143), ("pop3", 1110), ("smtp", 1587))
+            ],
+            "upstream": {
+                "imap": {
+                    "host": "192.0.2.1",
+                    "master_user": "proxy",
+                    "master_password_file": __file__,
+                },
+                "pop3": {
+                    "host": "192.0.2.1",
+                    "master_user": "proxy",
+                    "master_password_file": __file__,
+                },
+                "smtp": {"host": "192.0.2.1", "login": "xclient"},
+            },
+        }
+    )
 
 
 class ScriptedAuthenticator:
@@ -90,8 +106,13 @@ class ScriptedUpstream:
 class Session:
     """One client connection to a Frontend, in memory."""
 
-    def __init__(self, protocol: str, authenticator: ScriptedAuthenticator,
-                 upstream: ScriptedUpstream, max_failures: int | None = None) -> None:
+    def __init__(
+        self,
+        protocol: str,
+        authenticator: ScriptedAuthenticator,
+        upstream: ScriptedUpstream,
+        max_failures: int | None = None,
+    ) -> None:
         s = settings(max_failures)
         self.clock = Clock()
         self.events: list[dict] = []
@@ -99,9 +120,15 @@ class Session:
         self.audit.listeners.append(self.events.append)
         self.live: set[Frontend] = set()
         context = SessionContext(
-            authenticator=authenticator, audit=self.audit, reactor=self.clock,
-            login_timeout=s.auth.login_timeout.total_seconds(), failure_delay=FAILURE_DELAY,
-            connect=upstream.connect, opened=self.live.add, closed=self.live.discard)
+            authenticator=authenticator,
+            audit=self.audit,
+            reactor=self.clock,
+            login_timeout=s.auth.login_timeout.total_seconds(),
+            failure_delay=FAILURE_DELAY,
+            connect=upstream.connect,
+            opened=self.live.add,
+            closed=self.live.discard,
+        )
         listener = next(item for item in s.listeners if item.protocol == protocol)
         self.frontend = Frontend(context, listener, protocol_specs(s)[MailProtocol(protocol)], None)
         self.client = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.7", 50123))
@@ -138,20 +165,28 @@ def grant() -> Grant:
     return Grant(ALICE, 7, "laptop", ALICE.upstream_identity)
 
 
-DOVECOT_LOGIN = (b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] Dovecot ready.",
-                 b"I OK ID completed.",
-                 b"L OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in")
+DOVECOT_LOGIN = (
+    b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] Dovecot ready.",
+    b"I OK ID completed.",
+    b"L OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in",
+)
 
 
 def test_imap_login_granted_logs_in_upstream_as_the_user_and_relays_both_ways():
     upstream = ScriptedUpstream(*DOVECOT_LOGIN)
     authenticator = ScriptedAuthenticator(grant())
     session = Session("imap", authenticator, upstream)
-    assert session.send(f"a LOGIN alice {CODE}\r\n".encode()) == \
-        b"a OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n"
+    assert (
+        session.send(f"a LOGIN alice {CODE}\r\n".encode())
+        == b"a OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n"
+    )
     attempt = authenticator.attempts[0]
-    assert (attempt.login, attempt.secret, attempt.mechanism, attempt.client_ip) == \
-        ("alice", CODE, "LOGIN", "198.51.100.7")
+    assert (attempt.login, attempt.secret, attempt.mechanism, attempt.client_ip) == (
+        "alice",
+        CODE,
+        "LOGIN",
+        "198.51.100.7",
+    )
     master = client_plain("alice@example.org", "proxy", open(__file__).read().strip())
     assert f"L AUTHENTICATE PLAIN {master}\r\n".encode() in upstream.sent
     assert b'"x-originating-ip" "198.51.100.7"' in upstream.sent
@@ -176,15 +211,23 @@ def test_imap_login_refused_is_answered_after_the_failure_delay():
     assert session.send(b"b NOOP\r\n") == b"b OK NOOP completed\r\n"
 
 
-@pytest.mark.parametrize("upstream", [
-    ScriptedUpstream(down=True),
-    ScriptedUpstream(b"* OK ready", b"I OK", b"L NO [AUTHENTICATIONFAILED] master login refused"),
-], ids=["upstream down", "upstream refuses the master login"])
+@pytest.mark.parametrize(
+    "upstream",
+    [
+        ScriptedUpstream(down=True),
+        ScriptedUpstream(
+            b"* OK ready", b"I OK", b"L NO [AUTHENTICATIONFAILED] master login refused"
+        ),
+    ],
+    ids=["upstream down", "upstream refuses the master login"],
+)
 def test_imap_upstream_trouble_is_a_temporary_failure(upstream):
     session = Session("imap", ScriptedAuthenticator(grant()), upstream)
     session.send(f"a LOGIN alice {CODE}\r\n".encode())
-    assert session.later(FAILURE_DELAY) == \
-        b"a NO [UNAVAILABLE] Temporary authentication failure, try again later.\r\n"
+    assert (
+        session.later(FAILURE_DELAY)
+        == b"a NO [UNAVAILABLE] Temporary authentication failure, try again later.\r\n"
+    )
     assert not session.closed
     (event,) = session.audited("upstream")
     assert event["result"] == "fail" and event["login"] == "alice"
@@ -192,25 +235,36 @@ def test_imap_upstream_trouble_is_a_temporary_failure(upstream):
 
 
 def test_pop3_login_granted_and_refused():
-    upstream = ScriptedUpstream(b"+OK Dovecot ready.", b"+OK", b"SASL PLAIN", b".", b"+OK Logged in.")
+    upstream = ScriptedUpstream(
+        b"+OK Dovecot ready.", b"+OK", b"SASL PLAIN", b".", b"+OK Logged in."
+    )
     session = Session("pop3", ScriptedAuthenticator(grant()), upstream)
     session.send(b"USER alice\r\n")
     assert session.send(f"PASS {CODE}\r\n".encode()) == b"+OK Logged in.\r\n"
     assert b"AUTH PLAIN " in upstream.sent
 
-    refused = Session("pop3", ScriptedAuthenticator(Denial(Refusal.TEMPORARY, "LDAP down")),
-                      ScriptedUpstream())
+    refused = Session(
+        "pop3", ScriptedAuthenticator(Denial(Refusal.TEMPORARY, "LDAP down")), ScriptedUpstream()
+    )
     refused.send(b"USER alice\r\n")
     refused.send(f"PASS {CODE}\r\n".encode())
-    assert refused.later(FAILURE_DELAY) == \
-        b"-ERR [SYS/TEMP] Temporary authentication failure, try again later.\r\n"
+    assert (
+        refused.later(FAILURE_DELAY)
+        == b"-ERR [SYS/TEMP] Temporary authentication failure, try again later.\r\n"
+    )
 
 
-POSTFIX_XCLIENT = (b"220 mx ESMTP Postfix",
-                   b"250-mx", b"250-PIPELINING", b"250-XCLIENT NAME ADDR PROTO HELO LOGIN",
-                   b"250 CHUNKING",
-                   b"220 mx ESMTP Postfix",
-                   b"250-mx", b"250-PIPELINING", b"250 CHUNKING")
+POSTFIX_XCLIENT = (
+    b"220 mx ESMTP Postfix",
+    b"250-mx",
+    b"250-PIPELINING",
+    b"250-XCLIENT NAME ADDR PROTO HELO LOGIN",
+    b"250 CHUNKING",
+    b"220 mx ESMTP Postfix",
+    b"250-mx",
+    b"250-PIPELINING",
+    b"250 CHUNKING",
+)
 
 
 def test_smtp_login_repeats_the_clients_ehlo_upstream_and_watches_the_session():
@@ -218,8 +272,10 @@ def test_smtp_login_repeats_the_clients_ehlo_upstream_and_watches_the_session():
     session = Session("smtp", ScriptedAuthenticator(grant()), upstream)
     session.send(b"EHLO printer.example.org\r\n")
     plain = client_plain("", "alice", CODE)
-    assert session.send(f"AUTH PLAIN {plain}\r\n".encode()) == \
-        b"235 2.7.0 Authentication successful\r\n"
+    assert (
+        session.send(f"AUTH PLAIN {plain}\r\n".encode())
+        == b"235 2.7.0 Authentication successful\r\n"
+    )
     assert b"EHLO printer.example.org\r\n" in upstream.sent
     assert b"XCLIENT LOGIN=alice@example.org ADDR=198.51.100.7" in upstream.sent
     assert b"HELO=printer.example.org PROTO=ESMTP" in upstream.sent
@@ -230,18 +286,33 @@ def test_smtp_login_repeats_the_clients_ehlo_upstream_and_watches_the_session():
     assert refused["commands"] == ["XCLIENT"]
 
 
-@pytest.mark.parametrize("protocol,login,refusal_reply,farewell", [
-    ("imap", b"a LOGIN alice wrong\r\n", b"a NO [AUTHENTICATIONFAILED] Authentication failed.",
-     b"* BYE Too many invalid authentication attempts"),
-    ("pop3", b"USER alice\r\nPASS wrong\r\n", b"-ERR [AUTH] Authentication failed.", None),
-    ("smtp", b"AUTH PLAIN " + client_plain("", "alice", "wrong").encode() + b"\r\n",
-     b"535 5.7.8 Authentication credentials invalid",
-     b"421 4.7.0 mx.example.org Error: too many failed authentications"),
-])
+@pytest.mark.parametrize(
+    "protocol,login,refusal_reply,farewell",
+    [
+        (
+            "imap",
+            b"a LOGIN alice wrong\r\n",
+            b"a NO [AUTHENTICATIONFAILED] Authentication failed.",
+            b"* BYE Too many invalid authentication attempts",
+        ),
+        ("pop3", b"USER alice\r\nPASS wrong\r\n", b"-ERR [AUTH] Authentication failed.", None),
+        (
+            "smtp",
+            b"AUTH PLAIN " + client_plain("", "alice", "wrong").encode() + b"\r\n",
+            b"535 5.7.8 Authentication credentials invalid",
+            b"421 4.7.0 mx.example.org Error: too many failed authentications",
+        ),
+    ],
+)
 def test_auth_max_failures_from_the_config_closes_after_exactly_that_many(
-        protocol, login, refusal_reply, farewell):
-    session = Session(protocol, ScriptedAuthenticator(Denial(Refusal.CREDENTIALS, "wrong")),
-                      ScriptedUpstream(), max_failures=5)
+    protocol, login, refusal_reply, farewell
+):
+    session = Session(
+        protocol,
+        ScriptedAuthenticator(Denial(Refusal.CREDENTIALS, "wrong")),
+        ScriptedUpstream(),
+        max_failures=5,
+    )
     if protocol == "smtp":
         session.send(b"EHLO client\r\n")
     for attempt in range(1, 6):

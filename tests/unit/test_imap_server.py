@@ -20,10 +20,15 @@ PLAINTEXT_CAPS = "IMAP4rev1 SASL-IR LITERAL+ ID STARTTLS LOGINDISABLED"
 TLS_CAPS = "IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN"
 
 
-def core(*, tls: bool = True, starttls: bool = False, plaintext: bool = False,
-         **limits: int) -> ImapCore:
-    return ImapCore(tls_active=tls, starttls_available=starttls, plaintext_auth=plaintext,
-                    limits=ImapLimits(**limits))
+def core(
+    *, tls: bool = True, starttls: bool = False, plaintext: bool = False, **limits: int
+) -> ImapCore:
+    return ImapCore(
+        tls_active=tls,
+        starttls_available=starttls,
+        plaintext_auth=plaintext,
+        limits=ImapLimits(**limits),
+    )
 
 
 def replies(events) -> list[bytes]:
@@ -64,7 +69,8 @@ def drive(imap: ImapCore, chunks, refusal: Refusal = Refusal.CREDENTIALS) -> lis
 def test_greeting_without_tls_offers_starttls_and_disables_login():
     imap = core(tls=False, starttls=True)
     assert replies(imap.greeting()) == [
-        f"* OK [CAPABILITY {PLAINTEXT_CAPS}] apppass ready.".encode()]
+        f"* OK [CAPABILITY {PLAINTEXT_CAPS}] apppass ready.".encode()
+    ]
 
 
 def test_greeting_with_tls_offers_plain_and_login_mechanisms():
@@ -83,8 +89,12 @@ def test_starttls_is_not_offered_when_unavailable():
 
 
 def test_greeting_text_is_configurable_and_cannot_inject_lines():
-    imap = ImapCore(tls_active=True, starttls_available=False, plaintext_auth=False,
-                    greeting_text="Hi.\r\n* BYE fake")
+    imap = ImapCore(
+        tls_active=True,
+        starttls_available=False,
+        plaintext_auth=False,
+        greeting_text="Hi.\r\n* BYE fake",
+    )
     assert replies(imap.greeting()) == [f"* OK [CAPABILITY {TLS_CAPS}] Hi.??* BYE fake".encode()]
 
 
@@ -93,12 +103,17 @@ def test_greeting_text_is_configurable_and_cannot_inject_lines():
 
 def test_capability_command_lists_capabilities_then_completes():
     assert replies(core().receive_data(b"a1 CAPABILITY\r\n")) == [
-        f"* CAPABILITY {TLS_CAPS}".encode(), b"a1 OK CAPABILITY completed"]
+        f"* CAPABILITY {TLS_CAPS}".encode(),
+        b"a1 OK CAPABILITY completed",
+    ]
 
 
 def test_command_names_are_case_insensitive():
     assert replies(core().receive_data(b"a cApAbIlItY\r\nb noop\r\n")) == [
-        f"* CAPABILITY {TLS_CAPS}".encode(), b"a OK CAPABILITY completed", b"b OK NOOP completed"]
+        f"* CAPABILITY {TLS_CAPS}".encode(),
+        b"a OK CAPABILITY completed",
+        b"b OK NOOP completed",
+    ]
 
 
 def test_noop_completes():
@@ -115,8 +130,9 @@ def test_logout_says_bye_completes_and_closes():
     assert events[-1] == Close("logout")
 
 
-@pytest.mark.parametrize("line", [b"a CAPABILITY x", b"a NOOP now", b"a LOGOUT please",
-                                  b"a STARTTLS x"])
+@pytest.mark.parametrize(
+    "line", [b"a CAPABILITY x", b"a NOOP now", b"a LOGOUT please", b"a STARTTLS x"]
+)
 def test_argumentless_commands_with_arguments_get_bad(line):
     events = core(tls=False, starttls=True).receive_data(line + b"\r\n")
     assert replies(events)[0].startswith(b"a BAD ")
@@ -124,8 +140,9 @@ def test_argumentless_commands_with_arguments_get_bad(line):
     assert not any(isinstance(e, StartTLS) for e in events)
 
 
-@pytest.mark.parametrize("command", [b"SELECT INBOX", b"EXAMINE INBOX", b"LIST \"\" *",
-                                     b"ENABLE UTF8=ACCEPT", b"FOO"])
+@pytest.mark.parametrize(
+    "command", [b"SELECT INBOX", b"EXAMINE INBOX", b'LIST "" *', b"ENABLE UTF8=ACCEPT", b"FOO"]
+)
 def test_other_commands_before_login_get_bad(command):
     events = core().receive_data(b"t7 " + command + b"\r\n")
     assert replies(events) == [b"t7 BAD Unknown command or not allowed before login"]
@@ -140,9 +157,22 @@ def test_tag_may_be_any_astring_chars_except_plus(tag):
     assert replies(core().receive_data(tag + b" NOOP\r\n")) == [tag + b" OK NOOP completed"]
 
 
-@pytest.mark.parametrize("line", [b"+ NOOP", b"a+b NOOP", b"* NOOP", b"a%b NOOP",
-                                  b'"a" NOOP', b"(a NOOP", b"a{b NOOP", b"a\\b NOOP",
-                                  b" NOOP", b"\x01a NOOP", b"\xc3\xa9 NOOP"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"+ NOOP",
+        b"a+b NOOP",
+        b"* NOOP",
+        b"a%b NOOP",
+        b'"a" NOOP',
+        b"(a NOOP",
+        b"a{b NOOP",
+        b"a\\b NOOP",
+        b" NOOP",
+        b"\x01a NOOP",
+        b"\xc3\xa9 NOOP",
+    ],
+)
 def test_invalid_tag_gets_untagged_bad_and_is_never_echoed(line):
     events = core().receive_data(line + b"\r\n")
     assert replies(events) == [b"* BAD Invalid tag"]
@@ -151,7 +181,8 @@ def test_invalid_tag_gets_untagged_bad_and_is_never_echoed(line):
 @pytest.mark.parametrize("line", [b"a", b"a ", b"a  NOOP", b"a N\x00OP"])
 def test_missing_or_invalid_command_name_gets_tagged_bad(line):
     assert replies(core().receive_data(line + b"\r\n")) == [
-        b"a BAD Missing or invalid command name"]
+        b"a BAD Missing or invalid command name"
+    ]
 
 
 def test_empty_lines_are_ignored_but_counted_as_commands():
@@ -175,7 +206,9 @@ def test_id_is_answered_and_its_parameters_kept():
 def test_id_nil_is_answered_and_leaves_no_client_id():
     imap = core()
     assert replies(imap.receive_data(b"i ID NIL\r\n")) == [
-        b'* ID ("name" "apppass")', b"i OK ID completed"]
+        b'* ID ("name" "apppass")',
+        b"i OK ID completed",
+    ]
     assert imap.client_id is None
 
 
@@ -188,17 +221,33 @@ def test_id_with_an_empty_list_gives_empty_parameters():
 def test_id_values_may_be_literals():
     imap = core()
     events = imap.receive_data(b'i ID ("name" {6}\r\nMutt\xc3\xa9 "x" {2+}\r\nab)\r\n')
-    assert replies(events) == [b"+ Ready for literal data", b'* ID ("name" "apppass")',
-                               b"i OK ID completed"]
+    assert replies(events) == [
+        b"+ Ready for literal data",
+        b'* ID ("name" "apppass")',
+        b"i OK ID completed",
+    ]
     assert imap.client_id == {"name": "Mutt\u00e9", "x": "ab"}
 
 
-@pytest.mark.parametrize("params", [
-    b"", b"FOO", b"(", b'("name")', b'("name" "a" "b")', b"(name value)", b'(("a" "b"))',
-    b'("name" "unterminated)', b'("a" "b\\x")', b'"name" "x"', b"NIL NIL",
-    b'("k" "line\x01ok" "\x01bad" "v")', b'("' + b"k" * 31 + b'" "v")',
-    b'("\xff" "v")',
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        b"",
+        b"FOO",
+        b"(",
+        b'("name")',
+        b'("name" "a" "b")',
+        b"(name value)",
+        b'(("a" "b"))',
+        b'("name" "unterminated)',
+        b'("a" "b\\x")',
+        b'"name" "x"',
+        b"NIL NIL",
+        b'("k" "line\x01ok" "\x01bad" "v")',
+        b'("' + b"k" * 31 + b'" "v")',
+        b'("\xff" "v")',
+    ],
+)
 def test_id_with_malformed_parameters_is_still_answered_ok(params):
     imap = core()
     events = imap.receive_data(b"i ID " + params + b"\r\n")
@@ -234,8 +283,11 @@ def test_id_value_literal_with_line_break_is_ignored():
 def test_id_with_oversized_literal_is_answered_ok_and_the_literal_skipped():
     imap = core()
     events = imap.receive_data(b'i ID ("name" {2000+}\r\n' + b"x" * 2000 + b")\r\nn NOOP\r\n")
-    assert replies(events) == [b'* ID ("name" "apppass")', b"i OK ID completed",
-                               b"n OK NOOP completed"]
+    assert replies(events) == [
+        b'* ID ("name" "apppass")',
+        b"i OK ID completed",
+        b"n OK NOOP completed",
+    ]
 
 
 # --- STARTTLS ---------------------------------------------------------------------------------
@@ -260,7 +312,9 @@ def test_starttls_discards_commands_pipelined_in_the_same_data():
 def test_starttls_discards_a_partial_line_buffered_before_it_and_input_before_the_handshake():
     imap = core(tls=False, starttls=True, plaintext=True)
     assert imap.receive_data(b"s STARTTLS\r\nevil LOG") == [
-        Send(b"s OK Begin TLS negotiation now\r\n"), StartTLS()]
+        Send(b"s OK Begin TLS negotiation now\r\n"),
+        StartTLS(),
+    ]
     assert imap.receive_data(b"IN victim secret\r\n") == []  # plaintext before the handshake
     imap.tls_started()
     assert replies(imap.receive_data(b"c NOOP\r\n")) == [b"c OK NOOP completed"]
@@ -299,8 +353,9 @@ def test_starttls_when_not_available_gets_bad():
 
 def test_login_with_atoms_asks_the_authenticator():
     events = core().receive_data(b"l LOGIN alice@example.org Abcd-Efgh-Jkmn-Pqrs\r\n")
-    assert events == [Authenticate(Credentials("alice@example.org", "Abcd-Efgh-Jkmn-Pqrs"),
-                                   "LOGIN")]
+    assert events == [
+        Authenticate(Credentials("alice@example.org", "Abcd-Efgh-Jkmn-Pqrs"), "LOGIN")
+    ]
 
 
 def test_login_with_quoted_strings_unescapes_quote_and_backslash():
@@ -339,24 +394,36 @@ def test_login_with_an_empty_literal_password():
     assert authenticates(events)[0].credentials == Credentials("alice", "")
 
 
-@pytest.mark.parametrize("args", [b"", b"alice", b"alice secret extra", b"(alice) secret",
-                                  b"alice NIL)"])
+@pytest.mark.parametrize(
+    "args", [b"", b"alice", b"alice secret extra", b"(alice) secret", b"alice NIL)"]
+)
 def test_login_with_wrong_arguments_gets_bad(args):
     events = core().receive_data(b"l LOGIN " + args + b"\r\n")
     assert replies(events) == [b"l BAD LOGIN expects a user name and a password"]
     assert not authenticates(events)
 
 
-@pytest.mark.parametrize("args", [b'"alice secret', b'alice "se\\cret"', b"alice pa{5}",
-                                  b"alice p\x01w", b"alice p\xc3\xa4ss", b"alice se\rcret"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        b'"alice secret',
+        b'alice "se\\cret"',
+        b"alice pa{5}",
+        b"alice p\x01w",
+        b"alice p\xc3\xa4ss",
+        b"alice se\rcret",
+    ],
+)
 def test_login_with_bad_syntax_gets_bad(args):
     events = core().receive_data(b"l LOGIN " + args + b"\r\n")
     assert replies(events)[0].startswith(b"l BAD ")
     assert not authenticates(events)
 
 
-@pytest.mark.parametrize("literal", [b"ali\x00ce", b"ali\rce", b"ali\nce", b"ali\x1bce",
-                                     b"ali\x7fce", "ali\u0085ce".encode()])
+@pytest.mark.parametrize(
+    "literal",
+    [b"ali\x00ce", b"ali\rce", b"ali\nce", b"ali\x1bce", b"ali\x7fce", "ali\u0085ce".encode()],
+)
 def test_login_name_with_control_characters_is_refused_before_any_lookup(literal):
     imap = core()
     events = imap.receive_data(b"l LOGIN {%d+}\r\n%s secret\r\n" % (len(literal), literal))
@@ -387,7 +454,8 @@ def test_login_without_tls_is_refused_with_privacyrequired():
     imap = core(tls=False, starttls=True)
     events = imap.receive_data(b"l LOGIN alice secret\r\n")
     assert replies(events) == [
-        b"l NO [PRIVACYREQUIRED] Plaintext authentication is not allowed without TLS."]
+        b"l NO [PRIVACYREQUIRED] Plaintext authentication is not allowed without TLS."
+    ]
     assert not authenticates(events)
 
 
@@ -395,7 +463,8 @@ def test_login_literal_without_tls_is_refused_before_any_continuation():
     imap = core(tls=False, starttls=True)
     events = imap.receive_data(b"l LOGIN {5}\r\n")
     assert replies(events) == [
-        b"l NO [PRIVACYREQUIRED] Plaintext authentication is not allowed without TLS."]
+        b"l NO [PRIVACYREQUIRED] Plaintext authentication is not allowed without TLS."
+    ]
     assert replies(imap.receive_data(b"n NOOP\r\n")) == [b"n OK NOOP completed"]
 
 
@@ -404,14 +473,16 @@ def test_login_non_synchronizing_literals_without_tls_are_skipped_unread():
     events = imap.receive_data(b"l LOGIN {5+}\r\nalice {8+}\r\nx LOGOUT\r\nn NOOP\r\n")
     assert replies(events) == [
         b"l NO [PRIVACYREQUIRED] Plaintext authentication is not allowed without TLS.",
-        b"n OK NOOP completed"]
+        b"n OK NOOP completed",
+    ]
 
 
 def test_authenticate_without_tls_is_refused_with_privacyrequired():
     imap = core(tls=False, starttls=True)
     events = imap.receive_data(b"a AUTHENTICATE PLAIN " + b64(b"\0alice\0secret") + b"\r\n")
     assert replies(events) == [
-        b"a NO [PRIVACYREQUIRED] Plaintext authentication is not allowed without TLS."]
+        b"a NO [PRIVACYREQUIRED] Plaintext authentication is not allowed without TLS."
+    ]
     assert not authenticates(events)
 
 
@@ -434,8 +505,9 @@ def test_oversized_synchronizing_literal_is_refused_without_continuation():
 
 def test_literal_of_exactly_max_literal_octets_is_accepted():
     imap = core()
-    events = imap.receive_data(b"l LOGIN alice {%d+}\r\n" % MAX_LITERAL + b"p" * MAX_LITERAL
-                               + b"\r\n")
+    events = imap.receive_data(
+        b"l LOGIN alice {%d+}\r\n" % MAX_LITERAL + b"p" * MAX_LITERAL + b"\r\n"
+    )
     assert authenticates(events)[0].credentials.secret == "p" * MAX_LITERAL
 
 
@@ -446,7 +518,7 @@ def test_oversized_non_synchronizing_literal_is_skipped_without_buffering():
     assert replies(events) == [b"l BAD [TOOBIG] Literal too big"]
     payload = (b"x LOGOUT\r\n" * (size // 10 + 1))[:size]
     for i in range(0, size, 65536):
-        assert imap.receive_data(payload[i:i + 65536]) == []
+        assert imap.receive_data(payload[i : i + 65536]) == []
         assert imap.buffered == 0
     events = imap.receive_data(b" trailing words\r\nn NOOP\r\n")
     assert replies(events) == [b"n OK NOOP completed"]
@@ -455,8 +527,10 @@ def test_oversized_non_synchronizing_literal_is_skipped_without_buffering():
 def test_literal_in_a_command_that_takes_none_is_refused_and_skipped():
     imap = core()
     events = imap.receive_data(b"a APPEND INBOX {11+}\r\nx LOGOUT\r\n\r\nn NOOP\r\n")
-    assert replies(events) == [b"a BAD Unknown command or not allowed before login",
-                               b"n OK NOOP completed"]
+    assert replies(events) == [
+        b"a BAD Unknown command or not allowed before login",
+        b"n OK NOOP completed",
+    ]
 
 
 def test_literal_marker_in_a_known_command_without_arguments_is_refused():
@@ -497,7 +571,8 @@ def test_authenticate_login_prompts_for_username_then_password():
 def test_authenticate_login_with_initial_response_skips_the_username_prompt():
     imap = core()
     assert replies(imap.receive_data(b"a AUTHENTICATE LOGIN " + b64(b"alice") + b"\r\n")) == [
-        b"+ UGFzc3dvcmQ6"]
+        b"+ UGFzc3dvcmQ6"
+    ]
     assert authenticates(imap.receive_data(b64(b"secret") + b"\r\n"))
 
 
@@ -521,8 +596,9 @@ def test_authenticate_is_cancelled_by_a_star_line():
     assert replies(imap.receive_data(b"n NOOP\r\n")) == [b"n OK NOOP completed"]
 
 
-@pytest.mark.parametrize("response", [b"not base64!", b"AHVzZXI", b"\xff\xfe",
-                                      b64(b"only-one-part"), b64(b"\0\0secret")])
+@pytest.mark.parametrize(
+    "response", [b"not base64!", b"AHVzZXI", b"\xff\xfe", b64(b"only-one-part"), b64(b"\0\0secret")]
+)
 def test_authenticate_with_malformed_response_gets_bad(response):
     imap = core()
     imap.receive_data(b"a AUTHENTICATE PLAIN\r\n")
@@ -573,14 +649,17 @@ def test_authenticate_response_line_too_long_gets_bad():
 # --- Outcomes ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("refusal, code", [
-    (Refusal.CREDENTIALS, b"[AUTHENTICATIONFAILED]"),
-    (Refusal.EXPIRED, b"[EXPIRED]"),
-    (Refusal.FORBIDDEN, b"[AUTHORIZATIONFAILED]"),
-    (Refusal.PRIVACY, b"[PRIVACYREQUIRED]"),
-    (Refusal.TEMPORARY, b"[UNAVAILABLE]"),
-    (Refusal.LIMIT, b"[UNAVAILABLE]"),
-])
+@pytest.mark.parametrize(
+    "refusal, code",
+    [
+        (Refusal.CREDENTIALS, b"[AUTHENTICATIONFAILED]"),
+        (Refusal.EXPIRED, b"[EXPIRED]"),
+        (Refusal.FORBIDDEN, b"[AUTHORIZATIONFAILED]"),
+        (Refusal.PRIVACY, b"[PRIVACYREQUIRED]"),
+        (Refusal.TEMPORARY, b"[UNAVAILABLE]"),
+        (Refusal.LIMIT, b"[UNAVAILABLE]"),
+    ],
+)
 def test_auth_failed_maps_each_refusal_to_its_response_code(refusal, code):
     imap = core()
     imap.receive_data(b"l LOGIN alice secret\r\n")
@@ -595,8 +674,10 @@ def test_failed_logins_close_the_connection_after_max_failures():
         assert not closes(imap.auth_failed(Refusal.CREDENTIALS))
     imap.receive_data(b"last LOGIN alice wrong\r\n")
     events = imap.auth_failed(Refusal.CREDENTIALS)
-    assert replies(events) == [b"last NO [AUTHENTICATIONFAILED] Authentication failed.",
-                               b"* BYE Too many invalid authentication attempts"]
+    assert replies(events) == [
+        b"last NO [AUTHENTICATIONFAILED] Authentication failed.",
+        b"* BYE Too many invalid authentication attempts",
+    ]
     assert events[-1] == Close("too many failed logins")
     assert imap.receive_data(b"n NOOP\r\n") == []
 
@@ -614,19 +695,23 @@ def test_input_while_authenticating_is_held_then_parsed_after_failure():
     assert [type(e) for e in events] == [Authenticate]
     assert imap.receive_data(b"o NOOP\r\n") == []
     events = imap.auth_failed(Refusal.CREDENTIALS)
-    assert replies(events) == [b"l NO [AUTHENTICATIONFAILED] Authentication failed.",
-                               b"n OK NOOP completed"]
+    assert replies(events) == [
+        b"l NO [AUTHENTICATIONFAILED] Authentication failed.",
+        b"n OK NOOP completed",
+    ]
     assert authenticates(events)[0].credentials == Credentials("alice", "right")
     assert replies(imap.auth_failed(Refusal.TEMPORARY)) == [
         b"m NO [UNAVAILABLE] Temporary authentication failure, try again later.",
-        b"o OK NOOP completed"]
+        b"o OK NOOP completed",
+    ]
 
 
 def test_auth_succeeded_replies_with_the_upstream_capabilities():
     imap = core()
     imap.receive_data(b"l LOGIN alice secret\r\n")
     assert imap.auth_succeeded("IMAP4rev1 IDLE UIDPLUS") == [
-        Send(b"l OK [CAPABILITY IMAP4rev1 IDLE UIDPLUS] Logged in\r\n")]
+        Send(b"l OK [CAPABILITY IMAP4rev1 IDLE UIDPLUS] Logged in\r\n")
+    ]
 
 
 def test_take_pending_returns_what_the_client_sent_after_its_login_command():
@@ -701,8 +786,9 @@ def test_command_whose_lines_together_are_too_long_gets_bad():
     events = imap.receive_data(b"i ID (" + b'"k" {1+}\r\nv ' * 12 + b")\r\n")
     assert replies(events)[-1] == b"i OK ID completed"  # ID is never BAD
     assert imap.client_id is None
-    events = imap.receive_data(b"l LOGIN {1+}\r\na" + b" " * 20 + b"{1+}\r\nb" + b" " * 20
-                               + b"\r\n")
+    events = imap.receive_data(
+        b"l LOGIN {1+}\r\na" + b" " * 20 + b"{1+}\r\nb" + b" " * 20 + b"\r\n"
+    )
     assert replies(events)[0] == b"l BAD [TOOBIG] Command too long"
 
 
@@ -739,14 +825,21 @@ def test_login_timeout_after_login_does_nothing():
 
 def test_limits_are_named_constants_with_sane_defaults():
     limits = ImapLimits()
-    assert (limits.max_line, limits.max_literal, limits.max_commands, limits.max_failures,
-            limits.max_errors, limits.max_pending) == (
-        MAX_LINE, MAX_LITERAL, MAX_COMMANDS, MAX_FAILURES, MAX_ERRORS, MAX_PENDING)
+    assert (
+        limits.max_line,
+        limits.max_literal,
+        limits.max_commands,
+        limits.max_failures,
+        limits.max_errors,
+        limits.max_pending,
+    ) == (MAX_LINE, MAX_LITERAL, MAX_COMMANDS, MAX_FAILURES, MAX_ERRORS, MAX_PENDING)
     assert limits.max_literal >= 4 * 255  # any valid login name fits a literal
 
 
-@pytest.mark.parametrize("field", ["max_line", "max_literal", "max_commands", "max_failures",
-                                   "max_errors", "max_pending"])
+@pytest.mark.parametrize(
+    "field",
+    ["max_line", "max_literal", "max_commands", "max_failures", "max_errors", "max_pending"],
+)
 def test_limits_must_be_positive(field):
     with pytest.raises(ValueError):
         ImapLimits(**{field: 0})
@@ -754,8 +847,13 @@ def test_limits_must_be_positive(field):
 
 def test_secrets_are_not_in_any_reply_or_failure():
     imap = core(tls=False, starttls=True)
-    events = drive(imap, [b"l LOGIN alice Sup3rSecret\r\n",
-                          b"a AUTHENTICATE PLAIN " + b64(b"bob\0alice\0Sup3rSecret") + b"\r\n"])
+    events = drive(
+        imap,
+        [
+            b"l LOGIN alice Sup3rSecret\r\n",
+            b"a AUTHENTICATE PLAIN " + b64(b"bob\0alice\0Sup3rSecret") + b"\r\n",
+        ],
+    )
     assert b"Sup3rSecret" not in b"".join(replies(events))
     assert not any("Sup3rSecret" in repr(e) for e in events)
 
@@ -776,23 +874,38 @@ SESSION = (
 
 def test_byte_at_a_time_feeding_gives_the_same_events_as_one_chunk():
     whole = drive(core(), [SESSION])
-    one_by_one = drive(core(), [SESSION[i:i + 1] for i in range(len(SESSION))])
+    one_by_one = drive(core(), [SESSION[i : i + 1] for i in range(len(SESSION))])
     assert one_by_one == whole
     assert replies(whole)[-1] == b"a8 OK NOOP completed"
     assert [a.credentials for a in authenticates(whole)] == [
-        Credentials("alice", "wrong"), Credentials("alice", "pass word")]
+        Credentials("alice", "wrong"),
+        Credentials("alice", "pass word"),
+    ]
 
 
 _TAGGED = [
-    b"CAPABILITY\r\n", b"noop\r\n", b"NOOP\r\n", b'ID ("name" "x" "version" "1")\r\n',
-    b"ID NIL\r\n", b'ID ("name" {2}\r\nab)\r\n', b"SELECT INBOX\r\n", b"LOGIN user pass\r\n",
-    b'LOGIN "us\\"er" "pa ss"\r\n', b"LOGIN {4}\r\nuser {4+}\r\npass\r\n",
-    b"LOGIN {4+}\r\nuser {2000}\r\n", b"LOGIN user {5000+}\r\n" + b"z\r\n" * 2500 + b" x\r\n",
+    b"CAPABILITY\r\n",
+    b"noop\r\n",
+    b"NOOP\r\n",
+    b'ID ("name" "x" "version" "1")\r\n',
+    b"ID NIL\r\n",
+    b'ID ("name" {2}\r\nab)\r\n',
+    b"SELECT INBOX\r\n",
+    b"LOGIN user pass\r\n",
+    b'LOGIN "us\\"er" "pa ss"\r\n',
+    b"LOGIN {4}\r\nuser {4+}\r\npass\r\n",
+    b"LOGIN {4+}\r\nuser {2000}\r\n",
+    b"LOGIN user {5000+}\r\n" + b"z\r\n" * 2500 + b" x\r\n",
     b"AUTHENTICATE PLAIN " + b64(b"\0user\0pass") + b"\r\n",
     b"AUTHENTICATE PLAIN\r\n" + b64(b"\0user\0pass") + b"\r\n",
     b"AUTHENTICATE LOGIN\r\n" + b64(b"user") + b"\r\n" + b64(b"pass") + b"\r\n",
-    b"AUTHENTICATE PLAIN\r\n*\r\n", b"AUTHENTICATE PLAIN !!\r\n", b"AUTHENTICATE X\r\n",
-    b"LOGIN\r\n", b'LOGIN "x\r\n', b"APPEND INBOX {3+}\r\nabc\r\n", b"LOGOUT\r\n",
+    b"AUTHENTICATE PLAIN\r\n*\r\n",
+    b"AUTHENTICATE PLAIN !!\r\n",
+    b"AUTHENTICATE X\r\n",
+    b"LOGIN\r\n",
+    b'LOGIN "x\r\n',
+    b"APPEND INBOX {3+}\r\nabc\r\n",
+    b"LOGOUT\r\n",
 ]
 _UNTAGGED = [b"\r\n", b"+ NOOP\r\n", b"x" * 9000 + b"\r\n"]
 
@@ -800,8 +913,9 @@ _UNTAGGED = [b"\r\n", b"+ NOOP\r\n", b"x" * 9000 + b"\r\n"]
 @st.composite
 def command_streams(draw):
     parts = []
-    for i, kind in enumerate(draw(st.lists(st.integers(0, len(_TAGGED) + len(_UNTAGGED) - 1),
-                                           max_size=12))):
+    for i, kind in enumerate(
+        draw(st.lists(st.integers(0, len(_TAGGED) + len(_UNTAGGED) - 1), max_size=12))
+    ):
         if kind < len(_TAGGED):
             parts.append(b"t%d " % i + _TAGGED[kind])
         else:
@@ -838,12 +952,13 @@ def _encode(value: str, how: str) -> tuple[bytes, int]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(login=st.text(_LOGIN_CHARS, min_size=1, max_size=255),
-       secret=st.text(st.characters(blacklist_categories=("Cs",)), max_size=64),
-       how_login=st.sampled_from(["atom", "quoted", "literal", "literal+"]),
-       how_secret=st.sampled_from(["atom", "quoted", "literal", "literal+"]))
-def test_login_arguments_round_trip_into_the_same_credentials(login, secret, how_login,
-                                                               how_secret):
+@given(
+    login=st.text(_LOGIN_CHARS, min_size=1, max_size=255),
+    secret=st.text(st.characters(blacklist_categories=("Cs",)), max_size=64),
+    how_login=st.sampled_from(["atom", "quoted", "literal", "literal+"]),
+    how_secret=st.sampled_from(["atom", "quoted", "literal", "literal+"]),
+)
+def test_login_arguments_round_trip_into_the_same_credentials(login, secret, how_login, how_secret):
     user, waits_user = _encode(login, how_login)
     password, waits_secret = _encode(secret, how_secret)
     events = core().receive_data(b"l LOGIN " + user + b" " + password + b"\r\n")
@@ -852,10 +967,14 @@ def test_login_arguments_round_trip_into_the_same_credentials(login, secret, how
 
 
 @settings(max_examples=200, deadline=None)
-@given(login=st.text(_LOGIN_CHARS, min_size=1, max_size=60),
-       secret=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
-                      max_size=60),
-       initial=st.booleans(), mechanism=st.sampled_from(["PLAIN", "LOGIN"]))
+@given(
+    login=st.text(_LOGIN_CHARS, min_size=1, max_size=60),
+    secret=st.text(
+        st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=60
+    ),
+    initial=st.booleans(),
+    mechanism=st.sampled_from(["PLAIN", "LOGIN"]),
+)
 def test_sasl_arguments_round_trip_into_the_same_credentials(login, secret, initial, mechanism):
     if mechanism == "PLAIN":
         responses = [b64(b"\0" + login.encode() + b"\0" + secret.encode())]
@@ -869,22 +988,59 @@ def test_sasl_arguments_round_trip_into_the_same_credentials(login, secret, init
     assert events[-1] == Authenticate(Credentials(login, secret), mechanism)
 
 
-_FRAGMENTS = [b"a ", b"LOGIN ", b"ID ", b"AUTHENTICATE PLAIN", b"AUTHENTICATE LOGIN", b"NOOP",
-              b"STARTTLS", b"LOGOUT", b"{3}", b"{4+}", b"{99999+}", b"{0}", b"\r\n", b"\n",
-              b'"', b"\\", b" ", b"(", b")", b"NIL", b"*", b"=", b"AHVAcA==", b"x" * 40,
-              b"\x00", b"\xff", b"+"]
+_FRAGMENTS = [
+    b"a ",
+    b"LOGIN ",
+    b"ID ",
+    b"AUTHENTICATE PLAIN",
+    b"AUTHENTICATE LOGIN",
+    b"NOOP",
+    b"STARTTLS",
+    b"LOGOUT",
+    b"{3}",
+    b"{4+}",
+    b"{99999+}",
+    b"{0}",
+    b"\r\n",
+    b"\n",
+    b'"',
+    b"\\",
+    b" ",
+    b"(",
+    b")",
+    b"NIL",
+    b"*",
+    b"=",
+    b"AHVAcA==",
+    b"x" * 40,
+    b"\x00",
+    b"\xff",
+    b"+",
+]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(chunks=st.lists(st.one_of(st.binary(max_size=200),
-                                 st.lists(st.sampled_from(_FRAGMENTS), max_size=40).map(b"".join)),
-                       max_size=20),
-       tls=st.booleans(), outcome=st.sampled_from([None, *Refusal]))
+@given(
+    chunks=st.lists(
+        st.one_of(
+            st.binary(max_size=200),
+            st.lists(st.sampled_from(_FRAGMENTS), max_size=40).map(b"".join),
+        ),
+        max_size=20,
+    ),
+    tls=st.booleans(),
+    outcome=st.sampled_from([None, *Refusal]),
+)
 def test_arbitrary_bytes_never_raise_and_never_exceed_the_bounds(chunks, tls, outcome):
-    limits = ImapLimits(max_line=64, max_literal=16, max_pending=100, max_commands=40,
-                        max_errors=30, max_failures=10)
-    imap = ImapCore(tls_active=tls, starttls_available=True, plaintext_auth=False,
-                    limits=limits)
+    limits = ImapLimits(
+        max_line=64,
+        max_literal=16,
+        max_pending=100,
+        max_commands=40,
+        max_errors=30,
+        max_failures=10,
+    )
+    imap = ImapCore(tls_active=tls, starttls_available=True, plaintext_auth=False, limits=limits)
     for chunk in chunks:
         events = imap.receive_data(chunk)
         replies(events)  # each Send is one CRLF-terminated line

@@ -9,7 +9,7 @@ values are the typed text's UTF-8 bytes, nothing more and nothing less.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -54,8 +54,9 @@ AD_ATTRS = ("userPrincipalName", "sAMAccountName", "mail")
 
 def wire(text: str):
     """The filter as ldap3 puts it on the wire, as nested tuples."""
-    request = search_operation("dc=example,dc=org", text, SUBTREE, DEREF_NEVER, ["1.1"], 0, 0,
-                               False, True, True)
+    request = search_operation(
+        "dc=example,dc=org", text, SUBTREE, DEREF_NEVER, ["1.1"], 0, 0, False, True, True
+    )
     return _tree(request["filter"])
 
 
@@ -68,8 +69,13 @@ def _tree(node):
     if name == "equalityMatch":
         return (name, str(c["attributeDesc"]), bytes(c["assertionValue"]))
     if name == "extensibleMatch":
-        return (name, str(c["matchingRule"]), str(c["type"]), bytes(c["matchValue"]),
-                bool(c["dnAttributes"]))
+        return (
+            name,
+            str(c["matchingRule"]),
+            str(c["type"]),
+            bytes(c["matchValue"]),
+            bool(c["dnAttributes"]),
+        )
     if name == "present":
         return (name, str(c))
     raise AssertionError(f"unexpected filter item {name}")
@@ -109,11 +115,18 @@ def test_an_equality_filter_is_one_equality_whose_value_is_exactly_the_input(val
     assert wire(equality("uid", value)) == ("equalityMatch", "uid", value.encode("utf-8"))
 
 
-@given(st.lists(st.tuples(st.sampled_from(("uid", "mail", "sAMAccountName")), VALUES),
-                min_size=1, max_size=4))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(("uid", "mail", "sAMAccountName")), VALUES),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_any_of_has_one_equality_per_term_whatever_the_values(terms):
-    assert wire(any_of(terms)) == ("or", tuple(("equalityMatch", a, v.encode("utf-8"))
-                                               for a, v in terms))
+    assert wire(any_of(terms)) == (
+        "or",
+        tuple(("equalityMatch", a, v.encode("utf-8")) for a, v in terms),
+    )
 
 
 @given(VALUES)
@@ -138,28 +151,39 @@ def test_the_group_member_filter_keeps_its_shape_for_any_dn_and_name(dn, name):
 
 @given(VALUES)
 def test_the_in_chain_filter_is_one_extensible_match_on_the_whole_dn(dn):
-    assert wire(in_chain_filter(dn)) == ("extensibleMatch", "1.2.840.113556.1.4.1941",
-                                         "memberOf", dn.encode(), False)
+    assert wire(in_chain_filter(dn)) == (
+        "extensibleMatch",
+        "1.2.840.113556.1.4.1941",
+        "memberOf",
+        dn.encode(),
+        False,
+    )
 
 
 @given(st.uuids())
 def test_a_guid_filter_matches_the_little_endian_bytes_of_the_uuid(key):
-    assert wire(guid_filter("objectGUID", str(key))) == ("equalityMatch", "objectGUID",
-                                                         key.bytes_le)
+    assert wire(guid_filter("objectGUID", str(key))) == (
+        "equalityMatch",
+        "objectGUID",
+        key.bytes_le,
+    )
 
 
 def test_a_guid_filter_for_a_non_uuid_key_is_none():
     assert guid_filter("objectGUID", "*)(objectGUID=*") is None
 
 
-@pytest.mark.parametrize("value, escaped", [
-    ("*)(uid=*", "\\2a\\29\\28uid=\\2a"),
-    ("a\\b", "a\\5cb"),
-    ("nul\x00", "nul\\00"),
-    (" alice ", "\\20alice\\20"),  # ldap3 would strip them otherwise
-    ("\u2003em", "\\e2\\80\\83em"),
-    ("élise", "élise"),
-])
+@pytest.mark.parametrize(
+    "value, escaped",
+    [
+        ("*)(uid=*", "\\2a\\29\\28uid=\\2a"),
+        ("a\\b", "a\\5cb"),
+        ("nul\x00", "nul\\00"),
+        (" alice ", "\\20alice\\20"),  # ldap3 would strip them otherwise
+        ("\u2003em", "\\e2\\80\\83em"),
+        ("élise", "élise"),
+    ],
+)
 def test_escape_value_examples(value, escaped):
     assert escape_value(value) == escaped
 
@@ -185,8 +209,11 @@ def test_parse_login_never_raises_and_never_lets_metacharacters_or_controls_thro
 
 def test_a_plain_name_is_searched_in_every_login_attribute():
     query = ad_parse("alice")
-    assert query.explicit == (("userPrincipalName", "alice"), ("sAMAccountName", "alice"),
-                              ("mail", "alice"))
+    assert query.explicit == (
+        ("userPrincipalName", "alice"),
+        ("sAMAccountName", "alice"),
+        ("mail", "alice"),
+    )
     assert query.implicit == () and query.form == "name"
 
 
@@ -217,8 +244,9 @@ def test_user_at_the_dns_domain_also_matches_the_short_name_as_a_fallback():
     assert ("mail", "alice@example.com") in other.explicit and other.implicit == ()
 
 
-@pytest.mark.parametrize("login", ["@example.com", "alice@", "", "a" * 256, "alice\x7f",
-                                   "alice\x85"])
+@pytest.mark.parametrize(
+    "login", ["@example.com", "alice@", "", "a" * 256, "alice\x7f", "alice\x85"]
+)
 def test_malformed_or_overlong_names_are_invalid(login):
     result = ad_parse(login)
     assert isinstance(result, LoginRefused) and result.invalid
@@ -234,24 +262,28 @@ def test_the_cache_key_ignores_case():
 def test_filetime_never_values_and_a_known_time():
     assert filetime_to_datetime(0) is None
     assert filetime_to_datetime(0x7FFFFFFFFFFFFFFF) is None
-    assert filetime_to_datetime(132223104000000000) == datetime(2020, 1, 1, tzinfo=timezone.utc)
+    assert filetime_to_datetime(132223104000000000) == datetime(2020, 1, 1, tzinfo=UTC)
     # The Unix epoch in FILETIME, as in Microsoft's "Converting a time_t value to a FILETIME".
-    assert filetime_to_datetime(116444736000000000) == datetime(1970, 1, 1, tzinfo=timezone.utc)
+    assert filetime_to_datetime(116444736000000000) == datetime(1970, 1, 1, tzinfo=UTC)
     assert filetime_to_datetime(116444736000000000 + 15) == datetime(
-        1970, 1, 1, 0, 0, 0, 1, tzinfo=timezone.utc)  # 100 ns units, truncated to µs
+        1970, 1, 1, 0, 0, 0, 1, tzinfo=UTC
+    )  # 100 ns units, truncated to µs
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("20240131120000Z", datetime(2024, 1, 31, 12, 0, 0, tzinfo=timezone.utc)),
-    ("20240131120000.5Z", datetime(2024, 1, 31, 12, 0, 0, 500000, tzinfo=timezone.utc)),
-    ("20261125141354.650544Z", datetime(2026, 11, 25, 14, 13, 54, 650544, tzinfo=timezone.utc)),
-    ("202401311200Z", datetime(2024, 1, 31, 12, 0, tzinfo=timezone.utc)),
-    ("20240131120000+0200", datetime(2024, 1, 31, 10, 0, tzinfo=timezone.utc)),
-    ("20240131120000-05", datetime(2024, 1, 31, 17, 0, tzinfo=timezone.utc)),
-    ("000001010000Z", None),  # year 0: not a time (ppolicy's administrative lock)
-    ("20241331120000Z", None),
-    ("yesterday", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("20240131120000Z", datetime(2024, 1, 31, 12, 0, 0, tzinfo=UTC)),
+        ("20240131120000.5Z", datetime(2024, 1, 31, 12, 0, 0, 500000, tzinfo=UTC)),
+        ("20261125141354.650544Z", datetime(2026, 11, 25, 14, 13, 54, 650544, tzinfo=UTC)),
+        ("202401311200Z", datetime(2024, 1, 31, 12, 0, tzinfo=UTC)),
+        ("20240131120000+0200", datetime(2024, 1, 31, 10, 0, tzinfo=UTC)),
+        ("20240131120000-05", datetime(2024, 1, 31, 17, 0, tzinfo=UTC)),
+        ("000001010000Z", None),  # year 0: not a time (ppolicy's administrative lock)
+        ("20241331120000Z", None),
+        ("yesterday", None),
+    ],
+)
 def test_generalized_time(text, expected):
     assert parse_generalized_time(text) == expected
 
@@ -259,7 +291,7 @@ def test_generalized_time(text, expected):
 def test_attribute_time_picks_the_encoding_by_attribute():
     assert attribute_time("accountExpires", "9223372036854775807") is None
     assert attribute_time("pwdLastSet", "132223104000000000").year == 2020
-    assert attribute_time("shadowExpire", "1") == datetime(1970, 1, 2, tzinfo=timezone.utc)
+    assert attribute_time("shadowExpire", "1") == datetime(1970, 1, 2, tzinfo=UTC)
     assert attribute_time("shadowExpire", "-1") is None
     assert attribute_time("pwdChangedTime", "20200101000000Z").year == 2020
     assert attribute_time("pwdLastSet", "garbage") is None
@@ -277,7 +309,10 @@ def test_object_guid_known_vector():
 
 
 def test_dn_helpers():
-    assert normalize_dn("CN=Legacy-Mail, OU=Groups,DC=Example") == "cn=legacy-mail,ou=groups,dc=example"
+    assert (
+        normalize_dn("CN=Legacy-Mail, OU=Groups,DC=Example")
+        == "cn=legacy-mail,ou=groups,dc=example"
+    )
     assert rdn_value("CN=Smith\\, John,OU=People,DC=x") == "Smith, John"
     assert rdn_value("cn=caf\\C3\\A9,dc=x") == "café"  # hex pairs are UTF-8 bytes
     assert looks_like_dn("cn=legacy-mail,ou=groups,dc=example,dc=org")
@@ -285,8 +320,9 @@ def test_dn_helpers():
 
 
 def test_check_filter_accepts_extensible_and_nested_filters():
-    check_filter("legacy_filter",
-                 "(&(objectClass=user)(memberOf:1.2.840.113556.1.4.1941:=CN=G,DC=x))")
+    check_filter(
+        "legacy_filter", "(&(objectClass=user)(memberOf:1.2.840.113556.1.4.1941:=CN=G,DC=x))"
+    )
     check_filter("legacy_filter", "(!(employeeType=contractor))")
     with pytest.raises(ValueError):
         check_filter("legacy_filter", "uid=alice")
@@ -312,9 +348,10 @@ def test_the_cache_forgets_after_the_lifetime_and_keeps_a_bounded_size():
 
 
 def test_time_helpers_agree_with_timedelta_arithmetic():
-    assert filetime_to_datetime(10_000_000) == datetime(1601, 1, 1, 0, 0, 1, tzinfo=timezone.utc)
+    assert filetime_to_datetime(10_000_000) == datetime(1601, 1, 1, 0, 0, 1, tzinfo=UTC)
     assert filetime_to_datetime(132223104000000000) - filetime_to_datetime(
-        132223104000000000 - 36_000_000_000) == timedelta(hours=1)
+        132223104000000000 - 36_000_000_000
+    ) == timedelta(hours=1)
 
 
 def test_uuid_strings_round_trip_through_guid_filter_and_guid_to_str():

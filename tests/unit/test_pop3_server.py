@@ -15,8 +15,9 @@ from proxy.pop3.server import MAX_AUTH_LINE, MAX_LINE, Pop3Core, pop3_limits
 from proxy.sasl import MAX_FIELD, is_valid_login
 from tests.support.streams import split_at
 
-PLAINTEXT_DISALLOWED = (b"-ERR [AUTH] Plaintext authentication disallowed on non-secure "
-                        b"(SSL/TLS) connections.")
+PLAINTEXT_DISALLOWED = (
+    b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
+)
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed."
 
 
@@ -28,10 +29,20 @@ def plain(authzid: str, authcid: str, password: str) -> bytes:
     return b64(f"{authzid}\0{authcid}\0{password}".encode())
 
 
-def make(*, tls: bool = True, starttls: bool = False, plaintext: bool = False,
-         limits: LineLimits | None = None) -> Pop3Core:
-    return Pop3Core(tls_active=tls, starttls_available=starttls, plaintext_auth=plaintext,
-                    limits=limits, hostname="pop.example.org")
+def make(
+    *,
+    tls: bool = True,
+    starttls: bool = False,
+    plaintext: bool = False,
+    limits: LineLimits | None = None,
+) -> Pop3Core:
+    return Pop3Core(
+        tls_active=tls,
+        starttls_available=starttls,
+        plaintext_auth=plaintext,
+        limits=limits,
+        hostname="pop.example.org",
+    )
 
 
 def sent(events) -> bytes:
@@ -59,8 +70,10 @@ def test_greeting_is_ok_and_names_the_host():
 
 def test_capa_before_tls_offers_stls_and_no_plaintext_login_where_disallowed():
     events = make(tls=False, starttls=True).receive_data(b"CAPA\r\n")
-    assert sent(events) == (b"+OK Capability list follows\r\nSTLS\r\nRESP-CODES\r\n"
-                            b"AUTH-RESP-CODE\r\nPIPELINING\r\nIMPLEMENTATION apppass\r\n.\r\n")
+    assert sent(events) == (
+        b"+OK Capability list follows\r\nSTLS\r\nRESP-CODES\r\n"
+        b"AUTH-RESP-CODE\r\nPIPELINING\r\nIMPLEMENTATION apppass\r\n.\r\n"
+    )
 
 
 def test_capa_under_tls_offers_user_and_sasl_but_not_stls():
@@ -76,8 +89,9 @@ def test_capa_offers_user_and_sasl_without_tls_where_plaintext_is_allowed():
 
 def test_hostname_must_be_printable():
     with pytest.raises(ValueError):
-        Pop3Core(tls_active=True, starttls_available=False, plaintext_auth=False,
-                 hostname="pop\r\n+OK")
+        Pop3Core(
+            tls_active=True, starttls_available=False, plaintext_auth=False, hostname="pop\r\n+OK"
+        )
 
 
 # --- USER / PASS -------------------------------------------------------------------------------
@@ -88,7 +102,10 @@ def test_user_then_pass_asks_the_authenticator():
     assert sent(core.receive_data(b"USER alice@example.org\r\n")) == b"+OK\r\n"
     (auth,) = auths(core.receive_data(b"PASS abcd efgh ijkl mnop\r\n"))
     assert (auth.credentials.login, auth.credentials.secret, auth.mechanism) == (
-        "alice@example.org", "abcd efgh ijkl mnop", "USER")
+        "alice@example.org",
+        "abcd efgh ijkl mnop",
+        "USER",
+    )
 
 
 def test_pass_keeps_every_space_of_the_password():
@@ -126,7 +143,8 @@ def test_a_login_name_with_control_characters_or_bad_utf8_is_refused_without_ask
 
 def test_nul_in_a_command_line_is_refused():
     assert replies(make().receive_data(b"USER ali\x00ce\r\n")) == [
-        b"-ERR Invalid characters in command."]
+        b"-ERR Invalid characters in command."
+    ]
 
 
 def test_a_password_longer_than_a_sasl_field_is_refused_without_asking():
@@ -165,7 +183,10 @@ def test_auth_plain_with_initial_response_asks_the_authenticator():
     events = make().receive_data(b"AUTH PLAIN " + plain("", "alice", "pw") + b"\r\n")
     (auth,) = auths(events)
     assert (auth.credentials.login, auth.credentials.secret, auth.mechanism) == (
-        "alice", "pw", "PLAIN")
+        "alice",
+        "pw",
+        "PLAIN",
+    )
     assert sent(events) == b""
 
 
@@ -186,7 +207,8 @@ def test_auth_login_prompts_for_username_then_password():
 def test_auth_login_with_initial_username_prompts_for_password():
     core = make()
     assert sent(core.receive_data(b"AUTH LOGIN " + b64(b"alice") + b"\r\n")) == (
-        b"+ UGFzc3dvcmQ6\r\n")
+        b"+ UGFzc3dvcmQ6\r\n"
+    )
     assert auths(core.receive_data(b64(b"pw") + b"\r\n"))[0].credentials.login == "alice"
 
 
@@ -210,7 +232,8 @@ def test_bad_base64_is_refused_without_asking():
 
 def test_unknown_mechanism_is_refused():
     assert replies(make().receive_data(b"AUTH GSSAPI\r\n")) == [
-        b"-ERR Unsupported authentication mechanism."]
+        b"-ERR Unsupported authentication mechanism."
+    ]
 
 
 def test_auth_with_too_many_arguments_is_a_syntax_error():
@@ -238,14 +261,17 @@ def authenticating(**kwargs) -> Pop3Core:
     return core
 
 
-@pytest.mark.parametrize("refusal,reply", [
-    (Refusal.CREDENTIALS, b"-ERR [AUTH] Authentication failed."),
-    (Refusal.EXPIRED, b"-ERR [AUTH] Authentication failed."),
-    (Refusal.FORBIDDEN, b"-ERR [AUTH] Authentication failed."),
-    (Refusal.PRIVACY, PLAINTEXT_DISALLOWED),
-    (Refusal.TEMPORARY, b"-ERR [SYS/TEMP] Temporary authentication failure, try again later."),
-    (Refusal.LIMIT, b"-ERR [SYS/TEMP] Too many login attempts, try again later."),
-])
+@pytest.mark.parametrize(
+    "refusal,reply",
+    [
+        (Refusal.CREDENTIALS, b"-ERR [AUTH] Authentication failed."),
+        (Refusal.EXPIRED, b"-ERR [AUTH] Authentication failed."),
+        (Refusal.FORBIDDEN, b"-ERR [AUTH] Authentication failed."),
+        (Refusal.PRIVACY, PLAINTEXT_DISALLOWED),
+        (Refusal.TEMPORARY, b"-ERR [SYS/TEMP] Temporary authentication failure, try again later."),
+        (Refusal.LIMIT, b"-ERR [SYS/TEMP] Too many login attempts, try again later."),
+    ],
+)
 def test_refusals_get_the_rfc_2449_and_3206_response_codes(refusal, reply):
     core = authenticating()
     events = core.auth_failed(refusal)
@@ -327,10 +353,13 @@ def test_after_tls_user_and_sasl_are_offered():
     assert auths(core.receive_data(b"PASS pw\r\n"))
 
 
-@pytest.mark.parametrize("tls,available,reply", [
-    (True, True, b"-ERR Command not permitted when TLS active"),
-    (False, False, b"-ERR STLS not available."),
-])
+@pytest.mark.parametrize(
+    "tls,available,reply",
+    [
+        (True, True, b"-ERR Command not permitted when TLS active"),
+        (False, False, b"-ERR STLS not available."),
+    ],
+)
 def test_stls_is_refused_under_tls_or_where_unavailable(tls, available, reply):
     events = make(tls=tls, starttls=available).receive_data(b"STLS\r\n")
     assert replies(events) == [reply] and StartTLS() not in events
@@ -353,7 +382,8 @@ def test_transaction_commands_before_login_are_refused(command):
 
 def test_apop_is_not_supported():
     assert replies(make().receive_data(b"APOP alice 0123456789abcdef\r\n")) == [
-        b"-ERR APOP is not supported."]
+        b"-ERR APOP is not supported."
+    ]
 
 
 def test_unknown_and_empty_commands_are_refused():
@@ -367,7 +397,8 @@ def test_a_command_line_may_have_512_octets_with_crlf_but_not_more():
     core = make(limits=pop3_limits(max_errors=10))
     core.receive_data(b"USER " + b"a" * (MAX_LINE - 7) + b"\r\n")
     assert replies(core.receive_data(b"USER " + b"a" * (MAX_LINE - 6) + b"\r\n")) == [
-        b"-ERR Command line too long."]
+        b"-ERR Command line too long."
+    ]
 
 
 def test_an_auth_line_may_have_4096_octets():
@@ -387,7 +418,8 @@ def test_a_sasl_response_over_the_limit_is_refused():
     core = make()
     core.receive_data(b"AUTH LOGIN\r\n")
     assert replies(core.receive_data(b"A" * (MAX_AUTH_LINE + 1))) == [
-        b"-ERR Authentication response too long."]
+        b"-ERR Authentication response too long."
+    ]
     assert core.state == "command"
 
 
@@ -424,8 +456,10 @@ def test_login_timeout_after_login_does_nothing():
 
 # --- chunking and arbitrary input (properties) ----------------------------------------------
 
-SESSION = (b"CAPA\r\nAUTH\r\nUSER alice\r\nAUTH LOGIN\r\n" + b64(b"alice") + b"\r\n*\r\n"
-           b"AUTH LOGIN " + b64(b"alice") + b"\r\n" + b64(b"pw") + b"\r\nSTAT\r\n")
+SESSION = (
+    b"CAPA\r\nAUTH\r\nUSER alice\r\nAUTH LOGIN\r\n" + b64(b"alice") + b"\r\n*\r\n"
+    b"AUTH LOGIN " + b64(b"alice") + b"\r\n" + b64(b"pw") + b"\r\nSTAT\r\n"
+)
 
 
 def feed_all(core: Pop3Core, chunks) -> list:
@@ -438,31 +472,55 @@ def feed_all(core: Pop3Core, chunks) -> list:
 def test_feeding_one_byte_at_a_time_gives_the_same_events():
     whole = feed_all(make(), [SESSION])
     assert auths(whole)
-    assert feed_all(make(), [SESSION[i:i + 1] for i in range(len(SESSION))]) == whole
+    assert feed_all(make(), [SESSION[i : i + 1] for i in range(len(SESSION))]) == whole
 
 
 COMMAND_LINES = [
-    b"CAPA", b"AUTH", b"STLS", b"QUIT", b"USER alice", b"PASS pw", b"PASS", b"STAT", b"APOP a b",
-    b"AUTH PLAIN", b"AUTH LOGIN", b"AUTH PLAIN " + plain("", "alice", "pw"),
-    b"AUTH PLAIN " + plain("eve", "alice", "pw"), b"AUTH LOGIN " + b64(b"alice"), b64(b"alice"),
-    b64(b"pw"), b"*", b"=", b"AUTH CRAM-MD5", b"frob", b"", b"x" * 600, b"A" * 5000,
+    b"CAPA",
+    b"AUTH",
+    b"STLS",
+    b"QUIT",
+    b"USER alice",
+    b"PASS pw",
+    b"PASS",
+    b"STAT",
+    b"APOP a b",
+    b"AUTH PLAIN",
+    b"AUTH LOGIN",
+    b"AUTH PLAIN " + plain("", "alice", "pw"),
+    b"AUTH PLAIN " + plain("eve", "alice", "pw"),
+    b"AUTH LOGIN " + b64(b"alice"),
+    b64(b"alice"),
+    b64(b"pw"),
+    b"*",
+    b"=",
+    b"AUTH CRAM-MD5",
+    b"frob",
+    b"",
+    b"x" * 600,
+    b"A" * 5000,
 ]
 
 
 @settings(max_examples=150, deadline=None)
-@given(lines=st.lists(st.sampled_from(COMMAND_LINES), max_size=25),
-       ends=st.lists(st.sampled_from([b"\r\n", b"\n"]), min_size=25, max_size=25),
-       cuts=st.lists(st.integers(min_value=0), max_size=30),
-       tls=st.booleans(), starttls=st.booleans(), plaintext=st.booleans())
-def test_any_chunking_of_a_command_stream_gives_the_same_events(lines, ends, cuts, tls, starttls,
-                                                                 plaintext):
+@given(
+    lines=st.lists(st.sampled_from(COMMAND_LINES), max_size=25),
+    ends=st.lists(st.sampled_from([b"\r\n", b"\n"]), min_size=25, max_size=25),
+    cuts=st.lists(st.integers(min_value=0), max_size=30),
+    tls=st.booleans(),
+    starttls=st.booleans(),
+    plaintext=st.booleans(),
+)
+def test_any_chunking_of_a_command_stream_gives_the_same_events(
+    lines, ends, cuts, tls, starttls, plaintext
+):
     stream = b"".join(line + end for line, end in zip(lines, ends))
     kwargs = dict(tls=tls, starttls=starttls, plaintext=plaintext)
     whole = feed_all(make(**kwargs), [stream])
     assert feed_all(make(**kwargs), split_at(stream, cuts)) == whole
 
 
-def check_invariants(core: Pop3Core, events: list, limits: Pop3Limits) -> None:
+def check_invariants(core: Pop3Core, events: list, limits: LineLimits) -> None:
     assert core.buffered <= limits.max_buffered
     assert core.commands <= limits.max_commands + 1
     assert core.errors <= limits.max_errors and core.failures <= limits.max_failures
@@ -475,13 +533,20 @@ def check_invariants(core: Pop3Core, events: list, limits: Pop3Limits) -> None:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(chunks=st.lists(st.binary(max_size=300) | st.sampled_from(
-           [line + b"\r\n" for line in COMMAND_LINES]), max_size=40),
-       decisions=st.lists(st.sampled_from(list(Refusal)), max_size=40),
-       small=st.booleans())
+@given(
+    chunks=st.lists(
+        st.binary(max_size=300) | st.sampled_from([line + b"\r\n" for line in COMMAND_LINES]),
+        max_size=40,
+    ),
+    decisions=st.lists(st.sampled_from(list(Refusal)), max_size=40),
+    small=st.booleans(),
+)
 def test_arbitrary_bytes_never_raise_and_stay_within_the_limits(chunks, decisions, small):
-    limits = (pop3_limits(max_line=64, max_auth_line=128, max_commands=8, max_pending=200)
-              if small else pop3_limits())
+    limits = (
+        pop3_limits(max_line=64, max_auth_line=128, max_commands=8, max_pending=200)
+        if small
+        else pop3_limits()
+    )
     core = make(tls=False, starttls=True, plaintext=True, limits=limits)
     decisions = iter(decisions)
     closed = False
@@ -505,8 +570,12 @@ def test_arbitrary_bytes_never_raise_and_stay_within_the_limits(chunks, decision
 def test_plain_round_trips_any_credentials_or_refuses_them_without_asking(login, secret):
     raw = b"\0" + login.encode() + b"\0" + secret.encode()
     events = make().receive_data(b"AUTH PLAIN " + b64(raw) + b"\r\n")
-    if (is_valid_login(login) and "\0" not in login + secret
-            and len(secret.encode()) <= MAX_FIELD and len(login.encode()) <= MAX_FIELD):
+    if (
+        is_valid_login(login)
+        and "\0" not in login + secret
+        and len(secret.encode()) <= MAX_FIELD
+        and len(login.encode()) <= MAX_FIELD
+    ):
         (auth,) = auths(events)
         assert (auth.credentials.login, auth.credentials.secret) == (login, secret)
     else:
@@ -514,8 +583,7 @@ def test_plain_round_trips_any_credentials_or_refuses_them_without_asking(login,
 
 
 @settings(max_examples=200, deadline=None)
-@given(login=st.text(min_size=1, max_size=80), secret=st.text(max_size=80),
-       initial=st.booleans())
+@given(login=st.text(min_size=1, max_size=80), secret=st.text(max_size=80), initial=st.booleans())
 def test_login_round_trips_any_credentials_or_refuses_them_without_asking(login, secret, initial):
     core = make()
     if initial:
@@ -542,7 +610,8 @@ def test_user_and_pass_round_trip_any_single_line_credentials(login, secret):
     events = core.receive_data(b"USER " + login.encode() + b"\r\n")
     events += core.receive_data(b"PASS " + secret.encode() + b"\r\n")
     if is_valid_login(login) and not any(
-            ord(c) < 0x20 and c != "\t" or c == "\x7f" for c in secret):
+        (ord(c) < 0x20 and c != "\t") or c == "\x7f" for c in secret
+    ):
         (auth,) = auths(events)
         assert (auth.credentials.login, auth.credentials.secret) == (login, secret)
     else:

@@ -188,7 +188,9 @@ def test_v2_tlvs_after_the_addresses_are_skipped():
     [(0x00, 0), (0x12, 12), (0x22, 36), (0x31, 216), (0x32, 216), (0x10, 12), (0x01, 0)],
 )
 def test_v2_proxy_with_a_family_we_do_not_relay_falls_back_to_the_real_peer(family, address_length):
-    r = parse(SIG + bytes([0x21, family]) + struct.pack("!H", address_length) + bytes(address_length))
+    r = parse(
+        SIG + bytes([0x21, family]) + struct.pack("!H", address_length) + bytes(address_length)
+    )
     assert isinstance(r, ProxyHeader)
     assert r.protocol == "UNSPEC" and r.local
 
@@ -275,8 +277,18 @@ def test_feeding_after_the_result_is_a_bug():
 # --- hypothesis: arbitrary input ----------------------------------------------------------------
 
 prefixes = st.sampled_from(
-    [b"", V1_PREFIX, b"PROXY TCP4 ", b"PROXY TCP6 ", b"PROXY UNKNOWN", SIG, SIG + b"\x21\x11",
-     SIG + b"\x20", SIG + b"\x21\x21\x00\x24", SIG + b"\x21\x11\x0f\xf0"]
+    [
+        b"",
+        V1_PREFIX,
+        b"PROXY TCP4 ",
+        b"PROXY TCP6 ",
+        b"PROXY UNKNOWN",
+        SIG,
+        SIG + b"\x21\x11",
+        SIG + b"\x20",
+        SIG + b"\x21\x21\x00\x24",
+        SIG + b"\x21\x11\x0f\xf0",
+    ]
 )
 arbitrary = st.builds(lambda p, r: p + r, prefixes, st.binary(max_size=5000))
 

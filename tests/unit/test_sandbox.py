@@ -17,6 +17,7 @@ MASTER, MASTER_PASSWORD = "master", "master-secret"
 
 # --- SMTP -----------------------------------------------------------------------------------
 
+
 def smtp_lines(peer: str, *lines: bytes) -> tuple[list[bytes], SandboxSMTP]:
     """Feed lines to a server whose client is `peer`; its reply lines after the greeting."""
     server = SandboxSMTP(Sandbox({"demo": None}, MASTER, MASTER_PASSWORD))
@@ -34,7 +35,9 @@ def test_smtp_xclient_from_outside_loopback_is_refused():
     assert not server.authenticated
 
 
-@pytest.mark.parametrize("attribute", [b"HELO=evil+0D+0AX-Injected:+20yes", b"ADDR=+ZZ", b"FOO=bar"])
+@pytest.mark.parametrize(
+    "attribute", [b"HELO=evil+0D+0AX-Injected:+20yes", b"ADDR=+ZZ", b"FOO=bar"]
+)
 def test_smtp_xclient_refuses_bad_attributes_and_control_characters(attribute):
     replies, server = smtp_lines("127.0.0.1", b"XCLIENT LOGIN=demo " + attribute)
     assert len(replies) == 1 and replies[0].startswith(b"501 5.5.4 ")
@@ -42,6 +45,7 @@ def test_smtp_xclient_refuses_bad_attributes_and_control_characters(attribute):
 
 
 # --- the Sandbox ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1", "localhost", "example.test"])
 def test_listen_refuses_anything_but_a_loopback_address(host):
@@ -52,8 +56,11 @@ def test_listen_refuses_anything_but_a_loopback_address(host):
 
 def test_every_inbox_starts_with_a_welcome_message():
     sb = Sandbox({"demo": None, "alice@example.org": "pw"}, MASTER, MASTER_PASSWORD)
-    for user, address in (("demo", "demo@example.test"), ("alice@example.org", "alice@example.org")):
-        welcome, = sb.mailbox(user).messages
+    for user, address in (
+        ("demo", "demo@example.test"),
+        ("alice@example.org", "alice@example.org"),
+    ):
+        (welcome,) = sb.mailbox(user).messages
         assert b"Subject: Welcome to the apppass sandbox" in welcome.raw
         assert f"To: <{address}>".encode() in welcome.raw
     with pytest.raises(KeyError):

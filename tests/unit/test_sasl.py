@@ -57,11 +57,18 @@ def test_login_with_initial_username_as_microsoft_clients_send_it():
     assert x.start(b64(b"alice").decode()).challenge == LOGIN_PASSWORD_PROMPT
 
 
-@pytest.mark.parametrize("line,step", [
-    (b"*", Step.CANCELLED), (b"not base64!", Step.BAD_BASE64), (b64(b"no separators"), Step.MALFORMED),
-    (b64(b"\0alice\x00x\0pw"), Step.MALFORMED), (b64(b"\0al\rice\0pw"), Step.INVALID_LOGIN),
-    (b64(b"\0\0pw"), Step.MALFORMED), (b64(b"\0" + b"a" * 256 + b"\0pw"), Step.MALFORMED),
-])
+@pytest.mark.parametrize(
+    "line,step",
+    [
+        (b"*", Step.CANCELLED),
+        (b"not base64!", Step.BAD_BASE64),
+        (b64(b"no separators"), Step.MALFORMED),
+        (b64(b"\0alice\x00x\0pw"), Step.MALFORMED),
+        (b64(b"\0al\rice\0pw"), Step.INVALID_LOGIN),
+        (b64(b"\0\0pw"), Step.MALFORMED),
+        (b64(b"\0" + b"a" * 256 + b"\0pw"), Step.MALFORMED),
+    ],
+)
 def test_bad_responses_end_the_exchange_with_a_reason(line, step):
     x = exchange("PLAIN")
     x.start(None)
@@ -80,15 +87,29 @@ def test_credentials_repr_hides_the_secret():
     assert "Code-1234" not in repr(Credentials("alice", "Code-1234"))
 
 
-@pytest.mark.parametrize("login,ok", [("alice", True), ("alice@example.test", True), ("DOM\\alice", True),
-                                      ("", False), ("al\x00ice", False), ("al\nice", False), ("a\x7f", False),
-                                      ("a\x85b", False), ("a" * 256, False)])
+@pytest.mark.parametrize(
+    "login,ok",
+    [
+        ("alice", True),
+        ("alice@example.test", True),
+        ("DOM\\alice", True),
+        ("", False),
+        ("al\x00ice", False),
+        ("al\nice", False),
+        ("a\x7f", False),
+        ("a\x85b", False),
+        ("a" * 256, False),
+    ],
+)
 def test_login_names_with_controls_are_invalid(login, ok):
     assert is_valid_login(login) is ok
 
 
-_field = st.text(alphabet=st.characters(min_codepoint=32, blacklist_categories=("Cs", "Cc")), min_size=1,
-                 max_size=60)
+_field = st.text(
+    alphabet=st.characters(min_codepoint=32, blacklist_categories=("Cs", "Cc")),
+    min_size=1,
+    max_size=60,
+)
 
 
 @given(_field, _field)

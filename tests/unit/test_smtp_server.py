@@ -11,14 +11,25 @@ from hypothesis import strategies as st
 
 from proxy.auth.decision import Refusal
 from proxy.commands import Authenticate, Close, Failed, Send, StartTLS
-from proxy.sasl import MAX_FIELD, is_valid_login
 from proxy.core import LineLimits
+from proxy.sasl import MAX_FIELD, is_valid_login
 from proxy.smtp.server import MAX_AUTH_LINE, MAX_LINE, SmtpCore, smtp_limits
 from tests.support.streams import split_at
 
-UPSTREAM_EHLO = ["PIPELINING", "SIZE 10240000", "AUTH PLAIN LOGIN", "AUTH=PLAIN", "STARTTLS",
-                 "XCLIENT NAME ADDR PROTO HELO LOGIN", "XFORWARD NAME ADDR", "ENHANCEDSTATUSCODES",
-                 "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"]
+UPSTREAM_EHLO = [
+    "PIPELINING",
+    "SIZE 10240000",
+    "AUTH PLAIN LOGIN",
+    "AUTH=PLAIN",
+    "STARTTLS",
+    "XCLIENT NAME ADDR PROTO HELO LOGIN",
+    "XFORWARD NAME ADDR",
+    "ENHANCEDSTATUSCODES",
+    "8BITMIME",
+    "DSN",
+    "SMTPUTF8",
+    "CHUNKING",
+]
 
 
 def b64(raw: bytes) -> bytes:
@@ -29,10 +40,22 @@ def plain(authzid: str, authcid: str, password: str) -> bytes:
     return b64(f"{authzid}\0{authcid}\0{password}".encode())
 
 
-def make(*, tls: bool = True, starttls: bool = False, plaintext: bool = False,
-         limits: LineLimits | None = None, extensions=UPSTREAM_EHLO) -> SmtpCore:
-    return SmtpCore(tls_active=tls, starttls_available=starttls, plaintext_auth=plaintext,
-                    limits=limits, hostname="mx.example.org", extensions=extensions)
+def make(
+    *,
+    tls: bool = True,
+    starttls: bool = False,
+    plaintext: bool = False,
+    limits: LineLimits | None = None,
+    extensions=UPSTREAM_EHLO,
+) -> SmtpCore:
+    return SmtpCore(
+        tls_active=tls,
+        starttls_available=starttls,
+        plaintext_auth=plaintext,
+        limits=limits,
+        hostname="mx.example.org",
+        extensions=extensions,
+    )
 
 
 def ready(**kwargs) -> SmtpCore:
@@ -67,9 +90,11 @@ def test_greeting_names_the_host_and_says_esmtp():
 
 def test_ehlo_advertises_upstream_extensions_without_auth_starttls_xclient_or_xforward():
     events = make(tls=True).receive_data(b"EHLO client.example\r\n")
-    assert sent(events) == (b"250-mx.example.org\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n"
-                            b"250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n"
-                            b"250-SMTPUTF8\r\n250-CHUNKING\r\n250 AUTH PLAIN LOGIN\r\n")
+    assert sent(events) == (
+        b"250-mx.example.org\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n"
+        b"250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n"
+        b"250-SMTPUTF8\r\n250-CHUNKING\r\n250 AUTH PLAIN LOGIN\r\n"
+    )
 
 
 def test_ehlo_before_tls_offers_starttls_and_no_auth_when_plaintext_is_disallowed():
@@ -113,8 +138,9 @@ def test_helo_only_client_may_still_authenticate():
     assert auths(events)[0].credentials.login == "alice"
 
 
-@pytest.mark.parametrize("line", [b"EHLO\r\n", b"EHLO   \r\n", b"HELO\r\n",
-                                  b"EHLO caf\xc3\xa9\r\n"])
+@pytest.mark.parametrize(
+    "line", [b"EHLO\r\n", b"EHLO   \r\n", b"HELO\r\n", b"EHLO caf\xc3\xa9\r\n"]
+)
 def test_ehlo_or_helo_without_a_proper_name_is_a_syntax_error(line):
     core = make()
     events = core.receive_data(line)
@@ -136,8 +162,9 @@ def test_upstream_extensions_are_deduplicated_by_keyword():
 
 def test_hostname_must_be_one_printable_word():
     with pytest.raises(ValueError):
-        SmtpCore(tls_active=True, starttls_available=False, plaintext_auth=False,
-                 hostname="mx example")
+        SmtpCore(
+            tls_active=True, starttls_available=False, plaintext_auth=False, hostname="mx example"
+        )
 
 
 # --- AUTH --------------------------------------------------------------------------------------
@@ -150,8 +177,9 @@ def test_auth_before_ehlo_or_helo_is_a_bad_sequence():
 
 
 def test_auth_plain_with_initial_response_asks_the_authenticator():
-    events = ready().receive_data(b"AUTH PLAIN " + plain("", "alice@example.org", "abcd efgh") +
-                                  b"\r\n")
+    events = ready().receive_data(
+        b"AUTH PLAIN " + plain("", "alice@example.org", "abcd efgh") + b"\r\n"
+    )
     assert sent(events) == b""
     (auth,) = auths(events)
     assert (auth.credentials.login, auth.credentials.secret) == ("alice@example.org", "abcd efgh")
@@ -171,13 +199,17 @@ def test_auth_login_prompts_for_username_then_password():
     assert sent(core.receive_data(b64(b"alice") + b"\r\n")) == b"334 UGFzc3dvcmQ6\r\n"
     (auth,) = auths(core.receive_data(b64(b"secret pw") + b"\r\n"))
     assert (auth.credentials.login, auth.credentials.secret, auth.mechanism) == (
-        "alice", "secret pw", "LOGIN")
+        "alice",
+        "secret pw",
+        "LOGIN",
+    )
 
 
 def test_auth_login_with_initial_username_prompts_for_password():
     core = ready()
     assert sent(core.receive_data(b"AUTH LOGIN " + b64(b"alice") + b"\r\n")) == (
-        b"334 UGFzc3dvcmQ6\r\n")
+        b"334 UGFzc3dvcmQ6\r\n"
+    )
     (auth,) = auths(core.receive_data(b64(b"pw") + b"\r\n"))
     assert auth.credentials.login == "alice"
 
@@ -225,7 +257,8 @@ def test_bad_base64_response_ends_the_exchange():
 
 def test_unknown_mechanism_gets_504():
     assert replies(ready().receive_data(b"AUTH CRAM-MD5\r\n")) == [
-        b"504 5.5.4 Unrecognized authentication type"]
+        b"504 5.5.4 Unrecognized authentication type"
+    ]
 
 
 @pytest.mark.parametrize("line", [b"AUTH\r\n", b"AUTH PLAIN a b\r\n"])
@@ -235,15 +268,18 @@ def test_auth_with_wrong_number_of_arguments_is_a_syntax_error(line):
 
 def test_plaintext_auth_without_tls_gets_538_where_disallowed():
     events = ready(tls=False, plaintext=False).receive_data(
-        b"AUTH PLAIN " + plain("", "alice", "pw") + b"\r\n")
+        b"AUTH PLAIN " + plain("", "alice", "pw") + b"\r\n"
+    )
     assert replies(events) == [
-        b"538 5.7.11 Encryption required for requested authentication mechanism"]
+        b"538 5.7.11 Encryption required for requested authentication mechanism"
+    ]
     assert not auths(events)
 
 
 def test_plaintext_auth_without_tls_is_allowed_where_configured():
     events = ready(tls=False, plaintext=True).receive_data(
-        b"AUTH PLAIN " + plain("", "alice", "pw") + b"\r\n")
+        b"AUTH PLAIN " + plain("", "alice", "pw") + b"\r\n"
+    )
     assert auths(events)
 
 
@@ -285,13 +321,16 @@ def authenticating(**kwargs) -> SmtpCore:
     return core
 
 
-@pytest.mark.parametrize("refusal,reply", [
-    (Refusal.CREDENTIALS, b"535 5.7.8 Authentication credentials invalid"),
-    (Refusal.EXPIRED, b"535 5.7.8 Authentication credentials invalid"),
-    (Refusal.FORBIDDEN, b"535 5.7.8 Authentication credentials invalid"),
-    (Refusal.PRIVACY, b"538 5.7.11 Encryption required for requested authentication mechanism"),
-    (Refusal.TEMPORARY, b"454 4.7.0 Temporary authentication failure"),
-])
+@pytest.mark.parametrize(
+    "refusal,reply",
+    [
+        (Refusal.CREDENTIALS, b"535 5.7.8 Authentication credentials invalid"),
+        (Refusal.EXPIRED, b"535 5.7.8 Authentication credentials invalid"),
+        (Refusal.FORBIDDEN, b"535 5.7.8 Authentication credentials invalid"),
+        (Refusal.PRIVACY, b"538 5.7.11 Encryption required for requested authentication mechanism"),
+        (Refusal.TEMPORARY, b"454 4.7.0 Temporary authentication failure"),
+    ],
+)
 def test_refusals_get_the_rfc_4954_replies(refusal, reply):
     core = authenticating()
     events = core.auth_failed(refusal)
@@ -312,8 +351,10 @@ def test_third_failure_gets_421_and_closes():
     core.auth_failed(Refusal.CREDENTIALS)
     core.receive_data(b"AUTH PLAIN " + plain("", "alice", "pw3") + b"\r\n")
     events = core.auth_failed(Refusal.CREDENTIALS)
-    assert replies(events) == [b"535 5.7.8 Authentication credentials invalid",
-                               b"421 4.7.0 mx.example.org Error: too many failed authentications"]
+    assert replies(events) == [
+        b"535 5.7.8 Authentication credentials invalid",
+        b"421 4.7.0 mx.example.org Error: too many failed authentications",
+    ]
     assert isinstance(events[-1], Close) and core.closed
 
 
@@ -328,8 +369,11 @@ def test_failures_refused_by_the_core_count_towards_the_limit():
 
 def test_auth_succeeded_replies_235_and_hands_over_pipelined_bytes():
     core = ready()
-    events = core.receive_data(b"AUTH PLAIN " + plain("", "alice", "pw") +
-                               b"\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<b")
+    events = core.receive_data(
+        b"AUTH PLAIN "
+        + plain("", "alice", "pw")
+        + b"\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<b"
+    )
     assert auths(events) and sent(events) == b""
     assert core.receive_data(b"ob@example.org>\r\n") == []
     assert core.auth_succeeded() == [Send(b"235 2.7.0 Authentication successful\r\n")]
@@ -341,7 +385,9 @@ def test_input_during_authentication_is_parsed_after_a_refusal():
     core = ready()
     core.receive_data(b"AUTH PLAIN " + plain("", "alice", "pw") + b"\r\nNOOP\r\n")
     assert replies(core.auth_failed(Refusal.CREDENTIALS)) == [
-        b"535 5.7.8 Authentication credentials invalid", b"250 2.0.0 Ok"]
+        b"535 5.7.8 Authentication credentials invalid",
+        b"250 2.0.0 Ok",
+    ]
 
 
 def test_pipelined_input_beyond_max_pending_gets_421_and_closes():
@@ -388,19 +434,24 @@ def test_after_tls_the_client_must_say_ehlo_again_and_auth_is_offered():
     core.tls_started()
     assert core.tls_active and core.esmtp is False
     assert replies(core.receive_data(b"AUTH LOGIN\r\n")) == [
-        b"503 5.5.1 Error: send HELO/EHLO first"]
+        b"503 5.5.1 Error: send HELO/EHLO first"
+    ]
     lines = replies(core.receive_data(b"EHLO again\r\n"))
     assert lines[-1] == b"250 AUTH PLAIN LOGIN" and b"250-STARTTLS" not in lines
     assert auths(core.receive_data(b"AUTH PLAIN " + plain("", "alice", "pw") + b"\r\n"))
 
 
-@pytest.mark.parametrize("tls,available,line,reply", [
-    (True, True, b"STARTTLS\r\n", b"503 5.5.1 Error: TLS already active"),
-    (False, False, b"STARTTLS\r\n", b"502 5.5.1 Error: command not implemented"),
-    (False, True, b"STARTTLS now\r\n", b"501 5.5.4 Syntax: STARTTLS"),
-])
-def test_starttls_is_refused_under_tls_where_unavailable_or_with_arguments(tls, available, line,
-                                                                            reply):
+@pytest.mark.parametrize(
+    "tls,available,line,reply",
+    [
+        (True, True, b"STARTTLS\r\n", b"503 5.5.1 Error: TLS already active"),
+        (False, False, b"STARTTLS\r\n", b"502 5.5.1 Error: command not implemented"),
+        (False, True, b"STARTTLS now\r\n", b"501 5.5.4 Syntax: STARTTLS"),
+    ],
+)
+def test_starttls_is_refused_under_tls_where_unavailable_or_with_arguments(
+    tls, available, line, reply
+):
     events = ready(tls=tls, starttls=available).receive_data(line)
     assert replies(events) == [reply]
     assert StartTLS() not in events
@@ -412,7 +463,11 @@ def test_starttls_is_refused_under_tls_where_unavailable_or_with_arguments(tls, 
 def test_rset_noop_help_and_vrfy_are_answered_before_login():
     events = make().receive_data(b"RSET\r\nNOOP anything\r\nHELP\r\nVRFY alice\r\n")
     assert [line[:9] for line in replies(events)] == [
-        b"250 2.0.0", b"250 2.0.0", b"214 2.0.0", b"252 2.0.0"]
+        b"250 2.0.0",
+        b"250 2.0.0",
+        b"214 2.0.0",
+        b"252 2.0.0",
+    ]
     assert not any(isinstance(e, Failed) for e in events)
 
 
@@ -443,7 +498,8 @@ def test_bdat_without_a_chunk_size_closes_the_connection():
 @pytest.mark.parametrize("line", [b"XCLIENT ADDR=10.0.0.1 LOGIN=bob", b"xforward addr=1.2.3.4"])
 def test_xclient_and_xforward_from_a_client_are_refused(line):
     assert replies(ready().receive_data(line + b"\r\n")) == [
-        b"550 5.7.0 Error: insufficient authorization"]
+        b"550 5.7.0 Error: insufficient authorization"
+    ]
 
 
 def test_unknown_and_empty_commands_get_500():
@@ -521,8 +577,10 @@ def test_limits_must_be_positive_and_auth_lines_at_least_command_lines():
 def test_login_timeout_gets_421_4_4_2_and_closes():
     core = ready()
     events = core.login_timeout()
-    assert events == [Send(b"421 4.4.2 mx.example.org Error: timeout exceeded\r\n"),
-                      Close("login timeout")]
+    assert events == [
+        Send(b"421 4.4.2 mx.example.org Error: timeout exceeded\r\n"),
+        Close("login timeout"),
+    ]
     assert core.login_timeout() == [] and core.receive_data(b"NOOP\r\n") == []
 
 
@@ -540,8 +598,10 @@ def test_login_timeout_after_login_does_nothing():
 
 # --- chunking and arbitrary input (properties) ----------------------------------------------
 
-SESSION = (b"EHLO client.example\r\nNOOP\r\nAUTH LOGIN\r\n" + b64(b"alice") + b"\r\n*\r\n"
-           b"AUTH LOGIN " + b64(b"alice") + b"\r\n" + b64(b"pw") + b"\r\nMAIL FROM:<a@b>\r\n")
+SESSION = (
+    b"EHLO client.example\r\nNOOP\r\nAUTH LOGIN\r\n" + b64(b"alice") + b"\r\n*\r\n"
+    b"AUTH LOGIN " + b64(b"alice") + b"\r\n" + b64(b"pw") + b"\r\nMAIL FROM:<a@b>\r\n"
+)
 
 
 def feed_all(core: SmtpCore, chunks) -> list:
@@ -554,25 +614,51 @@ def feed_all(core: SmtpCore, chunks) -> list:
 def test_feeding_one_byte_at_a_time_gives_the_same_events():
     whole = feed_all(ready(), [SESSION])
     assert auths(whole)
-    assert feed_all(ready(), [SESSION[i:i + 1] for i in range(len(SESSION))]) == whole
+    assert feed_all(ready(), [SESSION[i : i + 1] for i in range(len(SESSION))]) == whole
 
 
 COMMAND_LINES = [
-    b"EHLO client.example", b"HELO old", b"NOOP", b"RSET", b"HELP", b"VRFY bob", b"QUIT",
-    b"STARTTLS", b"AUTH PLAIN", b"AUTH LOGIN", b"AUTH PLAIN " + plain("", "alice", "pw"),
-    b"AUTH PLAIN " + plain("eve", "alice", "pw"), b"AUTH LOGIN " + b64(b"alice"), b64(b"alice"),
-    b64(b"pw"), b"*", b"=", b"AUTH CRAM-MD5", b"MAIL FROM:<a@b>", b"BDAT 3", b"abc", b"XCLIENT",
-    b"frob", b"", b"x" * 600, b"A" * 13000,
+    b"EHLO client.example",
+    b"HELO old",
+    b"NOOP",
+    b"RSET",
+    b"HELP",
+    b"VRFY bob",
+    b"QUIT",
+    b"STARTTLS",
+    b"AUTH PLAIN",
+    b"AUTH LOGIN",
+    b"AUTH PLAIN " + plain("", "alice", "pw"),
+    b"AUTH PLAIN " + plain("eve", "alice", "pw"),
+    b"AUTH LOGIN " + b64(b"alice"),
+    b64(b"alice"),
+    b64(b"pw"),
+    b"*",
+    b"=",
+    b"AUTH CRAM-MD5",
+    b"MAIL FROM:<a@b>",
+    b"BDAT 3",
+    b"abc",
+    b"XCLIENT",
+    b"frob",
+    b"",
+    b"x" * 600,
+    b"A" * 13000,
 ]
 
 
 @settings(max_examples=150, deadline=None)
-@given(lines=st.lists(st.sampled_from(COMMAND_LINES), max_size=25),
-       ends=st.lists(st.sampled_from([b"\r\n", b"\n"]), min_size=25, max_size=25),
-       cuts=st.lists(st.integers(min_value=0), max_size=30),
-       tls=st.booleans(), starttls=st.booleans(), plaintext=st.booleans())
-def test_any_chunking_of_a_command_stream_gives_the_same_events(lines, ends, cuts, tls, starttls,
-                                                                 plaintext):
+@given(
+    lines=st.lists(st.sampled_from(COMMAND_LINES), max_size=25),
+    ends=st.lists(st.sampled_from([b"\r\n", b"\n"]), min_size=25, max_size=25),
+    cuts=st.lists(st.integers(min_value=0), max_size=30),
+    tls=st.booleans(),
+    starttls=st.booleans(),
+    plaintext=st.booleans(),
+)
+def test_any_chunking_of_a_command_stream_gives_the_same_events(
+    lines, ends, cuts, tls, starttls, plaintext
+):
     stream = b"".join(line + end for line, end in zip(lines, ends))
     kwargs = dict(tls=tls, starttls=starttls, plaintext=plaintext)
     whole = feed_all(make(**kwargs), [stream])
@@ -591,13 +677,20 @@ def check_invariants(core: SmtpCore, events: list, limits: SmtpLimits) -> None:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(chunks=st.lists(st.binary(max_size=300) | st.sampled_from(
-           [line + b"\r\n" for line in COMMAND_LINES]), max_size=40),
-       decisions=st.lists(st.sampled_from(list(Refusal)), max_size=40),
-       small=st.booleans())
+@given(
+    chunks=st.lists(
+        st.binary(max_size=300) | st.sampled_from([line + b"\r\n" for line in COMMAND_LINES]),
+        max_size=40,
+    ),
+    decisions=st.lists(st.sampled_from(list(Refusal)), max_size=40),
+    small=st.booleans(),
+)
 def test_arbitrary_bytes_never_raise_and_stay_within_the_limits(chunks, decisions, small):
-    limits = (smtp_limits(max_line=64, max_auth_line=128, max_commands=8, max_pending=200)
-              if small else smtp_limits())
+    limits = (
+        smtp_limits(max_line=64, max_auth_line=128, max_commands=8, max_pending=200)
+        if small
+        else smtp_limits()
+    )
     core = make(tls=False, starttls=True, plaintext=True, limits=limits)
     decisions = iter(decisions)
     closed = False
@@ -621,8 +714,12 @@ def test_arbitrary_bytes_never_raise_and_stay_within_the_limits(chunks, decision
 def test_plain_round_trips_any_credentials_or_refuses_them_without_asking(login, secret):
     raw = b"\0" + login.encode() + b"\0" + secret.encode()
     events = ready().receive_data(b"AUTH PLAIN " + b64(raw) + b"\r\n")
-    acceptable = (is_valid_login(login) and "\0" not in login + secret
-                  and len(secret.encode()) <= MAX_FIELD and len(login.encode()) <= MAX_FIELD)
+    acceptable = (
+        is_valid_login(login)
+        and "\0" not in login + secret
+        and len(secret.encode()) <= MAX_FIELD
+        and len(login.encode()) <= MAX_FIELD
+    )
     if acceptable:
         (auth,) = auths(events)
         assert (auth.credentials.login, auth.credentials.secret) == (login, secret)
@@ -632,8 +729,7 @@ def test_plain_round_trips_any_credentials_or_refuses_them_without_asking(login,
 
 
 @settings(max_examples=200, deadline=None)
-@given(login=st.text(min_size=1, max_size=80), secret=st.text(max_size=80),
-       initial=st.booleans())
+@given(login=st.text(min_size=1, max_size=80), secret=st.text(max_size=80), initial=st.booleans())
 def test_login_round_trips_any_credentials_or_refuses_them_without_asking(login, secret, initial):
     core = ready()
     if initial:

@@ -27,11 +27,11 @@ class Session:
         self.refused += result.refused
         self.closed = self.closed or result.close
 
-    def send(self, data: bytes) -> "Session":
+    def send(self, data: bytes) -> Session:
         self._apply(self.watch.client_data(data))
         return self
 
-    def reply(self, data: bytes) -> "Session":
+    def reply(self, data: bytes) -> Session:
         self._apply(self.watch.upstream_data(data))
         return self
 
@@ -63,8 +63,10 @@ def test_watch_refuses_pipelined_xclient_and_keeps_the_replies_in_order():
 
 
 def test_watch_never_looks_into_data_content_containing_xclient():
-    content = (b"Subject: XCLIENT\r\n\r\nXCLIENT ADDR=6.6.6.6\r\nXFORWARD NAME=x\r\n"
-               b"..\r\n.XCLIENT\r\nSTARTTLS\r\n")
+    content = (
+        b"Subject: XCLIENT\r\n\r\nXCLIENT ADDR=6.6.6.6\r\nXFORWARD NAME=x\r\n"
+        b"..\r\n.XCLIENT\r\nSTARTTLS\r\n"
+    )
     s = Session().send(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
     s.reply(b"250 Ok\r\n250 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n")
     s.send(content + b".\r\n")
@@ -79,8 +81,9 @@ def test_watch_refuses_xclient_after_the_end_of_data():
     assert bytes(s.upstream).endswith(b"XCLIENT in content\r\n.\r\nQUIT\r\n")
     assert s.refused == ["XCLIENT"]
     s.reply(b"250 2.0.0 queued\r\n221 Bye\r\n")
-    assert bytes(s.client).endswith(b"250 2.0.0 queued\r\n550 5.7.0 Error: XCLIENT not permitted"
-                                    b"\r\n221 Bye\r\n")
+    assert bytes(s.client).endswith(
+        b"250 2.0.0 queued\r\n550 5.7.0 Error: XCLIENT not permitted\r\n221 Bye\r\n"
+    )
 
 
 def test_watch_holds_input_after_data_until_the_upstream_answers():
@@ -96,8 +99,9 @@ def test_watch_reads_input_after_a_refused_data_as_commands():
     s.reply(b"554 5.5.1 Error: no valid recipients\r\n")
     assert s.refused == ["XCLIENT"]
     assert bytes(s.upstream) == b"DATA\r\nNOOP\r\n"
-    assert bytes(s.client) == (b"554 5.5.1 Error: no valid recipients\r\n"
-                               b"550 5.7.0 Error: XCLIENT not permitted\r\n")
+    assert bytes(s.client) == (
+        b"554 5.5.1 Error: no valid recipients\r\n550 5.7.0 Error: XCLIENT not permitted\r\n"
+    )
 
 
 def test_watch_passes_an_empty_message():
@@ -105,9 +109,17 @@ def test_watch_passes_an_empty_message():
     assert bytes(s.upstream) == b"DATA\r\n.\r\nNOOP\r\n"
 
 
-@pytest.mark.parametrize("content", [b"hi\n.\nXCLIENT LOGIN=bob\r\n", b"hi\r\n.\nQUIT\r\n",
-                                     b"hi\n.\r\nXCLIENT x\r\n", b"hi\r.\r\nXCLIENT x\r\n",
-                                     b".\nXCLIENT x\r\n", b"hi\r\n.\rXCLIENT\r\n"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"hi\n.\nXCLIENT LOGIN=bob\r\n",
+        b"hi\r\n.\nQUIT\r\n",
+        b"hi\n.\r\nXCLIENT x\r\n",
+        b"hi\r.\r\nXCLIENT x\r\n",
+        b".\nXCLIENT x\r\n",
+        b"hi\r\n.\rXCLIENT\r\n",
+    ],
+)
 def test_watch_closes_rather_than_guess_at_a_bare_cr_or_lf_end_of_data(content):
     s = Session().send(b"DATA\r\n").reply(b"354 go\r\n").send(content)
     assert s.closed and s.watch.closed
@@ -126,13 +138,15 @@ def test_watch_passes_bdat_chunks_through_unread():
     assert bytes(s.client) == b"250 2.0.0 queued\r\n550 5.7.0 Error: XCLIENT not permitted\r\n"
 
 
-@pytest.mark.parametrize("line", [b"BDAT", b"BDAT x", b"BDAT 10 LAST extra", b"BDAT -1",
-                                  b"BDAT 99999999999"])
+@pytest.mark.parametrize(
+    "line", [b"BDAT", b"BDAT x", b"BDAT 10 LAST extra", b"BDAT -1", b"BDAT 99999999999"]
+)
 def test_watch_refuses_a_bdat_whose_chunk_size_it_cannot_be_sure_of(line):
     s = Session().send(line + b"\r\nXCLIENT x\r\n")
     assert bytes(s.upstream) == b""
-    assert bytes(s.client) == (b"501 5.5.4 Syntax: BDAT count [LAST]\r\n"
-                               b"550 5.7.0 Error: XCLIENT not permitted\r\n")
+    assert bytes(s.client) == (
+        b"501 5.5.4 Syntax: BDAT count [LAST]\r\n550 5.7.0 Error: XCLIENT not permitted\r\n"
+    )
 
 
 def test_watch_without_chunking_reads_what_follows_bdat_as_commands():
@@ -170,8 +184,9 @@ def test_watch_counts_a_multiline_reply_once():
     s.reply(b"250-mx\r\n250-PIPE")
     assert bytes(s.client) == b"250-mx\r\n250-PIPE"
     s.reply(b"LINING\r\n250 8BITMIME\r\n")
-    assert bytes(s.client) == (b"250-mx\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
-                               b"550 5.7.0 Error: XCLIENT not permitted\r\n")
+    assert bytes(s.client) == (
+        b"250-mx\r\n250-PIPELINING\r\n250 8BITMIME\r\n550 5.7.0 Error: XCLIENT not permitted\r\n"
+    )
 
 
 def test_watch_closes_when_a_client_floods_before_the_reply_to_data():
@@ -222,16 +237,16 @@ class FakeUpstream:
         else:
             ends = [i for i in (self.buf.find(b"\r"), self.buf.find(b"\n")) if i >= 0]
             end = min(ends, default=-1)
-            if end >= 0 and self.buf[end:end + 1] == b"\r":
+            if end >= 0 and self.buf[end : end + 1] == b"\r":
                 if end + 1 == len(self.buf):
                     return None  # CR or CRLF: not known yet
-                size = 2 if self.buf[end + 1:end + 2] == b"\n" else 1
+                size = 2 if self.buf[end + 1 : end + 2] == b"\n" else 1
             else:
                 size = 1
         if end < 0:
             return None
         line = bytes(self.buf[:end])
-        del self.buf[:end + size]
+        del self.buf[: end + size]
         return line[:-1] if self.flavor == "lf" and line.endswith(b"\r") else line
 
     def feed(self, data: bytes) -> bytes:
@@ -311,46 +326,79 @@ def run_watch(stream: bytes, cuts: list[int], *, flavor: str, chunking: bool, ea
 
 
 LINE_END = st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r"])
-COMMAND = st.sampled_from([
-    b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>", b"DATA", b"RSET", b"NOOP", b"EHLO h", b"BDAT x",
-    b"BDAT 3 LAST", b"XCLIENT ADDR=6.6.6.6", b" xclient login=bob", b"XFORWARD ADDR=1.1.1.1",
-    b"\tSTARTTLS", b"TURN", b"NOOP\rXCLIENT LOGIN=bob", b"NOOP\x00XCLIENT LOGIN=bob"])
+COMMAND = st.sampled_from(
+    [
+        b"MAIL FROM:<a@b>",
+        b"RCPT TO:<c@d>",
+        b"DATA",
+        b"RSET",
+        b"NOOP",
+        b"EHLO h",
+        b"BDAT x",
+        b"BDAT 3 LAST",
+        b"XCLIENT ADDR=6.6.6.6",
+        b" xclient login=bob",
+        b"XFORWARD ADDR=1.1.1.1",
+        b"\tSTARTTLS",
+        b"TURN",
+        b"NOOP\rXCLIENT LOGIN=bob",
+        b"NOOP\x00XCLIENT LOGIN=bob",
+    ]
+)
 SMUGGLED = st.sampled_from([b"XCLIENT ADDR=6.6.6.6", b".", b"..", b"hello", b"", b"DATA"])
-ITEMS = st.lists(st.one_of(
-    # a command line
-    st.tuples(COMMAND, LINE_END).map(b"".join),
-    # a BDAT chunk, its declared size sometimes off by one
-    st.builds(lambda payload, delta, last: (b"BDAT %d%s\r\n" % (max(0, len(payload) + delta),
-                                                                b" LAST" if last else b"")
-                                            + payload),
-              st.sampled_from([b"XCLIENT ADDR=6.6.6.6\r\n", b"\r\n.\r\n", b"abc"])
-              | st.binary(max_size=10),
-              st.sampled_from([0, 0, 0, -1, 1]), st.booleans()),
-    # a transaction's envelope, up to DATA
-    st.just(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n"),
-    # message content, an end of data (well formed or smuggled), and lines after it
-    st.builds(lambda lines, end, after: b"".join(a + b for a, b in lines + [(end, b"")] + after),
-              st.lists(st.tuples(SMUGGLED, LINE_END), max_size=4),
-              st.sampled_from([b".\r\n", b".\n", b".\r", b".\r\r\n", b""]),
-              st.lists(st.tuples(SMUGGLED, LINE_END), max_size=2)),
-    st.binary(max_size=8),
-), max_size=25)
+ITEMS = st.lists(
+    st.one_of(
+        # a command line
+        st.tuples(COMMAND, LINE_END).map(b"".join),
+        # a BDAT chunk, its declared size sometimes off by one
+        st.builds(
+            lambda payload, delta, last: (
+                b"BDAT %d%s\r\n" % (max(0, len(payload) + delta), b" LAST" if last else b"")
+                + payload
+            ),
+            st.sampled_from([b"XCLIENT ADDR=6.6.6.6\r\n", b"\r\n.\r\n", b"abc"])
+            | st.binary(max_size=10),
+            st.sampled_from([0, 0, 0, -1, 1]),
+            st.booleans(),
+        ),
+        # a transaction's envelope, up to DATA
+        st.just(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n"),
+        # message content, an end of data (well formed or smuggled), and lines after it
+        st.builds(
+            lambda lines, end, after: b"".join(a + b for a, b in lines + [(end, b"")] + after),
+            st.lists(st.tuples(SMUGGLED, LINE_END), max_size=4),
+            st.sampled_from([b".\r\n", b".\n", b".\r", b".\r\r\n", b""]),
+            st.lists(st.tuples(SMUGGLED, LINE_END), max_size=2),
+        ),
+        st.binary(max_size=8),
+    ),
+    max_size=25,
+)
 FLAVOR = st.sampled_from(["crlf", "lf", "any"])
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(items=ITEMS, cuts=st.lists(st.integers(min_value=0), max_size=20), flavor=FLAVOR,
-       chunking=st.booleans(), eager=st.booleans())
+@given(
+    items=ITEMS,
+    cuts=st.lists(st.integers(min_value=0), max_size=20),
+    flavor=FLAVOR,
+    chunking=st.booleans(),
+    eager=st.booleans(),
+)
 def test_no_upstream_ever_executes_a_refused_command_whatever_the_client_sends(
-        items, cuts, flavor, chunking, eager):
-    upstream, _, _ = run_watch(b"".join(items), cuts, flavor=flavor, chunking=chunking,
-                               eager=eager)
+    items, cuts, flavor, chunking, eager
+):
+    upstream, _, _ = run_watch(b"".join(items), cuts, flavor=flavor, chunking=chunking, eager=eager)
     assert not FORBIDDEN & set(upstream.executed)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(items=ITEMS, cuts=st.lists(st.integers(min_value=0), max_size=20), flavor=FLAVOR,
-       chunking=st.booleans())
+@given(
+    items=ITEMS,
+    cuts=st.lists(st.integers(min_value=0), max_size=20),
+    flavor=FLAVOR,
+    chunking=st.booleans(),
+)
 def test_watch_output_does_not_depend_on_how_input_is_chunked(items, cuts, flavor, chunking):
     stream = b"".join(items)
     whole = run_watch(stream, [], flavor=flavor, chunking=chunking, eager=False)
@@ -360,14 +408,19 @@ def test_watch_output_does_not_depend_on_how_input_is_chunked(items, cuts, flavo
 
 
 @settings(max_examples=300, deadline=None)
-@given(content=st.lists(st.tuples(SMUGGLED, LINE_END), max_size=4),
-       end=st.sampled_from([b".\r\n", b".\n", b".\r", b".\r\r\n", b".\rX", b""]),
-       after=st.lists(st.tuples(SMUGGLED | COMMAND, LINE_END), min_size=1, max_size=4),
-       cuts=st.lists(st.integers(min_value=0), max_size=10), flavor=FLAVOR)
-def test_no_end_of_data_variant_smuggles_a_command_past_the_watch(content, end, after, cuts,
-                                                                  flavor):
-    stream = (b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n"
-              + b"".join(a + b for a, b in content + [(end, b"")] + after))
+@given(
+    content=st.lists(st.tuples(SMUGGLED, LINE_END), max_size=4),
+    end=st.sampled_from([b".\r\n", b".\n", b".\r", b".\r\r\n", b".\rX", b""]),
+    after=st.lists(st.tuples(SMUGGLED | COMMAND, LINE_END), min_size=1, max_size=4),
+    cuts=st.lists(st.integers(min_value=0), max_size=10),
+    flavor=FLAVOR,
+)
+def test_no_end_of_data_variant_smuggles_a_command_past_the_watch(
+    content, end, after, cuts, flavor
+):
+    stream = b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n" + b"".join(
+        a + b for a, b in content + [(end, b"")] + after
+    )
     upstream, _, _ = run_watch(stream, cuts, flavor=flavor, chunking=True, eager=True)
     assert not FORBIDDEN & set(upstream.executed)
 
@@ -386,8 +439,11 @@ PIPELINED = {
 
 
 @settings(max_examples=200, deadline=None)
-@given(commands=st.lists(st.sampled_from(sorted(PIPELINED)), max_size=20),
-       cuts=st.lists(st.integers(min_value=0), max_size=20), eager=st.booleans())
+@given(
+    commands=st.lists(st.sampled_from(sorted(PIPELINED)), max_size=20),
+    cuts=st.lists(st.integers(min_value=0), max_size=20),
+    eager=st.booleans(),
+)
 def test_replies_reach_a_pipelining_client_in_command_order(commands, cuts, eager):
     stream = b"".join(command + b"\r\n" for command in commands)
     _, to_client, _ = run_watch(stream, cuts, flavor="crlf", chunking=True, eager=eager)
@@ -395,8 +451,10 @@ def test_replies_reach_a_pipelining_client_in_command_order(commands, cuts, eage
 
 
 @settings(max_examples=200, deadline=None)
-@given(chunks=st.lists(st.binary(max_size=200), max_size=30),
-       upstream=st.lists(st.binary(max_size=60), max_size=30))
+@given(
+    chunks=st.lists(st.binary(max_size=200), max_size=30),
+    upstream=st.lists(st.binary(max_size=60), max_size=30),
+)
 def test_watch_never_raises_on_arbitrary_bytes_and_stays_bounded(chunks, upstream):
     limits = SmtpWatchLimits(max_line=64, max_held=128, max_outstanding=20)
     watch = SmtpCommandWatch(limits=limits)
@@ -406,21 +464,30 @@ def test_watch_never_raises_on_arbitrary_bytes_and_stays_bounded(chunks, upstrea
         assert watch.buffered <= limits.max_line + limits.max_held + 2
 
 
-MESSAGE_LINE = st.sampled_from([b"XCLIENT ADDR=6.6.6.6", b"XFORWARD NAME=evil", b"STARTTLS",
-                                b"..", b"..XCLIENT", b"BDAT 5", b"DATA", b"QUIT", b""]) | \
-    st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+MESSAGE_LINE = st.sampled_from(
+    [
+        b"XCLIENT ADDR=6.6.6.6",
+        b"XFORWARD NAME=evil",
+        b"STARTTLS",
+        b"..",
+        b"..XCLIENT",
+        b"BDAT 5",
+        b"DATA",
+        b"QUIT",
+        b"",
+    ]
+) | st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
 
 
 @settings(max_examples=200, deadline=None)
-@given(lines=st.lists(MESSAGE_LINE, max_size=30), cuts=st.lists(st.integers(min_value=0),
-                                                                max_size=20))
+@given(
+    lines=st.lists(MESSAGE_LINE, max_size=30), cuts=st.lists(st.integers(min_value=0), max_size=20)
+)
 def test_well_formed_message_content_is_relayed_byte_for_byte(lines, cuts):
     # RFC 5321 §4.5.2: the client stuffs a leading dot; a lone "." only ends the content.
-    content = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
-                       for line in lines)
+    content = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
     stream = b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n" + content + b".\r\nNOOP\r\n"
-    upstream, to_client, watch = run_watch(stream, cuts, flavor="crlf", chunking=True,
-                                           eager=True)
+    upstream, to_client, watch = run_watch(stream, cuts, flavor="crlf", chunking=True, eager=True)
     assert not watch.closed and b"550" not in to_client
     assert upstream.executed == [b"MAIL", b"RCPT", b"DATA", b"NOOP"]
     assert bytes(upstream.content) == content.replace(b"\r\n", b"\n")

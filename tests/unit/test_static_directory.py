@@ -1,6 +1,6 @@
 """The static directory and the account-policy verdicts (the LDAP directory passes the same)."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -36,7 +36,7 @@ def test_login_by_name_or_alias_case_insensitively(directory):
     assert directory.lookup("ALICE@example.test") == a
     assert directory.lookup("alice.example@EXAMPLE.test") == a
     assert (a.key, a.login, a.upstream_identity) == ("key-alice", "alice", "alice@example.test")
-    assert a.password_changed_at == datetime(2026, 11, 1, 9, 30, tzinfo=timezone.utc)
+    assert a.password_changed_at == datetime(2026, 11, 1, 9, 30, tzinfo=UTC)
 
 
 def test_defaults_id_and_upstream_to_the_login(directory):
@@ -52,16 +52,22 @@ def test_unknown_or_invalid_names_resolve_to_nothing(directory, login):
 POLICY = PolicySettings(legacy_group="legacy-mail")
 
 
-@pytest.mark.parametrize("login,policy,refusal", [
-    ("alice", POLICY, None),
-    ("printer1", POLICY, None),  # group names match case-insensitively
-    ("bob", POLICY, "account not allowed legacy sign-in (not a member of legacy-mail)"),
-    ("carol", POLICY, "account disabled"),
-    ("dave", POLICY, "account expired"),
-    ("printer1", PolicySettings(legacy_group="legacy-mail", require_mfa=True),
-     "account has no second factor and policy.require_mfa is on"),
-    ("alice", PolicySettings(legacy_group="legacy-mail", require_mfa=True), None),
-])
+@pytest.mark.parametrize(
+    "login,policy,refusal",
+    [
+        ("alice", POLICY, None),
+        ("printer1", POLICY, None),  # group names match case-insensitively
+        ("bob", POLICY, "account not allowed legacy sign-in (not a member of legacy-mail)"),
+        ("carol", POLICY, "account disabled"),
+        ("dave", POLICY, "account expired"),
+        (
+            "printer1",
+            PolicySettings(legacy_group="legacy-mail", require_mfa=True),
+            "account has no second factor and policy.require_mfa is on",
+        ),
+        ("alice", PolicySettings(legacy_group="legacy-mail", require_mfa=True), None),
+    ],
+)
 def test_account_policy_verdicts(directory, login, policy, refusal):
     assert account_refusal(directory.lookup(login), policy) == refusal
 
@@ -94,13 +100,28 @@ def test_by_key(directory):
     assert directory.by_key("nope") is None
 
 
-@pytest.mark.parametrize("text,message", [
-    ("accounts: {alice: {enabled: maybe}}", 'users.yaml: accounts.alice.enabled: must be true or false (got "maybe")'),
-    ("accounts: {alice: {grups: [x]}}", "users.yaml: accounts.alice.grups: unknown key; did you mean 'groups'?"),
-    ("accounts: {alice: {}, bob: {aliases: [alice]}}", 'users.yaml: accounts.bob: login name "alice" belongs to two accounts'),
-    ("accounts: {alice: {id: x}, bob: {id: x}}", 'users.yaml: accounts.bob.id: must be unique ("x" is used twice)'),
-    ("users: {}", "users.yaml: accounts: is required"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (
+            "accounts: {alice: {enabled: maybe}}",
+            'users.yaml: accounts.alice.enabled: must be true or false (got "maybe")',
+        ),
+        (
+            "accounts: {alice: {grups: [x]}}",
+            "users.yaml: accounts.alice.grups: unknown key; did you mean 'groups'?",
+        ),
+        (
+            "accounts: {alice: {}, bob: {aliases: [alice]}}",
+            'users.yaml: accounts.bob: login name "alice" belongs to two accounts',
+        ),
+        (
+            "accounts: {alice: {id: x}, bob: {id: x}}",
+            'users.yaml: accounts.bob.id: must be unique ("x" is used twice)',
+        ),
+        ("users: {}", "users.yaml: accounts: is required"),
+    ],
+)
 def test_bad_users_file_names_the_key(tmp_path, text, message):
     f = tmp_path / "users.yaml"
     f.write_text(text)
@@ -112,7 +133,9 @@ def test_bad_users_file_names_the_key(tmp_path, text, message):
 def test_example_users_file_has_the_documented_accounts():
     from pathlib import Path
 
-    d = StaticDirectory(Path(__file__).parents[2] / "config" / "users.example.yaml", legacy_group="legacy-mail")
+    d = StaticDirectory(
+        Path(__file__).parents[2] / "config" / "users.example.yaml", legacy_group="legacy-mail"
+    )
     assert account_refusal(d.lookup("alice"), POLICY) is None
     assert account_refusal(d.lookup("bob"), POLICY).startswith("account not allowed legacy sign-in")
     assert account_refusal(d.lookup("printer1"), POLICY) is None

@@ -1,14 +1,14 @@
 """The code store's operations on real SQLite files (every backend must pass these)."""
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from proxy.codes.sqlite import SqliteCodeStore
 from proxy.codes.store import CapReached, Claim, NewCode, State
 
-NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -19,18 +19,32 @@ def store(tmp_path):
 
 
 def new(selector="AbCd", account="acct-1", **kw):
-    fields = dict(account_key=account, account_login="alice", label="phone", selector=selector,
-                  hash="$argon2id$fake", scopes=("imap", "smtp"))
+    fields = dict(
+        account_key=account,
+        account_login="alice",
+        label="phone",
+        selector=selector,
+        hash="$argon2id$fake",
+        scopes=("imap", "smtp"),
+    )
     fields.update(kw)
     return NewCode(**fields)
 
 
 def test_create_then_get_returns_the_full_record(store):
-    rec = store.create(new(networks=("10.0.0.0/8",), max_uses=3, expires_at=NOW + timedelta(days=1)),
-                       cap=25, now=NOW)
+    rec = store.create(
+        new(networks=("10.0.0.0/8",), max_uses=3, expires_at=NOW + timedelta(days=1)),
+        cap=25,
+        now=NOW,
+    )
     got = store.get(rec.id)
     assert got == rec
-    assert (got.account_key, got.label, got.selector, got.scopes) == ("acct-1", "phone", "AbCd", ("imap", "smtp"))
+    assert (got.account_key, got.label, got.selector, got.scopes) == (
+        "acct-1",
+        "phone",
+        "AbCd",
+        ("imap", "smtp"),
+    )
     assert got.networks == ("10.0.0.0/8",) and got.max_uses == 3 and got.use_count == 0
     assert got.created_at == NOW and got.expires_at == NOW + timedelta(days=1)
     assert got.state(NOW) == State.ACTIVE
@@ -58,16 +72,22 @@ def test_claim_counts_the_use_and_records_where_from(store):
     got = store.get(rec.id)
     assert got.use_count == 1
     assert (got.last_used_at, got.last_used_ip, got.last_used_protocol) == (
-        NOW + timedelta(minutes=1), "192.0.2.7", "imap")
+        NOW + timedelta(minutes=1),
+        "192.0.2.7",
+        "imap",
+    )
 
 
-@pytest.mark.parametrize("change,protocol,ip,expected", [
-    (lambda s, r: s.revoke(r.id, now=NOW), "imap", "10.1.1.1", Claim.REVOKED),
-    (lambda s, r: s.set_disabled(r.id, True), "imap", "10.1.1.1", Claim.DISABLED),
-    (None, "pop3", "10.1.1.1", Claim.SCOPE),
-    (None, "imap", "192.0.2.1", Claim.NETWORK),
-    (None, "imap", "not-an-ip", Claim.NETWORK),
-])
+@pytest.mark.parametrize(
+    "change,protocol,ip,expected",
+    [
+        (lambda s, r: s.revoke(r.id, now=NOW), "imap", "10.1.1.1", Claim.REVOKED),
+        (lambda s, r: s.set_disabled(r.id, True), "imap", "10.1.1.1", Claim.DISABLED),
+        (None, "pop3", "10.1.1.1", Claim.SCOPE),
+        (None, "imap", "192.0.2.1", Claim.NETWORK),
+        (None, "imap", "not-an-ip", Claim.NETWORK),
+    ],
+)
 def test_claim_refusals_say_why(store, change, protocol, ip, expected):
     rec = store.create(new(networks=("10.0.0.0/8",)), cap=25, now=NOW)
     if change:
@@ -85,14 +105,20 @@ def test_claim_after_expiry_is_refused(store):
 def test_claim_stops_at_max_uses(store):
     rec = store.create(new(max_uses=2), cap=25, now=NOW)
     assert [store.claim(rec.id, "smtp", "10.0.0.1", now=NOW) for _ in range(3)] == [
-        Claim.OK, Claim.OK, Claim.USED_UP]
+        Claim.OK,
+        Claim.OK,
+        Claim.USED_UP,
+    ]
     assert store.get(rec.id).use_count == 2
     assert store.get(rec.id).state(NOW) == State.USED_UP
 
 
 def test_claim_refuses_codes_created_before_a_password_change(store):
     rec = store.create(new(), cap=25, now=NOW)
-    assert store.claim(rec.id, "imap", "10.0.0.1", not_before=NOW + timedelta(seconds=1), now=NOW) == Claim.SUPERSEDED
+    assert (
+        store.claim(rec.id, "imap", "10.0.0.1", not_before=NOW + timedelta(seconds=1), now=NOW)
+        == Claim.SUPERSEDED
+    )
     assert store.claim(rec.id, "imap", "10.0.0.1", not_before=NOW, now=NOW) == Claim.OK
 
 
@@ -126,7 +152,10 @@ def test_list_hides_dead_codes_unless_asked(store):
     dead = store.create(new("BBBB"), cap=25, now=NOW)
     store.revoke(dead.id, now=NOW)
     assert [r.id for r in store.list("acct-1", now=NOW)] == [live.id]
-    assert [r.id for r in store.list("acct-1", include_inactive=True, now=NOW)] == [live.id, dead.id]
+    assert [r.id for r in store.list("acct-1", include_inactive=True, now=NOW)] == [
+        live.id,
+        dead.id,
+    ]
     assert store.list("acct-9", include_inactive=True) == []
 
 
@@ -135,7 +164,9 @@ def test_purge_deletes_only_old_tombstones(store):
     store.revoke(old.id, now=NOW - timedelta(days=40))
     recent = store.create(new("BBBB"), cap=25, now=NOW)
     store.revoke(recent.id, now=NOW)
-    expired = store.create(new("CCCC", expires_at=NOW - timedelta(days=31)), cap=25, now=NOW - timedelta(days=90))
+    expired = store.create(
+        new("CCCC", expires_at=NOW - timedelta(days=31)), cap=25, now=NOW - timedelta(days=90)
+    )
     live = store.create(new("DDDD"), cap=25, now=NOW - timedelta(days=90))
     assert store.purge(NOW - timedelta(days=30)) == 2
     assert store.get(old.id) is None and store.get(expired.id) is None

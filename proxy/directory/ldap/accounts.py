@@ -50,23 +50,33 @@ class AccountReader:
     """Reads Accounts from entries the directory found, on the connection it found them on.
     Thread-safe; policy groups' DNs and lockout durations are cached."""
 
-    def __init__(self, settings: LdapSettings, clock: Callable[[], float],
-                 utcnow: Callable[[], datetime]) -> None:
+    def __init__(
+        self, settings: LdapSettings, clock: Callable[[], float], utcnow: Callable[[], datetime]
+    ) -> None:
         self.settings = settings
         self._utcnow = utcnow
         self._group_dns: TtlCache[str | None] = TtlCache(clock)  # policy groups' DNs by name
         self._lockout_durations: TtlCache[int] = TtlCache(clock)  # by password policy DN
         self.attributes = self._account_attributes()  # what a search for accounts asks for
 
-    def read(self, conn: ldap3.Connection, entry: Entry, canonical: str, *, server: str,
-             policy: PolicyRules, domains: Callable[[ldap3.Connection], Domains]) -> Account | None:
+    def read(
+        self,
+        conn: ldap3.Connection,
+        entry: Entry,
+        canonical: str,
+        *,
+        server: str,
+        policy: PolicyRules,
+        domains: Callable[[ldap3.Connection], Domains],
+    ) -> Account | None:
         """The account of entry, known as canonical, found on server; None if the entry has no
         stable id. domains gives the discovered AD domains (for DOMAIN\\user names)."""
         s = self.settings
         key = self._key(entry)
         if not key:
-            log.error("LDAP entry %s has no %s: it cannot own app passwords", entry.dn,
-                      s.id_attribute)
+            log.error(
+                "LDAP entry %s has no %s: it cannot own app passwords", entry.dn, s.id_attribute
+            )
             return None
         now = self._utcnow()
         short_name = entry.text(s.short_name_attribute) if s.short_name_attribute else ""
@@ -75,11 +85,18 @@ class AccountReader:
         reasons = {}
         enabled, disabled_reason, why = self._state(conn, entry, now)
         reasons["enabled"] = why
-        legacy_ok, reasons["legacy"] = self._policy(conn, entry, group_dns, policy.legacy_group,
-                                                    policy.legacy_filter, default=True,
-                                                    what="legacy sign-in")
-        mfa_ok, reasons["mfa"] = self._policy(conn, entry, group_dns, policy.mfa_group,
-                                              policy.mfa_filter, default=False, what="MFA")
+        legacy_ok, reasons["legacy"] = self._policy(
+            conn,
+            entry,
+            group_dns,
+            policy.legacy_group,
+            policy.legacy_filter,
+            default=True,
+            what="legacy sign-in",
+        )
+        mfa_ok, reasons["mfa"] = self._policy(
+            conn, entry, group_dns, policy.mfa_group, policy.mfa_filter, default=False, what="MFA"
+        )
         upstream = entry.text(s.upstream_identity_attribute)
         if not upstream and enabled:
             enabled, disabled_reason = False, "no upstream identity"
@@ -89,15 +106,29 @@ class AccountReader:
         if s.password_changed_attribute:
             raw = entry.text(s.password_changed_attribute)
             changed = attribute_time(s.password_changed_attribute, raw) if raw else None
-            password_must_change = raw == "0" and s.password_changed_attribute.lower() == "pwdlastset"
+            password_must_change = (
+                raw == "0" and s.password_changed_attribute.lower() == "pwdlastset"
+            )
         names = self._names(conn, entry, short_name, domains)
         return Account(
-            key=key, login=canonical, upstream_identity=upstream, names=names,
+            key=key,
+            login=canonical,
+            upstream_identity=upstream,
+            names=names,
             display_name=entry.text(s.display_name_attribute) if s.display_name_attribute else "",
-            groups=group_names, enabled=enabled, disabled_reason=disabled_reason,
-            legacy_allowed=legacy_ok, mfa=mfa_ok, password_changed_at=changed, dn=entry.dn,
-            extra={"server": server, "group_dns": group_dns,
-                   "reasons": reasons, "password_must_change": password_must_change},
+            groups=group_names,
+            enabled=enabled,
+            disabled_reason=disabled_reason,
+            legacy_allowed=legacy_ok,
+            mfa=mfa_ok,
+            password_changed_at=changed,
+            dn=entry.dn,
+            extra={
+                "server": server,
+                "group_dns": group_dns,
+                "reasons": reasons,
+                "password_must_change": password_must_change,
+            },
         )
 
     def login_attribute_of(self, entry: Entry) -> str:
@@ -109,10 +140,18 @@ class AccountReader:
 
     def _account_attributes(self) -> list[str]:
         s = self.settings
-        names = [*s.login_attributes, s.short_name_attribute, s.id_attribute,
-                 s.upstream_identity_attribute, s.display_name_attribute,
-                 s.account_control_attribute, s.computed_account_control_attribute,
-                 s.locked_time_attribute, *s.expiry_attributes, s.password_changed_attribute]
+        names = [
+            *s.login_attributes,
+            s.short_name_attribute,
+            s.id_attribute,
+            s.upstream_identity_attribute,
+            s.display_name_attribute,
+            s.account_control_attribute,
+            s.computed_account_control_attribute,
+            s.locked_time_attribute,
+            *s.expiry_attributes,
+            s.password_changed_attribute,
+        ]
         if s.group_membership == "memberof":
             names.append(s.member_of_attribute)
         if s.locked_time_attribute:
@@ -136,8 +175,13 @@ class AccountReader:
         except ValueError:
             return text
 
-    def _names(self, conn: ldap3.Connection, entry: Entry, short_name: str,
-               domains: Callable[[ldap3.Connection], Domains]) -> tuple[str, ...]:
+    def _names(
+        self,
+        conn: ldap3.Connection,
+        entry: Entry,
+        short_name: str,
+        domains: Callable[[ldap3.Connection], Domains],
+    ) -> tuple[str, ...]:
         s = self.settings
         names: list[str] = []
         for attr in (*s.login_attributes, s.short_name_attribute):
@@ -155,30 +199,47 @@ class AccountReader:
             seen.setdefault(name.lower(), name)
         return tuple(seen.values())
 
-    def _groups(self, conn: ldap3.Connection, entry: Entry,
-                short_name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def _groups(
+        self, conn: ldap3.Connection, entry: Entry, short_name: str
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
         s = self.settings
         if s.group_membership == "memberof":
             dns = entry.texts(s.member_of_attribute)
             return dns, tuple(rdn_value(dn) for dn in dns)
-        filt = both(s.group_object_filter,
-                    member_filter(s.group_member_filter, entry.dn, short_name))
-        groups = search(conn, s, s.group_base_dn or s.base_dn, ldap3.SUBTREE, filt,
-                        [s.group_name_attribute], paged=True)
-        return (tuple(g.dn for g in groups),
-                tuple(g.text(s.group_name_attribute) or rdn_value(g.dn) for g in groups))
+        filt = both(
+            s.group_object_filter, member_filter(s.group_member_filter, entry.dn, short_name)
+        )
+        groups = search(
+            conn,
+            s,
+            s.group_base_dn or s.base_dn,
+            ldap3.SUBTREE,
+            filt,
+            [s.group_name_attribute],
+            paged=True,
+        )
+        return (
+            tuple(g.dn for g in groups),
+            tuple(g.text(s.group_name_attribute) or rdn_value(g.dn) for g in groups),
+        )
 
-    def _state(self, conn: ldap3.Connection, entry: Entry,
-               now: datetime) -> tuple[bool, str, str]:
+    def _state(self, conn: ldap3.Connection, entry: Entry, now: datetime) -> tuple[bool, str, str]:
         """(enabled, disabled_reason, explanation): disabled, then expired, then locked."""
         s = self.settings
-        control = parse_int(entry.text(s.account_control_attribute)) if s.account_control_attribute else None
+        control = (
+            parse_int(entry.text(s.account_control_attribute))
+            if s.account_control_attribute
+            else None
+        )
         if control is not None and control & UF_ACCOUNTDISABLE:
             return False, "disabled", f"{s.account_control_attribute} has ACCOUNTDISABLE"
         locked_at = entry.text(s.locked_time_attribute) if s.locked_time_attribute else ""
         if locked_at == PPOLICY_ADMIN_LOCK:
-            return False, "disabled", f"{s.locked_time_attribute} is {PPOLICY_ADMIN_LOCK} " \
-                                      "(locked by an administrator)"
+            return (
+                False,
+                "disabled",
+                f"{s.locked_time_attribute} is {PPOLICY_ADMIN_LOCK} (locked by an administrator)",
+            )
         if s.disabled_filter and matches(conn, s, entry.dn, s.disabled_filter):
             return False, "disabled", "matches disabled_filter"
         for attr in s.expiry_attributes:
@@ -186,16 +247,22 @@ class AccountReader:
             expires = attribute_time(attr, raw) if raw else None
             if expires is not None and expires <= now:
                 return False, "expired", f"{attr} {expires.isoformat()} has passed"
-        computed = (parse_int(entry.text(s.computed_account_control_attribute))
-                    if s.computed_account_control_attribute else None)
+        computed = (
+            parse_int(entry.text(s.computed_account_control_attribute))
+            if s.computed_account_control_attribute
+            else None
+        )
         if computed is not None and computed & UF_LOCKOUT:
             return False, "locked", f"{s.computed_account_control_attribute} has LOCKOUT"
         if locked_at:
             when = parse_generalized_time(locked_at)
             duration = self._lockout_duration(conn, entry)
             if when is None or duration == 0 or now < when + timedelta(seconds=duration):
-                until = "until unlocked" if not duration or when is None else \
-                    f"until {(when + timedelta(seconds=duration)).isoformat()}"
+                until = (
+                    "until unlocked"
+                    if not duration or when is None
+                    else f"until {(when + timedelta(seconds=duration)).isoformat()}"
+                )
                 return False, "locked", f"{s.locked_time_attribute} {locked_at} ({until})"
         return True, "", "not disabled, expired or locked"
 
@@ -207,16 +274,25 @@ class AccountReader:
         hit, cached = self._lockout_durations.get(normalize_dn(policy))
         if hit and cached is not None:
             return cached
-        found = search(conn, self.settings, policy, ldap3.BASE, "(objectClass=*)",
-                       ["pwdLockoutDuration"])
+        found = search(
+            conn, self.settings, policy, ldap3.BASE, "(objectClass=*)", ["pwdLockoutDuration"]
+        )
         duration = parse_int(found[0].text("pwdLockoutDuration")) if found else None
         duration = duration if duration and duration > 0 else 0
         self._lockout_durations.put(normalize_dn(policy), duration, self.settings.cache_ttl)
         return duration
 
-    def _policy(self, conn: ldap3.Connection, entry: Entry, group_dns: Sequence[str],
-                group: str | None, filt: str | None, *, default: bool,
-                what: str) -> tuple[bool, str]:
+    def _policy(
+        self,
+        conn: ldap3.Connection,
+        entry: Entry,
+        group_dns: Sequence[str],
+        group: str | None,
+        filt: str | None,
+        *,
+        default: bool,
+        what: str,
+    ) -> tuple[bool, str]:
         if not group and not filt:
             return default, f"no {what} group or filter configured"
         reasons = []
@@ -231,16 +307,18 @@ class AccountReader:
             reasons.append(f"{'matches' if matched else 'does not match'} {filt}")
         return ok, "; ".join(reasons)
 
-    def _member(self, conn: ldap3.Connection, entry: Entry, group_dns: Sequence[str],
-                group: str) -> tuple[bool, str]:
+    def _member(
+        self, conn: ldap3.Connection, entry: Entry, group_dns: Sequence[str], group: str
+    ) -> tuple[bool, str]:
         group_dn = self._group_dn(conn, group)
         if group_dn is None:
             return False, f"group {group!r} not found in the directory"
         if normalize_dn(group_dn) in {normalize_dn(dn) for dn in group_dns}:
             return True, f"member of {group_dn}"
         s = self.settings
-        if s.nested_groups and matches(conn, s, entry.dn,
-                                       in_chain_filter(group_dn, s.member_of_attribute)):
+        if s.nested_groups and matches(
+            conn, s, entry.dn, in_chain_filter(group_dn, s.member_of_attribute)
+        ):
             return True, f"member of {group_dn} (through nested groups)"
         return False, f"not a member of {group_dn}"
 
@@ -253,11 +331,21 @@ class AccountReader:
             return cached
         s = self.settings
         filt = both(s.group_object_filter, equality(s.group_name_attribute, group))
-        found = search(conn, s, s.group_base_dn or s.base_dn, ldap3.SUBTREE, filt,
-                       [ldap3.NO_ATTRIBUTES], size_limit=2)
+        found = search(
+            conn,
+            s,
+            s.group_base_dn or s.base_dn,
+            ldap3.SUBTREE,
+            filt,
+            [ldap3.NO_ATTRIBUTES],
+            size_limit=2,
+        )
         if len(found) != 1:
-            log.warning("policy group %r: %s", group,
-                        "not found" if not found else "several groups have this name; give a DN")
+            log.warning(
+                "policy group %r: %s",
+                group,
+                "not found" if not found else "several groups have this name; give a DN",
+            )
             dn = None
         else:
             dn = found[0].dn

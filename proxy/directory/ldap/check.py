@@ -19,9 +19,13 @@ class Verdict:
 def verdicts(account: Account) -> tuple[Verdict, ...]:
     reasons = account.extra.get("reasons", {})
     return (
-        Verdict("enabled", account.enabled,
-                account.disabled_reason + (": " if account.disabled_reason else "")
-                + reasons.get("enabled", "")),
+        Verdict(
+            "enabled",
+            account.enabled,
+            account.disabled_reason
+            + (": " if account.disabled_reason else "")
+            + reasons.get("enabled", ""),
+        ),
         Verdict("legacy sign-in", account.legacy_allowed, reasons.get("legacy", "")),
         Verdict("mfa", account.mfa, reasons.get("mfa", "")),
     )
@@ -51,8 +55,10 @@ class CheckReport:
         return self.account is not None and self.account.enabled and self.account.legacy_allowed
 
     def lines(self) -> list[str]:
-        rows: list[tuple[str, str]] = [("login", self.login), ("result", self.outcome
-                                                                + (f": {self.reason}" if self.reason else ""))]
+        rows: list[tuple[str, str]] = [
+            ("login", self.login),
+            ("result", self.outcome + (f": {self.reason}" if self.reason else "")),
+        ]
         if self.form:
             rows.append(("form", self.form))
         if self.filter:
@@ -61,13 +67,24 @@ class CheckReport:
             rows.append(("server", self.server))
         a = self.account
         if a is not None:
-            rows += [("dn", a.dn), ("key", a.key), ("login name", a.login),
-                     ("upstream identity", a.upstream_identity or "(none)"),
-                     ("display name", a.display_name), ("names", ", ".join(a.names)),
-                     ("groups", ", ".join(a.groups) or "(none)")]
+            rows += [
+                ("dn", a.dn),
+                ("key", a.key),
+                ("login name", a.login),
+                ("upstream identity", a.upstream_identity or "(none)"),
+                ("display name", a.display_name),
+                ("names", ", ".join(a.names)),
+                ("groups", ", ".join(a.groups) or "(none)"),
+            ]
             for v in self.verdicts:
-                rows.append((v.name, f"{'yes' if v.ok else 'no'} ({v.reason})" if v.reason
-                             else ("yes" if v.ok else "no")))
+                rows.append(
+                    (
+                        v.name,
+                        f"{'yes' if v.ok else 'no'} ({v.reason})"
+                        if v.reason
+                        else ("yes" if v.ok else "no"),
+                    )
+                )
             changed = a.password_changed_at.isoformat() if a.password_changed_at else "unknown"
             rows.append(("password changed", changed))
         rows.append(("time", f"{self.elapsed * 1000:.0f} ms"))

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import ldap3
 
@@ -64,10 +64,17 @@ class LdapDirectory:
 
     blocking = True  # ldap3 is synchronous: the proxy calls it from a thread pool
 
-    def __init__(self, settings: LdapSettings, *, legacy_group: str | None = None,
-                 legacy_filter: str | None = None, mfa_group: str | None = None,
-                 mfa_filter: str | None = None, clock: Callable[[], float] = time.monotonic,
-                 utcnow: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        settings: LdapSettings,
+        *,
+        legacy_group: str | None = None,
+        legacy_filter: str | None = None,
+        mfa_group: str | None = None,
+        mfa_filter: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        utcnow: Callable[[], datetime] | None = None,
+    ) -> None:
         self.settings = settings
         if not settings.base_dn:
             raise ValueError("base_dn: the LDAP directory needs a base DN")
@@ -82,7 +89,9 @@ class LdapDirectory:
         self.mfa_group = mfa_group or None
         self.mfa_filter = mfa_filter or None
         self._pool = ConnectionPool(settings, clock)
-        self._reader = AccountReader(settings, clock, utcnow or (lambda: datetime.now(timezone.utc)))
+        self._reader = AccountReader(
+            settings, clock, utcnow or (lambda: datetime.now(UTC))
+        )
         self._cache: TtlCache[Account | None] = TtlCache(clock)  # accounts by login and by key
         self._domains_lock = threading.Lock()
         self._domains: Domains | None = None
@@ -95,8 +104,9 @@ class LdapDirectory:
         query = self._parse(login)
         if isinstance(query, LoginRefused):
             if query.invalid:
-                log.warning("invalid login name refused before lookup: %r (%s)", login,
-                            query.reason)
+                log.warning(
+                    "invalid login name refused before lookup: %r (%s)", login, query.reason
+                )
             else:
                 log.info("login %r refused before lookup: %s", login, query.reason)
             return None
@@ -127,12 +137,23 @@ class LdapDirectory:
 
         def find(conn: ldap3.Connection, index: int) -> Account | None:
             filt = both(self.settings.user_filter, id_term)
-            entries = search(conn, self.settings, self.settings.base_dn, ldap3.SUBTREE, filt,
-                             self._reader.attributes, size_limit=2)
+            entries = search(
+                conn,
+                self.settings,
+                self.settings.base_dn,
+                ldap3.SUBTREE,
+                filt,
+                self._reader.attributes,
+                size_limit=2,
+            )
             if len(entries) != 1:
                 return None
-            return self._account(conn, index, entries[0], entries[0].text(
-                self._reader.login_attribute_of(entries[0])))
+            return self._account(
+                conn,
+                index,
+                entries[0],
+                entries[0].text(self._reader.login_attribute_of(entries[0])),
+            )
 
         account = self._pool.run(find)
         self._remember(cache_key, account)
@@ -159,13 +180,25 @@ class LdapDirectory:
         try:
             res = self._pool.run(lambda conn, index: self._resolve(conn, index, query))
         except DirectoryUnavailable as exc:
-            return CheckReport(login, "unavailable", str(exc), form=query.form,
-                               filter=query.filter(self.settings.user_filter),
-                               elapsed=time.monotonic() - started)
-        return CheckReport(login, res.outcome, res.reason, res.account, form=query.form,
-                           filter=res.filter, server=res.server,
-                           verdicts=verdicts(res.account) if res.account else (),
-                           elapsed=time.monotonic() - started)
+            return CheckReport(
+                login,
+                "unavailable",
+                str(exc),
+                form=query.form,
+                filter=query.filter(self.settings.user_filter),
+                elapsed=time.monotonic() - started,
+            )
+        return CheckReport(
+            login,
+            res.outcome,
+            res.reason,
+            res.account,
+            form=query.form,
+            filter=res.filter,
+            server=res.server,
+            verdicts=verdicts(res.account) if res.account else (),
+            elapsed=time.monotonic() - started,
+        )
 
     def reset_connections(self) -> None:
         """Close idle pooled connections; the next lookup connects afresh (in failover order)."""
@@ -184,26 +217,38 @@ class LdapDirectory:
 
     def _parse(self, login: str) -> LoginQuery | LoginRefused:
         s = self.settings
-        query = parse_login(login, s.login_attributes, s.short_name_attribute,
-                            s.netbios_domains, s.dns_domains)
+        query = parse_login(
+            login, s.login_attributes, s.short_name_attribute, s.netbios_domains, s.dns_domains
+        )
         if isinstance(query, LoginRefused) and query.invalid:
             return query  # malformed or hostile: refused before any query, discovery too
         if s.discover_domains and ("\\" in login or "@" in login):
             found_netbios, found_dns = self._discovered_domains()
-            query = parse_login(login, s.login_attributes, s.short_name_attribute,
-                                s.netbios_domains + found_netbios, s.dns_domains + found_dns)
+            query = parse_login(
+                login,
+                s.login_attributes,
+                s.short_name_attribute,
+                s.netbios_domains + found_netbios,
+                s.dns_domains + found_dns,
+            )
         return query
 
     def _remember(self, key: Hashable, account: Account | None) -> None:
         ttl = self.settings.cache_ttl if account is not None else self.settings.negative_cache_ttl
         self._cache.put(key, account, ttl)
 
-    def _account(self, conn: ldap3.Connection, index: int, entry: Entry,
-                 canonical: str) -> Account | None:
-        policy = PolicyRules(self.legacy_group, self.legacy_filter, self.mfa_group,
-                             self.mfa_filter)
-        return self._reader.read(conn, entry, canonical, server=self._pool.uri(index),
-                                 policy=policy, domains=self._domains_on)
+    def _account(
+        self, conn: ldap3.Connection, index: int, entry: Entry, canonical: str
+    ) -> Account | None:
+        policy = PolicyRules(self.legacy_group, self.legacy_filter, self.mfa_group, self.mfa_filter)
+        return self._reader.read(
+            conn,
+            entry,
+            canonical,
+            server=self._pool.uri(index),
+            policy=policy,
+            domains=self._domains_on,
+        )
 
     def _discovered_domains(self) -> Domains:
         """AD: the NetBIOS and DNS names of the domain holding base_dn, read once from the
@@ -227,16 +272,24 @@ class LdapDirectory:
         return domains
 
     def _read_domains(self, conn: ldap3.Connection) -> Domains:
-        root = search(conn, self.settings, "", ldap3.BASE, "(objectClass=*)",
-                      ["configurationNamingContext"])
+        root = search(
+            conn, self.settings, "", ldap3.BASE, "(objectClass=*)", ["configurationNamingContext"]
+        )
         config_nc = root[0].text("configurationNamingContext") if root else ""
         if not config_nc:
-            log.warning("discover_domains: the server has no configurationNamingContext "
-                        "(not Active Directory?); DOMAIN\\user needs netbios_domains")
+            log.warning(
+                "discover_domains: the server has no configurationNamingContext "
+                "(not Active Directory?); DOMAIN\\user needs netbios_domains"
+            )
             return (), ()
-        refs = search(conn, self.settings, f"CN=Partitions,{config_nc}", ldap3.LEVEL,
-                      "(&(objectClass=crossRef)(nETBIOSName=*))",
-                      ["nETBIOSName", "dnsRoot", "nCName"])
+        refs = search(
+            conn,
+            self.settings,
+            f"CN=Partitions,{config_nc}",
+            ldap3.LEVEL,
+            "(&(objectClass=crossRef)(nETBIOSName=*))",
+            ["nETBIOSName", "dnsRoot", "nCName"],
+        )
         base = normalize_dn(self.settings.base_dn)
         best: Entry | None = None
         for ref in refs:
@@ -245,8 +298,9 @@ class LdapDirectory:
                 if best is None or len(nc) > len(normalize_dn(best.text("nCName"))):
                     best = ref
         if best is None:
-            log.warning("discover_domains: no domain partition holds base_dn %r",
-                        self.settings.base_dn)
+            log.warning(
+                "discover_domains: no domain partition holds base_dn %r", self.settings.base_dn
+            )
             return (), ()
         netbios = best.text("nETBIOSName")
         dns_names = best.texts("dnsRoot")
@@ -257,8 +311,15 @@ class LdapDirectory:
         s = self.settings
         filt = query.filter(s.user_filter)
         server = self._pool.uri(index)
-        entries = search(conn, s, s.base_dn, ldap3.SUBTREE, filt, self._reader.attributes,
-                         size_limit=LOGIN_SEARCH_SIZE_LIMIT)
+        entries = search(
+            conn,
+            s,
+            s.base_dn,
+            ldap3.SUBTREE,
+            filt,
+            self._reader.attributes,
+            size_limit=LOGIN_SEARCH_SIZE_LIMIT,
+        )
         if not entries:
             return _Resolution("not found", "no entry matches", None, filt, server)
         chosen: Entry | None = entries[0] if len(entries) == 1 else None
@@ -272,16 +333,17 @@ class LdapDirectory:
                 chosen = implicit[0]
         if chosen is None:
             dns = ", ".join(e.dn for e in entries[:3])
-            return _Resolution("ambiguous", f"{len(entries)} entries match: {dns}", None,
-                               filt, server)
+            return _Resolution(
+                "ambiguous", f"{len(entries)} entries match: {dns}", None, filt, server
+            )
         canonical = chosen.text(self._reader.login_attribute_of(chosen)) or query.login
         account = self._account(conn, index, chosen, canonical)
         if account is None:
-            return _Resolution("not found", f"{chosen.dn} has no {s.id_attribute}", None,
-                               filt, server)
+            return _Resolution(
+                "not found", f"{chosen.dn} has no {s.id_attribute}", None, filt, server
+            )
         return _Resolution("found", "", account, filt, server)
 
 
 def _matches_terms(entry: Entry, terms: Sequence[tuple[str, str]]) -> bool:
     return any(value.lower() in {v.lower() for v in entry.texts(attr)} for attr, value in terms)
-

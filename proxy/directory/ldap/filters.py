@@ -37,8 +37,9 @@ def filter_problem(text: object) -> str | None:
     if not isinstance(text, str) or not text.strip().startswith("("):
         return "must be an LDAP filter in parentheses, like (objectClass=person)"
     try:
-        parse_filter(text, None, auto_escape=False, auto_encode=False, validator=None,
-                     check_names=False)
+        parse_filter(
+            text, None, auto_escape=False, auto_encode=False, validator=None, check_names=False
+        )
     except (LDAPException, ValueError, IndexError) as exc:
         return f"must be an LDAP filter ({exc})"
     return None
@@ -59,8 +60,9 @@ def escape_value(value: str) -> str:
     hex, since ldap3 strips whitespace around assertion values when it parses a filter. What
     the server receives is exactly value's UTF-8 bytes."""
     escaped = escape_filter_chars(value)
-    return "".join("".join(f"\\{b:02x}" for b in c.encode("utf-8")) if c.isspace() else c
-                   for c in escaped)
+    return "".join(
+        "".join(f"\\{b:02x}" for b in c.encode("utf-8")) if c.isspace() else c for c in escaped
+    )
 
 
 def equality(attribute: str, value: str) -> str:
@@ -135,9 +137,13 @@ class LoginRefused:
     invalid: bool = True  # malformed or hostile, as opposed to an unknown domain
 
 
-def parse_login(login: str, login_attributes: Sequence[str], short_name_attribute: str | None = None,
-                netbios_domains: Iterable[str] = (), dns_domains: Iterable[str] = ()
-                ) -> LoginQuery | LoginRefused:
+def parse_login(
+    login: str,
+    login_attributes: Sequence[str],
+    short_name_attribute: str | None = None,
+    netbios_domains: Iterable[str] = (),
+    dns_domains: Iterable[str] = (),
+) -> LoginQuery | LoginRefused:
     """Map a typed login name to the terms it is searched by, as Active Directory does:
     `DOMAIN\\user` is the short name (sAMAccountName) in that NetBIOS domain; `user@domain`
     is any login attribute (userPrincipalName, mail…) and, when domain is one of dns_domains,
@@ -152,8 +158,9 @@ def parse_login(login: str, login_attributes: Sequence[str], short_name_attribut
             return LoginRefused(login, "invalid login name (malformed DOMAIN\\user)")
         known = {d.lower() for d in netbios_domains}
         if not short_name_attribute or not known:
-            return LoginRefused(login, "DOMAIN\\user names are not enabled (no NetBIOS domain "
-                                       "known)", invalid=False)
+            return LoginRefused(
+                login, "DOMAIN\\user names are not enabled (no NetBIOS domain known)", invalid=False
+            )
         if domain.lower() not in known:
             return LoginRefused(login, f"unknown domain {domain!r} in DOMAIN\\user", invalid=False)
         return LoginQuery(login, ((short_name_attribute, user),), (), "DOMAIN\\user")

@@ -92,8 +92,12 @@ class ConnectionPool:
             except (LDAPException, OSError) as exc:
                 self.discard(pooled)
                 last = f"{self.uri(pooled.index)}: {error_text(exc)}"
-                log.info("LDAP connection to %s broke (attempt %d): %s",
-                         self.uri(pooled.index), attempt, error_text(exc))
+                log.info(
+                    "LDAP connection to %s broke (attempt %d): %s",
+                    self.uri(pooled.index),
+                    attempt,
+                    error_text(exc),
+                )
                 continue
             except BaseException:
                 self.discard(pooled)
@@ -103,8 +107,11 @@ class ConnectionPool:
         raise DirectoryUnavailable(last)
 
     def acquire(self) -> Pooled:
-        deadline = self._clock() + self.settings.connect_timeout * len(self._servers) + \
-            self.settings.timeout
+        deadline = (
+            self._clock()
+            + self.settings.connect_timeout * len(self._servers)
+            + self.settings.timeout
+        )
         stale: list[Pooled] = []
         try:
             with self._cond:
@@ -115,8 +122,11 @@ class ConnectionPool:
                     preferred = self._preferred_index(now)
                     while self._idle:
                         pooled = self._idle.pop()
-                        if (now - pooled.last_used > self.settings.idle_timeout
-                                or pooled.index > preferred or pooled.conn.closed):
+                        if (
+                            now - pooled.last_used > self.settings.idle_timeout
+                            or pooled.index > preferred
+                            or pooled.conn.closed
+                        ):
                             stale.append(pooled)
                             self._open -= 1
                             continue
@@ -181,9 +191,13 @@ class ConnectionPool:
         with self._cond:
             now = self._clock()
             return {
-                "open": self._open, "idle": len(self._idle), "opened": self.opened,
-                "servers": [{"uri": s.uri, "down": s.down_until > now,
-                             "last_error": s.last_error} for s in self._servers],
+                "open": self._open,
+                "idle": len(self._idle),
+                "opened": self.opened,
+                "servers": [
+                    {"uri": s.uri, "down": s.down_until > now, "last_error": s.last_error}
+                    for s in self._servers
+                ],
             }
 
     # internal
@@ -218,8 +232,9 @@ class ConnectionPool:
     def _connect(self) -> tuple[ldap3.Connection, int]:
         now = self._clock()
         with self._cond:
-            order = sorted(range(len(self._servers)),
-                           key=lambda i: (self._servers[i].down_until > now, i))
+            order = sorted(
+                range(len(self._servers)), key=lambda i: (self._servers[i].down_until > now, i)
+            )
         errors = []
         for index in order:
             server = self._servers[index]
@@ -229,8 +244,12 @@ class ConnectionPool:
                 errors.append(f"{server.uri}: {exc}")
                 with self._cond:
                     if server.down_until <= self._clock():
-                        log.warning("LDAP server %s failed, skipping it for %.0f s: %s",
-                                    server.uri, self.settings.retry_after, exc)
+                        log.warning(
+                            "LDAP server %s failed, skipping it for %.0f s: %s",
+                            server.uri,
+                            self.settings.retry_after,
+                            exc,
+                        )
                     server.down_until = self._clock() + self.settings.retry_after
                     server.last_error = str(exc)
                 continue
@@ -247,16 +266,28 @@ class ConnectionPool:
         s = self.settings
         # A fresh ldap3.Server per connection: ldap3 marks an address unavailable for a while
         # after a failure, and our own failover decides that.
-        ldap_server = ldap3.Server(server.host, port=server.port, use_ssl=server.use_ssl,
-                                   tls=self._tls(server), get_info=ldap3.NONE,
-                                   connect_timeout=s.connect_timeout)
+        ldap_server = ldap3.Server(
+            server.host,
+            port=server.port,
+            use_ssl=server.use_ssl,
+            tls=self._tls(server),
+            get_info=ldap3.NONE,
+            connect_timeout=s.connect_timeout,
+        )
         password = self._password() if s.bind_dn else None
         conn = ldap3.Connection(
-            ldap_server, user=s.bind_dn, password=password,
+            ldap_server,
+            user=s.bind_dn,
+            password=password,
             authentication=ldap3.SIMPLE if s.bind_dn else ldap3.ANONYMOUS,
-            client_strategy=ldap3.SYNC, auto_bind=ldap3.AUTO_BIND_NONE, auto_referrals=False,
-            read_only=True, raise_exceptions=False, check_names=False,
-            return_empty_attributes=False)
+            client_strategy=ldap3.SYNC,
+            auto_bind=ldap3.AUTO_BIND_NONE,
+            auto_referrals=False,
+            read_only=True,
+            raise_exceptions=False,
+            check_names=False,
+            return_empty_attributes=False,
+        )
         try:
             conn.open(read_server_info=False)
             # ldap3 only takes whole seconds for its receive timeout; set the socket's own.

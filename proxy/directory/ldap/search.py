@@ -38,9 +38,17 @@ class Entry:
         return values[0] if values else ""
 
 
-def search(conn: ldap3.Connection, settings: LdapSettings, base: str, scope: str, filt: str,
-           attributes: Sequence[str] | str, *, size_limit: int = 0,
-           paged: bool = False) -> list[Entry]:
+def search(
+    conn: ldap3.Connection,
+    settings: LdapSettings,
+    base: str,
+    scope: str,
+    filt: str,
+    attributes: Sequence[str] | str,
+    *,
+    size_limit: int = 0,
+    paged: bool = False,
+) -> list[Entry]:
     """The entries under base matching filt, page by page (settings.page_size) when paged. No
     such base is no entries; a size limit reached keeps the entries that came. Any other
     result code raises Trouble."""
@@ -51,8 +59,15 @@ def search(conn: ldap3.Connection, settings: LdapSettings, base: str, scope: str
         paging: dict[str, object] = {}
         if paged:
             paging = {"paged_size": settings.page_size, "paged_cookie": cookie}
-        conn.search(base, filt, search_scope=scope, attributes=attributes,
-                    size_limit=size_limit, time_limit=time_limit, **paging)
+        conn.search(
+            base,
+            filt,
+            search_scope=scope,
+            attributes=attributes,
+            size_limit=size_limit,
+            time_limit=time_limit,
+            **paging,
+        )
         result = conn.result or {}
         code = result.get("result")
         if code == RESULT_NO_SUCH_OBJECT:
@@ -64,8 +79,9 @@ def search(conn: ldap3.Connection, settings: LdapSettings, base: str, scope: str
             return out
         if not paged:
             return out
-        cookie = (((result.get("controls") or {}).get(PAGED_RESULTS_OID) or {})
-                  .get("value") or {}).get("cookie")
+        cookie = (
+            ((result.get("controls") or {}).get(PAGED_RESULTS_OID) or {}).get("value") or {}
+        ).get("cookie")
         if not cookie:
             return out
 

@@ -104,7 +104,9 @@ class LdapSettings:
     dns_domains: tuple[str, ...] = ()  # domain of user@domain that maps to the short name
     discover_domains: bool = False  # AD: add the NetBIOS and DNS names of base_dn's domain
     id_attribute: str = "entryUUID"
-    id_format: IdFormat = "text"  # "text" (entryUUID) or "guid" (16 bytes little-endian: objectGUID)
+    id_format: IdFormat = (
+        "text"  # "text" (entryUUID) or "guid" (16 bytes little-endian: objectGUID)
+    )
     upstream_identity_attribute: str = "mail"
     display_name_attribute: str | None = "cn"
     # Groups: from an attribute of the account ("memberof") or by a search ("search").
@@ -112,7 +114,8 @@ class LdapSettings:
     member_of_attribute: str = "memberOf"
     group_base_dn: str | None = None  # None: base_dn
     group_object_filter: str = (
-        "(|(objectClass=groupOfNames)(objectClass=groupOfUniqueNames)(objectClass=posixGroup))")
+        "(|(objectClass=groupOfNames)(objectClass=groupOfUniqueNames)(objectClass=posixGroup))"
+    )
     # {dn} is the account's DN, {name} its short name (both escaped when substituted).
     group_member_filter: str = "(|(member={dn})(uniqueMember={dn})(memberUid={name}))"
     group_name_attribute: str = "cn"
@@ -152,8 +155,9 @@ class LdapSettings:
         """Settings of a preset ("openldap" or "active_directory") with some fields replaced."""
         base = PRESETS.get(name)
         if base is None:
-            raise LdapSettingsError([Problem("preset", f"must be one of {', '.join(PRESETS)}")],
-                                    {"preset": name})
+            raise LdapSettingsError(
+                [Problem("preset", f"must be one of {', '.join(PRESETS)}")], {"preset": name}
+            )
         return dataclasses.replace(base, **overrides)
 
     @classmethod
@@ -171,10 +175,21 @@ class LdapSettings:
 # Fields holding several values (a single string is a list of one).
 _LISTS = ("uris", "login_attributes", "netbios_domains", "dns_domains", "expiry_attributes")
 # Fields that may be unset (None).
-_OPTIONAL = ("ca_file", "bind_dn", "bind_password", "bind_password_file", "short_name_attribute",
-             "display_name_attribute", "group_base_dn", "disabled_filter",
-             "account_control_attribute", "computed_account_control_attribute",
-             "locked_time_attribute", "password_policy_dn", "password_changed_attribute")
+_OPTIONAL = (
+    "ca_file",
+    "bind_dn",
+    "bind_password",
+    "bind_password_file",
+    "short_name_attribute",
+    "display_name_attribute",
+    "group_base_dn",
+    "disabled_filter",
+    "account_control_attribute",
+    "computed_account_control_attribute",
+    "locked_time_attribute",
+    "password_policy_dn",
+    "password_changed_attribute",
+)
 # Fields whose value an error never shows.
 _SECRET = frozenset({"bind_password"})
 
@@ -266,8 +281,12 @@ def _seconds(*, zero: bool) -> Rule:
     """A duration in seconds: more than 0, or (zero=True) 0 too."""
 
     def rule(value: object) -> str | None:
-        if (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                and (value >= 0 if zero else value > 0)):
+        if (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (value >= 0 if zero else value > 0)
+        ):
             return None
         return "must be 0 (no cache) or more seconds" if zero else "must be more than 0 seconds"
 
@@ -290,7 +309,8 @@ def _attributes(*, at_least_one: bool) -> Rule:
     def rule(value: object) -> str | None:
         if not isinstance(value, tuple) or (at_least_one and not value):
             return "must be a list of attribute names like uid" + (
-                " (at least one)" if at_least_one else "")
+                " (at least one)" if at_least_one else ""
+            )
         for attr in value:
             if _attribute(attr):
                 return f"must be a list of attribute names like uid; {show(attr)} is not one"
@@ -314,8 +334,12 @@ def _domains(value: object) -> str | None:
     if not isinstance(value, tuple):
         return rule
     for domain in value:
-        if (not isinstance(domain, str) or not domain or any(c in _DOMAIN_REFUSED for c in domain)
-                or not is_valid_login(domain)):
+        if (
+            not isinstance(domain, str)
+            or not domain
+            or any(c in _DOMAIN_REFUSED for c in domain)
+            or not is_valid_login(domain)
+        ):
             return f"{rule}; {show(domain)} is not one"
     return None
 
@@ -338,27 +362,45 @@ def _optional(rule: Rule) -> Rule:
 
 # field -> its rule. Every field of LdapSettings has one.
 RULES: Mapping[str, Rule] = {
-    "uris": _uris, "start_tls": _boolean, "ca_file": _optional(_text),
-    "bind_dn": _optional(_dn), "bind_password": _optional(_text),
-    "bind_password_file": _optional(_text), "base_dn": lambda v: None if v == "" else _dn(v),
-    "user_filter": filter_problem, "login_attributes": _attributes(at_least_one=True),
-    "short_name_attribute": _optional(_attribute), "netbios_domains": _domains,
-    "dns_domains": _domains, "discover_domains": _boolean, "id_attribute": _attribute,
-    "id_format": _one_of(ID_FORMATS), "upstream_identity_attribute": _attribute,
+    "uris": _uris,
+    "start_tls": _boolean,
+    "ca_file": _optional(_text),
+    "bind_dn": _optional(_dn),
+    "bind_password": _optional(_text),
+    "bind_password_file": _optional(_text),
+    "base_dn": lambda v: None if v == "" else _dn(v),
+    "user_filter": filter_problem,
+    "login_attributes": _attributes(at_least_one=True),
+    "short_name_attribute": _optional(_attribute),
+    "netbios_domains": _domains,
+    "dns_domains": _domains,
+    "discover_domains": _boolean,
+    "id_attribute": _attribute,
+    "id_format": _one_of(ID_FORMATS),
+    "upstream_identity_attribute": _attribute,
     "display_name_attribute": _optional(_attribute),
-    "group_membership": _one_of(GROUP_MEMBERSHIP_MODES), "member_of_attribute": _attribute,
-    "group_base_dn": _optional(_dn), "group_object_filter": filter_problem,
-    "group_member_filter": _member_filter, "group_name_attribute": _attribute,
-    "nested_groups": _boolean, "disabled_filter": _optional(filter_problem),
+    "group_membership": _one_of(GROUP_MEMBERSHIP_MODES),
+    "member_of_attribute": _attribute,
+    "group_base_dn": _optional(_dn),
+    "group_object_filter": filter_problem,
+    "group_member_filter": _member_filter,
+    "group_name_attribute": _attribute,
+    "nested_groups": _boolean,
+    "disabled_filter": _optional(filter_problem),
     "account_control_attribute": _optional(_attribute),
     "computed_account_control_attribute": _optional(_attribute),
-    "locked_time_attribute": _optional(_attribute), "password_policy_dn": _optional(_dn),
+    "locked_time_attribute": _optional(_attribute),
+    "password_policy_dn": _optional(_dn),
     "expiry_attributes": _attributes(at_least_one=False),
     "password_changed_attribute": _optional(_attribute),
-    "connect_timeout": _seconds(zero=False), "timeout": _seconds(zero=False),
-    "retry_after": _seconds(zero=False), "pool_size": _integer(1, MAX_POOL_SIZE),
-    "idle_timeout": _seconds(zero=False), "page_size": _integer(1, MAX_PAGE_SIZE),
-    "cache_ttl": _seconds(zero=True), "negative_cache_ttl": _seconds(zero=True),
+    "connect_timeout": _seconds(zero=False),
+    "timeout": _seconds(zero=False),
+    "retry_after": _seconds(zero=False),
+    "pool_size": _integer(1, MAX_POOL_SIZE),
+    "idle_timeout": _seconds(zero=False),
+    "page_size": _integer(1, MAX_PAGE_SIZE),
+    "cache_ttl": _seconds(zero=True),
+    "negative_cache_ttl": _seconds(zero=True),
 }
 
 
@@ -369,13 +411,22 @@ def check(s: LdapSettings) -> list[Problem]:
         broken = RULES[f.name](getattr(s, f.name))
         if broken:
             problems.append(Problem(f.name, broken))
-    if s.start_tls is True and isinstance(s.uris, tuple) and any(
-            isinstance(uri, str) and uri.lower().startswith("ldaps:") for uri in s.uris):
-        problems.append(Problem("start_tls", "must be false with ldaps:// URIs (they are TLS "
-                                             "from the start)"))
+    if (
+        s.start_tls is True
+        and isinstance(s.uris, tuple)
+        and any(isinstance(uri, str) and uri.lower().startswith("ldaps:") for uri in s.uris)
+    ):
+        problems.append(
+            Problem("start_tls", "must be false with ldaps:// URIs (they are TLS from the start)")
+        )
     if s.bind_password and s.bind_password_file:
-        problems.append(Problem("bind_password", "give either bind_password or bind_password_file, "
-                                                 "not both", shows_value=False))
+        problems.append(
+            Problem(
+                "bind_password",
+                "give either bind_password or bind_password_file, not both",
+                shows_value=False,
+            )
+        )
     return problems
 
 
@@ -403,10 +454,10 @@ def _as_is(node: Node, key: str, value: object) -> object:
 # How YAML spells a value where it differs from Python: durations ("30s"), files (relative to
 # the config's folder, and they must exist), one string for a list of one.
 _YAML_FORMS = {
-    **{name: _seconds_of for name in ("connect_timeout", "timeout", "retry_after", "idle_timeout",
-                                      "cache_ttl", "negative_cache_ttl")},
-    **{name: _as_list for name in _LISTS},
-    "ca_file": _file, "bind_password_file": _file,
+    **dict.fromkeys(("connect_timeout", "timeout", "retry_after", "idle_timeout", "cache_ttl", "negative_cache_ttl"), _seconds_of),
+    **dict.fromkeys(_LISTS, _as_list),
+    "ca_file": _file,
+    "bind_password_file": _file,
 }
 # Keys of directory.ldap: every field but bind_password (a secret comes only from a file).
 _YAML_KEYS = tuple(f.name for f in dataclasses.fields(LdapSettings) if f.name not in _SECRET)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.dn import parse_dn
@@ -18,13 +18,15 @@ FILETIME_NEVER = (0, 0x7FFFFFFFFFFFFFFF)
 # until unlocked" (slapo-ppolicy(5)); we call that disabled.
 PPOLICY_ADMIN_LOCK = "000001010000Z"
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_FILETIME_EPOCH = datetime(1601, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_FILETIME_EPOCH = datetime(1601, 1, 1, tzinfo=UTC)
 _GENERALIZED_TIME_RE = re.compile(
-    r"^(\d{4})(\d{2})(\d{2})(\d{2})(\d{2})?(\d{2})?(?:[.,](\d+))?(Z|[+-]\d{2}(?:\d{2})?)$")
+    r"^(\d{4})(\d{2})(\d{2})(\d{2})(\d{2})?(\d{2})?(?:[.,](\d+))?(Z|[+-]\d{2}(?:\d{2})?)$"
+)
 
-_FILETIME_ATTRIBUTES = frozenset({"accountexpires", "pwdlastset", "lockouttime",
-                                  "lastlogontimestamp", "badpasswordtime"})
+_FILETIME_ATTRIBUTES = frozenset(
+    {"accountexpires", "pwdlastset", "lockouttime", "lastlogontimestamp", "badpasswordtime"}
+)
 _DAYS_ATTRIBUTES = frozenset({"shadowexpire", "shadowlastchange"})
 
 
@@ -49,8 +51,15 @@ def parse_generalized_time(text: str) -> datetime | None:
         return None
     year, month, day, hour, minute, second, fraction, zone = match.groups()
     try:
-        result = datetime(int(year), int(month), int(day), int(hour), int(minute or 0),
-                          int(second or 0), tzinfo=timezone.utc)
+        result = datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour),
+            int(minute or 0),
+            int(second or 0),
+            tzinfo=UTC,
+        )
     except ValueError:
         return None
     if fraction:
@@ -126,8 +135,8 @@ def rdn_value(dn: str) -> str:
     out = bytearray()
     i = 0
     while i < len(value):  # RFC 4514 §3: \ followed by a special character or two hex digits
-        if value[i] == "\\" and re.fullmatch(r"[0-9A-Fa-f]{2}", value[i + 1:i + 3]):
-            out.append(int(value[i + 1:i + 3], 16))
+        if value[i] == "\\" and re.fullmatch(r"[0-9A-Fa-f]{2}", value[i + 1 : i + 3]):
+            out.append(int(value[i + 1 : i + 3], 16))
             i += 3
         elif value[i] == "\\" and i + 1 < len(value):
             out += value[i + 1].encode("utf-8")
