@@ -1,10 +1,11 @@
-# apppass: `make demo` runs the proxy against a sandbox upstream; `make test` runs every test.
+# apppass: `make demo` runs the proxy against a sandbox upstream; `make test` runs every test
+# (after `make lint`: ruff and mypy).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test unit bench bench-quick clean
+.PHONY: demo test unit lint bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +16,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/apppass demo
 
-test: $(STAMP)
+test: lint
 	scripts/install-test-deps
 	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

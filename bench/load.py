@@ -260,8 +260,7 @@ class LoginEngine:
         def wanted() -> int:
             if rate is None:
                 return min(count - started, concurrency - len(conns))
-            due = min(count, int((time.perf_counter() - t_start) * rate) + 1) - started - skipped
-            return due
+            return min(count, int((time.perf_counter() - t_start) * rate) + 1) - started - skipped
 
         while time.monotonic() < deadline:
             n = wanted()
@@ -272,7 +271,7 @@ class LoginEngine:
                 start_one()
             if not conns and started + skipped >= count:
                 break
-            for fd, events in ep.poll(0.002 if rate is not None else 0.5):
+            for fd, _events in ep.poll(0.002 if rate is not None else 0.5):
                 conn = conns.get(fd)
                 if conn is None:
                     continue

@@ -286,7 +286,8 @@ class Bench:
             run["ratio"] = round(run["proxy"]["per_s"] / run["direct"]["per_s"], 3)
             runs.append(run)
             log(
-                f"warm run {i + 1}: apppass {run['proxy']['per_s']}/s p50 {run['proxy']['p50_ms']} ms "
+                f"warm run {i + 1}: apppass {run['proxy']['per_s']}/s "
+                f"p50 {run['proxy']['p50_ms']} ms "
                 f"p99 {run['proxy']['p99_ms']} ms (cpu {run['proxy']['cpu_pct']}); direct "
                 f"{run['direct']['per_s']}/s p50 {run['direct']['p50_ms']} ms p99 "
                 f"{run['direct']['p99_ms']} ms (cpu {run['direct']['cpu_pct']})"
@@ -348,8 +349,10 @@ class Bench:
                 runs.append(run)
                 log(
                     f"relay run {i + 1}: plain {run['plain']['proxy']['mb_per_s']} vs "
-                    f"{run['plain']['direct']['mb_per_s']} MB/s (cpu {run['plain']['proxy']['cpu_pct']}); "
-                    f"TLS {run['tls']['proxy']['mb_per_s']} vs {run['tls']['direct']['mb_per_s']} MB/s "
+                    f"{run['plain']['direct']['mb_per_s']} MB/s "
+                    f"(cpu {run['plain']['proxy']['cpu_pct']}); "
+                    f"TLS {run['tls']['proxy']['mb_per_s']} vs "
+                    f"{run['tls']['direct']['mb_per_s']} MB/s "
                     f"(cpu {run['tls']['proxy']['cpu_pct']})"
                 )
         finally:
@@ -570,11 +573,13 @@ class Bench:
             run["p99_ratio"] = round(run["storm"]["p99_ms"] / run["calm"]["p99_ms"], 3)
             runs.append(run)
             log(
-                f"storm run {i + 1}: legit p50/p99 {run['calm']['p50_ms']}/{run['calm']['p99_ms']} ms "
+                f"storm run {i + 1}: legit p50/p99 "
+                f"{run['calm']['p50_ms']}/{run['calm']['p99_ms']} ms "
                 f"calm, {run['storm']['p50_ms']}/{run['storm']['p99_ms']} ms in the storm "
-                f"({run['storm']['later_p99_ms']} ms after its first second; {run['storm']['not_ok']} "
-                f"not ok); flood {flood['rate']}/s {flood['outcomes']}, limiter engaged after "
-                f"{run['limiter_engaged_after_s']} s, argon2 pool full until {run['pool_full_until_s']} s; "
+                f"({run['storm']['later_p99_ms']} ms after its first second; "
+                f"{run['storm']['not_ok']} not ok); flood {flood['rate']}/s {flood['outcomes']}, "
+                f"limiter engaged after {run['limiter_engaged_after_s']} s, "
+                f"argon2 pool full until {run['pool_full_until_s']} s; "
                 f"cpu {cpu}"
             )
         keys = ("p50_ms", "p99_ms", "later_p99_ms")
@@ -686,9 +691,9 @@ def _listen_overflows() -> int:
     """TcpExt ListenOverflows: SYNs dropped because a listener's accept queue was full (any
     listener on this machine; during the storm, the proxy's)."""
     lines = Path("/proc/net/netstat").read_text().splitlines()
-    for head, values in zip(lines[::2], lines[1::2]):
+    for head, values in zip(lines[::2], lines[1::2], strict=True):  # header, values, ...
         if head.startswith("TcpExt:"):
-            return dict(zip(head.split()[1:], map(int, values.split()[1:]))).get(
+            return dict(zip(head.split()[1:], map(int, values.split()[1:]), strict=True)).get(
                 "ListenOverflows", 0
             )
     return 0
@@ -938,7 +943,9 @@ def table(data: dict) -> str:
         )
     ]
     for n, row in enumerate(rows):
-        lines.append("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+        lines.append(
+            "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+        )
         if n == 0:
             lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)

@@ -11,8 +11,9 @@ from typing import IO, Any
 class Audit:
     def __init__(self, stream: IO[str] | None = None, path: str | None = None) -> None:
         """Write to `path` (appending; "-" or None means `stream`, default stdout)."""
+        self._stream: IO[str]
         if path and path != "-":
-            self._stream = open(path, "a", encoding="utf-8", buffering=1)
+            self._stream = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (ours to close)
             self._owned = True
         else:
             self._stream = stream or sys.stdout

@@ -7,9 +7,14 @@ import ipaddress
 import json
 import sys
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, NoReturn
 
 from proxy.config import SCOPES, ConfigError, Settings, config_path, load
 from proxy.configschema import Invalid, parse_duration, parse_expiry
+
+if TYPE_CHECKING:  # opened lazily, by the commands that need them
+    from proxy.codes.sqlite import SqliteCodeStore
+    from proxy.directory.account import Directory
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -19,7 +24,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits with 2 too; keep one message style
+    def error(self, message: str) -> NoReturn:  # argparse exits with 2 too; keep one message style
         raise UsageError(message)
 
 
@@ -109,7 +114,9 @@ def _table(records) -> str:
     for r in records:
         last = "-"
         if r.last_used_at:
-            last = f"{_fmt_time(r.last_used_at)} {r.last_used_ip or ''} {r.last_used_protocol or ''}".strip()
+            last = (
+                f"{_fmt_time(r.last_used_at)} {r.last_used_ip or ''} {r.last_used_protocol or ''}"
+            ).strip()
         rows.append(
             (
                 str(r.id),
@@ -125,7 +132,9 @@ def _table(records) -> str:
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
 
 
 class _Context:
@@ -133,7 +142,9 @@ class _Context:
 
     def __init__(self, args) -> None:
         self.args = args
-        self._settings = self._store = self._directory = None
+        self._settings: Settings | None = None
+        self._store: SqliteCodeStore | None = None
+        self._directory: Directory | None = None
 
     @property
     def settings(self) -> Settings:
@@ -142,7 +153,7 @@ class _Context:
         return self._settings
 
     @property
-    def store(self):
+    def store(self) -> SqliteCodeStore:
         if self._store is None:
             from proxy.codes.open import open_store
 
@@ -150,7 +161,7 @@ class _Context:
         return self._store
 
     @property
-    def directory(self):
+    def directory(self) -> Directory:
         if self._directory is None:
             from proxy.directory.open import open_directory
 
@@ -203,7 +214,8 @@ def cmd_check_config(ctx: _Context) -> int:
     if problems:
         raise ConfigError(problems)
     _print(
-        f"{s.source}: ok ({len(s.listeners)} listeners, store {s.store.kind}, directory {s.directory.kind})"
+        f"{s.source}: ok ({len(s.listeners)} listeners, store {s.store.kind}, "
+        f"directory {s.directory.kind})"
     )
     return EXIT_OK
 
@@ -256,7 +268,8 @@ def cmd_codes_create(ctx: _Context) -> int:
     _print(f"    {issued.code.grouped()}")
     _print()
     _print(
-        f"Scopes: {', '.join(rec.scopes)}; expires: {_fmt_time(rec.expires_at) if rec.expires_at else 'never'}"
+        f"Scopes: {', '.join(rec.scopes)}; "
+        f"expires: {_fmt_time(rec.expires_at) if rec.expires_at else 'never'}"
         + (f"; max uses: {rec.max_uses}" if rec.max_uses else "")
         + (f"; networks: {' '.join(rec.networks)}" if rec.networks else "")
     )
@@ -339,7 +352,8 @@ def cmd_codes_purge(ctx: _Context) -> int:
     age = _duration(ctx.args.older_than)
     n = ctx.store.purge(datetime.now(UTC) - age)
     _print(
-        f"purged {n} revoked, expired or used-up code{'s' if n != 1 else ''} older than {ctx.args.older_than}"
+        f"purged {n} revoked, expired or used-up code{'s' if n != 1 else ''} "
+        f"older than {ctx.args.older_than}"
     )
     return EXIT_OK
 

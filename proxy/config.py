@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import ipaddress
 import os
 import re
@@ -268,6 +269,7 @@ def _directory(root: Node, policy: PolicySettings) -> DirectorySettings:
 
 
 T = TypeVar("T")
+E = TypeVar("E", bound=enum.StrEnum)
 Rule = Callable[[Node, str, Any], Any]
 
 
@@ -383,11 +385,11 @@ def _tls_version(node: Node, key: str, value: Any) -> str:
     return value
 
 
-def _enum(kind: type[T], options: tuple[Any, ...] | None = None) -> Rule:
+def _enum(kind: type[E], options: tuple[E, ...] | None = None) -> Rule:
     """A rule accepting the values of a str enum (or some of them)."""
-    names = tuple(str(o) for o in (options or tuple(kind)))  # type: ignore[arg-type]
+    names = tuple(str(o) for o in (options or tuple(kind)))
     check = choice(*names)
-    return lambda node, key, value: kind(check(node, key, value))  # type: ignore[call-arg]
+    return lambda node, key, value: kind(check(node, key, value))
 
 
 # The IANA ports for each protocol and TLS mode (RFC 8314 §7 for 465/993/995; RFC 6409 for 587).

@@ -74,9 +74,7 @@ class Node:
     def has(self, key: str) -> bool:
         return self.data.get(key) is not None
 
-    def get(
-        self, key: str, rule: Callable[[Node, str, Any], Any], default: Any = _MISSING
-    ) -> Any:
+    def get(self, key: str, rule: Callable[[Node, str, Any], Any], default: Any = _MISSING) -> Any:
         """The value of `key` checked by `rule`; `default` when absent (or an error if required)."""
         self._used.add(key)
         value = self.data.get(key)

@@ -15,7 +15,7 @@ import dataclasses
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from proxy.auth.decision import Refusal
 from proxy.commands import Authenticate, Close, Command, Failed, Hello, Send
@@ -133,7 +133,7 @@ class Say(enum.Enum):
 
 @dataclass(frozen=True)
 class Reply:
-    """One reply's wording: `text` may use {tag} (IMAP), {host} and {challenge}; "" sends nothing."""
+    """One reply's wording: `text` may use {tag} (IMAP), {host} and {challenge}; "" says nothing."""
 
     text: str
     counts: Count = Count.ERROR
@@ -408,7 +408,9 @@ def has_controls(line: bytes) -> bool:
     return any((b < 0x20 and b != 0x09) or b == 0x7F for b in line)
 
 
-Handler = Callable[["LineCore", bytes, list[Command]], None]
+# A command's handler: (core, arguments, commands out). The core is the subclass that declares
+# the table, which a ClassVar on the base cannot name: hence Any.
+Handler = Callable[[Any, bytes, list[Command]], None]
 
 
 class LineCore(PreAuthCore):

@@ -14,12 +14,12 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, ITLSTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -35,10 +35,19 @@ from proxy.upstream import LoginRequest, LoginResult, UpstreamConnection, Upstre
 
 
 class WatchResult(TypingProtocol):
-    to_upstream: bytes
-    to_client: bytes
-    refused: tuple[str, ...]  # commands refused in this call, for the audit log
-    close: str | None  # end the session after writing: the streams cannot stay in step
+    @property
+    def to_upstream(self) -> bytes: ...
+
+    @property
+    def to_client(self) -> bytes: ...
+
+    @property
+    def refused(self) -> tuple[str, ...]:
+        """Commands refused in this call, for the audit log."""
+
+    @property
+    def close(self) -> str | None:
+        """End the session after writing: the streams cannot stay in step."""
 
 
 class SessionWatch(TypingProtocol):
@@ -111,10 +120,16 @@ class Frontend(Spliceable, Protocol):
         self._closed = False
         self._started = time.monotonic()
 
+    @property
+    def _client(self) -> ITLSTransport:
+        """The client's transport (TCP, TLS, or inside a PROXY-protocol wrapper): it writes,
+        closes, aborts and starts TLS."""
+        return cast(ITLSTransport, self.transport)
+
     # -- connection ------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
+        peer = self._client.getPeer()
         self.client_ip = getattr(peer, "host", "") or ""
         self.client_port = getattr(peer, "port", 0) or 0
         self.tls_active = self.listener.tls is TlsMode.IMPLICIT
@@ -135,7 +150,7 @@ class Frontend(Spliceable, Protocol):
         elif not self._closed:
             self._carry_out(self.core.receive_data(data))
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         self._cancel_timer()
         self.context.closed(self)
@@ -151,9 +166,9 @@ class Frontend(Spliceable, Protocol):
             if self._closed:
                 return
             if isinstance(command, Send):
-                self.transport.write(command.data)
+                self._client.write(command.data)
             elif isinstance(command, StartTLS):
-                self.transport.startTLS(self.server_tls)
+                self._client.startTLS(self.server_tls)
                 self.tls_active = True
                 self.core.tls_started()
             elif isinstance(command, Authenticate):
@@ -164,7 +179,7 @@ class Frontend(Spliceable, Protocol):
                 self._audit("disconnect", reason=command.reason)
                 self._closed = True
                 self._cancel_timer()
-                self.transport.loseConnection()
+                self._client.loseConnection()
 
     def _audit(self, event: str, **fields: Any) -> None:
         self.context.audit.event(
@@ -176,12 +191,11 @@ class Frontend(Spliceable, Protocol):
         )
 
     def _bug(self, failure: Failure) -> None:
-        self._audit(
-            "error", where="frontend", type=failure.type.__name__, error=failure.getErrorMessage()
-        )
+        error = failure.value
+        self._audit("error", where="frontend", type=type(error).__name__, error=str(error))
         if not self._closed:
             self._closed = True
-            self.transport.abortConnection()
+            self._client.abortConnection()
 
     def _login_timeout(self) -> None:
         self._timer = None
@@ -259,8 +273,9 @@ class Frontend(Spliceable, Protocol):
         client_hook = upstream_hook = None
         if watch is not None:
             client_hook, upstream_hook = self._hooks(watch)
+        assert upstream.transport is not None
         relay = Relay(
-            self.transport,
+            self._client,
             upstream.transport,
             client_pending=self.core.take_pending(),
             upstream_pending=upstream.take_leftover(),
@@ -316,7 +331,7 @@ class Frontend(Spliceable, Protocol):
     def _close_both(self, reason: str) -> None:
         """Close client and upstream after what was written to them (the watch asked for it)."""
         self._audit("session_closed", reason=reason)
-        self.transport.loseConnection()
+        self._client.loseConnection()
         if self.upstream is not None:
             self.upstream.close()
 
@@ -326,7 +341,7 @@ class Frontend(Spliceable, Protocol):
             self._relay.abort(reason)
         elif not self._closed:
             self._closed = True
-            self.transport.abortConnection()
+            self._client.abortConnection()
 
 
 class FrontendFactory(Factory):

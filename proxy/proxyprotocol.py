@@ -44,12 +44,13 @@ import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple, cast
 
 from twisted.internet import address
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, ITCPTransport, ITransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from zope.interface import alsoProvides, directlyProvides, providedBy
 
 # --- limits -----------------------------------------------------------------------------------
@@ -213,6 +214,8 @@ class ProxyHeaderParser:
             return ProxyHeader(2, "UNSPEC", None, None, remaining, total)
         if length < need:
             return ProxyError(f"v2: address block of {length} octets, family needs {need}")
+        src: ipaddress.IPv4Address | ipaddress.IPv6Address
+        dst: ipaddress.IPv4Address | ipaddress.IPv6Address
         if family == _V2_TCP4:
             src, dst = ipaddress.IPv4Address(block[0:4]), ipaddress.IPv4Address(block[4:8])
             sport, dport = struct.unpack_from("!HH", block, 8)
@@ -343,7 +346,8 @@ class TrustedProxies:
 
 
 def _twisted_address(endpoint: Endpoint, like: object) -> address.IPv4Address | address.IPv6Address:
-    kind = getattr(like, "type", "TCP")
+    # The real peer's address: Twisted's IPv4Address/IPv6Address allow only "TCP" and "UDP".
+    kind: Literal["TCP", "UDP"] = getattr(like, "type", "TCP")
     if ":" in endpoint.host:
         return address.IPv6Address(kind, endpoint.host, endpoint.port)
     return address.IPv4Address(kind, endpoint.host, endpoint.port)
@@ -386,8 +390,11 @@ class ProxyProtocolWrapper(ProtocolWrapper):
 
     def _fail(self, reason: str) -> None:
         self._parser = None
-        self.factory.rejected(self.transport.getPeer(), reason)
-        self.transport.abortConnection()
+        # Twisted types `transport` as ITransport | None; while the header is awaited it is the
+        # listener's connected TCP transport (this wrapper is outermost).
+        transport = cast(ITCPTransport, self.transport)
+        self.factory.rejected(transport.getPeer(), reason)
+        transport.abortConnection()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -398,7 +405,9 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         self._cancel_timer()
         self._started = True
         self._parser = None
-        self.wrappedProtocol.makeConnection(self)
+        # The wrapper is the wrapped protocol's transport: makeConnection made it provide the
+        # real transport's interfaces (directlyProvides), which mypy cannot see.
+        self.wrappedProtocol.makeConnection(cast(ITransport, self))
         if data and self.connected:
             self.wrappedProtocol.dataReceived(data)
 
@@ -418,35 +427,37 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         self.header = result
         self._start(result.remaining)
 
-    def getPeer(self):
-        real = self.transport.getPeer()
+    def getPeer(self) -> IAddress:
+        real = cast(ITCPTransport, self.transport).getPeer()
         if self.header is not None and self.header.source is not None:
             return _twisted_address(self.header.source, real)
         return real
 
-    def getHost(self):
-        real = self.transport.getHost()
+    def getHost(self) -> IAddress:
+        real = cast(ITCPTransport, self.transport).getHost()
         if self.header is not None and self.header.destination is not None:
             return _twisted_address(self.header.destination, real)
         return real
 
-    def readConnectionLost(self):
+    def readConnectionLost(self) -> None:
         if self._started:
-            self.wrappedProtocol.readConnectionLost()
+            # Only called when the wrapped protocol is half-closeable (makeConnection).
+            cast(IHalfCloseableProtocol, self.wrappedProtocol).readConnectionLost()
         else:
-            self.transport.loseConnection()  # EOF before a complete header
+            cast(ITCPTransport, self.transport).loseConnection()  # EOF before a whole header
 
-    def writeConnectionLost(self):
+    def writeConnectionLost(self) -> None:
         if self._started:
-            self.wrappedProtocol.writeConnectionLost()
+            cast(IHalfCloseableProtocol, self.wrappedProtocol).writeConnectionLost()
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_timer()
         self.connected = 0
         self.factory.unregisterProtocol(self)
         if self._started:
             self.wrappedProtocol.connectionLost(reason)
-        self.wrappedProtocol = None
+        # Let go of the session's protocol now; nothing reads it after the connection is gone.
+        self.wrappedProtocol = None  # type: ignore[assignment]
 
 
 class ProxyProtocolFactory(WrappingFactory):

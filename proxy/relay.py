@@ -93,6 +93,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
@@ -131,16 +132,33 @@ BUFFER_BOUND = BUFFER_BOUND_TLS
 Hook = Callable[[bytes], "tuple[bytes, bytes]"]
 
 
+class RelayTransport(Protocol):
+    """What the relay uses of a transport. Twisted types a protocol's `transport` as ITransport,
+    but every transport a relay is given (tcp.Connection, TLSMemoryBIOProtocol, a
+    ProtocolWrapper in front of either) is also a push producer and a consumer and can abort."""
+
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def loseWriteConnection(self) -> None: ...  # only called when supports_half_close() says so
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+
+
 class Spliceable:
     """Mixin for a Protocol that hands its half-close events to a relay side once spliced;
     before that, a peer that stops sending is gone (a pre-auth half-close ends the connection)."""
 
-    relay = None  # a RelaySide once spliced
+    relay: RelaySide | None = None  # a RelaySide once spliced
+    transport: ITransport | None  # the Protocol's (twisted.internet.protocol.BaseProtocol)
 
     def readConnectionLost(self) -> None:
         if self.relay is not None:
             self.relay.readConnectionLost()
         else:
+            assert self.transport is not None  # a read EOF comes only from a connected transport
             self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
@@ -167,13 +185,13 @@ class RelayResult:
     clean: bool
 
 
-def supports_half_close(transport: ITransport) -> bool:
+def supports_half_close(transport: object) -> bool:
     """Whether loseWriteConnection on this transport is a real half-close: plain TCP only.
 
     Under TLS (listenSSL's TLSMemoryBIOProtocol, or a tcp.Connection after startTLS, which then
     provides ISSLTransport) the call would reach the TCP socket beneath the TLS layer.
     """
-    t = transport
+    t: object = transport
     while True:
         if isinstance(t, TLSMemoryBIOProtocol) or ISSLTransport.providedBy(t):
             return False
@@ -218,7 +236,7 @@ class RelaySide:
     def __init__(self, relay: Relay, name: str, transport: ITransport) -> None:
         self.relay = relay
         self.name = name
-        self.transport = transport
+        self.transport = cast(RelayTransport, transport)  # see RelayTransport
         self.peer: RelaySide = self  # set by Relay
         self.alive = True  # transport not yet lost
         self.eof = False  # nothing more will be read from this side
@@ -243,8 +261,10 @@ class RelaySide:
             peer.transport.write(data)
 
     def _forward_hooked(self, data: bytes) -> None:
+        hook = self.hook
+        assert hook is not None  # Relay installs this method only on a side with a hook
         try:
-            to_peer, to_self = self.hook(data)  # type: ignore[misc]
+            to_peer, to_self = hook(data)
         except Exception:
             log.failure("relay {side} hook failed; aborting the session", side=self.name)
             self.relay.abort(f"{self.name} hook failed")
@@ -351,7 +371,7 @@ class Relay:
             side.hook = hook
             # Bound per instance: with no hook, nothing but the count and the write per chunk.
             forward = side._forward if hook is None else side._forward_hooked
-            side.dataReceived = forward  # type: ignore[method-assign]
+            side.dataReceived = forward  # type: ignore[method-assign]  # bound per instance
         self._client_pending = client_pending
         self._upstream_pending = upstream_pending
         self._ended_before = {"client": client_ended, "upstream": upstream_ended}

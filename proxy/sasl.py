@@ -69,7 +69,7 @@ def parse_plain(message: bytes) -> tuple[str, Credentials]:
     if len(parts) != 3:
         raise SaslError("PLAIN message needs exactly two NUL separators")
     authzid, authcid, passwd = (
-        _text(p, w) for p, w in zip(parts, ("authzid", "authcid", "password"))
+        _text(p, w) for p, w in zip(parts, ("authzid", "authcid", "password"), strict=True)
     )
     if not authcid:
         raise SaslError("empty authcid")

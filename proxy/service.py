@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from proxy.audit import Audit
@@ -15,7 +19,7 @@ from proxy.auth.authenticator import Authenticator
 from proxy.codes.hashing import CodeHasher
 from proxy.codes.open import open_store
 from proxy.codes.store import AsyncCodeStore, State, StoreUnavailable
-from proxy.config import Settings
+from proxy.config import Settings, Upstream
 from proxy.directory.open import open_directory
 from proxy.frontend import Frontend, FrontendFactory, ProtocolSpec, SessionContext
 from proxy.imap.spec import ImapSpec
@@ -43,7 +47,7 @@ PROBE_RETRY_SECONDS = 30
 def protocol_specs(settings: Settings) -> dict[MailProtocol, ProtocolSpec]:
     """One spec per configured upstream: how its protocol builds cores and logs in."""
     max_failures, hostname = settings.auth.max_failures, settings.hostname
-    makers = {
+    makers: dict[MailProtocol, Callable[[Upstream], ProtocolSpec]] = {
         MailProtocol.IMAP: lambda up: ImapSpec(up, max_failures=max_failures),
         MailProtocol.POP3: lambda up: Pop3Spec(up, max_failures=max_failures, hostname=hostname),
         MailProtocol.SMTP: lambda up: SmtpSpec(up, max_failures=max_failures, hostname=hostname),
@@ -55,7 +59,7 @@ class Service:
     def __init__(
         self,
         settings: Settings,
-        reactor,
+        reactor: Any,
         audit: Audit | None = None,
         session_check: float = SESSION_CHECK_SECONDS,
     ) -> None:
@@ -63,11 +67,11 @@ class Service:
         self.reactor = reactor
         self.audit = audit or Audit(path=settings.audit.file)
         self.sessions: set[Frontend] = set()
-        self.ports: dict[str, object] = {}  # listener name -> IListeningPort
+        self.ports: dict[str, IListeningPort] = {}  # listener name -> its port
         self.tls: dict[str, ServerTLS] = {}
         self.specs = protocol_specs(settings)
         self.session_check = session_check
-        self._check = None
+        self._check: task.LoopingCall | None = None
         self._probes: dict[MailProtocol, task.LoopingCall] = {}
 
     def _context(self) -> SessionContext:
@@ -101,8 +105,10 @@ class Service:
                     str(listener.cert_file), str(listener.key_file), listener.min_tls
                 )
                 self.tls[listener.name] = server_tls
-            factory = FrontendFactory(context, listener, self.specs[listener.protocol], server_tls)
-            if listener.tls is TlsMode.IMPLICIT:
+            factory: IProtocolFactory = FrontendFactory(
+                context, listener, self.specs[listener.protocol], server_tls
+            )
+            if server_tls is not None and listener.tls is TlsMode.IMPLICIT:
                 factory = TLSMemoryBIOFactory(server_tls, False, factory)
             if listener.proxy_protocol_from:
                 trusted = TrustedProxies.parse([str(n) for n in listener.proxy_protocol_from])
@@ -116,7 +122,7 @@ class Service:
                 "listening",
                 listener=listener.name,
                 protocol=listener.protocol,
-                address=f"{listener.host}:{port.getHost().port}",
+                address=f"{listener.host}:{self.port_of(listener.name)}",
                 tls=listener.tls,
             )
         for protocol in {listener.protocol for listener in s.listeners}:
@@ -154,7 +160,10 @@ class Service:
             self._probes.pop(protocol).stop()
 
     def port_of(self, name: str) -> int:
-        return self.ports[name].getHost().port
+        """The TCP port a listener is bound to (the config may say 0: any free port)."""
+        address = self.ports[name].getHost()
+        assert isinstance(address, IPv4Address | IPv6Address)
+        return address.port
 
     def reload(self) -> None:
         """SIGHUP: re-read the TLS certificates and a static users file."""
@@ -199,7 +208,7 @@ class Service:
             if loop is not None and loop.running:
                 loop.stop()
         for port in self.ports.values():
-            await port.stopListening()
+            await defer.maybeDeferred(port.stopListening)
         for session in list(self.sessions):
             session.end("proxy stopping")
         for name in ("authenticator", "hasher", "store"):
@@ -212,8 +221,9 @@ class Service:
 
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP re-reads the TLS certificates and the users file."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
 
+    reactor: Any = global_reactor  # the installed reactor provides every IReactor* interface
     service = Service(settings, reactor)
     exit_code = [0]
 

@@ -8,18 +8,28 @@ After the login the connection's leftover bytes go to the client and the relay t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 from twisted.internet import defer, error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IOpenSSLClientConnectionCreator,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+    ITLSTransport,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from proxy.commands import Hello
 from proxy.config import Upstream
 from proxy.linebuffer import LineBuffer, TooLong
+from proxy.protocols import TlsMode
 from proxy.relay import Spliceable
 from proxy.tls import upstream_tls
 
@@ -60,13 +70,18 @@ class LoginResult:
 class UpstreamConnection(Spliceable, Protocol):
     """The upstream side of a session: a line reader for the login dialogue, then relay input."""
 
-    def __init__(self, settings: Upstream, reactor) -> None:
+    def __init__(self, settings: Upstream, reactor: IReactorTime) -> None:
         self.settings = settings
         self._reactor = reactor
         self._lines = LineBuffer(MAX_UPSTREAM_LINE)
-        self._waiting: defer.Deferred | None = None
+        self._waiting: defer.Deferred[None] | None = None
         self._lost: Exception | None = None
-        self.tls = settings.tls == "implicit"
+        self.tls = settings.tls is TlsMode.IMPLICIT
+
+    @property
+    def _server(self) -> ITLSTransport:
+        """The upstream's transport (TCP, or TLS from the start): writes, aborts, starts TLS."""
+        return cast(ITLSTransport, self.transport)
 
     # -- Twisted events --------------------------------------------------------------------------
 
@@ -77,7 +92,7 @@ class UpstreamConnection(Spliceable, Protocol):
         self._lines.feed(data)
         self._wake()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.relay is not None:
             self.relay.connectionLost(reason)
             return
@@ -92,7 +107,7 @@ class UpstreamConnection(Spliceable, Protocol):
             d.callback(None)
 
     def send(self, data: bytes) -> None:
-        self.transport.write(data)
+        self._server.write(data)
 
     async def read_line(self) -> bytes:
         """The next line from the upstream; UpstreamError on close or timeout."""
@@ -104,7 +119,7 @@ class UpstreamConnection(Spliceable, Protocol):
                 return line
             if self._lost is not None:
                 raise self._lost
-            self._waiting = d = defer.Deferred()
+            self._waiting = d = defer.Deferred[None]()
             timer = self._reactor.callLater(
                 self.settings.timeout.total_seconds(), self._time_out, d
             )
@@ -114,7 +129,7 @@ class UpstreamConnection(Spliceable, Protocol):
                 if timer.active():
                     timer.cancel()
 
-    def _time_out(self, d: defer.Deferred) -> None:
+    def _time_out(self, d: defer.Deferred[None]) -> None:
         if self._waiting is d:
             self._waiting = None
             d.errback(
@@ -122,13 +137,13 @@ class UpstreamConnection(Spliceable, Protocol):
                     f"no answer from upstream within {self.settings.timeout.total_seconds():g}s"
                 )
             )
-            self.transport.abortConnection()
+            self._server.abortConnection()
 
     async def start_tls(self) -> None:
         """STARTTLS: the upstream said OK; anything it sent after that is discarded (a MITM could
         have injected it), then the handshake runs with certificate verification."""
         self._lines.clear()
-        self.transport.startTLS(client_tls(self.settings))
+        self._server.startTLS(client_tls(self.settings))
         self.tls = True
 
     def take_leftover(self) -> bytes:
@@ -139,7 +154,7 @@ class UpstreamConnection(Spliceable, Protocol):
             self.transport.loseConnection()
 
 
-def client_tls(settings: Upstream):
+def client_tls(settings: Upstream) -> IOpenSSLClientConnectionCreator:
     return upstream_tls(
         settings.server_name or settings.host,
         ca_file=str(settings.ca_file) if settings.ca_file else None,
@@ -147,12 +162,13 @@ def client_tls(settings: Upstream):
     )
 
 
-async def connect(settings: Upstream, reactor) -> UpstreamConnection:
+async def connect(settings: Upstream, reactor: Any) -> UpstreamConnection:
     """A TCP (or implicit TLS) connection to the upstream; UpstreamError if that fails."""
-    factory = Factory.forProtocol(lambda: UpstreamConnection(settings, reactor))
-    if settings.tls == "implicit":
+    factory: IProtocolFactory = Factory.forProtocol(lambda: UpstreamConnection(settings, reactor))
+    if settings.tls is TlsMode.IMPLICIT:
         factory = TLSMemoryBIOFactory(client_tls(settings), True, factory)
     timeout = settings.connect_timeout.total_seconds()
+    endpoint: IStreamClientEndpoint
     if isIPAddress(settings.host):  # no resolver round trip through a thread for an address
         endpoint = TCP4ClientEndpoint(reactor, settings.host, settings.port, timeout=timeout)
     elif isIPv6Address(settings.host):
@@ -165,4 +181,4 @@ async def connect(settings: Upstream, reactor) -> UpstreamConnection:
         raise UpstreamError(
             f"cannot connect to {settings.host}:{settings.port}: {exc.__class__.__name__}"
         ) from None
-    return getattr(proto, "wrappedProtocol", proto)
+    return cast(UpstreamConnection, getattr(proto, "wrappedProtocol", proto))

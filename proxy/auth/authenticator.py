@@ -1,5 +1,5 @@
-"""The Authenticator: turns an Attempt into a Decision (docs/architecture.md, step 3). Never touches a
-socket; the directory, the store and argon2 run in their thread pools, never on the reactor.
+"""The Authenticator: turns an Attempt into a Decision (docs/architecture.md, step 3). Never
+touches a socket; the directory, the store and argon2 run in their thread pools.
 
 Fails closed: directory, store or hash-pool trouble is a temporary Denial, never a Grant. Only
 after the code itself verified may a Denial say more than "bad credentials".
@@ -94,17 +94,17 @@ class Authenticator:
 
     def _record(self, decision, attempt: Attempt):
         account = decision.account
-        fields = dict(
-            protocol=attempt.protocol.value,
-            login=attempt.login,
-            client=attempt.client_ip,
-            port=attempt.client_port or None,
-            tls=attempt.tls,
-            listener=attempt.listener or None,
-            session=attempt.session or None,
-            mechanism=attempt.mechanism or None,
-            account=account.key if account else None,
-        )
+        fields = {
+            "protocol": attempt.protocol.value,
+            "login": attempt.login,
+            "client": attempt.client_ip,
+            "port": attempt.client_port or None,
+            "tls": attempt.tls,
+            "listener": attempt.listener or None,
+            "session": attempt.session or None,
+            "mechanism": attempt.mechanism or None,
+            "account": account.key if account else None,
+        }
         if decision.ok:
             self.limiter.success(attempt.client_ip)
             self.audit.event(

@@ -30,8 +30,9 @@ class Attempt:
         )
 
 
-class Refusal(str, enum.Enum):
-    """Why the client is refused, as far as the client may know (docs/architecture.md: Decisions and replies)."""
+class Refusal(enum.StrEnum):
+    """Why the client is refused, as far as the client may know (docs/architecture.md:
+    Decisions and replies)."""
 
     CREDENTIALS = "credentials"  # bad credentials (also: unknown login, malformed code)
     EXPIRED = "expired"  # the code verified but is expired, used up or revoked

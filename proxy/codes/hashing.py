@@ -86,7 +86,7 @@ class CodeHasher:
     def pending(self) -> int:
         return self._pending
 
-    def verify(self, encoded: str | None, code: str, client: str = "") -> defer.Deferred:
+    def verify(self, encoded: str | None, code: str, client: str = "") -> defer.Deferred[bool]:
         """A Deferred firing True/False; fails with PoolFull when the queue (or this client's
         share of it) is over its bound."""
         if self._pool is None:
@@ -95,7 +95,7 @@ class CodeHasher:
             return defer.fail(ClientShareFull())
         if self._pending >= self.settings.threads + self.settings.queue:
             return defer.fail(PoolFull())
-        d = defer.Deferred()
+        d: defer.Deferred[bool] = defer.Deferred()
         self._waiting.setdefault(client, deque()).append((encoded, code, d))
         self._pending += 1
         self._dispatch()
@@ -115,6 +115,7 @@ class CodeHasher:
             else:
                 del self._waiting[client]
             self._running += 1
+            assert self._pool is not None  # verify() queues jobs only after start()
             job = threads.deferToThreadPool(
                 self._reactor, self._pool, self.verify_sync, encoded, code
             )

@@ -6,6 +6,7 @@ import sqlite3
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import overload
 
 from proxy.codes.store import (
     CapReached,
@@ -53,6 +54,10 @@ MIGRATIONS = [
 BUSY_TIMEOUT_MS = 5000
 
 
+@overload
+def _ts(moment: datetime) -> int: ...
+@overload
+def _ts(moment: datetime | None) -> int | None: ...
 def _ts(moment: datetime | None) -> int | None:
     return None if moment is None else int(moment.timestamp())
 
@@ -71,7 +76,7 @@ def _record(row: sqlite3.Row) -> CodeRecord:
         hash=row["hash"],
         scopes=tuple(s for s in row["scopes"].split(",") if s),
         networks=tuple(row["networks"].split()),
-        created_at=_dt(row["created_at"]),
+        created_at=datetime.fromtimestamp(row["created_at"], UTC),  # NOT NULL
         expires_at=_dt(row["expires_at"]),
         max_uses=row["max_uses"],
         use_count=row["use_count"],
@@ -177,8 +182,9 @@ class SqliteCodeStore:
                     f"{new.account_login} already has {live} codes (codes.max_per_account is {cap})"
                 )
             cur = conn.execute(
-                "INSERT INTO codes (account_key, account_login, label, selector, hash, scopes, networks,"
-                " created_at, expires_at, max_uses, created_by) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO codes (account_key, account_login, label, selector, hash, scopes,"
+                " networks, created_at, expires_at, max_uses, created_by)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     new.account_key,
                     new.account_login,
@@ -198,7 +204,11 @@ class SqliteCodeStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise StoreUnavailable(f"{self.path}: {exc}") from None
-        return self.get(cur.lastrowid)
+        code_id = cur.lastrowid
+        assert code_id is not None  # set by the INSERT
+        record = self.get(code_id)
+        assert record is not None  # just committed
+        return record
 
     def get(self, code_id: int) -> CodeRecord | None:
         row = self._run("SELECT * FROM codes WHERE id = ?", (code_id,)).fetchone()
@@ -220,7 +230,8 @@ class SqliteCodeStore:
         include_inactive: bool = False,
         now: datetime | None = None,
     ) -> list[CodeRecord]:
-        sql, params = "SELECT * FROM codes WHERE 1=1", []
+        sql = "SELECT * FROM codes WHERE 1=1"
+        params: list[str | int | None] = []
         if account_key is not None:
             sql += " AND account_key = ?"
             params.append(account_key)
@@ -259,15 +270,16 @@ class SqliteCodeStore:
         cur = self._run(
             "DELETE FROM codes WHERE (revoked_at IS NOT NULL AND revoked_at < ?)"
             " OR (expires_at IS NOT NULL AND expires_at < ?)"
-            " OR (max_uses IS NOT NULL AND use_count >= max_uses AND coalesce(last_used_at, created_at) < ?)",
+            " OR (max_uses IS NOT NULL AND use_count >= max_uses"
+            " AND coalesce(last_used_at, created_at) < ?)",
             (t, t, t),
         )
         return cur.rowcount
 
     def record_failure(self, code_id: int, ip: str, now: datetime | None = None) -> None:
         self._run(
-            "UPDATE codes SET failed_count = failed_count + 1, last_failed_at = ?, last_failed_ip = ?"
-            " WHERE id = ?",
+            "UPDATE codes SET failed_count = failed_count + 1, last_failed_at = ?,"
+            " last_failed_ip = ? WHERE id = ?",
             (_ts(now or utcnow()), ip, code_id),
         )
 

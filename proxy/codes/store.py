@@ -18,7 +18,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-class State(str, enum.Enum):
+class State(enum.StrEnum):
     ACTIVE = "active"
     DISABLED = "disabled"
     EXPIRED = "expired"
@@ -89,7 +89,7 @@ class NewCode:
         return f"NewCode(account={self.account_login!r}, label={self.label!r})"
 
 
-class Claim(str, enum.Enum):
+class Claim(enum.StrEnum):
     """The outcome of the atomic claim after a good verification."""
 
     OK = "ok"

@@ -8,6 +8,7 @@ authzid naming the user, or a user's own password. Nothing is written to disk.
 from __future__ import annotations
 
 import email
+import email.message
 import email.policy
 import email.utils
 import hmac
@@ -108,7 +109,9 @@ class Message:
     def getSubPart(self, part: int) -> Message:
         if not self.isMultipart():
             raise TypeError("not a multipart message")
-        return Message(self._parsed.get_payload(part).as_bytes())
+        sub = self._parsed.get_payload(part)
+        assert isinstance(sub, email.message.Message)  # a multipart's parts are messages
+        return Message(sub.as_bytes())
 
     # IMessageIMAPFile
     def open(self) -> BytesIO:
@@ -185,7 +188,8 @@ class Mailbox:
 
     def expunge(self) -> list[int]:
         """Sequence numbers as RFC 3501 §7.4.1 reports them: each one after the previous removal."""
-        expunged, kept = [], []
+        expunged: list[int] = []
+        kept: list[Message] = []
         for seq, message in enumerate(self.messages, 1):
             if "\\Deleted" in message.flags:
                 expunged.append(seq - len(expunged))
@@ -231,7 +235,8 @@ class Account(imap4.MemoryAccount):
 
 
 class POP3Maildrop(pop3.Mailbox):
-    """The INBOX as one POP3 session sees it: fixed at login, deletions applied at QUIT (RFC 1939)."""
+    """The INBOX as one POP3 session sees it: fixed at login, deletions applied at QUIT
+    (RFC 1939)."""
 
     def __init__(self, inbox: Mailbox):
         self._inbox = inbox

@@ -1,4 +1,5 @@
-"""`apppass demo`: the proxy, ready to try, in front of the sandbox upstream (proxy/demo/sandbox.py).
+"""`apppass demo`: the proxy, ready to try, in front of the sandbox upstream
+(proxy/demo/sandbox.py).
 
 Everything lives under one folder (default ./var/demo): the config it writes, the SQLite store,
 a users file with the account `demo`. The sandbox keeps mail in memory only. For trying apppass
@@ -98,11 +99,13 @@ def _instructions(code: str, ports: dict[str, int]) -> str:
         f"  curl -u 'demo:{code}' 'imap://{HOST}:{ports['imap']}/INBOX;UID=1'",
         f"  curl -u 'demo:{code}' pop3://{HOST}:{ports['pop3']}/1",
         f"  printf 'Subject: hello\\r\\n\\r\\nsent through apppass\\r\\n' | curl -u 'demo:{code}' "
-        f"smtp://{HOST}:{ports['smtp']} --mail-from demo@example.test --mail-rcpt demo@example.test -T -",
+        f"smtp://{HOST}:{ports['smtp']} --mail-from demo@example.test "
+        "--mail-rcpt demo@example.test -T -",
         f"  curl -u 'demo:{code}' 'imap://{HOST}:{ports['imap']}/INBOX;UID=2'",
         "",
         "Mail client settings: server 127.0.0.1, user demo, the app password above, no encryption,",
-        f"  IMAP port {ports['imap']}, POP3 port {ports['pop3']}, SMTP port {ports['smtp']} with authentication.",
+        f"  IMAP port {ports['imap']}, POP3 port {ports['pop3']}, "
+        f"SMTP port {ports['smtp']} with authentication.",
         "",
         "Watch it:  apppass -c {cfg} codes list      (use count, last use)",
         "           tail -f {audit}                  (one JSON line per decision)",

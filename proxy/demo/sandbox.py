@@ -21,7 +21,7 @@ from __future__ import annotations
 import email.utils
 import ipaddress
 import secrets
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, protocol
@@ -74,7 +74,8 @@ here over IMAP or POP3.
 
 @implementer(IRealm)
 class _Realm:
-    """What a logged-in user gets: the IMAP account, a POP3 view of the INBOX, or SMTP submission."""
+    """What a logged-in user gets: the IMAP account, a POP3 view of the INBOX, or SMTP
+    submission."""
 
     def __init__(self, sandbox: Sandbox):
         self._sandbox = sandbox
@@ -126,7 +127,9 @@ class Sandbox:
 
     def mailbox(self, user: str) -> Mailbox:
         """The user's INBOX (KeyError for an unknown user)."""
-        return self._accounts[user].mailboxes["INBOX"]
+        # twisted.mail's MemoryAccount declares `mailboxes = None`; its __init__ sets a dict.
+        mailboxes = cast("dict[str, Mailbox]", self._accounts[user].mailboxes)
+        return mailboxes["INBOX"]
 
     def listen(
         self,

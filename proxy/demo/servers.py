@@ -24,7 +24,10 @@ from zope.interface import implementer
 from proxy.demo.accounts import Mailbox, PlainCredentials, SandboxView, as_text
 
 # In every greeting: what this server is, and what it is not.
-NOTICE = b"apppass sandbox, for trying apppass out only: in memory, no persistence, no TLS, loopback only"
+NOTICE = (
+    b"apppass sandbox, for trying apppass out only: in memory, no persistence, no TLS,"
+    b" loopback only"
+)
 
 # SMTP SIZE: 10 240 000 octets, Postfix's default message_size_limit.
 MAX_MESSAGE_SIZE = 10_240_000
@@ -49,7 +52,7 @@ class SandboxIMAP(_IMAP):
 
     def __init__(self, sandbox: SandboxView):
         super().__init__()
-        self.portal = sandbox.portal
+        self.portal = sandbox.portal  # type: ignore[assignment]  # twisted.mail says portal = None
 
     def capabilities(self):
         caps = {b"ID": None, b"IDLE": None, b"NAMESPACE": None}
@@ -88,7 +91,8 @@ class SandboxIMAP(_IMAP):
             self._pendingLiteral = defer.Deferred()
             self._pendingLiteral.addCallback(self._plainResponse, tag)
 
-    unauth_AUTHENTICATE = (do_AUTHENTICATE, _IMAP.arg_line)
+    # ignore: the base's table is typed with IMAP4Server; twisted calls ours with a SandboxIMAP
+    unauth_AUTHENTICATE = (do_AUTHENTICATE, _IMAP.arg_line)  # type: ignore[assignment]
 
     def _plainResponse(self, line, tag):
         if line.strip() == b"*":
@@ -99,7 +103,8 @@ class SandboxIMAP(_IMAP):
     def do_LOGIN(self, tag, user, password):
         self._login(tag, credentials.UsernamePassword(user, password))
 
-    unauth_LOGIN = (do_LOGIN, _IMAP.arg_astring, _IMAP.arg_finalastring)
+    # ignore: the base's table is typed with IMAP4Server; twisted calls ours with a SandboxIMAP
+    unauth_LOGIN = (do_LOGIN, _IMAP.arg_astring, _IMAP.arg_finalastring)  # type: ignore[assignment]
 
     def _login(self, tag, creds):
         d = self.portal.login(creds, None, IAccountIMAP)
@@ -123,7 +128,8 @@ class SandboxIMAP(_IMAP):
     def do_APPEND(self, tag, mailbox, flags, date, message):
         super().do_APPEND(tag, mailbox, flags or [], date, message)
 
-    auth_APPEND = select_APPEND = (
+    # ignore: the base's table is typed with IMAP4Server; twisted calls ours with a SandboxIMAP
+    auth_APPEND = select_APPEND = (  # type: ignore[assignment]
         do_APPEND,
         _IMAP.arg_astring,
         _IMAP.opt_plist,
@@ -136,7 +142,8 @@ class SandboxIMAP(_IMAP):
         self.sendContinuationRequest(b"idling")
         self.parseTag, self.lastState, self.parseState = tag, self.parseState, "idle"
 
-    auth_IDLE = select_IDLE = (do_IDLE,)
+    # ignore: the base's table is typed with IMAP4Server; twisted calls ours with a SandboxIMAP
+    auth_IDLE = select_IDLE = (do_IDLE,)  # type: ignore[assignment]
 
 
 # --- POP3 ---------------------------------------------------------------------------------------
@@ -146,7 +153,7 @@ class SandboxPOP3(pop3.POP3):
     """twisted.mail's POP3 server with `AUTH PLAIN [initial-response]` (RFC 5034) and authzid."""
 
     def __init__(self, sandbox: SandboxView):
-        self.portal = sandbox.portal
+        self.portal = sandbox.portal  # type: ignore[assignment]  # twisted.mail says portal = None
         self.magic = NOTICE  # the greeting text; APOP is not offered
 
     def listCapabilities(self):
@@ -249,7 +256,8 @@ class Submission:
         rcpt = " ".join(f"<{u.dest}>" for u in recipients)
         return (
             f"Received: from {name} ([{addr}])\n\t(Authenticated sender: {self.user})\n"
-            f"\tby {self._sandbox.domain} (apppass sandbox) with ESMTPA id {secrets.token_hex(5).upper()}\n"
+            f"\tby {self._sandbox.domain} (apppass sandbox) with ESMTPA id "
+            f"{secrets.token_hex(5).upper()}\n"
             f"\tfor {rcpt}; {email.utils.formatdate(localtime=True)}"
         ).encode()
 
@@ -277,7 +285,7 @@ class SandboxSMTP(smtp.ESMTP):
 
     def __init__(self, sandbox: SandboxView):
         super().__init__(chal={b"PLAIN": PlainCredentials})
-        self.portal = sandbox.portal
+        self.portal = sandbox.portal  # type: ignore[assignment]  # twisted.mail says portal = None
         self.host = sandbox.domain.encode("idna")
         self._sandbox = sandbox
         self._client_addr = b""

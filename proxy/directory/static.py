@@ -40,9 +40,12 @@ def parse_accounts(
     root = Node(ctx, "", data)
     accounts = root.node("accounts", required=True)
     root.finish()
+    if accounts is None:  # missing or not a mapping: the error is recorded
+        ctx.check()
+        return {}
     names: dict[str, Account] = {}
     keys: set[str] = set()
-    for login, entry in accounts.data.items() if accounts else ():
+    for login, entry in accounts.data.items():
         accounts._used.add(login)
         path = accounts.key_path(str(login))
         if not isinstance(login, str) or not is_valid_login(login):

@@ -1,2 +1,2 @@
-"""IMAP: the pre-auth core (server.py, syntax.py), the upstream login (upstream.py), and the spec that
-gives them to the frontend (spec.py)."""
+"""IMAP: the pre-auth core (server.py, syntax.py), the upstream login (upstream.py), and the spec
+that gives them to the frontend (spec.py)."""

@@ -13,8 +13,9 @@ Secrets are never put into replies, commands other than Authenticate, or excepti
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from proxy.auth.decision import Refusal
 from proxy.commands import Command, StartTLS
@@ -44,7 +45,7 @@ MAX_LINE = 8192
 # One literal before login: 1024 octets. A login name is at most 255 characters (sasl.MAX_FIELD,
 # after RFC 4616 §2), so at most 1020 octets of UTF-8; an app password is 16 characters; RFC 2971
 # §3.3 caps an ID value at 1024 octets. A command's literals together may add at most
-# 2 × MAX_LITERAL octets to it (LOGIN with both arguments as literals).
+# 2 * MAX_LITERAL octets to it (LOGIN with both arguments as literals).
 MAX_LITERAL = 1024
 
 # Literals one command may carry: LOGIN's two arguments; ID's fields and values.
@@ -135,6 +136,10 @@ class _PendingCommand:
     args: list[Token] = field(default_factory=list)
     octets: int = 0
     literals: int = 0
+
+
+# An IMAP command's handler: (core, the command with its arguments, commands out).
+_Handler = Callable[["ImapCore", _PendingCommand, list[Command]], None]
 
 
 class ImapCore(PreAuthCore):
@@ -427,7 +432,7 @@ class ImapCore(PreAuthCore):
         initial = atoms[1] if len(atoms) == 2 else None  # "=" is an empty one (RFC 4959)
         self._start_sasl(atoms[0], initial, out)
 
-    COMMANDS = {
+    COMMANDS: ClassVar[Mapping[str, _Handler]] = {
         "CAPABILITY": _cmd_capability,
         "NOOP": _cmd_noop,
         "LOGOUT": _cmd_logout,

@@ -126,7 +126,7 @@ def parse_id(args: list[Token]) -> dict[str, str | None] | None:
     if len(inner) % 2 or len(inner) // 2 > ID_MAX_PAIRS:
         return None
     params: dict[str, str | None] = {}
-    for key, value in zip(inner[::2], inner[1::2]):
+    for key, value in zip(inner[::2], inner[1::2], strict=True):
         if not isinstance(key, String) or not 0 < len(key.value) <= ID_MAX_FIELD:
             return None
         try:

@@ -12,10 +12,11 @@ Secrets are never put into replies, commands other than Authenticate, or excepti
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 from proxy.auth.decision import Refusal
 from proxy.commands import Command, Send, StartTLS
-from proxy.core import Count, LineCore, LineLimits, Reply, Say, State
+from proxy.core import Count, Handler, LineCore, LineLimits, Reply, Say, State
 from proxy.sasl import MAX_FIELD, MECHANISMS, Credentials
 
 # Command line: 512 octets, CRLF included. RFC 2449 §4 caps commands at 255 octets, but USER and
@@ -218,7 +219,7 @@ class Pop3Core(LineCore):
         else:
             self._auth(words, out)
 
-    COMMANDS = {
+    COMMANDS: ClassVar[Mapping[str, Handler]] = {
         "CAPA": _cmd_capa,
         "QUIT": _cmd_quit,
         "STLS": _cmd_stls,

@@ -12,10 +12,11 @@ Secrets are never put into replies, commands other than Authenticate, or excepti
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 from proxy.auth.decision import Refusal
 from proxy.commands import Command, Hello, Send, StartTLS
-from proxy.core import Count, LineCore, LineLimits, Reply, Say, State
+from proxy.core import Count, Handler, LineCore, LineLimits, Reply, Say, State
 from proxy.sasl import MECHANISMS
 
 # Command line: 512 octets, CRLF included (RFC 5321 §4.5.3.1.4). Before login a client sends
@@ -234,7 +235,7 @@ class SmtpCore(LineCore):
     def _cmd_not_implemented(self, args: bytes, out: list[Command]) -> None:
         self._error("502 5.5.1 Error: command not implemented", out, "command not implemented")
 
-    COMMANDS = {
+    COMMANDS: ClassVar[Mapping[str, Handler]] = {
         "EHLO": _cmd_ehlo,
         "HELO": _cmd_helo,
         "STARTTLS": _cmd_starttls,

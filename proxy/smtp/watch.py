@@ -272,10 +272,9 @@ class SmtpCommandWatch:
                 return None
             brk = match.start()  # the line break before the dot; window[brk - 1] exists
             after = window[brk + 2 : brk + 4]
-            if after[:1] not in (b"\r", b"\n"):
-                if after:
-                    pos = brk + 1  # ".." (dot-stuffing) or ".text": content
-                    continue
+            if after[:1] not in (b"\r", b"\n") and after:
+                pos = brk + 1  # ".." (dot-stuffing) or ".text": content
+                continue
             if after in (b"", b"\r"):  # a possible end: wait for the next octets
                 out.to_upstream += window[base : brk + 1]
                 self._data_tail = window[brk - 1 : brk + 1]
@@ -330,8 +329,9 @@ class SmtpCommandWatch:
             self._feed_client(held, out)
 
     def _flush(self, out: _Out) -> None:
-        while self._queue and isinstance(self._queue[0], bytes):
-            out.to_client += self._queue.popleft()
+        while self._queue and isinstance(reply := self._queue[0], bytes):
+            self._queue.popleft()
+            out.to_client += reply
 
     def _close(self, reason: str, out: _Out) -> None:
         out.close = reason

@@ -92,7 +92,7 @@ async def test_imaplib_login_select_fetch_append_logout(proxy, dovecot):
 
     def client():
         with imaplib.IMAP4("127.0.0.1", proxy.port("plain")) as imap:
-            typ, data = imap.login("alice", code)
+            typ, _data = imap.login("alice", code)
             assert typ == "OK"
             assert (
                 b"IMAP4rev1" in imap.capabilities[0:1][0].encode()
@@ -102,7 +102,7 @@ async def test_imaplib_login_select_fetch_append_logout(proxy, dovecot):
                 "INBOX", None, None, f"Subject: {subject}\r\n\r\nhello\r\n".encode()
             )
             assert typ == "OK"
-            typ, data = imap.select("INBOX")
+            typ, _data = imap.select("INBOX")
             assert typ == "OK"
             typ, found = imap.search(None, "SUBJECT", f'"{subject}"')
             num = found[0].split()[-1]

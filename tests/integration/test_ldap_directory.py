@@ -95,30 +95,30 @@ def directories(clock: FakeClock, now: FakeNow) -> Iterator[Callable[..., LdapDi
 def openldap(server: Slapd, *, tls: str = "ldaps", **overrides) -> LdapSettings:
     """Settings for a slapd fixture: the openldap preset plus URIs, bind and base."""
     uris = {"ldaps": (server.ldaps_uri,), "starttls": (server.uri,), "plain": (server.uri,)}[tls]
-    values = dict(
-        uris=uris,
-        start_tls=tls == "starttls",
-        ca_file=str(server.tls.ca) if server.tls else "",
-        bind_dn=server.service_dn,
-        bind_password=server.service_password,
-        base_dn=server.base_dn,
-        timeout=SHORT_TIMEOUT,
-        connect_timeout=SHORT_TIMEOUT,
-    )
+    values = {
+        "uris": uris,
+        "start_tls": tls == "starttls",
+        "ca_file": str(server.tls.ca) if server.tls else "",
+        "bind_dn": server.service_dn,
+        "bind_password": server.service_password,
+        "base_dn": server.base_dn,
+        "timeout": SHORT_TIMEOUT,
+        "connect_timeout": SHORT_TIMEOUT,
+    }
     values.update(overrides)
     return LdapSettings.openldap(**values)
 
 
 def active_directory(dc: SambaDC, *, tls: str = "ldaps", **overrides) -> LdapSettings:
     uris = {"ldaps": (dc.ldaps_uri,), "starttls": (dc.uri,), "plain": (dc.uri,)}[tls]
-    values = dict(
-        uris=uris,
-        start_tls=tls == "starttls",
-        ca_file=str(dc.tls.ca),
-        bind_dn=dc.service_bind_dn,
-        bind_password=dc.service_password,
-        base_dn=dc.base_dn,
-    )
+    values = {
+        "uris": uris,
+        "start_tls": tls == "starttls",
+        "ca_file": str(dc.tls.ca),
+        "bind_dn": dc.service_bind_dn,
+        "bind_password": dc.service_password,
+        "base_dn": dc.base_dn,
+    }
     values.update(overrides)
     return LdapSettings.active_directory(**values)
 

@@ -54,7 +54,7 @@ def test_imap_login_with_the_users_own_password(dovecot: Dovecot) -> None:
     with imaplib.IMAP4(HOST, dovecot.imap_port) as imap:
         typ, _ = imap.login(ALICE, ALICE_PASSWORD)
         assert typ == "OK"
-        typ, data = imap.select("INBOX")
+        typ, _data = imap.select("INBOX")
         assert typ == "OK"
 
 

@@ -81,7 +81,7 @@ async def test_wrapper_starts_the_protocol_after_the_header_with_the_proxied_add
 @pytest_twisted.ensureDeferred
 async def test_wrapper_treats_an_untrusted_peer_as_direct_and_never_parses_its_bytes():
     trusted = TrustedProxies.parse(["10.0.0.0/8"])
-    made, lost, received, rejected = await run_listener(
+    made, lost, _received, _rejected = await run_listener(
         trusted, b"PROXY TCP4 203.0.113.9 198.51.100.2 40000 143\r\n"
     )
     peer, _ = await made
@@ -92,7 +92,7 @@ async def test_wrapper_treats_an_untrusted_peer_as_direct_and_never_parses_its_b
 @pytest_twisted.ensureDeferred
 async def test_wrapper_refuses_an_untrusted_peer_when_required():
     trusted = TrustedProxies.parse(["10.0.0.0/8"], required=True)
-    made, lost, received, rejected = await run_listener(trusted, b"A1 NOOP\r\n")
+    made, _lost, received, rejected = await run_listener(trusted, b"A1 NOOP\r\n")
     assert received == b""
     assert not made.called
     assert rejected == ["peer is not a trusted proxy"]
@@ -101,7 +101,7 @@ async def test_wrapper_refuses_an_untrusted_peer_when_required():
 @pytest_twisted.ensureDeferred
 async def test_wrapper_closes_a_trusted_peer_that_sends_no_header():
     trusted = TrustedProxies.parse(["127.0.0.0/8"])
-    made, lost, received, rejected = await run_listener(trusted, b"A1 LOGIN joe secret\r\n")
+    made, _lost, received, rejected = await run_listener(trusted, b"A1 LOGIN joe secret\r\n")
     assert received == b""
     assert not made.called
     assert rejected == ["not a PROXY protocol header"]

@@ -70,7 +70,8 @@ class ProxySide(protocol.Protocol):
 
     def readConnectionLost(self):
         if self.relay is not None:
-            return self.relay.readConnectionLost()
+            self.relay.readConnectionLost()
+            return
         self.ended = True  # handed over with the leftovers
         self.ended_early.callback(None)
 

@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-# RSA server keys: 2048 bits, the CA/Browser Forum Baseline Requirements' minimum (and quick to make).
+# RSA server keys: 2048 bits, the CA/Browser Forum Baseline Requirements' minimum (and quick to
+# make).
 RSA_KEY_BITS = 2048
 
 

@@ -21,7 +21,8 @@ from proxy.protocols import MailProtocol as Protocol
 
 USERS = """
 accounts:
-  alice: {id: key-alice, aliases: [alice@example.test], groups: [legacy-mail], upstream: alice@example.test}
+  alice: {id: key-alice, aliases: [alice@example.test], groups: [legacy-mail],
+    upstream: alice@example.test}
   bob: {id: key-bob, groups: [staff]}
   carol: {id: key-carol, groups: [legacy-mail]}
 """

@@ -53,7 +53,7 @@ def test_create_prints_the_code_once_grouped_with_a_warning(config, capsys):
 
 def test_create_by_alias_belongs_to_the_same_account(config, capsys):
     create(config, capsys, login="alice@example.test")
-    code, out, _ = run(config, capsys, "codes", "list", "alice", "--json")
+    _code, out, _ = run(config, capsys, "codes", "list", "alice", "--json")
     assert [r["account_key"] for r in json.loads(out)] == ["key-alice"]
 
 
@@ -188,7 +188,7 @@ def test_check_config_reports_all_errors_and_exits_2(tmp_path, capsys):
     cfg.write_text(
         "store: {sqlite: x.db}\ndirectory: {static: nope.yaml}\ncodes: {alphabet: upper}\n"
     )
-    code, out, err = run(cfg, capsys, "check-config")
+    code, _out, err = run(cfg, capsys, "check-config")
     assert code == 2
     assert err.splitlines() == [
         'apppass.yaml: codes.alphabet: must be one of mixed, lower (got "upper")'
@@ -228,7 +228,8 @@ def test_check_config_loads_listener_certificates(tmp_path, capsys):
     cfg.write_text(
         "store: {sqlite: x.db}\ndirectory: {static: users.yaml}\n"
         "upstream: {imap: {host: 127.0.0.1, master_user: m, master_password_file: master}}\n"
-        "listeners: [{protocol: imap, bind: '127.0.0.1:1993', tls: implicit, cert_file: cert.pem, key_file: key.pem}]\n"
+        "listeners: [{protocol: imap, bind: '127.0.0.1:1993', tls: implicit,"
+        " cert_file: cert.pem, key_file: key.pem}]\n"
     )
     code, _, err = run(cfg, capsys, "check-config")
     assert code == 2

@@ -61,12 +61,14 @@ CASES = [
     (
         ("codes", "argon2", "memory_kib"),
         "big",
-        'apppass.yaml: codes.argon2.memory_kib: must be an integer >= 8192 and <= 4194304 (got "big")',
+        "apppass.yaml: codes.argon2.memory_kib: must be an integer >= 8192 and <= 4194304 "
+        '(got "big")',
     ),
     (
         ("codes", "argon2", "memory_kib"),
         4096,
-        "apppass.yaml: codes.argon2.memory_kib: must be an integer >= 8192 and <= 4194304 (got 4096)",
+        "apppass.yaml: codes.argon2.memory_kib: must be an integer >= 8192 and <= 4194304 "
+        "(got 4096)",
     ),
     (
         ("codes", "argon2", "time_cost"),
@@ -91,7 +93,8 @@ CASES = [
     (
         ("codes", "default_expires"),
         "soon",
-        'apppass.yaml: codes.default_expires: must be a duration like 30s, 15m, 12h, 90d or never (got "soon")',
+        "apppass.yaml: codes.default_expires: must be a duration like 30s, 15m, 12h, 90d or never "
+        '(got "soon")',
     ),
     (
         ("codes", "default_scopes"),
@@ -107,7 +110,8 @@ CASES = [
     (
         ("auth", "failure_delay"),
         "2 seconds",
-        'apppass.yaml: auth.failure_delay: must be a duration like 30s, 15m, 12h, 90d (got "2 seconds")',
+        "apppass.yaml: auth.failure_delay: must be a duration like 30s, 15m, 12h, 90d "
+        '(got "2 seconds")',
     ),
     (
         ("auth", "login_timeout"),
@@ -140,7 +144,8 @@ CASES = [
     (
         ("directory",),
         {"static": "users.yaml", "ldap": {}},
-        'apppass.yaml: directory: must set exactly one of static, ldap (got {"static": "users.yaml", "ldap": {}})',
+        "apppass.yaml: directory: must set exactly one of static, ldap "
+        '(got {"static": "users.yaml", "ldap": {}})',
     ),
     (
         ("listeners", 0, "bind"),
@@ -171,8 +176,8 @@ CASES = [
     (
         ("listeners", 0, "plaintext_auth_from"),
         ["10.0.0.0/8", "everyone"],
-        "apppass.yaml: listeners[0].plaintext_auth_from: must be a list of IP networks like 10.0.0.0/8; "
-        '"everyone" is not one (got ["10.0.0.0/8", "everyone"])',
+        "apppass.yaml: listeners[0].plaintext_auth_from: must be a list of IP networks like "
+        '10.0.0.0/8; "everyone" is not one (got ["10.0.0.0/8", "everyone"])',
     ),
     (
         ("listeners", 0, "protocol"),
@@ -188,7 +193,8 @@ CASES = [
     (
         ("upstream", "imap", "master_password_file"),
         "empty",
-        'apppass.yaml: upstream.imap.master_password_file: file is empty: {tmp}/empty (got "empty")',
+        "apppass.yaml: upstream.imap.master_password_file: file is empty: {tmp}/empty "
+        '(got "empty")',
     ),
     (
         ("upstream", "imap", "login"),

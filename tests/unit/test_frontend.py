@@ -7,6 +7,7 @@ Authenticator is scripted with real Grant and Denial values. Specs come from a p
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -187,7 +188,7 @@ def test_imap_login_granted_logs_in_upstream_as_the_user_and_relays_both_ways():
         "LOGIN",
         "198.51.100.7",
     )
-    master = client_plain("alice@example.org", "proxy", open(__file__).read().strip())
+    master = client_plain("alice@example.org", "proxy", Path(__file__).read_text().strip())
     assert f"L AUTHENTICATE PLAIN {master}\r\n".encode() in upstream.sent
     assert b'"x-originating-ip" "198.51.100.7"' in upstream.sent
     assert CODE.encode() not in upstream.sent

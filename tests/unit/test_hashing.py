@@ -71,7 +71,7 @@ def test_one_client_may_hold_only_its_share_of_the_queue():
         encoded = h.hash("AbCdEfGhJkMnPqRs")
         storm = [h.verify(encoded, "x", "storm") for _ in range(h.per_client + 2)]
         other = h.verify(encoded, "AbCdEfGhJkMnPqRs", "legit")
-        results = yield defer.DeferredList(storm + [other], consumeErrors=True)
+        results = yield defer.DeferredList([*storm, other], consumeErrors=True)
         refused = [r for ok, r in results[:-1] if not ok]
         assert refused and all(r.check(PoolFull) for r in refused)
         assert results[-1] == (True, True)

@@ -925,7 +925,7 @@ def command_streams(draw):
 
 # Counting limits high enough to see long streams through; max_pending too, since input held
 # during a login depends on when the answer comes, which no split of the input can decide.
-_GENEROUS = dict(max_commands=1000, max_failures=1000, max_errors=1000, max_pending=1 << 20)
+_GENEROUS = {"max_commands": 1000, "max_failures": 1000, "max_errors": 1000, "max_pending": 1 << 20}
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -95,7 +95,8 @@ def test_every_broken_rule_is_named_with_the_value():
         LdapSettings(uris=("http://ldap",), pool_size=0)
     assert [p.field for p in raised.value.problems] == ["uris", "pool_size"]
     assert str(raised.value) == (
-        'uris: must be a list of ldap:// or ldaps:// URIs; "http://ldap" is not one (got ["http://ldap"]); '
+        'uris: must be a list of ldap:// or ldaps:// URIs; "http://ldap" is not one '
+        '(got ["http://ldap"]); '
         "pool_size: must be an integer >= 1 and <= 256 (got 0)"
     )
 
@@ -177,14 +178,14 @@ CASES = [
     (
         "uris",
         ["ldap://"],
-        P
-        + 'uris: must be a list of ldap:// or ldaps:// URIs; "ldap://" has no host (got ["ldap://"])',
+        P + 'uris: must be a list of ldap:// or ldaps:// URIs; "ldap://" has no host '
+        '(got ["ldap://"])',
     ),
     (
         "uris",
         ["ldap://ldap.example.org/dc=example,dc=org"],
-        P
-        + 'uris: must be a list of ldap:// or ldaps:// URIs; "ldap://ldap.example.org/dc=example,dc=org" has '
+        P + "uris: must be a list of ldap:// or ldaps:// URIs; "
+        '"ldap://ldap.example.org/dc=example,dc=org" has '
         'more than scheme, host and port (got ["ldap://ldap.example.org/dc=example,dc=org"])',
     ),
     ("uris", DELETE, P + "uris: is required"),
@@ -192,8 +193,8 @@ CASES = [
     (
         "base_dn",
         "example.org",
-        P
-        + 'base_dn: must be a DN like dc=example,dc=org (attribute type not present) (got "example.org")',
+        P + "base_dn: must be a DN like dc=example,dc=org (attribute type not present) "
+        '(got "example.org")',
     ),
     ("base_nd", "dc=example,dc=org", P + "base_nd: unknown key; did you mean 'base_dn'?"),
     (
@@ -243,8 +244,8 @@ CASES = [
     (
         "netbios_domains",
         ["EX*"],
-        P
-        + 'netbios_domains: must be a list of domain names like EXAMPLE or example.org; "EX*" is not one '
+        P + "netbios_domains: must be a list of domain names like EXAMPLE or example.org; "
+        '"EX*" is not one '
         '(got ["EX*"])',
     ),
     ("timeout", "fast", P + 'timeout: must be a duration like 30s, 15m, 12h, 90d (got "fast")'),

@@ -514,8 +514,8 @@ COMMAND_LINES = [
 def test_any_chunking_of_a_command_stream_gives_the_same_events(
     lines, ends, cuts, tls, starttls, plaintext
 ):
-    stream = b"".join(line + end for line, end in zip(lines, ends))
-    kwargs = dict(tls=tls, starttls=starttls, plaintext=plaintext)
+    stream = b"".join(line + end for line, end in zip(lines, ends, strict=False))
+    kwargs = {"tls": tls, "starttls": starttls, "plaintext": plaintext}
     whole = feed_all(make(**kwargs), [stream])
     assert feed_all(make(**kwargs), split_at(stream, cuts)) == whole
 

@@ -365,7 +365,7 @@ ITEMS = st.lists(
         st.just(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n"),
         # message content, an end of data (well formed or smuggled), and lines after it
         st.builds(
-            lambda lines, end, after: b"".join(a + b for a, b in lines + [(end, b"")] + after),
+            lambda lines, end, after: b"".join(a + b for a, b in [*lines, (end, b""), *after]),
             st.lists(st.tuples(SMUGGLED, LINE_END), max_size=4),
             st.sampled_from([b".\r\n", b".\n", b".\r", b".\r\r\n", b""]),
             st.lists(st.tuples(SMUGGLED, LINE_END), max_size=2),
@@ -419,7 +419,7 @@ def test_no_end_of_data_variant_smuggles_a_command_past_the_watch(
     content, end, after, cuts, flavor
 ):
     stream = b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n" + b"".join(
-        a + b for a, b in content + [(end, b"")] + after
+        a + b for a, b in [*content, (end, b""), *after]
     )
     upstream, _, _ = run_watch(stream, cuts, flavor=flavor, chunking=True, eager=True)
     assert not FORBIDDEN & set(upstream.executed)
@@ -458,7 +458,7 @@ def test_replies_reach_a_pipelining_client_in_command_order(commands, cuts, eage
 def test_watch_never_raises_on_arbitrary_bytes_and_stays_bounded(chunks, upstream):
     limits = SmtpWatchLimits(max_line=64, max_held=128, max_outstanding=20)
     watch = SmtpCommandWatch(limits=limits)
-    for data, reply in zip(chunks, upstream + [b""] * len(chunks)):
+    for data, reply in zip(chunks, upstream + [b""] * len(chunks), strict=False):
         watch.client_data(data)
         watch.upstream_data(reply)
         assert watch.buffered <= limits.max_line + limits.max_held + 2

@@ -19,14 +19,14 @@ def store(tmp_path):
 
 
 def new(selector="AbCd", account="acct-1", **kw):
-    fields = dict(
-        account_key=account,
-        account_login="alice",
-        label="phone",
-        selector=selector,
-        hash="$argon2id$fake",
-        scopes=("imap", "smtp"),
-    )
+    fields = {
+        "account_key": account,
+        "account_login": "alice",
+        "label": "phone",
+        "selector": selector,
+        "hash": "$argon2id$fake",
+        "scopes": ("imap", "smtp"),
+    }
     fields.update(kw)
     return NewCode(**fields)
 

@@ -89,9 +89,7 @@ class LdapDirectory:
         self.mfa_group = mfa_group or None
         self.mfa_filter = mfa_filter or None
         self._pool = ConnectionPool(settings, clock)
-        self._reader = AccountReader(
-            settings, clock, utcnow or (lambda: datetime.now(UTC))
-        )
+        self._reader = AccountReader(settings, clock, utcnow or (lambda: datetime.now(UTC)))
         self._cache: TtlCache[Account | None] = TtlCache(clock)  # accounts by login and by key
         self._domains_lock = threading.Lock()
         self._domains: Domains | None = None
@@ -294,9 +292,12 @@ class LdapDirectory:
         best: Entry | None = None
         for ref in refs:
             nc = normalize_dn(ref.text("nCName"))
-            if nc and (base == nc or base.endswith("," + nc)):
-                if best is None or len(nc) > len(normalize_dn(best.text("nCName"))):
-                    best = ref
+            if (
+                nc
+                and (base == nc or base.endswith("," + nc))
+                and (best is None or len(nc) > len(normalize_dn(best.text("nCName"))))
+            ):
+                best = ref
         if best is None:
             log.warning(
                 "discover_domains: no domain partition holds base_dn %r", self.settings.base_dn

@@ -292,9 +292,8 @@ class ConnectionPool:
             conn.open(read_server_info=False)
             # ldap3 only takes whole seconds for its receive timeout; set the socket's own.
             conn.socket.settimeout(s.timeout)
-            if s.start_tls and not server.use_ssl:
-                if not conn.start_tls(read_server_info=False):
-                    raise Trouble(f"StartTLS refused: {result_text(conn)}")
+            if s.start_tls and not server.use_ssl and not conn.start_tls(read_server_info=False):
+                raise Trouble(f"StartTLS refused: {result_text(conn)}")
             if not conn.bind(read_server_info=False):
                 raise Trouble(f"service bind refused: {result_text(conn)}")
         except Trouble:

@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from ldap3.core.exceptions import LDAPException
@@ -150,8 +150,10 @@ class LdapSettings:
         if problems:
             raise LdapSettingsError(problems, self)
 
+    # Overrides are Any: a list field also takes a list or a single string, and __post_init__
+    # normalises and checks every value whatever its type.
     @classmethod
-    def preset(cls, name: str, **overrides: object) -> LdapSettings:
+    def preset(cls, name: str, **overrides: Any) -> LdapSettings:
         """Settings of a preset ("openldap" or "active_directory") with some fields replaced."""
         base = PRESETS.get(name)
         if base is None:
@@ -161,14 +163,14 @@ class LdapSettings:
         return dataclasses.replace(base, **overrides)
 
     @classmethod
-    def openldap(cls, **overrides: object) -> LdapSettings:
+    def openldap(cls, **overrides: Any) -> LdapSettings:
         return cls.preset("openldap", **overrides)
 
     @classmethod
-    def active_directory(cls, **overrides: object) -> LdapSettings:
+    def active_directory(cls, **overrides: Any) -> LdapSettings:
         return cls.preset("active_directory", **overrides)
 
-    def replace(self, **changes: object) -> LdapSettings:
+    def replace(self, **changes: Any) -> LdapSettings:
         return dataclasses.replace(self, **changes)
 
 
@@ -454,7 +456,17 @@ def _as_is(node: Node, key: str, value: object) -> object:
 # How YAML spells a value where it differs from Python: durations ("30s"), files (relative to
 # the config's folder, and they must exist), one string for a list of one.
 _YAML_FORMS = {
-    **dict.fromkeys(("connect_timeout", "timeout", "retry_after", "idle_timeout", "cache_ttl", "negative_cache_ttl"), _seconds_of),
+    **dict.fromkeys(
+        (
+            "connect_timeout",
+            "timeout",
+            "retry_after",
+            "idle_timeout",
+            "cache_ttl",
+            "negative_cache_ttl",
+        ),
+        _seconds_of,
+    ),
     **dict.fromkeys(_LISTS, _as_list),
     "ca_file": _file,
     "bind_password_file": _file,
