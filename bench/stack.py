@@ -160,6 +160,13 @@ class Stack:
             # auth: the defaults except failure_delay (0 s: the benchmarks measure the proxy's
             # work, not a deliberate sleep; the storm's attempts would otherwise all wait 2 s).
             "auth": {"failure_delay": "0s"},
+            # limits: every load comes from 127.0.0.1 as one account; the caps would cut the
+            # memory measure (thousands of idle sessions) short of what one process holds.
+            "limits": {
+                "max_connections": 50_000,
+                "max_preauth_per_address": 50_000,
+                "max_sessions_per_account": 50_000,
+            },
             "audit": {"file": str(folder / "audit.jsonl")},
             "listeners": [
                 {

@@ -97,7 +97,7 @@ def _record_json(rec) -> dict:
     }
 
 
-def _table(records) -> str:
+def _table(records, orphaned: set[str] | frozenset[str] = frozenset()) -> str:
     head = (
         "ID",
         "LOGIN",
@@ -128,7 +128,7 @@ def _table(records) -> str:
                 f"{r.use_count}/{r.max_uses if r.max_uses is not None else '-'}",
                 last,
                 str(r.failed_count),
-                r.state().value,
+                r.state().value + (", orphaned: account gone" if r.account_key in orphaned else ""),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -190,6 +190,18 @@ class _Refused(Exception):
     """Refused or not found: exit code 1."""
 
 
+def _checked_directory(ctx: _Context) -> Directory:
+    """The directory; a broken users file also says what a running proxy does about it."""
+    try:
+        return ctx.directory
+    except ConfigError as exc:
+        if (users := ctx.settings.directory.static_file) is None:
+            raise
+        from proxy.directory.static import STILL_SERVING
+
+        raise ConfigError([*exc.problems, f"{users}: {STILL_SERVING}"]) from None
+
+
 def _print(text: str = "") -> None:
     sys.stdout.write(text + "\n")
 
@@ -200,10 +212,9 @@ def _print(text: str = "") -> None:
 def cmd_check_config(ctx: _Context) -> int:
     """Validate the file, then open what it names: the users file and the TLS certificates."""
     s = ctx.settings
-    from proxy.directory.open import open_directory
     from proxy.tls import ServerTLS, TLSConfigError
 
-    open_directory(s.directory, s.policy).close()
+    _checked_directory(ctx)
     problems = []
     for i, listener in enumerate(s.listeners):
         if listener.tls != "none":
@@ -213,6 +224,10 @@ def cmd_check_config(ctx: _Context) -> int:
                 problems.append(f"{s.source.name}: listeners[{i}]: {exc}")
     if problems:
         raise ConfigError(problems)
+    from proxy.exposure import clear_text_warnings
+
+    for warning in clear_text_warnings(s):  # allowed, but said (README, "No clear text …")
+        sys.stderr.write(f"{s.source.name}: warning: {warning}\n")
     _print(
         f"{s.source}: ok ({len(s.listeners)} listeners, store {s.store.kind}, "
         f"directory {s.directory.kind})"
@@ -277,21 +292,44 @@ def cmd_codes_create(ctx: _Context) -> int:
     return EXIT_OK
 
 
+def _account_key(ctx: _Context, login: str | None, key: str | None) -> tuple[str, str] | None:
+    """(account key, how to name it) for a LOGIN (resolved now) or a --key; None for neither."""
+    if login and key:
+        raise UsageError("give a LOGIN or --key KEY, not both")
+    if not login:
+        return (key, f"account key {key!r}") if key else None
+    from proxy.codes.issue import Refused, resolve
+
+    try:
+        account = resolve(ctx.directory, login)
+        return account.key, account.login
+    except Refused as exc:
+        raise _Refused(
+            f"{exc} (`apppass codes list` shows the codes of a gone account as orphaned; "
+            "--key KEY names them)"
+        ) from None
+
+
 def cmd_codes_list(ctx: _Context) -> int:
     a = ctx.args
-    key = None
-    if a.login:
-        from proxy.codes.issue import Refused, resolve
+    chosen = _account_key(ctx, a.login, a.key)
+    records = ctx.store.list(chosen[0] if chosen else None, include_inactive=a.all)
+    from proxy.directory.account import DirectoryUnavailable
+    from proxy.directory.orphans import orphan_notes, orphaned_keys
 
-        try:
-            key = resolve(ctx.directory, a.login).key
-        except Refused as exc:
-            raise _Refused(str(exc)) from None
-    records = ctx.store.list(key, include_inactive=a.all)
+    try:
+        orphaned = orphaned_keys(ctx.directory, (r.account_key for r in records))
+    except (DirectoryUnavailable, ConfigError) as exc:  # the codes are still worth listing
+        why = exc.problems[0] if isinstance(exc, ConfigError) else f"directory unavailable: {exc}"
+        sys.stderr.write(f"apppass: orphaned codes not marked: {why}\n")
+        orphaned = set()
     if a.json:
-        _print(json.dumps([_record_json(r) for r in records], indent=2))
+        listed = [{**_record_json(r), "orphaned": r.account_key in orphaned} for r in records]
+        _print(json.dumps(listed, indent=2))
     elif records:
-        _print(_table(records))
+        _print(_table(records, orphaned))
+        for note in orphan_notes(records, orphaned):
+            _print(f"\n{note}")
     else:
         _print(
             "no codes"
@@ -337,14 +375,12 @@ def cmd_codes_revoke(ctx: _Context) -> int:
 
 
 def cmd_codes_revoke_all(ctx: _Context) -> int:
-    from proxy.codes.issue import Refused, resolve
-
-    try:
-        account = resolve(ctx.directory, ctx.args.login)
-    except Refused as exc:
-        raise _Refused(str(exc)) from None
-    n = ctx.store.revoke_all(account.key)
-    _print(f"revoked {n} code{'s' if n != 1 else ''} of {account.login}")
+    a = ctx.args
+    chosen = _account_key(ctx, a.login, a.key)
+    if chosen is None:
+        raise UsageError("give a LOGIN, or --key KEY for an account the directory no longer has")
+    n = ctx.store.revoke_all(chosen[0])
+    _print(f"revoked {n} code{'s' if n != 1 else ''} of {chosen[1]}")
     return EXIT_OK
 
 
@@ -360,16 +396,23 @@ def cmd_codes_purge(ctx: _Context) -> int:
 
 def cmd_directory_check(ctx: _Context) -> int:
     from proxy.auth.policy import account_refusal
+    from proxy.sasl import identity_problem
 
-    account = ctx.directory.lookup(ctx.args.login)
+    account = _checked_directory(ctx).lookup(ctx.args.login)
     if account is None:
         raise _Refused(f"unknown login {ctx.args.login!r}")
     p = ctx.settings.policy
-    refusal = account_refusal(account, p)
+    # The Authenticator refuses an unusable upstream identity too (proxy/sasl.py).
+    identity = account.upstream_identity
+    problem = identity_problem(identity)
+    refusal = account_refusal(account, p) or problem
+    changed = _fmt_time(account.password_changed_at)
+    if account.extra.get("password_must_change"):  # AD pwdLastSet 0 (ldap/state.py)
+        changed += " (must change at next logon: counts as now)"
     lines = [
         ("login", account.login),
         ("stable id", account.key),
-        ("upstream identity", account.upstream_identity),
+        ("upstream identity", f"{identity!r} (unusable)" if problem else identity),
         ("names", ", ".join(account.names) or "-"),
         ("source", account.dn or "-"),
         ("groups", ", ".join(account.groups) or "-"),
@@ -384,7 +427,7 @@ def cmd_directory_check(ctx: _Context) -> int:
             "second factor",
             ("yes" if account.mfa else "no") + (" (required)" if p.require_mfa else ""),
         ),
-        ("password changed", _fmt_time(account.password_changed_at)),
+        ("password changed", changed),
         ("verdict", "may use app passwords" if refusal is None else f"refused: {refusal}"),
     ]
     width = max(len(k) for k, _ in lines)
@@ -459,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_codes_create)
     ls = codes.add_parser("list", help="list codes")
     ls.add_argument("login", nargs="?")
+    ls.add_argument("--key", help="only the codes of this account key (also of a gone account)")
     ls.add_argument("--all", action="store_true", help="include revoked, expired and used-up codes")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(fn=cmd_codes_list)
@@ -475,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("id", type=int)
         x.set_defaults(fn=fn)
     ra = codes.add_parser("revoke-all", help="revoke every code of an account")
-    ra.add_argument("login")
+    ra.add_argument("login", nargs="?")
+    ra.add_argument("--key", help="the account key instead (for an account the directory lost)")
     ra.set_defaults(fn=cmd_codes_revoke_all)
     pu = codes.add_parser("purge", help="delete revoked, expired and used-up codes")
     pu.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d")

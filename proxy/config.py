@@ -35,6 +35,8 @@ from proxy.configschema import (
     text,
     text_list,
 )
+from proxy.imap.syntax import capability_problem
+from proxy.limits import LimitSettings
 from proxy.protocols import UPSTREAM_LOGINS, MailProtocol, TlsMode, UpstreamLogin
 
 if TYPE_CHECKING:
@@ -105,6 +107,8 @@ class Listener:
     min_tls: str = "1.2"
     plaintext_auth_from: tuple[Network, ...] = ()
     proxy_protocol_from: tuple[Network, ...] = ()  # PROXY protocol headers honoured only from these
+    # IMAP: listed before login besides apppass's own, instead of what the upstream offers.
+    capabilities: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,8 @@ class Upstream:
     protocol: MailProtocol
     host: str
     port: int
-    tls: TlsMode = TlsMode.NONE
+    # Verified TLS unless `tls: none` is written (then implicit on IMPLICIT_TLS_PORTS).
+    tls: TlsMode = TlsMode.STARTTLS
     ca_file: Path | None = None
     verify: bool = True
     server_name: str | None = None
@@ -159,6 +164,7 @@ class Settings:
     listeners: tuple[Listener, ...] = ()
     upstreams: dict[MailProtocol, Upstream] = field(default_factory=dict)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
 
 
 def config_path(explicit: str | None) -> Path:
@@ -206,6 +212,7 @@ def parse(
     upstreams = _upstreams(root)
     listeners = _listeners(root, upstreams)
     audit = _audit(root)
+    limits = _limits(root)
     root.finish()
     ctx.check()
     return Settings(
@@ -219,6 +226,7 @@ def parse(
         listeners=listeners,
         upstreams=upstreams,
         audit=audit,
+        limits=limits,
     )
 
 
@@ -378,6 +386,19 @@ def _audit(root: Node) -> AuditSettings:
     return _section(root, "audit", AuditSettings, {"file": _audit_file})
 
 
+def _limits(root: Node) -> LimitSettings:
+    return _section(
+        root,
+        "limits",
+        LimitSettings,
+        {
+            "max_connections": integer(1, 1_000_000),
+            "max_preauth_per_address": integer(1, 1_000_000),
+            "max_sessions_per_account": integer(1, 1_000_000),
+        },
+    )
+
+
 def _tls_version(node: Node, key: str, value: Any) -> str:
     value = str(value)
     if value not in TLS_VERSIONS:
@@ -435,6 +456,19 @@ def _listeners(root: Node, upstreams: dict[MailProtocol, Upstream]) -> tuple[Lis
         names.add(name)
         if protocol and protocol not in upstreams:
             node.ctx.error(node.key_path("protocol"), f"needs upstream.{protocol} to be configured")
+        # IMAP: listed before login besides apppass's own, instead of the upstream's list.
+        capabilities = node.get("capabilities", lambda n, k, v: v, None)
+        if capabilities is not None:
+            where = node.key_path("capabilities")
+            if protocol is not MailProtocol.IMAP:
+                node.ctx.error(where, "is for IMAP listeners only")
+            if not isinstance(capabilities, list):
+                node.ctx.error(where, f"must be a list of names (got {show(capabilities)})")
+                capabilities = []
+            for i, item in enumerate(capabilities):
+                if problem := capability_problem(item):
+                    node.ctx.error(f"{where}[{i}]", f"{problem} (got {show(item)})")
+            capabilities = tuple(map(str, capabilities))
         listener = Listener(
             name=name,
             protocol=protocol or MailProtocol.IMAP,
@@ -446,6 +480,7 @@ def _listeners(root: Node, upstreams: dict[MailProtocol, Upstream]) -> tuple[Lis
             min_tls=node.get("min_tls", _tls_version, default_of(Listener, "min_tls")),
             plaintext_auth_from=plaintext_from,
             proxy_protocol_from=node.get("proxy_protocol_from", networks, ()),
+            capabilities=capabilities,
         )
         node.finish()
         out.append(listener)
@@ -458,6 +493,13 @@ def _listeners(root: Node, upstreams: dict[MailProtocol, Upstream]) -> tuple[Lis
     return tuple(out)
 
 
+# An upstream port where TLS starts with the first byte (RFC 8314 §7: 465, 993, 995): with no
+# `tls` written, such a port means implicit TLS, any other STARTTLS.
+IMPLICIT_TLS_PORTS = frozenset(
+    port for (_, mode), port in DEFAULT_PORTS.items() if mode is TlsMode.IMPLICIT
+)
+
+
 def _upstreams(root: Node) -> dict[MailProtocol, Upstream]:
     node = root.node("upstream")
     if node is None:
@@ -468,7 +510,10 @@ def _upstreams(root: Node) -> dict[MailProtocol, Upstream]:
         if sub is None:
             continue
         logins = UPSTREAM_LOGINS[protocol]
-        tls = sub.get("tls", _enum(TlsMode), default_of(Upstream, "tls"))
+        port = sub.get("port", integer(1, 65535), None)
+        tls = sub.get("tls", _enum(TlsMode), None)
+        if tls is None:  # not written (or wrong): never clear text by default
+            tls = TlsMode.IMPLICIT if port in IMPLICIT_TLS_PORTS else default_of(Upstream, "tls")
         login = sub.get("login", _enum(UpstreamLogin, logins), logins[0])
         if login is UpstreamLogin.AUTHZID:
             for k in ("master_user", "master_password_file"):
@@ -493,7 +538,7 @@ def _upstreams(root: Node) -> dict[MailProtocol, Upstream]:
             tls=tls,
             login=login,
             ca_file=ca_file,
-            port=sub.get("port", integer(1, 65535), DEFAULT_PORTS[(protocol, tls)]),
+            port=port or DEFAULT_PORTS[(protocol, tls)],
             master_password=sub.get("master_password_file", secret_file, None),
         )
         sub.finish()

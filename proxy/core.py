@@ -129,6 +129,7 @@ class Say(enum.Enum):
     TOO_MANY_ERRORS = "too many errors"
     OVERFLOW = "pending input too large"
     LOGIN_TIMEOUT = "login timeout"
+    TOO_MANY_CONNECTIONS = "too many connections"  # instead of the greeting (proxy/limits.py)
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,12 @@ class PreAuthCore:
 
     def greeting(self) -> list[Command]:
         raise NotImplementedError
+
+    def overloaded(self) -> list[Command]:
+        """Instead of the greeting: a connection cap is reached, say so and close."""
+        out: list[Command] = []
+        self._say(Say.TOO_MANY_CONNECTIONS, out)
+        return out
 
     def receive_data(self, data: bytes) -> list[Command]:
         """Client bytes in; replies and requests out."""

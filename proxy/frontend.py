@@ -29,6 +29,7 @@ from proxy.auth.decision import Attempt, Decision, Grant, Refusal
 from proxy.commands import Authenticate, Close, Command, Failed, Send, StartTLS
 from proxy.config import Listener, Upstream
 from proxy.core import PreAuthCore
+from proxy.limits import ConnectionLimits
 from proxy.protocols import MailProtocol, TlsMode
 from proxy.relay import Relay, RelayResult, Spliceable
 from proxy.upstream import LoginRequest, LoginResult, UpstreamConnection, UpstreamError
@@ -68,6 +69,9 @@ class ProtocolSpec(TypingProtocol):
     protocol: MailProtocol
     upstream: Upstream  # where its sessions log in
 
+    def for_listener(self, listener: Listener) -> ProtocolSpec:
+        """The spec as this listener uses it (IMAP: its own `capabilities:` list)."""
+
     def make_core(
         self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool
     ) -> PreAuthCore: ...
@@ -81,7 +85,15 @@ class ProtocolSpec(TypingProtocol):
 
 
 class Authenticates(TypingProtocol):
+    """The Authenticator as a session uses it (proxy/auth/authenticator.py)."""
+
     def authenticate(self, attempt: Attempt) -> defer.Deferred[Decision]: ...
+
+    async def confirm(self, grant: Grant, attempt: Attempt) -> bool:
+        """Count the use once the upstream login succeeded; False: do not start the session."""
+
+    def release(self, grant: Grant) -> None:
+        """The upstream login did not happen: the use is not counted."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,7 @@ class SessionContext:
     login_timeout: float  # seconds to log in (auth.login_timeout)
     failure_delay: float  # seconds before a failure is answered (auth.failure_delay)
     connect: Callable[[Upstream], Awaitable[UpstreamConnection]]
+    limits: ConnectionLimits  # caps on connections, per address and per account
     opened: Callable[[Frontend], None]  # the session registry: revocation ends live sessions
     closed: Callable[[Frontend], None]
 
@@ -116,6 +129,8 @@ class Frontend(Spliceable, Protocol):
         self.client_port = 0
         self.tls_active = False
         self._relay: Relay | None = None
+        self._admitted = False  # counted by the connection limits
+        self._session_of: str | None = None  # the account key counted as having this session
         self._timer: Any = None
         self._closed = False
         self._started = time.monotonic()
@@ -138,6 +153,12 @@ class Frontend(Spliceable, Protocol):
             starttls_available=self.listener.tls is TlsMode.STARTTLS,
             plaintext_auth=in_networks(self.client_ip, self.listener.plaintext_auth_from),
         )
+        refused = self.context.limits.connected(self.client_ip)
+        if refused is not None:
+            self._audit("connection_refused", reason=refused)
+            self._carry_out(self.core.overloaded())
+            return
+        self._admitted = True
         self.context.opened(self)
         self._timer = self.context.reactor.callLater(
             self.context.login_timeout, self._login_timeout
@@ -153,7 +174,11 @@ class Frontend(Spliceable, Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         self._cancel_timer()
-        self.context.closed(self)
+        if self._admitted:
+            self._admitted = False
+            self.context.closed(self)
+            self.context.limits.disconnected(self.client_ip, logged_in=self.grant is not None)
+        self._end_session_count()
         if self.relay is not None:
             self.relay.connectionLost(reason)
         elif self.upstream is not None:
@@ -210,7 +235,8 @@ class Frontend(Spliceable, Protocol):
     # -- the login -------------------------------------------------------------------------------
 
     async def _log_in(self, command: Authenticate) -> None:
-        """Ask the Authenticator; after a Grant log in upstream, answer the client and splice."""
+        """Ask the Authenticator; after a Grant log in upstream, count the use, answer the client
+        and splice. A use is counted only for a session that really logged in upstream."""
         creds = command.credentials
         attempt = Attempt(
             self.spec.protocol,
@@ -223,12 +249,22 @@ class Frontend(Spliceable, Protocol):
             session=self.session_id,
             mechanism=command.mechanism,
         )
-        decision = await self.context.authenticator.authenticate(attempt)
-        if self._closed:
-            return
+        authenticator = self.context.authenticator
+        decision = await authenticator.authenticate(attempt)
         if not isinstance(decision, Grant):
-            await self._refuse(decision.refusal)
+            if not self._closed:
+                await self._refuse(decision.refusal)
             return
+        if self._closed:
+            authenticator.release(decision)
+            return
+        busy = self.context.limits.logging_in(decision.account.key)
+        if busy is not None:
+            authenticator.release(decision)
+            self._audit("session_refused", account=decision.account.key, reason=busy)
+            self._carry_out(self.core.auth_failed(Refusal.BUSY))
+            return
+        self._session_of = decision.account.key
         request = LoginRequest(
             decision.upstream_identity,
             self.client_ip,
@@ -239,24 +275,43 @@ class Frontend(Spliceable, Protocol):
         try:
             self.upstream = await self.context.connect(self.spec.upstream)
             if self._closed:
-                self.upstream.close()
-                return
+                raise UpstreamError("the client left during the upstream login")
             result = await self.spec.login(self.upstream, request)
+            if self._closed:
+                raise UpstreamError("the client left during the upstream login")
         except UpstreamError as exc:
             self._audit("upstream", result="fail", login=creds.login, reason=str(exc))
-            if self.upstream is not None:
-                self.upstream.close()
-                self.upstream = None
+            self._abandon_login(decision)
             if not self._closed:
                 await self._refuse(Refusal.TEMPORARY)
             return
-        if self._closed:
-            self.upstream.close()
+        if not await authenticator.confirm(decision, attempt):
+            self._abandon_login(None)
+            if not self._closed:
+                await self._refuse(Refusal.TEMPORARY)
+            return
+        if self._closed:  # the use is counted: the client left just as it logged in
+            self._abandon_login(None)
             return
         self.grant = decision
+        self.context.limits.logged_in(self.client_ip)
         self._cancel_timer()
         self._carry_out(self.core.auth_succeeded(result.capabilities))
         self._splice(self.upstream, self.spec.watch(result))
+
+    def _abandon_login(self, grant: Grant | None) -> None:
+        """The login stops before the session: close the upstream, give back what was held."""
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+        if grant is not None:
+            self.context.authenticator.release(grant)
+        self._end_session_count()
+
+    def _end_session_count(self) -> None:
+        if self._session_of is not None:
+            self.context.limits.session_ended(self._session_of)
+            self._session_of = None
 
     async def _refuse(self, refusal: Refusal) -> None:
         """Failures are answered after auth.failure_delay, as Dovecot does."""
@@ -288,6 +343,7 @@ class Frontend(Spliceable, Protocol):
 
     def _hooks(self, watch: SessionWatch) -> tuple[Callable[[bytes], tuple[bytes, bytes]], ...]:
         """Relay hooks that run both directions through a watch and carry out what it says."""
+        refusals = self._refusals = RefusalAudit(self.context.reactor.seconds)
 
         def apply(result: WatchResult) -> None:
             relay = self._relay
@@ -296,8 +352,8 @@ class Frontend(Spliceable, Protocol):
                     relay.client.pause_reading(watch)
                 else:
                     relay.client.resume_reading(watch)
-            if result.refused:
-                self._audit("refused", commands=list(result.refused))
+            if result.refused and (fields := refusals.add(result.refused)):
+                self._audit("refused", **fields)
             if result.close:
                 self.context.reactor.callLater(0, self._close_both, result.close)
 
@@ -316,6 +372,9 @@ class Frontend(Spliceable, Protocol):
     def _session_end(self, result: RelayResult) -> None:
         grant = self.grant
         assert grant is not None
+        refusals: RefusalAudit | None = getattr(self, "_refusals", None)
+        if refusals is not None and (fields := refusals.flush()):
+            self._audit("refused", **fields)
         self._audit(
             "session",
             account=grant.account.key,
@@ -342,6 +401,40 @@ class Frontend(Spliceable, Protocol):
         elif not self._closed:
             self._closed = True
             self._client.abortConnection()
+
+
+# A session's refused commands (SMTP's watch) are audited at once the first time, then as a count
+# at most once per this many seconds and at session end: a client pipelining thousands of them
+# writes a few audit lines, not one per read. 10 s: fail2ban's default findtime is 600 s, so a
+# log reader still sees every offending session at once.
+REFUSED_AUDIT_SECONDS = 10.0
+
+
+class RefusalAudit:
+    """Counts a session's refused commands and says when an audit event is due."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._last: float | None = None  # when the last event was audited
+        self._pending: dict[str, int] = {}  # refused verbs not audited yet, with their counts
+
+    def add(self, verbs: tuple[str, ...]) -> dict[str, Any] | None:
+        """Count these refusals; the fields of a `refused` event if one is due now."""
+        for verb in verbs:
+            self._pending[verb] = self._pending.get(verb, 0) + 1
+        now = self._clock()
+        if self._last is not None and now - self._last < REFUSED_AUDIT_SECONDS:
+            return None
+        self._last = now
+        return self.flush()
+
+    def flush(self) -> dict[str, Any] | None:
+        """The fields of a `refused` event for what was not audited yet (at session end)."""
+        if not self._pending:
+            return None
+        fields = {"commands": sorted(self._pending), "count": sum(self._pending.values())}
+        self._pending.clear()
+        return fields
 
 
 class FrontendFactory(Factory):

@@ -160,6 +160,26 @@ def is_valid_login(login: str) -> bool:
     )
 
 
+def identity_problem(identity: str) -> str | None:
+    """Why an upstream identity cannot be sent as a SASL authzid (RFC 4616: UTF-8, at most 255
+    octets) or as Postfix's XCLIENT LOGIN (one word), or None if it can. Checked whatever the
+    directory says: a control character or a space in it would speak for someone else upstream
+    (`[x\\r\\nMAIL FROM:…` as an XCLIENT value, `x LOGIN=bob` as extra attributes)."""
+    if not identity:
+        what = "is empty"
+    elif any(ord(c) < 0x20 or ord(c) == 0x7F or 0x80 <= ord(c) < 0xA0 for c in identity):
+        what = "contains control characters"
+    elif any(c.isspace() for c in identity):
+        what = "contains a space"
+    elif any("\ud800" <= c <= "\udfff" for c in identity):  # a lone surrogate: no UTF-8
+        what = "is not valid UTF-8"
+    elif len(identity.encode("utf-8")) > MAX_FIELD:
+        what = f"is longer than {MAX_FIELD} octets"
+    else:
+        return None
+    return f"upstream identity {what}: unusable as a SASL authzid or XCLIENT LOGIN"
+
+
 class Step(enum.Enum):
     """Where a server-side exchange stands after one client message."""
 

@@ -1,5 +1,5 @@
-"""The running proxy: opens the store, directory and hash pool, starts the listeners, and ends
-sessions whose code was revoked or disabled."""
+"""The running proxy: opens the store, directory and hash pool, starts the listeners and the
+session checks (proxy/sessions.py), reloads on SIGHUP and stops cleanly."""
 
 from __future__ import annotations
 
@@ -18,21 +18,20 @@ from proxy.audit import Audit
 from proxy.auth.authenticator import Authenticator
 from proxy.codes.hashing import CodeHasher
 from proxy.codes.open import open_store
-from proxy.codes.store import AsyncCodeStore, State, StoreUnavailable
+from proxy.codes.store import AsyncCodeStore
 from proxy.config import Settings, Upstream
 from proxy.directory.open import open_directory
-from proxy.frontend import Frontend, FrontendFactory, ProtocolSpec, SessionContext
+from proxy.exposure import clear_text_warnings
+from proxy.frontend import FrontendFactory, ProtocolSpec, SessionContext
 from proxy.imap.spec import ImapSpec
+from proxy.limits import ConnectionLimits
 from proxy.pop3.spec import Pop3Spec
 from proxy.protocols import MailProtocol, TlsMode
 from proxy.proxyprotocol import ProxyProtocolFactory, TrustedProxies
+from proxy.sessions import ACCOUNT_CHECK_SECONDS, CODE_CHECK_SECONDS, LiveSession, SessionGuard
 from proxy.smtp.spec import SmtpSpec
 from proxy.tls import ServerTLS, TLSConfigError
 from proxy.upstream import UpstreamError, connect
-
-# How often live sessions are checked against the store, so that revoking or disabling a code
-# ends the sessions it opened (bongo-project revokes "at their next command"; we bound the wait).
-SESSION_CHECK_SECONDS = 15
 
 # Pending connections the kernel queues per listener; Twisted's default of 50 drops SYNs under a
 # login storm (each drop costs a client a 1 s retransmit). nginx uses 511, the kernel caps it at
@@ -40,8 +39,10 @@ SESSION_CHECK_SECONDS = 15
 LISTEN_BACKLOG = 1024
 
 
-# How often an upstream that could not be asked what it offers (SMTP EHLO) is asked again.
+# How often an upstream that could not be asked what it offers before login (SMTP EHLO, IMAP
+# CAPABILITY) is asked again, and how often one that answered is asked again anyway.
 PROBE_RETRY_SECONDS = 30
+PROBE_REFRESH_SECONDS = 600
 
 
 def protocol_specs(settings: Settings) -> dict[MailProtocol, ProtocolSpec]:
@@ -61,20 +62,26 @@ class Service:
         settings: Settings,
         reactor: Any,
         audit: Audit | None = None,
-        session_check: float = SESSION_CHECK_SECONDS,
+        session_check: float = CODE_CHECK_SECONDS,
+        account_check: float = ACCOUNT_CHECK_SECONDS,
     ) -> None:
         self.settings = settings
         self.reactor = reactor
         self.audit = audit or Audit(path=settings.audit.file)
-        self.sessions: set[Frontend] = set()
         self.ports: dict[str, IListeningPort] = {}  # listener name -> its port
         self.tls: dict[str, ServerTLS] = {}
         self.specs = protocol_specs(settings)
-        self.session_check = session_check
-        self._check: task.LoopingCall | None = None
+        self.limits = ConnectionLimits(settings.limits)
+        self.guard: SessionGuard | None = None
+        self._check_intervals = (session_check, account_check)
         self._probes: dict[MailProtocol, task.LoopingCall] = {}
 
-    def _context(self) -> SessionContext:
+    @property
+    def sessions(self) -> set[LiveSession]:
+        """The live sessions (empty before start)."""
+        return self.guard.sessions if self.guard is not None else set()
+
+    def _context(self, guard: SessionGuard) -> SessionContext:
         auth = self.settings.auth
         return SessionContext(
             authenticator=self.authenticator,
@@ -83,12 +90,15 @@ class Service:
             login_timeout=auth.login_timeout.total_seconds(),
             failure_delay=auth.failure_delay.total_seconds(),
             connect=lambda upstream: connect(upstream, self.reactor),
-            opened=self.sessions.add,
-            closed=self.sessions.discard,
+            limits=self.limits,
+            opened=guard.add,
+            closed=guard.discard,
         )
 
     async def start(self) -> None:
         s = self.settings
+        for warning in clear_text_warnings(s):  # allowed when written out, but said at start
+            self.audit.event("config_warning", warning=warning)
         self.directory = open_directory(s.directory, s.policy)
         self.sync_store = open_store(s.store)
         self.store = AsyncCodeStore(self.sync_store, self.reactor)
@@ -97,7 +107,17 @@ class Service:
         self.authenticator = Authenticator(
             s, self.directory, self.store, self.hasher, self.audit, self.reactor
         )
-        context = self._context()
+        code_check, account_check = self._check_intervals
+        self.guard = SessionGuard(
+            codes=self.store.get_many,
+            account=self.authenticator.account,
+            policy=s.policy,
+            audit=self.audit,
+            reactor=self.reactor,
+            code_interval=code_check,
+            account_interval=account_check,
+        )
+        context = self._context(self.guard)
         for listener in s.listeners:
             server_tls = None
             if listener.tls is not TlsMode.NONE:
@@ -105,9 +125,8 @@ class Service:
                     str(listener.cert_file), str(listener.key_file), listener.min_tls
                 )
                 self.tls[listener.name] = server_tls
-            factory: IProtocolFactory = FrontendFactory(
-                context, listener, self.specs[listener.protocol], server_tls
-            )
+            spec = self.specs[listener.protocol].for_listener(listener)
+            factory: IProtocolFactory = FrontendFactory(context, listener, spec, server_tls)
             if server_tls is not None and listener.tls is TlsMode.IMPLICIT:
                 factory = TLSMemoryBIOFactory(server_tls, False, factory)
             if listener.proxy_protocol_from:
@@ -126,14 +145,12 @@ class Service:
                 tls=listener.tls,
             )
         for protocol in {listener.protocol for listener in s.listeners}:
-            if not await self._probe(protocol):
-                retry = task.LoopingCall(self._retry_probe, protocol)
-                retry.clock = self.reactor
-                retry.start(PROBE_RETRY_SECONDS, now=False)
-                self._probes[protocol] = retry
-        self._check = task.LoopingCall(self._end_revoked_sessions)
-        self._check.clock = self.reactor
-        self._check.start(self.session_check, now=False)
+            answered = await self._probe(protocol)
+            again = task.LoopingCall(self._probe_again, protocol)
+            again.clock = self.reactor
+            again.start(PROBE_REFRESH_SECONDS if answered else PROBE_RETRY_SECONDS, now=False)
+            self._probes[protocol] = again
+        self.guard.start()
 
     async def _probe(self, protocol: MailProtocol) -> bool:
         """Ask the upstream what it offers before login (SMTP: its EHLO extensions)."""
@@ -155,9 +172,14 @@ class Service:
         return True
 
     @defer.inlineCallbacks
-    def _retry_probe(self, protocol: MailProtocol):
-        if (yield defer.ensureDeferred(self._probe(protocol))):
-            self._probes.pop(protocol).stop()
+    def _probe_again(self, protocol: MailProtocol):
+        """Ask again: soon while the upstream does not answer, then now and then, so that what
+        it offers after an upgrade or a failover reaches clients without a restart."""
+        answered = yield defer.ensureDeferred(self._probe(protocol))
+        loop = self._probes[protocol]
+        wanted = PROBE_REFRESH_SECONDS if answered else PROBE_RETRY_SECONDS
+        if loop.interval != wanted:
+            loop.interval = wanted
 
     def port_of(self, name: str) -> int:
         """The TCP port a listener is bound to (the config may say 0: any free port)."""
@@ -180,37 +202,17 @@ class Service:
             except TLSConfigError as exc:
                 self.audit.event("tls_reload", listener=name, result="fail", reason=str(exc))
 
-    @defer.inlineCallbacks
-    def _end_revoked_sessions(self):
-        by_code: dict[int, list] = {}
-        for session in list(self.sessions):
-            if session.grant is not None:
-                by_code.setdefault(session.grant.code_id, []).append(session)
-        for code_id, sessions in by_code.items():
-            try:
-                record = yield self.store.get(code_id)
-            except StoreUnavailable:
-                return
-            state = record.state() if record else State.REVOKED
-            if state in (State.REVOKED, State.DISABLED):
-                for session in sessions:
-                    self.audit.event(
-                        "session_ended",
-                        session=session.session_id,
-                        code=code_id,
-                        reason=f"app password {state.value}",
-                    )
-                    session.end(f"app password {code_id} {state.value}")
-
     async def stop(self) -> None:
         """Stop listening, end sessions, release pools; safe after a start that failed midway."""
-        for loop in [self._check, *self._probes.values()]:
-            if loop is not None and loop.running:
+        for loop in self._probes.values():
+            if loop.running:
                 loop.stop()
+        if self.guard is not None:
+            self.guard.stop()
         for port in self.ports.values():
             await defer.maybeDeferred(port.stopListening)
-        for session in list(self.sessions):
-            session.end("proxy stopping")
+        if self.guard is not None:
+            self.guard.end_all("proxy stopping")
         for name in ("authenticator", "hasher", "store"):
             part = getattr(self, name, None)
             if part is not None:
@@ -219,29 +221,94 @@ class Service:
             self.directory.close()
 
 
-def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP re-reads the TLS certificates and the users file."""
+def serve(
+    settings: Settings,
+    *,
+    name: str = "apppass",
+    in_use_hint: str = "",
+    ready: Callable[[Service], None] | None = None,
+) -> int:
+    """Run until the first SIGTERM or SIGINT, in any state (starting, serving, stopping); the
+    signals after it are ignored, so a second one (timeout(1), systemd's final kill, an
+    impatient Ctrl-C) never interrupts the stop. SIGHUP re-reads the TLS certificates and the
+    users file. A start that fails is one line on stderr (`NAME: cannot start: …`, plus
+    in_use_hint for a port in use) and status 1; ready(service) runs once it is listening."""
+    import os
+
     from twisted.internet import reactor as global_reactor
+    from twisted.internet.error import CannotListenError, ReactorNotRunning
+    from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
+    from zope.interface import provider
 
     reactor: Any = global_reactor  # the installed reactor provides every IReactor* interface
     service = Service(settings, reactor)
-    exit_code = [0]
+    exit_code = 0
+    stopping = False
 
-    def started(_):
+    @provider(ILogObserver)
+    def warning(event: dict) -> None:
+        """Our modules' Twisted log warnings (tls.py: an upstream certificate), one line each."""
+        namespace = str(event.get("log_namespace") or "")
+        if event.get("log_level") == LogLevel.warn and namespace.startswith("proxy."):
+            message = formatEvent(event)
+            sys.stderr.write(f"{name}: warning: {message}\n")
+            service.audit.event("warning", message=message)
+
+    def stop_reactor() -> None:
+        try:
+            reactor.stop()
+        except ReactorNotRunning:  # already stopping
+            pass
+
+    def on_signal(number: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        # A handler that does nothing, not SIG_IGN: Python raises "Signal 15 ignored due to race
+        # condition" for a signal already caught but not yet handled when it becomes SIG_IGN.
+        for other in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(other, lambda *_: None)
+        reactor.callFromThread(stop_reactor)
+
+    def started(_: object) -> None:
         signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(service.reload))
+        if ready is not None:
+            ready(service)
 
-    def failed(failure):
+    def failed(failure: Any) -> None:
+        nonlocal exit_code
+        if stopping:  # a start cut short by a stop is not a failure
+            return
         exc = failure.value
-        sys.stderr.write(f"apppass: cannot start: {exc}\n")
-        exit_code[0] = 1
-        reactor.stop()
+        reason = str(exc) or type(exc).__name__
+        if isinstance(exc, CannotListenError):
+            host = f"[{exc.interface}]" if ":" in exc.interface else exc.interface
+            error = exc.socketError.strerror if exc.socketError is not None else "in use"
+            reason = f"cannot listen on {host}:{exc.port} ({error}){in_use_hint}"
+        sys.stderr.write(f"{name}: cannot start: {reason}\n")
+        exit_code = 1
+        stop_reactor()
 
-    def run():
-        defer.ensureDeferred(service.start()).addCallbacks(started, failed)
+    def run() -> None:
+        # Twisted's own handlers call reactor.stop() on every signal: a second one while
+        # stopping raises ReactorNotRunning, and after the reactor stopped they do nothing.
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, on_signal)
+        defer.ensureDeferred(service.start()).addCallback(started).addErrback(failed)
+
+    async def stop() -> None:  # also after a start that failed midway: its pools must end
+        try:
+            await service.stop()
+        except Exception as exc:
+            sys.stderr.write(f"{name}: while stopping: {exc or type(exc).__name__}\n")
 
     reactor.callWhenRunning(run)
-    reactor.addSystemEventTrigger(
-        "before", "shutdown", lambda: defer.ensureDeferred(service.stop())
-    )
-    reactor.run()
-    return exit_code[0]
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(stop()))
+    globalLogPublisher.addObserver(warning)
+    try:
+        reactor.run()
+    finally:
+        globalLogPublisher.removeObserver(warning)
+    if not stopping:  # a failed start: Twisted's handlers would now do nothing; end the exit
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, lambda number, _: os._exit(128 + number))
+    return exit_code

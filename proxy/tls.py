@@ -19,6 +19,11 @@ Upstream side::
 Verification is on by default: the chain against `ca_file` (or the system trust store when
 None) and the name against `hostname` (DNS name, or IP address SAN when it is an address) via
 Twisted's optionsForClientTLS and service_identity. `verify=False` turns both off, explicitly.
+The name check is ours (`_VerifiedClientTLS`): Twisted's treats a malformed name in the
+certificate (an IP address as a DNS name, a bad wildcard) or a certificate without names as an
+error in its callback, logs a traceback for every connection and then accepts the certificate
+without checking its name. Here a malformed name is skipped, with one warning per upstream (a
+Twisted log event at level warn, which `apppass serve` prints), and the other names decide.
 
 Every problem with a configured file raises TLSConfigError naming the file and the problem in a
 sentence a person can act on; callers turn it into a config error, never a traceback.
@@ -27,19 +32,34 @@ sentence a person can act on; callers turn it into a config error, never a trace
 from __future__ import annotations
 
 import datetime
+import ipaddress
+import json
 from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
+from service_identity import CertificateError, VerificationError
+from service_identity.hazmat import (
+    DNS_ID,
+    CertificatePattern,
+    DNSPattern,
+    IPAddress_ID,
+    IPAddressPattern,
+    verify_service_identity,
+)
 from twisted.internet import ssl as twisted_ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
 )
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
+
+log = Logger()
 
 DEFAULT_MIN_TLS = "1.2"
 
@@ -288,6 +308,105 @@ class _UnverifiedClientTLS:
         return connection
 
 
+# Certificate warnings already given, so that each is said once per upstream and not once per
+# connection. A handful in practice (one per upstream name and problem); the bound only keeps a
+# certificate that changes its malformed names on every handshake from growing the set forever.
+_WARNED: set[tuple[str, str]] = set()
+MAX_WARNED = 1024
+
+
+def _warn_once(hostname: str, problem: str) -> None:
+    if (hostname, problem) in _WARNED:
+        return
+    if len(_WARNED) >= MAX_WARNED:
+        _WARNED.clear()
+    _WARNED.add((hostname, problem))
+    log.warn("upstream {host}: {problem}", host=hostname, problem=problem)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip())
+    except ValueError:
+        return False
+    return True
+
+
+def _name_patterns(cert: x509.Certificate) -> tuple[list[CertificatePattern], list[str]]:
+    """The certificate's DNS and IP address names as service_identity patterns, and the DNS
+    names it had to skip as malformed (service_identity refuses the whole certificate for one)."""
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [], []
+    patterns: list[CertificatePattern] = []
+    malformed = []
+    for name in names.get_values_for_type(x509.DNSName):
+        try:
+            patterns.append(DNSPattern.from_bytes(name.encode("utf-8")))
+        except CertificateError:
+            malformed.append(name)
+    for ip in names.get_values_for_type(x509.IPAddress):
+        if isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address):  # not a network
+            patterns.append(IPAddressPattern(ip))
+    return patterns, malformed
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _VerifiedClientTLS:
+    """Twisted's client connection (trust root, SNI, versions, ALPN) with our name check."""
+
+    def __init__(self, hostname: str, options: IOpenSSLClientConnectionCreator) -> None:
+        self._hostname = hostname
+        self._options = options
+        if isIPAddress(hostname) or isIPv6Address(hostname):
+            self._identity: DNS_ID | IPAddress_ID = IPAddress_ID(hostname)
+        else:
+            self._identity = DNS_ID(hostname.encode("idna").decode("ascii"))
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        pending = [tlsProtocol]  # dropped once the leaf is checked: no cycle through OpenSSL
+
+        def verify(conn: SSL.Connection, cert: crypto.X509, error: int, depth: int, ok: int):
+            if depth != 0 or not ok or not pending:
+                return bool(ok)  # the chain is OpenSSL's to check
+            protocol = pending.pop()
+            problem = self._name_problem(cert)
+            if problem is not None:
+                protocol.failVerification(Failure(problem))
+                return False
+            return True
+
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+        return connection
+
+    def _name_problem(self, cert: crypto.X509) -> Exception | None:
+        """None when the certificate is valid for the upstream's name, else the reason. Never
+        raises: an exception in an OpenSSL callback would be lost, and the handshake go on."""
+        try:
+            patterns, malformed = _name_patterns(cert.to_cryptography())
+            for name in malformed:
+                hint = " (an IP address belongs in an IP address SAN)" if _is_ip(name) else ""
+                _warn_once(
+                    self._hostname,
+                    f"its certificate names {json.dumps(name)} as a DNS name, which it cannot"
+                    f" be{hint}; that name is ignored",
+                )
+            if patterns:
+                verify_service_identity(patterns, [self._identity], [])
+                return None
+        except VerificationError as exc:
+            return exc
+        except Exception as exc:  # a certificate we cannot read is not a verified one
+            _warn_once(self._hostname, f"cannot read the names of its certificate: {exc}")
+        # No name to match at all (service_identity raises CertificateError for that, which
+        # Twisted logs and then accepts): a mismatch like any other.
+        return VerificationError(
+            errors=[self._identity.error_on_mismatch(mismatched_id=self._identity)]
+        )
+
+
 def upstream_tls(
     hostname: str,
     *,
@@ -315,9 +434,10 @@ def upstream_tls(
         trust = twisted_ssl.trustRootFromCertificates(authorities)
     else:
         trust = twisted_ssl.platformTrust()
-    return twisted_ssl.optionsForClientTLS(
+    client = twisted_ssl.optionsForClientTLS(
         hostname,
         trustRoot=trust,
         acceptableProtocols=list(alpn) if alpn else None,
         extraCertificateOptions={"raiseMinimumTo": version},
     )
+    return _VerifiedClientTLS(hostname, client)

@@ -1,31 +1,39 @@
 """The Authenticator: turns an Attempt into a Decision (docs/architecture.md, step 3). Never
-touches a socket; the directory, the store and argon2 run in their thread pools.
+touches a socket; the directory, the store and argon2 run in bounded, fair queues
+(proxy/fairqueue.py), and identical work in flight runs once.
 
-Fails closed: directory, store or hash-pool trouble is a temporary Denial, never a Grant. Only
-after the code itself verified may a Denial say more than "bad credentials".
+Fails closed: directory, store or queue trouble is a temporary Denial, never a Grant. Only after
+the code itself verified may a Denial say more than "bad credentials". A Grant holds a
+Reservation: the frontend confirms it once the upstream login succeeded (the use is counted
+then) or releases it.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
-from twisted.internet import defer, threads
-from twisted.python.threadpool import ThreadPool
+from twisted.internet import defer
 
 from proxy.audit import Audit
 from proxy.auth.cache import VerifiedCache
-from proxy.auth.decision import Attempt, Denial, Grant, Refusal
+from proxy.auth.decision import Attempt, Decision, Denial, Grant, Refusal
 from proxy.auth.policy import account_refusal
 from proxy.auth.ratelimit import FailureLimiter, client_bucket
 from proxy.codes.generate import split
-from proxy.codes.hashing import ClientShareFull, PoolFull
-from proxy.codes.store import Claim, StoreUnavailable
+from proxy.codes.store import INTERNAL, Claim, CodeRecord, Reservation, StoreUnavailable
 from proxy.config import Settings
 from proxy.directory.account import Account, DirectoryUnavailable
-from proxy.sasl import is_valid_login
+from proxy.fairqueue import ClientShareFull, FairQueue, QueueFull, SingleFlight
+from proxy.sasl import identity_problem, is_valid_login
 
 # Threads for directory lookups (ldap3 is synchronous; each holds one pooled connection).
 DIRECTORY_THREADS = 4
+
+# Directory lookups that may wait for a thread: 256, a client at most an eighth of them. With
+# LDAP answering in a few ms that is well under a second of backlog; a slow or hung LDAP server
+# then refuses new logins at once (temporary) instead of queueing them past their clients.
+DIRECTORY_QUEUE = 256
 
 _CLAIM_REFUSALS = {
     Claim.REVOKED: Refusal.EXPIRED,  # RFC 5530 EXPIRED: "get a new passphrase"
@@ -43,11 +51,11 @@ class Authenticator:
     def __init__(
         self,
         settings: Settings,
-        directory,
-        store,
-        hasher,
+        directory: Any,
+        store: Any,
+        hasher: Any,
         audit: Audit,
-        reactor,
+        reactor: Any,
         clock=time.monotonic,
     ) -> None:
         self.settings = settings
@@ -59,22 +67,18 @@ class Authenticator:
         self._clock = clock
         self.limiter = FailureLimiter(settings.auth.ip_failures_per_minute)
         self.cache = VerifiedCache(settings.auth.cache_ttl.total_seconds())
-        self._dir_pool = ThreadPool(
-            minthreads=1, maxthreads=DIRECTORY_THREADS, name="apppass-directory"
-        )
-        self._dir_pool.start()
+        self._directory_queue = FairQueue("apppass-directory", DIRECTORY_THREADS, DIRECTORY_QUEUE)
+        self._directory_queue.start(reactor)
+        self._lookups: SingleFlight[str] = SingleFlight()  # by login
+        self._key_lookups: SingleFlight[str] = SingleFlight()  # by account key
+        self._verifications: SingleFlight[bytes] = SingleFlight()
 
     def stop(self) -> None:
-        self._dir_pool.stop()
+        self._directory_queue.stop()
 
-    def _lookup(self, login: str):
-        if not getattr(self.directory, "blocking", True):
-            return defer.maybeDeferred(self.directory.lookup, login)
-        return threads.deferToThreadPool(
-            self._reactor, self._dir_pool, self.directory.lookup, login
-        )
+    # -- the decision ----------------------------------------------------------------------------
 
-    def authenticate(self, attempt: Attempt) -> defer.Deferred:
+    def authenticate(self, attempt: Attempt) -> defer.Deferred[Decision]:
         """A Deferred that always fires with a Grant or a Denial (never errbacks)."""
         d = defer.ensureDeferred(self._decide(attempt))
 
@@ -92,7 +96,7 @@ class Authenticator:
         d.addCallback(self._record, attempt)
         return d
 
-    def _record(self, decision, attempt: Attempt):
+    def _record(self, decision: Decision, attempt: Attempt) -> Decision:
         account = decision.account
         fields = {
             "protocol": attempt.protocol.value,
@@ -105,8 +109,8 @@ class Authenticator:
             "mechanism": attempt.mechanism or None,
             "account": account.key if account else None,
         }
-        if decision.ok:
-            self.limiter.success(attempt.client_ip)
+        if isinstance(decision, Grant):
+            self.limiter.success(attempt.client_ip, decision.account.key)
             self.audit.event(
                 "auth",
                 result="grant",
@@ -117,7 +121,8 @@ class Authenticator:
             )
         else:
             if decision.refusal == Refusal.CREDENTIALS:
-                self.limiter.failure(attempt.client_ip, self._clock())
+                target = account.key if account else f"login:{attempt.login.casefold()}"
+                self.limiter.failure(attempt.client_ip, self._clock(), target)
             self.audit.event(
                 "auth",
                 result="deny",
@@ -128,23 +133,28 @@ class Authenticator:
             )
         return decision
 
-    async def _decide(self, attempt: Attempt):
+    async def _decide(self, attempt: Attempt) -> Decision:
         if not is_valid_login(attempt.login):
             return Denial(Refusal.CREDENTIALS, "invalid login name (control characters)")
         if self.limiter.blocked(attempt.client_ip, self._clock()):
             return Denial(Refusal.LIMIT, "too many failed logins from this address")
+        client = client_bucket(attempt.client_ip)
         parts = split(attempt.secret)
         try:
-            account: Account | None = await self._lookup(attempt.login)
+            account: Account | None = await self._lookup(attempt.login, client)
         except DirectoryUnavailable as exc:
             return Denial(Refusal.TEMPORARY, f"directory unavailable: {exc}")
+        except ClientShareFull:
+            return self._flooding(attempt.client_ip, None, "directory")
+        except QueueFull:
+            return Denial(Refusal.TEMPORARY, "directory queue full")
         if parts is None or account is None:
             reason = (
                 "unknown login"
                 if account is None
                 else "not an app password (wrong length or characters)"
             )
-            return await self._dummy(reason, account, attempt.client_ip)
+            return await self._dummy(reason, account, client, attempt.client_ip)
         selector, code = parts
 
         cached = self.cache.get(account.key, code, self._clock())
@@ -152,25 +162,19 @@ class Authenticator:
             code_id, label = cached
         else:
             try:
-                record = await self.store.find(account.key, selector)
+                record, verified = await self._verify(account.key, selector, code, client)
             except StoreUnavailable as exc:
                 return Denial(Refusal.TEMPORARY, f"store unavailable: {exc}", account)
-            if record is None:
-                return await self._dummy(
-                    "no app password with this selector", account, attempt.client_ip
-                )
-            try:
-                verified = await self.hasher.verify(
-                    record.hash, code, client_bucket(attempt.client_ip)
-                )
             except ClientShareFull:
-                return self._flooding(attempt.client_ip, account)
-            except PoolFull:
-                return Denial(Refusal.TEMPORARY, "verification pool full", account, record.id)
+                return self._flooding(attempt.client_ip, account, "verification")
+            except QueueFull:
+                return Denial(Refusal.TEMPORARY, "verification queue full", account)
+            if record is None:
+                return Denial(Refusal.CREDENTIALS, "no app password with this selector", account)
             if not verified:
                 try:
-                    await self.store.record_failure(record.id, attempt.client_ip)
-                except StoreUnavailable:
+                    await self.store.record_failure(record.id, attempt.client_ip, client)
+                except (StoreUnavailable, QueueFull):
                     pass
                 return Denial(
                     Refusal.CREDENTIALS,
@@ -181,7 +185,9 @@ class Authenticator:
             code_id, label = record.id, record.label
             self.cache.put(account.key, code, code_id, label, self._clock())
 
-        refusal = account_refusal(account, self.settings.policy)
+        refusal = account_refusal(account, self.settings.policy) or identity_problem(
+            account.upstream_identity
+        )
         if refusal:
             return Denial(Refusal.FORBIDDEN, refusal, account, code_id)
         not_before = (
@@ -189,11 +195,13 @@ class Authenticator:
         )
         try:
             claim = await self.store.claim(
-                code_id, attempt.protocol.value, attempt.client_ip, not_before
+                code_id, attempt.protocol.value, attempt.client_ip, not_before, client
             )
         except StoreUnavailable as exc:
             return Denial(Refusal.TEMPORARY, f"store unavailable: {exc}", account, code_id)
-        if claim != Claim.OK:
+        except QueueFull:
+            return Denial(Refusal.TEMPORARY, "store queue full", account, code_id)
+        if isinstance(claim, Claim):
             if claim in (Claim.REVOKED, Claim.GONE, Claim.SUPERSEDED):
                 self.cache.forget(account.key, code)
             reason = f"app password {code_id} {claim.value}"
@@ -202,24 +210,90 @@ class Authenticator:
             elif claim == Claim.NETWORK:
                 reason = f"app password {code_id} not valid from {attempt.client_ip}"
             return Denial(_CLAIM_REFUSALS[claim], reason, account, code_id)
-        return Grant(account, code_id, label, account.upstream_identity)
+        return Grant(account, code_id, label, account.upstream_identity, claim)
 
-    def _flooding(self, client_ip: str, account: Account | None) -> Denial:
-        """An address with its whole share of the queue waiting is flooding: count it as a
-        failure, so the limiter stops it before the queue drains rather than after."""
-        self.limiter.failure(client_ip, self._clock())
-        return Denial(
-            Refusal.LIMIT,
-            "this address has its whole share of the verification queue waiting",
-            account,
+    # -- blocking work, bounded and coalesced ----------------------------------------------------
+
+    def _lookup(self, login: str, client: str) -> defer.Deferred[Account | None]:
+        """The account for a login; concurrent lookups of the same login query once."""
+        if not getattr(self.directory, "blocking", True):
+            return defer.maybeDeferred(self.directory.lookup, login)
+        return self._lookups.run(
+            login, lambda: self._directory_queue.submit(client, self.directory.lookup, login)
         )
 
-    async def _dummy(self, reason: str, account: Account | None, client_ip: str):
+    def account(self, key: str) -> defer.Deferred[Account | None]:
+        """The account with this stable id now (the session checks ask), or None if it is gone."""
+        if not getattr(self.directory, "blocking", True):
+            return defer.maybeDeferred(self.directory.by_key, key)
+        return self._key_lookups.run(
+            key, lambda: self._directory_queue.submit(INTERNAL, self.directory.by_key, key)
+        )
+
+    def _verify(
+        self, account_key: str, selector: str, code: str, client: str
+    ) -> defer.Deferred[tuple[CodeRecord | None, bool]]:
+        """(the code's record or None, whether the secret matches), at the cost of exactly one
+        argon2id verification (against a dummy hash for an unknown selector); concurrent logins
+        with the same code share it (20 devices behind one NAT after a restart verify once)."""
+
+        async def work() -> tuple[CodeRecord | None, bool]:
+            record = await self.store.find(account_key, selector, client)
+            verified = await self.hasher.verify(record.hash if record else None, code, client)
+            return record, bool(verified and record is not None)
+
+        key = self.cache.digest(account_key, f"{selector}\x00{code}")
+        return self._verifications.run(key, lambda: defer.ensureDeferred(work()))
+
+    def _flooding(self, client_ip: str, account: Account | None, queue: str) -> Denial:
+        """An address with its whole share of a queue waiting is flooding: count it as a
+        failure, so the limiter stops it before the queue drains rather than after."""
+        self.limiter.failure(client_ip, self._clock(), "flooding")
+        return Denial(
+            Refusal.LIMIT, f"this address has its whole share of the {queue} queue waiting", account
+        )
+
+    async def _dummy(
+        self, reason: str, account: Account | None, client: str, client_ip: str
+    ) -> Denial:
         """Spend one verification so that this failure takes as long as a wrong secret."""
         try:
-            await self.hasher.verify(None, "0000000000000000", client_bucket(client_ip))
+            await self.hasher.verify(None, "0000000000000000", client)
         except ClientShareFull:
-            return self._flooding(client_ip, account)
-        except PoolFull:
-            return Denial(Refusal.TEMPORARY, "verification pool full", account)
+            return self._flooding(client_ip, account, "verification")
+        except QueueFull:
+            return Denial(Refusal.TEMPORARY, "verification queue full", account)
         return Denial(Refusal.CREDENTIALS, reason, account)
+
+    # -- after the upstream login ----------------------------------------------------------------
+
+    async def confirm(self, grant: Grant, attempt: Attempt) -> bool:
+        """The upstream login succeeded: count the use. False if that cannot be done (the store
+        is down, or the code was revoked or disabled meanwhile): the session must not start."""
+        try:
+            counted = await self.store.confirm(
+                grant.reservation, attempt.protocol.value, attempt.client_ip
+            )
+        except (StoreUnavailable, QueueFull) as exc:
+            self.audit.event(
+                "auth",
+                result="unconfirmed",
+                code=grant.code_id,
+                session=attempt.session,
+                reason=f"store unavailable: {exc}",
+            )
+            return False
+        if not counted:
+            self.audit.event(
+                "auth",
+                result="unconfirmed",
+                code=grant.code_id,
+                session=attempt.session,
+                reason=f"app password {grant.code_id} revoked or disabled during the login",
+            )
+        return bool(counted)
+
+    def release(self, grant: Grant) -> None:
+        """The login did not happen: give the code's use back (a hold also lapses by itself)."""
+        reservation: Reservation = grant.reservation
+        self.store.release(reservation).addErrback(lambda _failure: None)

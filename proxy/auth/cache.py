@@ -22,14 +22,15 @@ class VerifiedCache:
         self._key = os.urandom(32)
         self._entries: OrderedDict[bytes, tuple[int, str, float]] = OrderedDict()
 
-    def _digest(self, account_key: str, code: str) -> bytes:
+    def digest(self, account_key: str, code: str) -> bytes:
+        """A key for (account, code) that does not hold the code."""
         return hmac.new(self._key, f"{account_key}\x00{code}".encode(), hashlib.sha256).digest()
 
     def get(self, account_key: str, code: str, now: float) -> tuple[int, str] | None:
         """(code id, label) this (account, code) verified as within the TTL, or None."""
         if self.ttl <= 0:
             return None
-        d = self._digest(account_key, code)
+        d = self.digest(account_key, code)
         hit = self._entries.get(d)
         if hit is None:
             return None
@@ -43,11 +44,11 @@ class VerifiedCache:
     def put(self, account_key: str, code: str, code_id: int, label: str, now: float) -> None:
         if self.ttl <= 0:
             return
-        d = self._digest(account_key, code)
+        d = self.digest(account_key, code)
         self._entries[d] = (code_id, label, now + self.ttl)
         self._entries.move_to_end(d)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
     def forget(self, account_key: str, code: str) -> None:
-        self._entries.pop(self._digest(account_key, code), None)
+        self._entries.pop(self.digest(account_key, code), None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from proxy.codes.store import Reservation
 from proxy.directory.account import Account
 from proxy.protocols import MailProtocol
 
@@ -40,6 +41,7 @@ class Refusal(enum.StrEnum):
     PRIVACY = "privacy"  # plaintext authentication is not allowed here
     TEMPORARY = "temporary"  # directory, store, hash pool or upstream trouble
     LIMIT = "limit"  # too many attempts
+    BUSY = "busy"  # the account has limits.max_sessions_per_account sessions already
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Grant:
     code_id: int
     code_label: str
     upstream_identity: str
+    reservation: Reservation  # confirmed after the upstream login, or released
 
     ok = True
 

@@ -28,20 +28,24 @@ def client_bucket(ip: str) -> str:
 
 
 class FailureLimiter:
+    """Failed logins per client address within a sliding window; each failure remembers which
+    account (or unknown login) it was against, so that a success forgives only those."""
+
     def __init__(
         self, per_window: int, window: float = WINDOW_SECONDS, max_tracked: int = MAX_TRACKED
     ) -> None:
         self.per_window = per_window
         self.window = window
         self.max_tracked = max_tracked
-        self._failures: OrderedDict[str, deque] = OrderedDict()
+        # bucket -> (time, target) of recent failures, oldest first
+        self._failures: OrderedDict[str, deque[tuple[float, str]]] = OrderedDict()
 
-    def _recent(self, bucket: str, now: float) -> deque:
+    def _recent(self, bucket: str, now: float) -> deque[tuple[float, str]]:
         times = self._failures.get(bucket)
         if times is None:
             return deque()
         cutoff = now - self.window
-        while times and times[0] <= cutoff:
+        while times and times[0][0] <= cutoff:
             times.popleft()
         if not times:
             del self._failures[bucket]
@@ -51,7 +55,8 @@ class FailureLimiter:
         """True if this address already failed `per_window` times within the window."""
         return len(self._recent(client_bucket(ip), now)) >= self.per_window
 
-    def failure(self, ip: str, now: float) -> None:
+    def failure(self, ip: str, now: float, target: str = "") -> None:
+        """A failed login from `ip` against `target` (an account key, or the unknown login)."""
         bucket = client_bucket(ip)
         times = self._recent(bucket, now)
         if not times:
@@ -59,10 +64,20 @@ class FailureLimiter:
         else:
             self._failures.move_to_end(bucket)
         if len(times) < self.per_window * 2:  # enough to know it is blocked; bounded per address
-            times.append(now)
+            times.append((now, target))
         while len(self._failures) > self.max_tracked:
             self._failures.popitem(last=False)
 
-    def success(self, ip: str) -> None:
-        """A success forgets that address's failures (NIST SP 800-63B §5.2.2)."""
-        self._failures.pop(client_bucket(ip), None)
+    def success(self, ip: str, target: str) -> None:
+        """A success forgets this address's failures against the same account (NIST SP 800-63B
+        §5.2.2 resets the count of the account that signed in), and only those: one valid code
+        of an attacker's own must not reset the count of guesses at everyone else's."""
+        bucket = client_bucket(ip)
+        times = self._failures.get(bucket)
+        if times is None:
+            return
+        kept = deque(entry for entry in times if entry[1] != target)
+        if kept:
+            self._failures[bucket] = kept
+        else:
+            del self._failures[bucket]

@@ -12,6 +12,7 @@ from proxy.codes.hashing import CodeHasher
 from proxy.codes.store import CodeRecord, CodeStore, NewCode
 from proxy.config import Settings
 from proxy.directory.account import Account
+from proxy.sasl import identity_problem
 
 # A label names a device ("3rd floor printer"); long enough for that, short enough for a table.
 MAX_LABEL = 100
@@ -52,7 +53,13 @@ def issue_code(
     if not label or len(label) > MAX_LABEL or any(ord(c) < 0x20 for c in label):
         raise Refused(f"a label must be 1 to {MAX_LABEL} printable characters")
     account = resolve(directory, login)
-    refusal = account_refusal(account, settings.policy)
+    refusal = account_refusal(account, settings.policy) or identity_problem(
+        account.upstream_identity
+    )
+    must_change = account.extra.get("password_must_change")
+    if refusal is None and must_change and settings.policy.revoke_on_password_change:
+        # Codes made now would stop working at once under revoke_on_password_change.
+        refusal = "the account must change its password first (Active Directory pwdLastSet 0)"
     if refusal:
         raise Refused(f"{account.login}: {refusal}")
     code = generate(settings.codes.alphabet, store.selectors(account.key))

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import overload
 
 from proxy.codes.store import (
+    RESERVATION_SECONDS,
     CapReached,
     Claim,
     CodeRecord,
     NewCode,
+    Reservation,
     StoreUnavailable,
     ip_allowed,
     utcnow,
@@ -48,7 +50,31 @@ MIGRATIONS = [
     )""",
         "CREATE UNIQUE INDEX codes_account_selector ON codes (account_key, selector)",
     ],
+    [
+        # Places held under max_uses by logins whose upstream login is still running.
+        """
+    CREATE TABLE reservations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        code_id INTEGER NOT NULL,
+        until INTEGER NOT NULL             -- unix seconds: the hold lapses after this
+    )""",
+        "CREATE INDEX reservations_code ON reservations (code_id)",
+    ],
 ]
+
+# What a claim re-checks of a code (named parameters: now, scope, ip, floor).
+_USABLE = (
+    "revoked_at IS NULL AND disabled = 0 AND (expires_at IS NULL OR expires_at > :now)"
+    " AND instr(scopes, :scope) > 0 AND ip_allowed(networks, :ip) AND created_at >= :floor"
+)
+# Uses counted plus places held, against max_uses.
+_UNDER_LIMIT = (
+    "use_count + (SELECT count(*) FROM reservations r WHERE r.code_id = codes.id"
+    " AND r.until > :now) < max_uses"
+)
+
+# Ids per query when reading many codes at once: SQLite allows 32,766 parameters since 3.32.
+_BATCH = 500
 
 # How long a writer waits for SQLite's lock before the attempt fails as temporary.
 BUSY_TIMEOUT_MS = 5000
@@ -133,8 +159,21 @@ class SqliteCodeStore:
     def _run(self, sql: str, params=()) -> sqlite3.Cursor:
         try:
             return self._conn().execute(sql, params)
-        except sqlite3.OperationalError as exc:
+        except sqlite3.Error as exc:  # locked, read-only, disk full, not a database, corrupt
             raise StoreUnavailable(f"{self.path}: {exc}") from None
+
+    def _transaction(self, statements: list[tuple[str, dict | tuple]]) -> list[sqlite3.Cursor]:
+        """Run statements as one write transaction; StoreUnavailable if it cannot commit."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            cursors = [conn.execute(sql, params) for sql, params in statements]
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreUnavailable(f"{self.path}: {exc}") from None
+        return cursors
 
     # -- schema ----------------------------------------------------------------------------------
 
@@ -214,6 +253,16 @@ class SqliteCodeStore:
         row = self._run("SELECT * FROM codes WHERE id = ?", (code_id,)).fetchone()
         return _record(row) if row else None
 
+    def get_many(self, code_ids: list[int]) -> dict[int, CodeRecord]:
+        """The records of these codes, by id (an id without a record is missing)."""
+        found: dict[int, CodeRecord] = {}
+        for start in range(0, len(code_ids), _BATCH):
+            chunk = code_ids[start : start + _BATCH]
+            marks = ",".join("?" * len(chunk))
+            for row in self._run(f"SELECT * FROM codes WHERE id IN ({marks})", chunk):
+                found[row["id"]] = _record(row)
+        return found
+
     def find(self, account_key: str, selector: str) -> CodeRecord | None:
         row = self._run(
             "SELECT * FROM codes WHERE account_key = ? AND selector = ?", (account_key, selector)
@@ -265,14 +314,24 @@ class SqliteCodeStore:
         return cur.rowcount
 
     def purge(self, older_than: datetime) -> int:
-        """Delete codes revoked, expired or used up before `older_than` (their tombstones)."""
+        """Delete codes revoked, expired or used up before `older_than` (their tombstones), and
+        holds that lapsed or belong to no code."""
         t = _ts(older_than)
-        cur = self._run(
-            "DELETE FROM codes WHERE (revoked_at IS NOT NULL AND revoked_at < ?)"
-            " OR (expires_at IS NOT NULL AND expires_at < ?)"
-            " OR (max_uses IS NOT NULL AND use_count >= max_uses"
-            " AND coalesce(last_used_at, created_at) < ?)",
-            (t, t, t),
+        cur, _ = self._transaction(
+            [
+                (
+                    "DELETE FROM codes WHERE (revoked_at IS NOT NULL AND revoked_at < ?)"
+                    " OR (expires_at IS NOT NULL AND expires_at < ?)"
+                    " OR (max_uses IS NOT NULL AND use_count >= max_uses"
+                    " AND coalesce(last_used_at, created_at) < ?)",
+                    (t, t, t),
+                ),
+                (
+                    "DELETE FROM reservations WHERE until < ?"
+                    " OR code_id NOT IN (SELECT id FROM codes)",
+                    (_ts(utcnow()),),
+                ),
+            ]
         )
         return cur.rowcount
 
@@ -290,39 +349,84 @@ class SqliteCodeStore:
         ip: str,
         not_before: datetime | None = None,
         now: datetime | None = None,
-    ) -> Claim:
-        """One statement re-checks everything that can change and counts the use; max_uses is
-        never exceeded however many logins race. On refusal, a read says why."""
+    ) -> Reservation | Claim:
+        """Re-check everything that can change and hold the login's place; count nothing yet
+        (confirm or release follows). A code without max_uses needs one read; with max_uses, one
+        transaction checks and holds a place, so max_uses is never exceeded however many logins
+        race, on one node or many. On refusal, a read says why."""
         now_ts = _ts(now or utcnow())
         floor = _ts(not_before) or 0
-        cur = self._run(
-            "UPDATE codes SET use_count = use_count + 1, last_used_at = ?, last_used_ip = ?,"
-            " last_used_protocol = ?"
-            " WHERE id = ? AND revoked_at IS NULL AND disabled = 0"
-            " AND (expires_at IS NULL OR expires_at > ?)"
-            " AND (max_uses IS NULL OR use_count < max_uses)"
-            " AND instr(scopes, ?) > 0 AND ip_allowed(networks, ?) AND created_at >= ?",
-            (now_ts, ip, protocol, code_id, now_ts, f",{protocol},", ip, floor),
-        )
-        if cur.rowcount == 1:
-            return Claim.OK
+        args = {"id": code_id, "now": now_ts, "scope": f",{protocol},", "ip": ip, "floor": floor}
+        row = self._run(f"SELECT max_uses FROM codes WHERE id = :id AND {_USABLE}", args).fetchone()
+        if row is not None and row["max_uses"] is None:
+            return Reservation(code_id)
+        if row is not None:
+            _, held = self._transaction(
+                [
+                    ("DELETE FROM reservations WHERE code_id = :id AND until <= :now", args),
+                    (
+                        "INSERT INTO reservations (code_id, until)"
+                        f" SELECT id, :until FROM codes WHERE id = :id AND {_USABLE}"
+                        f" AND {_UNDER_LIMIT}",
+                        {**args, "until": now_ts + RESERVATION_SECONDS},
+                    ),
+                ]
+            )
+            if held.rowcount == 1:
+                assert held.lastrowid is not None  # set by the INSERT
+                return Reservation(code_id, held.lastrowid)
+        return self._refusal(code_id, protocol, now_ts, floor)
+
+    def _refusal(self, code_id: int, protocol: str, now_ts: int, floor: int) -> Claim:
         row = self._run("SELECT * FROM codes WHERE id = ?", (code_id,)).fetchone()
         if row is None:
             return Claim.GONE
         rec = _record(row)
+        held = self._run(
+            "SELECT count(*) FROM reservations WHERE code_id = ? AND until > ?", (code_id, now_ts)
+        ).fetchone()[0]
         if rec.revoked_at is not None:
             return Claim.REVOKED
         if rec.created_at < datetime.fromtimestamp(floor, UTC):
             return Claim.SUPERSEDED
         if rec.expires_at is not None and _ts(rec.expires_at) <= now_ts:
             return Claim.EXPIRED
-        if rec.max_uses is not None and rec.use_count >= rec.max_uses:
+        if rec.max_uses is not None and rec.use_count + held >= rec.max_uses:
             return Claim.USED_UP
         if rec.disabled:
             return Claim.DISABLED
         if protocol not in rec.scopes:
             return Claim.SCOPE
         return Claim.NETWORK
+
+    def confirm(
+        self, reservation: Reservation, protocol: str, ip: str, now: datetime | None = None
+    ) -> bool:
+        """The upstream login succeeded: count the use and say where from. False (nothing
+        counted) if the code was revoked or disabled meanwhile: the session must not start."""
+        args = {
+            "id": reservation.code_id,
+            "token": reservation.token,
+            "now": _ts(now or utcnow()),
+            "ip": ip,
+            "protocol": protocol,
+        }
+        count = (
+            "UPDATE codes SET use_count = use_count + 1, last_used_at = :now, last_used_ip = :ip,"
+            " last_used_protocol = :protocol"
+            " WHERE id = :id AND revoked_at IS NULL AND disabled = 0"
+        )
+        if reservation.token is None:
+            return self._run(count, args).rowcount == 1
+        counted, _ = self._transaction(
+            [(count, args), ("DELETE FROM reservations WHERE id = :token", args)]
+        )
+        return counted.rowcount == 1
+
+    def release(self, reservation: Reservation) -> None:
+        """The login did not happen (upstream down or refusing): give the place back."""
+        if reservation.token is not None:
+            self._run("DELETE FROM reservations WHERE id = ?", (reservation.token,))
 
     def close(self) -> None:
         with self._lock:

@@ -8,10 +8,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from twisted.internet import threads
-from twisted.python.threadpool import ThreadPool
-
 from proxy.addresses import in_networks
+from proxy.fairqueue import FairQueue
 
 
 def utcnow() -> datetime:
@@ -90,9 +88,8 @@ class NewCode:
 
 
 class Claim(enum.StrEnum):
-    """The outcome of the atomic claim after a good verification."""
+    """Why the claim after a good verification refused the code."""
 
-    OK = "ok"
     REVOKED = "revoked"
     DISABLED = "disabled"
     EXPIRED = "expired"
@@ -101,6 +98,23 @@ class Claim(enum.StrEnum):
     NETWORK = "network"
     SUPERSEDED = "created before the account's last password change"
     GONE = "gone"
+
+
+# How long a claim holds a place under max_uses while the upstream login runs: past the longest
+# upstream login (connect_timeout 10 s + timeout 30 s by default, each at most minutes), so that
+# a proxy that died between claim and confirm gives the place back by itself.
+RESERVATION_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A login's hold on a code between the claim and the end of the upstream login: `confirm`
+    counts the use, `release` gives it back (the upstream was down or refused), so a use is
+    counted only for a session that really logged in. `token` is the place held under max_uses
+    (None for a code without a use limit, which needs no place)."""
+
+    code_id: int
+    token: int | None = None
 
 
 class CapReached(Exception):
@@ -116,6 +130,7 @@ class CodeStore(Protocol):
 
     def create(self, new: NewCode, cap: int, now: datetime | None = None) -> CodeRecord: ...
     def get(self, code_id: int) -> CodeRecord | None: ...
+    def get_many(self, code_ids: list[int]) -> dict[int, CodeRecord]: ...
     def find(self, account_key: str, selector: str) -> CodeRecord | None: ...
     def selectors(self, account_key: str) -> set[str]: ...
     def list(
@@ -133,37 +148,64 @@ class CodeStore(Protocol):
         ip: str,
         not_before: datetime | None = None,
         now: datetime | None = None,
-    ) -> Claim: ...
+    ) -> Reservation | Claim: ...
+    def confirm(
+        self, reservation: Reservation, protocol: str, ip: str, now: datetime | None = None
+    ) -> bool: ...
+    def release(self, reservation: Reservation) -> None: ...
     def close(self) -> None: ...
 
 
-class AsyncCodeStore:
-    """Runs a synchronous store's calls in a small thread pool; every method returns a Deferred.
+# Store calls that may wait for the store's thread: 1024, a client at most an eighth of them. A
+# call takes well under a millisecond on SQLite, so that is under a second of backlog; a locked
+# or slow database then refuses new logins at once (temporary) instead of queueing them.
+STORE_QUEUE = 1024
 
-    SQLite has one writer at a time, so its pool has one thread; a networked database may use more.
+# The store's own work (the session checks) is a client of its own.
+INTERNAL = "apppass"
+
+
+class AsyncCodeStore:
+    """Runs a synchronous store's calls in a bounded, fair queue (proxy/fairqueue.py); every
+    method returns a Deferred. `client` is the login's client bucket, for fairness.
+
+    SQLite has one writer at a time, so its queue has one thread; a networked database may use
+    more.
     """
 
     def __init__(self, store: CodeStore, reactor, threads_: int = 1) -> None:
         self.store = store
-        self._reactor = reactor
-        self._pool = ThreadPool(minthreads=threads_, maxthreads=threads_, name="apppass-store")
-        self._pool.start()
+        self._queue = FairQueue("apppass-store", threads_, STORE_QUEUE)
+        self._queue.start(reactor)
 
-    def _call(self, fn, *args, **kwargs):
-        return threads.deferToThreadPool(self._reactor, self._pool, fn, *args, **kwargs)
+    def find(self, account_key: str, selector: str, client: str = INTERNAL):
+        return self._queue.submit(client, self.store.find, account_key, selector)
 
-    def find(self, account_key: str, selector: str):
-        return self._call(self.store.find, account_key, selector)
+    def claim(
+        self,
+        code_id: int,
+        protocol: str,
+        ip: str,
+        not_before: datetime | None = None,
+        client: str = INTERNAL,
+    ):
+        return self._queue.submit(client, self.store.claim, code_id, protocol, ip, not_before)
 
-    def claim(self, code_id: int, protocol: str, ip: str, not_before: datetime | None = None):
-        return self._call(self.store.claim, code_id, protocol, ip, not_before)
+    def confirm(self, reservation: Reservation, protocol: str, ip: str, client: str = INTERNAL):
+        return self._queue.submit(client, self.store.confirm, reservation, protocol, ip)
 
-    def record_failure(self, code_id: int, ip: str):
-        return self._call(self.store.record_failure, code_id, ip)
+    def release(self, reservation: Reservation, client: str = INTERNAL):
+        return self._queue.submit(client, self.store.release, reservation)
 
-    def get(self, code_id: int):
-        return self._call(self.store.get, code_id)
+    def record_failure(self, code_id: int, ip: str, client: str = INTERNAL):
+        return self._queue.submit(client, self.store.record_failure, code_id, ip)
+
+    def get(self, code_id: int, client: str = INTERNAL):
+        return self._queue.submit(client, self.store.get, code_id)
+
+    def get_many(self, code_ids: list[int], client: str = INTERNAL):
+        return self._queue.submit(client, self.store.get_many, code_ids)
 
     def stop(self) -> None:
-        self._pool.stop()
+        self._queue.stop()
         self.store.close()

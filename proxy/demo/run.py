@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 import yaml
-from twisted.internet import defer, error
 
-from proxy.config import ConfigError, load
+from proxy.config import load
 
 HOST = "127.0.0.1"
 PORTS = {"imap": 1143, "pop3": 1110, "smtp": 1587}
@@ -116,6 +115,8 @@ def _instructions(code: str, ports: dict[str, int]) -> str:
 
 
 def run_demo(args) -> int:
+    """Set up the sandbox, the config and a code, then serve (proxy/service.py `serve`: a port in
+    use is a prompt exit 1, the first SIGTERM or SIGINT stops it)."""
     from twisted.internet import reactor
 
     from proxy.codes.hashing import CodeHasher
@@ -123,26 +124,22 @@ def run_demo(args) -> int:
     from proxy.codes.open import open_store
     from proxy.demo.sandbox import Sandbox
     from proxy.directory.open import open_directory
-    from proxy.service import Service
+    from proxy.service import serve
 
     folder = Path(args.dir).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     ports = {p: getattr(args, f"{p}_port") for p in PORTS}
-    exit_code = [0]
-
-    async def start():
-        master = folder / "master-password"
-        if not master.exists():
-            master.write_text(secrets.token_urlsafe(24) + "\n")
-            os.chmod(master, 0o600)
-        sandbox = Sandbox({"demo": None}, MASTER_USER, master.read_text().strip())
-        sandbox_ports = sandbox.listen(reactor, host=HOST)
-        cfg = _write_config(folder, sandbox_ports._asdict(), ports)
-        settings = load(cfg)
-        store, directory = (
-            open_store(settings.store),
-            open_directory(settings.directory, settings.policy),
-        )
+    master = folder / "master-password"
+    if not master.exists():
+        master.write_text(secrets.token_urlsafe(24) + "\n")
+        os.chmod(master, 0o600)
+    sandbox = Sandbox({"demo": None}, MASTER_USER, master.read_text().strip())
+    sandbox_ports = sandbox.listen(reactor, host=HOST)  # any free ports: it cannot collide
+    cfg = _write_config(folder, sandbox_ports._asdict(), ports)
+    settings = load(cfg)
+    store = open_store(settings.store)
+    directory = open_directory(settings.directory, settings.policy)
+    try:
         store.revoke_all("demo-0001")
         issued = issue_code(
             settings,
@@ -153,36 +150,16 @@ def run_demo(args) -> int:
             label="demo",
             created_by="demo",
         )
+    finally:
         store.close()
-        service = Service(settings, reactor)
-        try:
-            await service.start()
-        except error.CannotListenError as exc:
-            raise SystemExit(
-                f"apppass demo: cannot listen on {exc.interface}:{exc.port} "
-                f"({exc.socketError.strerror if exc.socketError else 'in use'}); "
-                "is another demo running?"
-            ) from None
-        reactor.addSystemEventTrigger(
-            "before", "shutdown", lambda: defer.ensureDeferred(service.stop())
-        )
-        text = _instructions(issued.code.grouped(), ports)
-        sys.stdout.write(
-            text.replace("{cfg}", str(cfg)).replace("{audit}", str(folder / "audit.jsonl")) + "\n"
-        )
+        directory.close()
+    text = _instructions(issued.code.grouped(), ports)
+    text = text.replace("{cfg}", str(cfg)).replace("{audit}", str(folder / "audit.jsonl"))
+
+    def ready(_service) -> None:
+        sys.stdout.write(text + "\n")
         sys.stdout.flush()
 
-    def failed(failure):
-        exc = failure.value
-        if isinstance(exc, ConfigError):
-            sys.stderr.write("\n".join(exc.problems) + "\n")
-        else:
-            sys.stderr.write(
-                f"{exc}\n" if isinstance(exc, SystemExit) else f"apppass demo: {exc}\n"
-            )
-        exit_code[0] = 1
-        reactor.stop()
-
-    reactor.callWhenRunning(lambda: defer.ensureDeferred(start()).addErrback(failed))
-    reactor.run()
-    return exit_code[0]
+    return serve(
+        settings, name="apppass demo", in_use_hint="; is another demo running?", ready=ready
+    )

@@ -13,7 +13,7 @@ Secrets are never put into replies, commands other than Authenticate, or excepti
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -28,7 +28,9 @@ from proxy.imap.syntax import (
     Marker,
     String,
     Token,
+    decided_by_apppass,
     find_marker,
+    is_capability,
     parse_id,
     tokenize,
 )
@@ -103,6 +105,10 @@ WORDS: Mapping[Say, Reply] = {
     Say.TOO_MANY_ERRORS: Reply("* BYE Too many invalid commands", Count.CLOSE),
     Say.OVERFLOW: Reply("* BYE Too much input before login completed", Count.CLOSE),
     Say.LOGIN_TIMEOUT: Reply("* BYE Login timed out", Count.CLOSE),
+    # RFC 9051 §7.1.5: BYE may be the greeting of a server that will not serve the client.
+    Say.TOO_MANY_CONNECTIONS: Reply(
+        "* BYE [UNAVAILABLE] Too many connections, try again later", Count.CLOSE
+    ),
 }
 
 # Replies to an auth_failed Refusal (RFC 5530 response codes).
@@ -124,7 +130,38 @@ REFUSALS: Mapping[Refusal, Reply] = {
     Refusal.LIMIT: Reply(
         "{tag} NO [UNAVAILABLE] Too many login attempts, try again later.", Count.FAILURE
     ),
+    Refusal.BUSY: Reply(
+        "{tag} NO [UNAVAILABLE] Too many sessions for this account, try again later.\r\n"
+        "* BYE Too many sessions for this account",
+        Count.CLOSE,
+    ),
 }
+
+
+# What apppass's pre-auth core speaks, listed before login whatever the upstream offers.
+BASE_CAPABILITIES = ("IMAP4rev1", "SASL-IR", "LITERAL+", "ID")
+
+# The upstream's capabilities listed before login: at most 2048 octets of names. Dovecot's
+# pre-login list is about 100 octets, its whole list after login under 1 KiB; the bound keeps the
+# greeting far below the 8192-octet lines clients read (RFC 7162 §4).
+MAX_EXTRA_CAPABILITIES = 2048
+
+
+def extra_capabilities(names: Iterable[str]) -> tuple[str, ...]:
+    """What apppass passes on of an upstream's (or a listener's) capability list before login:
+    valid names, each once, without those apppass decides or lists itself, within the bound."""
+    seen = {name.upper() for name in BASE_CAPABILITIES}
+    out: list[str] = []
+    size = 0
+    for name in names:
+        if not is_capability(name) or decided_by_apppass(name) or name.upper() in seen:
+            continue
+        size += len(name) + 1
+        if size > MAX_EXTRA_CAPABILITIES:
+            break
+        seen.add(name.upper())
+        out.append(name)
+    return tuple(out)
 
 
 @dataclass
@@ -157,6 +194,7 @@ class ImapCore(PreAuthCore):
         plaintext_auth: bool,
         limits: ImapLimits | None = None,
         greeting_text: str = "apppass ready.",
+        capabilities: Sequence[str] = (),
     ) -> None:
         limits = limits or ImapLimits()
         super().__init__(
@@ -167,6 +205,8 @@ class ImapCore(PreAuthCore):
             line_limit=limits.max_line,
         )
         self.greeting_text = printable(greeting_text)
+        # What the upstream offers before login (IDLE, ENABLE…), as extra_capabilities() gives it.
+        self.extra_capabilities = tuple(capabilities)
         # Parameters of the client's last ID command; None if it sent none, NIL, or invalid ones.
         # Client-controlled: nothing upstream may trust fields such as x-originating-ip from it.
         # Reset by STARTTLS.
@@ -180,8 +220,9 @@ class ImapCore(PreAuthCore):
         return self._lines.buffered + (self._cmd.octets if self._cmd is not None else 0)
 
     def capabilities(self) -> str:
-        """The pre-auth CAPABILITY list (RFC 9051 §6.2.3: LOGINDISABLED without TLS)."""
-        caps = ["IMAP4rev1", "SASL-IR", "LITERAL+", "ID"]
+        """The pre-auth CAPABILITY list (RFC 9051 §6.2.3: LOGINDISABLED without TLS): apppass's
+        own, the upstream's extras, then STARTTLS and the mechanisms where they apply."""
+        caps = [*BASE_CAPABILITIES, *self.extra_capabilities]
         if self.starttls_available and not self.tls_active:
             caps.append("STARTTLS")
         if self.plaintext_allowed:

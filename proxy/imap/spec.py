@@ -1,12 +1,23 @@
-"""IMAP for the frontend: how to build its pre-auth core and how to log in upstream."""
+"""IMAP for the frontend: how to build its pre-auth core, what it lists before login, and how to
+log in upstream."""
 
 from __future__ import annotations
 
-from proxy.config import Upstream
+import copy
+from dataclasses import dataclass
+
+from proxy.config import Listener, Upstream
 from proxy.imap import upstream
-from proxy.imap.server import ImapCore, ImapLimits
+from proxy.imap.server import ImapCore, ImapLimits, extra_capabilities
 from proxy.protocols import MailProtocol
 from proxy.upstream import LoginRequest, LoginResult, UpstreamConnection
+
+
+@dataclass
+class _Learned:
+    """What the last successful probe learned, shared by a spec and its listeners' copies."""
+
+    capabilities: tuple[str, ...] = ()
 
 
 class ImapSpec:
@@ -15,6 +26,23 @@ class ImapSpec:
     def __init__(self, upstream_settings: Upstream, *, max_failures: int) -> None:
         self.upstream = upstream_settings
         self.limits = ImapLimits(max_failures=max_failures)
+        self.override: tuple[str, ...] | None = None  # a listener's `capabilities:` list
+        self._learned = _Learned()
+
+    @property
+    def advertised(self) -> tuple[str, ...]:
+        """What the pre-auth CAPABILITY lists besides apppass's own: the listener's list if it
+        has one, otherwise what the upstream offers before login (learned by probe())."""
+        return self.override if self.override is not None else self._learned.capabilities
+
+    def for_listener(self, listener: Listener) -> ImapSpec:
+        """This spec as a listener with its own `capabilities:` list uses it; it still shares
+        what probe() learns."""
+        if listener.capabilities is None:
+            return self
+        view = copy.copy(self)
+        view.override = extra_capabilities(listener.capabilities)
+        return view
 
     def make_core(
         self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool
@@ -24,10 +52,14 @@ class ImapSpec:
             starttls_available=starttls_available,
             plaintext_auth=plaintext_auth,
             limits=self.limits,
+            capabilities=self.advertised,
         )
 
     async def probe(self, conn: UpstreamConnection) -> None:
-        """Nothing to learn before login: the tagged OK carries the upstream's capabilities."""
+        """Ask the upstream what it offers before login (IDLE, ENABLE, …), so that clients that
+        read the list only once, before login, see it; every successful probe refreshes it."""
+        offered = await upstream.capabilities(conn, self.upstream)
+        self._learned.capabilities = extra_capabilities(offered)
 
     async def login(self, conn: UpstreamConnection, request: LoginRequest) -> LoginResult:
         return await upstream.login(conn, self.upstream, request)

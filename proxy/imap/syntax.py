@@ -1,4 +1,5 @@
-"""IMAP syntax before login, sans-IO: the tokens of a command line and the ID parameters.
+"""IMAP syntax before login, sans-IO: the tokens of a command line, the ID parameters and the
+names of capabilities.
 
 Atoms, quoted strings, literals and parentheses as RFC 9051 §9 defines them, leniently where
 real clients need it (unquoted passwords with "]" or "%"), and RFC 2971's ID list with its
@@ -41,6 +42,35 @@ Token = Atom | String | Paren
 ATOM_CHARS = frozenset(b for b in range(0x21, 0x7F) if b not in b'(){"\\')
 # tag = 1*<any ASTRING-CHAR except "+"> (RFC 9051 §9): no list-wildcards either.
 TAG_CHARS = frozenset(b for b in ATOM_CHARS if b not in b"%*+")
+
+# A capability name as a server lists it: `capability = ("AUTH=" auth-type) / atom`, strictly
+# (RFC 9051 §9: ATOM-CHAR is any CHAR but SP, CTL, "(", ")", "{", "%", "*", DQUOTE, "\\", "]").
+CAPABILITY_CHARS = frozenset(chr(b) for b in range(0x21, 0x7F) if chr(b) not in '(){%*"\\]')
+
+# Capabilities only apppass decides before login, whatever the upstream offers: STARTTLS and the
+# mechanisms ("AUTH=…") depend on the listener and the client's TLS (RFC 9051 §6.2.3), SASL-IR on
+# apppass's own AUTHENTICATE (RFC 4959).
+DECIDED_BY_APPPASS = frozenset({"STARTTLS", "LOGINDISABLED", "SASL-IR"})
+
+
+def is_capability(name: str) -> bool:
+    return bool(name) and all(c in CAPABILITY_CHARS for c in name)
+
+
+def decided_by_apppass(name: str) -> bool:
+    """A capability apppass lists or not by itself (AUTH=PLAIN, STARTTLS, …), never passed on."""
+    name = name.upper()
+    return name in DECIDED_BY_APPPASS or name.startswith("AUTH=")
+
+
+def capability_problem(name: object) -> str | None:
+    """What is wrong with a capability name a listener's config lists, or None."""
+    if not isinstance(name, str) or not is_capability(name):
+        return 'must be an IMAP capability name: printable ASCII without spaces or ( ) { % * " \\ ]'
+    if decided_by_apppass(name):
+        return "is listed by apppass itself where it applies (from tls and plaintext_auth_from)"
+    return None
+
 
 # A literal's announcement at the very end of a line: {n} or {n+}, after SP, "(" or nothing.
 _LITERAL_MARKER = re.compile(rb"(?:(?<=[ (])|\A)\{([0-9]{1,20})(\+?)\}\Z")

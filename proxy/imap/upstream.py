@@ -31,9 +31,9 @@ async def _tagged(
             untagged.append(line)
 
 
-async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequest) -> LoginResult:
-    """Run the login dialogue; the result carries the upstream's capabilities after login."""
-    identity = request.identity
+async def _open(conn: UpstreamConnection, settings: Upstream) -> bytes | None:
+    """The greeting, then STARTTLS where configured: the capabilities the greeting announced,
+    or None if it announced none or TLS started since (they change after TLS)."""
     greeting = await conn.read_line()
     if greeting.startswith(b"* PREAUTH"):
         raise UpstreamError("upstream pre-authenticated the connection: refusing to relay it")
@@ -41,14 +41,43 @@ async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequ
         raise UpstreamError(
             f"unexpected upstream greeting: {greeting[:80].decode(errors='replace')}"
         )
-    caps = _caps(greeting)
-    if settings.tls == "starttls":
-        conn.send(b"S STARTTLS\r\n")
-        status, rest = await _tagged(conn, b"S")
-        if status != b"OK":
-            raise UpstreamError(f"upstream refused STARTTLS: {rest[:80].decode(errors='replace')}")
-        await conn.start_tls()
-        caps = None  # capabilities change after TLS
+    if settings.tls != "starttls":
+        return _caps(greeting)
+    conn.send(b"S STARTTLS\r\n")
+    status, rest = await _tagged(conn, b"S")
+    if status != b"OK":
+        raise UpstreamError(f"upstream refused STARTTLS: {rest[:80].decode(errors='replace')}")
+    await conn.start_tls()
+    return None
+
+
+async def _capability(conn: UpstreamConnection) -> bytes | None:
+    """CAPABILITY: the list from its untagged reply (RFC 9051 §6.1.1)."""
+    untagged: list[bytes] = []
+    conn.send(b"C CAPABILITY\r\n")
+    await _tagged(conn, b"C", untagged)
+    caps = None
+    for line in untagged:
+        if line.upper().startswith(b"* CAPABILITY "):
+            caps = line[len(b"* CAPABILITY ") :]
+    return caps
+
+
+async def capabilities(conn: UpstreamConnection, settings: Upstream) -> list[str]:
+    """What the upstream offers before login, over the same TLS its logins use (a server may
+    offer more, and drop LOGINDISABLED, once TLS is on); then LOGOUT."""
+    await _open(conn, settings)
+    caps = await _capability(conn)
+    conn.send(b"Q LOGOUT\r\n")
+    if caps is None:
+        raise UpstreamError("upstream sent no capabilities before login")
+    return caps.decode("ascii", errors="replace").split()
+
+
+async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequest) -> LoginResult:
+    """Run the login dialogue; the result carries the upstream's capabilities after login."""
+    identity = request.identity
+    caps = await _open(conn, settings)
     # ID and AUTHENTICATE go out in one write: one round trip fewer per login (RFC 9051 §5.5
     # allows pipelining; Dovecot answers them in order).
     pending = b""
@@ -82,12 +111,7 @@ async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequ
         )
     caps = _caps(rest)
     if caps is None:
-        untagged: list[bytes] = []
-        conn.send(b"C CAPABILITY\r\n")
-        await _tagged(conn, b"C", untagged)
-        for line in untagged:
-            if line.upper().startswith(b"* CAPABILITY "):
-                caps = line[len(b"* CAPABILITY ") :]
+        caps = await _capability(conn)
     if not caps:
         raise UpstreamError("upstream sent no capabilities after login")
     return LoginResult(capabilities=caps.decode("ascii", errors="replace"))

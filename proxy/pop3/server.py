@@ -65,6 +65,9 @@ WORDS: Mapping[Say, Reply] = {
     # RFC 1939 §3: when the autologout timer expires the server closes the connection "without
     # ... sending any response to the client".
     Say.LOGIN_TIMEOUT: Reply("", Count.CLOSE),
+    Say.TOO_MANY_CONNECTIONS: Reply(
+        "-ERR [SYS/TEMP] Too many connections, try again later.", Count.CLOSE
+    ),
 }
 
 # Replies to an auth_failed Refusal (RFC 2449 §8.1.2 [SYS/TEMP], RFC 3206 §4 [AUTH]).
@@ -78,6 +81,9 @@ REFUSALS: Mapping[Refusal, Reply] = {
     ),
     Refusal.LIMIT: Reply(
         "-ERR [SYS/TEMP] Too many login attempts, try again later.", Count.FAILURE
+    ),
+    Refusal.BUSY: Reply(
+        "-ERR [SYS/TEMP] Too many sessions for this account, try again later.", Count.CLOSE
     ),
 }
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.config import Upstream
+from proxy.config import Listener, Upstream
 from proxy.pop3 import upstream
 from proxy.pop3.server import Pop3Core, pop3_limits
 from proxy.protocols import MailProtocol
@@ -16,6 +16,10 @@ class Pop3Spec:
         self.upstream = upstream_settings
         self.limits = pop3_limits(max_failures=max_failures)
         self.hostname = hostname
+
+    def for_listener(self, listener: Listener) -> Pop3Spec:
+        """No per-listener settings: every listener uses this spec."""
+        return self
 
     def make_core(
         self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool

@@ -64,6 +64,7 @@ WORDS: Mapping[Say, Reply] = {
     Say.TOO_MANY_ERRORS: Reply("421 4.7.0 {host} Error: too many errors", Count.CLOSE),
     Say.OVERFLOW: Reply("421 4.7.0 {host} Error: too much pipelined input", Count.CLOSE),
     Say.LOGIN_TIMEOUT: Reply("421 4.4.2 {host} Error: timeout exceeded", Count.CLOSE),  # Postfix's
+    Say.TOO_MANY_CONNECTIONS: Reply("421 4.7.0 {host} Error: too many connections", Count.CLOSE),
 }
 
 # Replies to an auth_failed Refusal (RFC 4954 §6, RFC 3463).
@@ -74,6 +75,7 @@ REFUSALS: Mapping[Refusal, Reply] = {
     Refusal.PRIVACY: Reply(_ENCRYPTION_REQUIRED, Count.FAILURE),
     Refusal.TEMPORARY: Reply("454 4.7.0 Temporary authentication failure", Count.FAILURE),
     Refusal.LIMIT: Reply("421 4.7.0 {host} Too many failed authentications", Count.CLOSE),
+    Refusal.BUSY: Reply("421 4.7.0 {host} Too many sessions for this account", Count.CLOSE),
 }
 
 

@@ -3,7 +3,7 @@ a logged-in client from using the proxy's trust (XCLIENT, XFORWARD)."""
 
 from __future__ import annotations
 
-from proxy.config import Upstream
+from proxy.config import Listener, Upstream
 from proxy.protocols import MailProtocol
 from proxy.smtp import upstream
 from proxy.smtp.server import SmtpCore, smtp_limits
@@ -23,6 +23,10 @@ class SmtpSpec:
         self.hostname = hostname
         # What the pre-auth EHLO offers: the upstream's extensions, learned by probe().
         self.advertised: tuple[str, ...] = FALLBACK_EXTENSIONS
+
+    def for_listener(self, listener: Listener) -> SmtpSpec:
+        """No per-listener settings: every listener uses this spec."""
+        return self
 
     def make_core(
         self, *, tls_active: bool, starttls_available: bool, plaintext_auth: bool

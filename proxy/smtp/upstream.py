@@ -16,6 +16,11 @@ from proxy.upstream import LoginRequest, LoginResult, UpstreamConnection, Upstre
 DEFAULT_HELO = "apppass"
 
 
+# What Postfix's XCLIENT takes for "unknown" (XCLIENT_README; "[TEMPUNAVAIL]" is "not known
+# yet"): printable ASCII without "+" or "=", so xtext leaves it as it is.
+XCLIENT_UNAVAILABLE = "[UNAVAILABLE]"
+
+
 def xtext(value: str) -> str:
     """RFC 3461 §4 xtext: "+", "=" and anything outside "!".."~" become "+XX"."""
     out = []
@@ -88,19 +93,19 @@ async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequ
             if ipaddress.ip_address(client_ip).version == 6:
                 addr = "IPV6:" + client_ip
         except ValueError:
-            addr = "[UNAVAILABLE]"
+            addr = XCLIENT_UNAVAILABLE
         attrs = {
             "LOGIN": identity,
             "ADDR": addr,
-            "PORT": str(client_port) if client_port else "[UNAVAILABLE]",
-            "NAME": "[UNAVAILABLE]",
-            "HELO": helo or "[UNAVAILABLE]",
+            "PORT": str(client_port) if client_port else XCLIENT_UNAVAILABLE,
+            "NAME": XCLIENT_UNAVAILABLE,
+            "HELO": helo or XCLIENT_UNAVAILABLE,
             "PROTO": "ESMTP" if esmtp else "SMTP",
         }
-        # Only the attributes the upstream offers; xtext keeps every value one printable word.
-        parts = [
-            f"{k}={v if v.startswith('[') else xtext(v)}" for k, v in attrs.items() if k in offered
-        ]
+        # Only the attributes the upstream offers. Every value is xtext-encoded, so each stays
+        # one printable word whatever the directory or the client said (the constants are their
+        # own xtext).
+        parts = [f"{k}={xtext(v)}" for k, v in attrs.items() if k in offered]
         conn.send(f"XCLIENT {' '.join(parts)}\r\n".encode())
         await _expect(conn, (220,), "XCLIENT")
         extensions = await ehlo(conn, helo_name)

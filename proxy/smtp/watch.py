@@ -27,8 +27,10 @@ RELAY_MAX_LINE = 2048
 # only a misbehaving client fills this; the relay should stop reading while `waiting` is true.
 RELAY_MAX_HELD = 65536
 
-# Commands awaiting the upstream's reply: 10000, then close. Ten times Postfix's
-# smtpd_recipient_limit (1000), so a fully pipelined transaction never reaches it.
+# Replies due to the client, in order: 10000, then 421 and close. They are the upstream's to the
+# commands awaiting it and the proxy's own to commands it refused while those were awaited: a
+# client pipelining refused commands (XCLIENT) against a slow upstream queues them too. Ten times
+# Postfix's smtpd_recipient_limit (1000), so a fully pipelined transaction never reaches it.
 RELAY_MAX_OUTSTANDING = 10000
 
 # Largest BDAT chunk passed through: 2**31 - 1 octets. An upstream that cannot represent a chunk
@@ -47,6 +49,9 @@ REFUSED_AFTER_LOGIN: dict[str, bytes] = {
     "ATRN": b"502 5.5.1 Error: ATRN not permitted\r\n",
 }
 
+# RFC 5321 §3.8: the server may close with 421 at any time (Postfix: "421 4.7.0 … Error: too
+# many …"); the client learns why before the connection ends.
+_TOO_MANY_QUEUED = b"421 4.7.0 Error: too many commands awaiting replies, closing connection\r\n"
 _LINE_TOO_LONG = b"500 5.5.2 Error: line too long\r\n"
 _BARE_CR_OR_NUL = b"500 5.5.2 Error: bare <CR> or <NUL> in command\r\n"
 _BAD_BDAT = b"501 5.5.4 Syntax: BDAT count [LAST]\r\n"
@@ -130,7 +135,6 @@ class SmtpCommandWatch:
         self._mode = _Mode.COMMAND
         self._lines = LineBuffer(limits.max_line)
         self._queue: deque[_Expect | bytes] = deque()  # replies due to the client, in order
-        self._outstanding = 0  # _Expect entries in the queue
         self._held = bytearray()  # client input while WAITING
         self._chunk_left = 0
         self._data_tail = CRLF  # the last two octets of content relayed (CRLF at the start)
@@ -145,6 +149,11 @@ class SmtpCommandWatch:
     def waiting(self) -> bool:
         """The client's input is held until the upstream answers DATA: stop reading the client."""
         return self._mode is _Mode.WAITING
+
+    @property
+    def queued(self) -> int:
+        """Replies due to the client: the upstream's awaited and the proxy's own behind them."""
+        return len(self._queue)
 
     @property
     def buffered(self) -> int:
@@ -196,9 +205,8 @@ class SmtpCommandWatch:
                 return
             elif mode is _Mode.DATA:
                 rest = self._content(data, out)
-                if rest is None:
+                if rest is None or not self._expect(_Expect.REPLY, out):
                     return
-                self._expect(_Expect.REPLY, out)
                 self._mode = _Mode.COMMAND
                 data = rest
             elif mode is _Mode.CHUNK:
@@ -233,22 +241,21 @@ class SmtpCommandWatch:
                 out.refused.append(verb)
                 self._local(REFUSED_AFTER_LOGIN[verb], out)
             elif verb == "DATA":
-                out.to_upstream += line + CRLF
-                self._expect(_Expect.DATA_REPLY, out)
-                self._mode = _Mode.WAITING
+                if self._expect(_Expect.DATA_REPLY, out):
+                    out.to_upstream += line + CRLF
+                    self._mode = _Mode.WAITING
             elif verb == "BDAT" and self.chunking:
                 match = _BDAT.fullmatch(line.strip(b" \t"))
                 size = int(match.group(1)) if match else -1
                 if not 0 <= size <= self.limits.max_chunk:
                     self._local(_BAD_BDAT, out)
                     continue
+                if self._expect(_Expect.REPLY, out):
+                    out.to_upstream += line + CRLF
+                    self._chunk_left = size
+                    self._mode = _Mode.CHUNK
+            elif self._expect(_Expect.REPLY, out):
                 out.to_upstream += line + CRLF
-                self._expect(_Expect.REPLY, out)
-                self._chunk_left = size
-                self._mode = _Mode.CHUNK
-            else:
-                out.to_upstream += line + CRLF
-                self._expect(_Expect.REPLY, out)
         if self._mode is _Mode.CLOSED:
             return b""
         return self._lines.clear()
@@ -292,18 +299,27 @@ class SmtpCommandWatch:
 
     # -- replies ------------------------------------------------------------------------------
 
-    def _expect(self, what: _Expect, out: _Out) -> None:
-        self._queue.append(what)
-        self._outstanding += 1
-        if self._outstanding > self.limits.max_outstanding:
-            self._close("too many commands awaiting replies", out)
+    def _expect(self, what: _Expect, out: _Out) -> bool:
+        """Await the upstream's reply to a command; False (and closed) if the queue is full, and
+        then the command is not relayed."""
+        return self._enqueue(what, out)
 
     def _local(self, reply: bytes, out: _Out) -> None:
         """A reply of the proxy's own, in its place among the upstream's."""
         if self._queue:
-            self._queue.append(reply)
+            self._enqueue(reply, out)
         else:
             out.to_client += reply
+
+    def _enqueue(self, entry: _Expect | bytes, out: _Out) -> bool:
+        """Every queued reply counts, the proxy's own too, so the queue never outgrows the limit:
+        past it, 421 and close."""
+        if len(self._queue) >= self.limits.max_outstanding:
+            out.to_client += _TOO_MANY_QUEUED
+            self._close("too many commands awaiting replies", out)
+            return False
+        self._queue.append(entry)
+        return True
 
     def _reply_done(self, code: bytes, out: _Out) -> None:
         """The upstream finished one reply: release what follows it."""
@@ -311,7 +327,6 @@ class SmtpCommandWatch:
             return  # unsolicited, such as 421 before the upstream closes
         expected = self._queue.popleft()
         assert isinstance(expected, _Expect)
-        self._outstanding -= 1
         if expected is _Expect.DATA_REPLY:
             if code == b"354":
                 self._mode = _Mode.DATA

@@ -96,6 +96,7 @@ async def start_proxy(
     auth: dict | None = None,
     policy: dict | None = None,
     directory: dict | None = None,
+    limits: dict | None = None,
 ) -> ProxyHarness:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "users.yaml").write_text(yaml.safe_dump(USERS))
@@ -115,12 +116,13 @@ async def start_proxy(
         "audit": {"file": "audit.jsonl"},
         "listeners": listeners,
         "upstream": upstream,
+        **({"limits": limits} if limits else {}),
     }
     (folder / "apppass.yaml").write_text(yaml.safe_dump(config))
     settings = load(folder / "apppass.yaml")
     events: list = []
     audit = Audit(path=str(folder / "audit.jsonl"))
     audit.listeners.append(events.append)
-    service = Service(settings, reactor, audit=audit, session_check=0.2)
+    service = Service(settings, reactor, audit=audit, session_check=0.2, account_check=0.2)
     await service.start()
     return ProxyHarness(folder, service, events)

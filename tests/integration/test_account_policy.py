@@ -15,11 +15,11 @@ pytestmark = pytest.mark.integration
 
 STATIC_USERS = """
 accounts:
-  alice: {aliases: [alice@example.org], groups: [legacy-mail, mfa-enrolled]}
-  bob: {aliases: [robert@example.org], groups: [staff]}
-  printer1: {groups: [legacy-mail]}
-  carol: {groups: [legacy-mail], enabled: false}
-  dave: {groups: [legacy-mail], expires: 2020-01-01}
+  alice: {id: key-alice, aliases: [alice@example.org], groups: [legacy-mail, mfa-enrolled]}
+  bob: {id: key-bob, aliases: [robert@example.org], groups: [staff]}
+  printer1: {id: key-printer1, groups: [legacy-mail]}
+  carol: {id: key-carol, groups: [legacy-mail], enabled: false}
+  dave: {id: key-dave, groups: [legacy-mail], expires: 2020-01-01}
 """
 
 # situation -> login in each directory

@@ -203,6 +203,36 @@ async def test_idle_sees_new_mail(proxy, dovecot):
     await in_thread(client)
 
 
+@pytest_twisted.ensureDeferred
+async def test_imaplib_sees_idle_before_login_as_dovecot_offers_it_and_idle_works(proxy, dovecot):
+    """imaplib reads the capabilities once, before login (and so do several old clients): they
+    must hold what Dovecot offers (IDLE, ENABLE) as they would without apppass."""
+    _, code = proxy.issue("demo", label="imaplib idle")
+
+    def capabilities_of(port: int) -> tuple[str, ...]:
+        with imaplib.IMAP4("127.0.0.1", port) as imap:
+            return imap.capabilities
+
+    def client():
+        with imaplib.IMAP4("127.0.0.1", proxy.port("plain")) as imap:
+            before = imap.capabilities
+            assert imap.login("demo", code)[0] == "OK"
+            assert imap.select("INBOX")[0] == "OK"
+            imap.send(b"I1 IDLE\r\n")  # imaplib has idle() only from Python 3.14
+            continuation = imap.readline()
+            imap.send(b"DONE\r\n")
+            while not (done := imap.readline()).startswith(b"I1 "):
+                pass
+            return before, continuation, done
+
+    before, continuation, done = await in_thread(client)
+    assert {"IDLE", "ENABLE"} <= set(before)
+    assert {"IDLE", "ENABLE"} <= set(await in_thread(capabilities_of, dovecot.imap_port))
+    assert "AUTH=PLAIN" in before and "LOGINDISABLED" not in before and "STARTTLS" not in before
+    assert len(before) == len(set(before))
+    assert continuation.startswith(b"+") and done.startswith(b"I1 OK")
+
+
 # -- TLS -----------------------------------------------------------------------------------------
 
 
@@ -507,3 +537,58 @@ async def test_revoking_a_code_ends_its_live_sessions(proxy):
 
     assert await in_thread(client) == "closed"
     assert any(e.get("code") == code_id for e in proxy.audit_events("session_ended"))
+
+
+def held_until_closed(imap: imaplib.IMAP4, seconds: float = 15) -> str:
+    """NOOP until the proxy closes the session ("closed") or the time is up ("still open")."""
+    imap.sock.settimeout(seconds)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            imap.noop()
+        return "still open"
+    except (imaplib.IMAP4.abort, OSError):
+        return "closed"
+    finally:
+        imap.shutdown()
+
+
+@pytest_twisted.ensureDeferred
+async def test_disabling_a_used_up_code_ends_its_live_session(proxy):
+    code_id, code = proxy.issue("alice", label="one shot", max_uses=1)
+
+    def client():
+        imap = imaplib.IMAP4("127.0.0.1", proxy.port("plain"))
+        imap.login("alice", code)
+        imap.select("INBOX")
+        proxy.store.set_disabled(code_id, True)
+        return held_until_closed(imap)
+
+    assert await in_thread(client) == "closed"
+    (ended,) = [e for e in proxy.audit_events("session_ended") if e.get("code") == code_id]
+    assert ended["reason"] == f"app password {code_id} disabled"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_account_disabled_in_the_directory_loses_its_live_sessions(proxy):
+    users = proxy.folder / "users.yaml"
+    original = users.read_text()
+    _, code = proxy.issue("printer1", label="scanner")
+
+    def client():
+        imap = imaplib.IMAP4("127.0.0.1", proxy.port("plain"))
+        imap.login("printer1", code)
+        imap.select("INBOX")
+        disabled = original.replace("printer1:\n", "printer1:\n    enabled: false\n", 1)
+        assert disabled != original
+        users.write_text(disabled)
+        return held_until_closed(imap)
+
+    try:
+        assert await in_thread(client) == "closed"
+    finally:
+        users.write_text(original)
+    (ended,) = [
+        e for e in proxy.audit_events("session_ended") if e.get("account") == "key-printer1"
+    ]
+    assert ended["reason"] == "account disabled"

@@ -11,9 +11,11 @@ import uuid
 
 import pytest
 import pytest_twisted
-from twisted.internet import threads
+import yaml
+from twisted.internet import reactor, threads
+from twisted.protocols import portforward
 
-from tests.integration.harness import start_proxy
+from tests.integration.harness import USERS, start_proxy
 from tests.servers.dovecot import MASTER_PASSWORD, MASTER_USER
 
 pytestmark = pytest.mark.integration
@@ -464,3 +466,116 @@ async def test_silent_client_gets_421_after_the_login_timeout(postfix, tmp_path)
     finally:
         await harness.stop()
     assert data.startswith(b"220") and b"\r\n421 4.4.2" in data
+
+
+class Tap(portforward.ProxyServer):
+    """Forwards one connection to Postfix and records what the proxy sent it."""
+
+    def connectionMade(self) -> None:
+        self.sent = bytearray()
+        self.factory.connections.append(self.sent)
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.sent += data
+        super().dataReceived(data)
+
+
+class TapFactory(portforward.ProxyFactory):
+    protocol = Tap
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.connections: list[bytearray] = []  # what the proxy sent, one per connection
+
+
+@pytest_twisted.async_yield_fixture(scope="module")
+async def tapped_proxy(postfix, tmp_path_factory):
+    """A proxy whose upstream connections pass through a recording tap to the real Postfix
+    (in clear text, so the tap can read them)."""
+    tap = TapFactory("127.0.0.1", postfix.smtp_port)
+    port = reactor.listenTCP(0, tap, interface="127.0.0.1")
+    harness = await start_proxy(
+        tmp_path_factory.mktemp("smtp-tapped"),
+        listeners=[
+            {
+                "name": "plain",
+                "protocol": "smtp",
+                "tls": "none",
+                "plaintext_auth_from": ["127.0.0.0/8"],
+            }
+        ],
+        upstream={
+            "smtp": {
+                "host": "127.0.0.1",
+                "port": port.getHost().port,
+                "tls": "none",
+                "login": "xclient",
+            }
+        },
+    )
+    yield harness, tap
+    await harness.stop()
+    await port.stopListening()
+
+
+@pytest.mark.parametrize(
+    "identity",
+    [
+        "[x\r\nMAIL FROM:<ceo@example.test>",  # a command in the proxy's trusted session
+        "[x ADDR=10.0.0.1 LOGIN=alice",  # attributes of the attacker's choosing
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_identity_that_would_inject_is_refused_before_postfix(
+    tapped_proxy, identity
+):
+    harness, tap = tapped_proxy
+    users = harness.folder / "users.yaml"
+    mallory = {"id": "key-mallory", "upstream": "printer1", "groups": ["legacy-mail"]}
+    accounts = {**USERS["accounts"], "mallory": mallory}
+    users.write_text(yaml.safe_dump({"accounts": accounts}))
+    harness.service.directory.reload()
+    try:
+        _, code = harness.issue("mallory", scopes=("smtp",))
+        # Later, the directory's value changes (an attribute its owner may edit, a bad import).
+        accounts["mallory"] = {**mallory, "upstream": identity}
+        users.write_text(yaml.safe_dump({"accounts": accounts}))
+        harness.service.directory.reload()
+        before = len(tap.connections)
+        replies = await in_thread(
+            session, harness.port("plain"), [b"EHLO x\r\n", auth_plain_line("mallory", code)]
+        )
+    finally:
+        users.write_text(yaml.safe_dump(USERS))
+        harness.service.directory.reload()
+    assert replies[-1].startswith(b"535 5.7.8"), replies
+    assert len(tap.connections) == before  # nothing reached Postfix
+    (deny,) = [e for e in harness.audit_events("auth") if e["account"] == "key-mallory"][-1:]
+    assert deny["result"] == "deny" and deny["reason"].startswith("upstream identity ")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_helo_that_starts_with_a_bracket_reaches_postfix_encoded(
+    tapped_proxy, dovecot
+):
+    harness, tap = tapped_proxy
+    _, code = harness.issue("printer1", scopes=("smtp",))
+    token = str(uuid.uuid4())
+    replies = await in_thread(
+        session,
+        harness.port("plain"),
+        [
+            b"EHLO [x+y=z]\r\n",  # one printable word: what the SMTP core accepts as a name
+            auth_plain_line("printer1", code),
+            b"MAIL FROM:<printer1@example.test>\r\n",
+            b"RCPT TO:<printer1@example.test>\r\n",
+            b"DATA\r\n",
+            message(token, "printer1@example.test", "printer1@example.test") + b".\r\n",
+        ],
+    )
+    assert replies[-1].startswith(b"250"), replies
+    (xclient,) = [line for line in tap.connections[-1].split(b"\r\n") if b"XCLIENT" in line]
+    assert b" HELO=[x+2By+3Dz] " in xclient and b" LOGIN=printer1 " in xclient
+    msg = await in_thread(dovecot.wait_for_message, "printer1", token)
+    assert "from [x+y=z] " in str(msg.get_all("Received"))

@@ -2,6 +2,7 @@
 
 import io
 import json
+import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -85,8 +86,18 @@ def env(tmp_path):
 
     e.issue = issue
 
-    def attempt(login, secret, protocol=Protocol.IMAP, ip="192.0.2.10"):
-        return auth.authenticate(Attempt(protocol, login, secret, ip, session="s1"))
+    @defer.inlineCallbacks
+    def attempt(login, secret, protocol=Protocol.IMAP, ip="192.0.2.10", upstream_ok=True):
+        """A login as the frontend runs it: the decision, then (after a Grant) the use confirmed
+        as after a successful upstream login, or released as after a failed one."""
+        attempt = Attempt(protocol, login, secret, ip, session="s1")
+        decision = yield auth.authenticate(attempt)
+        if decision.ok:
+            if upstream_ok:
+                assert (yield defer.ensureDeferred(auth.confirm(decision, attempt)))
+            else:
+                auth.release(decision)
+        return decision
 
     e.attempt = attempt
     e.events = lambda: [json.loads(line) for line in out.getvalue().splitlines()]
@@ -242,7 +253,7 @@ def test_audit_has_one_event_per_decision_and_never_the_secret(env):
 
 @pytest_twisted.inlineCallbacks
 def test_an_address_flooding_the_hash_queue_is_limited_before_the_queue_drains(env):
-    from proxy.codes.hashing import ClientShareFull
+    from proxy.fairqueue import ClientShareFull
 
     env.issue()
     original = env.hasher.verify
@@ -255,3 +266,121 @@ def test_an_address_flooding_the_hash_queue_is_limited_before_the_queue_drains(e
         env.hasher.verify = original
     assert [d.refusal for d in decisions] == [Refusal.LIMIT] * 3
     assert env.auth.limiter.blocked("192.0.2.10", env.clock())
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_login_whose_upstream_failed_does_not_spend_a_one_shot_code(env):
+    issued = env.issue(max_uses=1)
+    code = issued.code.grouped()
+    first = yield env.attempt("alice", code, upstream_ok=False)
+    assert first.ok
+    yield env.auth.store.get(issued.record.id)  # the release has gone through the store's queue
+    assert env.sync_store.get(issued.record.id).use_count == 0
+    second = yield env.attempt("alice", code)
+    assert second.ok and env.sync_store.get(issued.record.id).use_count == 1
+    third = yield env.attempt("alice", code)
+    assert not third.ok and third.refusal == Refusal.EXPIRED
+
+
+@pytest_twisted.inlineCallbacks
+def test_twenty_devices_behind_one_address_with_the_same_code_verify_once(env):
+    issued = env.issue()
+    code = issued.code.grouped()
+    verifications = []
+    verify = env.hasher.verify
+
+    def counting(*args, **kwargs):
+        verifications.append(1)
+        return verify(*args, **kwargs)
+
+    env.hasher.verify = counting
+    decisions = yield defer.gatherResults([env.attempt("alice", code) for _ in range(20)])
+    assert all(d.ok for d in decisions), [d.reason for d in decisions if not d.ok]
+    assert len(verifications) == 1
+    assert env.sync_store.get(issued.record.id).use_count == 20
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_wrong_code_sent_by_many_at_once_fails_for_each_of_them(env):
+    issued = env.issue()
+    wrong = issued.code.grouped()[:-1] + ("x" if issued.code.grouped()[-1] != "x" else "y")
+    decisions = yield defer.gatherResults(
+        [env.attempt("alice", wrong, ip=f"192.0.2.{20 + i}") for i in range(5)]
+    )
+    assert [d.refusal for d in decisions] == [Refusal.CREDENTIALS] * 5
+    assert env.sync_store.get(issued.record.id).failed_count == 5
+
+
+class SlowDirectory:
+    """The static directory behind a gate, as a slow LDAP server would be: lookups block a
+    directory thread until the test opens the gate."""
+
+    blocking = True
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.gate = threading.Event()
+        self.lookups = []
+
+    def lookup(self, login):
+        self.lookups.append(login)
+        self.gate.wait(10)
+        return self.directory.lookup(login)
+
+
+@pytest_twisted.inlineCallbacks
+def test_concurrent_lookups_of_one_login_query_the_directory_once(env):
+    issued = env.issue()
+    slow = env.auth.directory = SlowDirectory(env.directory)
+    pending = [env.attempt("alice", issued.code.grouped()) for _ in range(10)]
+    slow.gate.set()
+    decisions = yield defer.gatherResults(pending)
+    assert all(d.ok for d in decisions)
+    assert slow.lookups == ["alice"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_burst_from_one_address_cannot_fill_the_directory_queue(env):
+    from proxy.auth.authenticator import DIRECTORY_QUEUE, DIRECTORY_THREADS
+
+    slow = env.auth.directory = SlowDirectory(env.directory)
+    share = DIRECTORY_QUEUE // 8
+    burst = [env.attempt(f"user{i}", "Abcd-Efgh-Jkmn-Pqrs") for i in range(share + 20)]
+    refused = [d for d in burst if d.called]  # answered at once, without waiting for LDAP
+    assert len(refused) == len(burst) - DIRECTORY_THREADS - share
+    assert all(d.result.refusal == Refusal.LIMIT for d in refused)
+    other = env.attempt("alice", env.issue().code.grouped(), ip="203.0.113.5")
+    assert not other.called  # another address still gets a place in the queue
+    slow.gate.set()
+    decision = yield other
+    assert decision.ok
+    yield defer.gatherResults([d for d in burst if d not in refused])
+
+
+@pytest.mark.parametrize(
+    "identity,problem",
+    [
+        ("[x\r\nMAIL FROM:<ceo@example.test>", "contains control characters"),
+        ("[x ADDR=10.0.0.1 LOGIN=bob@example.test", "contains a space"),
+    ],
+)
+@pytest_twisted.inlineCallbacks
+def test_an_unusable_upstream_identity_is_forbidden_whatever_the_directory_says(
+    env, identity, problem
+):
+    issued = env.issue()
+    env.directory.file.write_text(
+        USERS.replace("upstream: alice@example.test}", f"upstream: {json.dumps(identity)}}}")
+    )
+    env.directory.reload()
+    assert env.directory.lookup("alice").upstream_identity == identity
+    decision = yield env.attempt("alice", issued.code.value)
+    assert (decision.refusal, decision.reason) == (
+        Refusal.FORBIDDEN,
+        f"upstream identity {problem}: unusable as a SASL authzid or XCLIENT LOGIN",
+    )
+    (event,) = [e for e in env.events() if e["event"] == "auth"]
+    assert (event["result"], event["reason"]) == ("deny", decision.reason)
+    # Only a verified code learns more than "failed".
+    wrong = yield env.attempt("alice", issued.code.value[:4] + "x" * 12)
+    assert wrong.refusal == Refusal.CREDENTIALS

@@ -234,3 +234,110 @@ def test_check_config_loads_listener_certificates(tmp_path, capsys):
     code, _, err = run(cfg, capsys, "check-config")
     assert code == 2
     assert err.startswith(f"apppass.yaml: listeners[0]: {tmp_path}/cert.pem:"), err
+
+
+def test_directory_check_refuses_an_unusable_upstream_identity(config, capsys):
+    users = config.parent / "users.yaml"
+    users.write_text(
+        USERS + '  mallory: {id: key-m, groups: [legacy-mail], upstream: "[x\\r\\nRCPT TO:<c>"}\n'
+    )
+    code, out, _ = run(config, capsys, "directory", "check", "mallory")
+    assert code == 1
+    assert "upstream identity  '[x\\r\\nRCPT TO:<c>' (unusable)" in out
+    assert (
+        "verdict            refused: upstream identity contains control characters: "
+        "unusable as a SASL authzid or XCLIENT LOGIN"
+    ) in out
+    assert "\r" not in out
+
+
+# -- orphaned codes: the account is gone from the directory (issue: reused logins) -----------
+
+WITHOUT_ALICE = USERS.replace(
+    "  alice: {id: key-alice, aliases: [alice@example.test], groups: [legacy-mail]}\n", ""
+)
+
+
+def test_codes_of_a_deleted_account_are_listed_orphaned(config, capsys):
+    create(config, capsys, label="phone")
+    create(config, capsys, label="tablet")
+    (config.parent / "users.yaml").write_text(WITHOUT_ALICE)
+    code, out, _ = run(config, capsys, "codes", "list")
+    lines = out.splitlines()
+    assert code == 0
+    assert lines[1].rstrip().endswith("active, orphaned: account gone")
+    assert lines[2].rstrip().endswith("active, orphaned: account gone")
+    assert lines[-1] == (
+        "orphaned: account gone: codes 1, 2 of account key 'key-alice', which the directory no "
+        "longer has; revoke with: apppass codes revoke-all --key key-alice"
+    )
+    _, out, _ = run(config, capsys, "codes", "list", "--json")
+    assert [(r["state"], r["orphaned"]) for r in json.loads(out)] == [("active", True)] * 2
+
+
+def test_codes_of_a_deleted_account_are_revocable_by_id_and_by_the_old_key(config, capsys):
+    create(config, capsys, label="phone")
+    create(config, capsys, label="tablet")
+    (config.parent / "users.yaml").write_text(WITHOUT_ALICE)
+    code, _, err = run(config, capsys, "codes", "revoke-all", "alice")
+    assert code == 1 and err.startswith("apppass: unknown login 'alice' (")
+    assert "--key KEY" in err
+    assert run(config, capsys, "codes", "revoke", "1")[1] == "code 1 (alice, phone) revoked\n"
+    code, out, _ = run(config, capsys, "codes", "list", "--key", "key-alice")
+    assert code == 0 and "tablet" in out and "phone" not in out
+    code, out, _ = run(config, capsys, "codes", "revoke-all", "--key", "key-alice")
+    assert (code, out) == (0, "revoked 1 code of account key 'key-alice'\n")
+    code, out, _ = run(config, capsys, "codes", "list", "--all")
+    assert out.count("revoked, orphaned: account gone") == 2
+    assert "revoke with" not in out  # nothing left to revoke
+
+
+def test_codes_of_a_present_account_are_not_orphaned(config, capsys):
+    create(config, capsys)
+    _, out, _ = run(config, capsys, "codes", "list", "--json")
+    assert json.loads(out)[0]["orphaned"] is False
+    assert "orphaned" not in run(config, capsys, "codes", "list")[1]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ((), "apppass: give a LOGIN, or --key KEY for an account the directory no longer has"),
+        (("alice", "--key", "key-alice"), "apppass: give a LOGIN or --key KEY, not both"),
+    ],
+)
+def test_revoke_all_takes_a_login_or_a_key(config, capsys, args, message):
+    code, out, err = run(config, capsys, "codes", "revoke-all", *args)
+    assert (code, err.strip(), out) == (2, message, "")
+
+
+# -- a broken users file ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [("check-config",), ("directory", "check", "alice")])
+def test_a_broken_users_file_is_named_with_key_and_rule(config, capsys, command):
+    users = config.parent / "users.yaml"
+    users.write_text(USERS.replace("groups: [staff]}", "groups: [staff], enabled: maybe}"))
+    code, out, err = run(config, capsys, *command)
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [
+        'users.yaml: accounts.bob.enabled: must be true or false (got "maybe")',
+        f"{users}: a running apppass keeps serving the last good version of this file (and "
+        "logs these problems) until it is fixed",
+    ]
+
+
+def test_codes_are_listed_while_the_users_file_is_broken(config, capsys):
+    create(config, capsys)
+    (config.parent / "users.yaml").write_text("accounts: [broken\n")
+    code, out, err = run(config, capsys, "codes", "list")
+    assert code == 0 and "phone" in out and "orphaned" not in out
+    assert err.startswith("apppass: orphaned codes not marked: users.yaml: not valid YAML at line")
+    assert run(config, capsys, "codes", "revoke", "1")[0] == 0
+
+
+def test_check_config_names_an_account_without_an_id(config, capsys):
+    (config.parent / "users.yaml").write_text("accounts: {jsmith: {groups: [legacy-mail]}}\n")
+    code, _, err = run(config, capsys, "check-config")
+    assert code == 2
+    assert err.startswith("users.yaml: accounts.jsmith.id: is required: a stable id that is ")

@@ -9,7 +9,9 @@ from proxy.config import ConfigError, load, parse
 
 @pytest.fixture
 def base(tmp_path):
-    (tmp_path / "users.yaml").write_text("accounts: {alice: {groups: [legacy-mail]}}\n")
+    (tmp_path / "users.yaml").write_text(
+        "accounts: {alice: {id: key-alice, groups: [legacy-mail]}}\n"
+    )
     (tmp_path / "master").write_text("s3cret-master\n")
     (tmp_path / "empty").write_text("")
     (tmp_path / "cert.pem").write_text("x")
@@ -264,6 +266,34 @@ def test_duplicate_listener_addresses_are_refused(base, tmp_path):
         'apppass.yaml: listeners[1].bind: is used by another listener ("127.0.0.1:1143")'
         in errors(data, tmp_path)
     )
+
+
+def test_an_imap_listeners_capabilities_are_capability_names_apppass_does_not_decide(
+    base, tmp_path
+):
+    good = with_change(base, ("listeners", 0, "capabilities"), ["IMAP4rev1", "IDLE", "X-GM-EXT-1"])
+    listener = parse(good, base_dir=tmp_path).listeners[0]
+    assert listener.capabilities == ("IMAP4rev1", "IDLE", "X-GM-EXT-1")
+    assert parse(base, base_dir=tmp_path).listeners[0].capabilities is None  # the upstream's
+    data = with_change(base, ("listeners", 0, "capabilities"), ["IDLE", "AUTH=PLAIN", "a b", 7])
+    assert errors(data, tmp_path) == [
+        "apppass.yaml: listeners[0].capabilities[1]: is listed by apppass itself where it "
+        'applies (from tls and plaintext_auth_from) (got "AUTH=PLAIN")',
+        "apppass.yaml: listeners[0].capabilities[2]: must be an IMAP capability name: printable "
+        'ASCII without spaces or ( ) { % * " \\ ] (got "a b")',
+        "apppass.yaml: listeners[0].capabilities[3]: must be an IMAP capability name: printable "
+        'ASCII without spaces or ( ) { % * " \\ ] (got 7)',
+    ]
+    data = with_change(base, ("listeners", 0, "capabilities"), "IDLE")
+    assert errors(data, tmp_path) == [
+        'apppass.yaml: listeners[0].capabilities: must be a list of names (got "IDLE")'
+    ]
+    data = with_change(base, ("listeners", 0, "protocol"), "pop3")
+    data["upstream"]["pop3"] = data["upstream"]["imap"]
+    data["listeners"][0]["capabilities"] = ["IDLE"]
+    assert errors(data, tmp_path) == [
+        "apppass.yaml: listeners[0].capabilities: is for IMAP listeners only"
+    ]
 
 
 def test_yaml_syntax_error_names_line(tmp_path):

@@ -1,4 +1,5 @@
-"""Every shipped example config is valid: the only change is that files it names exist."""
+"""Every shipped example config is valid and sends no credential in clear text: the only change
+is that files it names exist."""
 
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pytest
 import yaml
 
 from proxy.config import parse
+from proxy.exposure import clear_text_warnings
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "config" / "examples").glob("*.yaml"))
 
@@ -31,6 +33,7 @@ def test_example_config_is_valid(example, tmp_path):
     _point_files_into(data, tmp_path)
     settings = parse(data, source=example.name, base_dir=tmp_path)
     assert settings.listeners
+    assert clear_text_warnings(settings) == []
 
 
 def test_there_are_examples():

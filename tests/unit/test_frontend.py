@@ -20,9 +20,11 @@ from twisted.python.failure import Failure
 
 from proxy.audit import Audit
 from proxy.auth.decision import Attempt, Decision, Denial, Grant, Refusal
+from proxy.codes.store import Reservation
 from proxy.config import parse
 from proxy.directory.account import Account
 from proxy.frontend import Frontend, SessionContext
+from proxy.limits import ConnectionLimits, LimitSettings
 from proxy.protocols import MailProtocol
 from proxy.sasl import client_plain
 from proxy.service import protocol_specs
@@ -52,29 +54,44 @@ def settings(max_failures: int | None = None):
                 }
                 for p, port in (("imap", 1143), ("pop3", 1110), ("smtp", 1587))
             ],
+            # The scripted upstreams speak in clear text.
             "upstream": {
                 "imap": {
                     "host": "192.0.2.1",
+                    "tls": "none",
                     "master_user": "proxy",
                     "master_password_file": __file__,
                 },
                 "pop3": {
                     "host": "192.0.2.1",
+                    "tls": "none",
                     "master_user": "proxy",
                     "master_password_file": __file__,
                 },
-                "smtp": {"host": "192.0.2.1", "login": "xclient"},
+                "smtp": {"host": "192.0.2.1", "tls": "none", "login": "xclient"},
             },
         }
     )
 
 
 class ScriptedAuthenticator:
-    """Answers every attempt with the next scripted decision, and remembers the attempts."""
+    """Answers every attempt with the next scripted decision, and remembers the attempts and
+    what became of each Grant's use (confirmed after the upstream login, or released)."""
 
-    def __init__(self, *decisions: Decision) -> None:
+    def __init__(self, *decisions: Decision, confirms: bool = True) -> None:
         self.decisions = list(decisions)
         self.attempts: list[Attempt] = []
+        self.confirms = confirms
+        self.confirmed: list[Grant] = []
+        self.released: list[Grant] = []
+
+    async def confirm(self, grant: Grant, attempt: Attempt) -> bool:
+        if self.confirms:
+            self.confirmed.append(grant)
+        return self.confirms
+
+    def release(self, grant: Grant) -> None:
+        self.released.append(grant)
 
     def authenticate(self, attempt: Attempt) -> defer.Deferred[Decision]:
         self.attempts.append(attempt)
@@ -113,8 +130,11 @@ class Session:
         authenticator: ScriptedAuthenticator,
         upstream: ScriptedUpstream,
         max_failures: int | None = None,
+        limits: ConnectionLimits | None = None,
+        client_ip: str = "198.51.100.7",
     ) -> None:
         s = settings(max_failures)
+        self.limits = limits or ConnectionLimits(LimitSettings())
         self.clock = Clock()
         self.events: list[dict] = []
         self.audit = Audit(stream=_Discard())
@@ -127,12 +147,13 @@ class Session:
             login_timeout=s.auth.login_timeout.total_seconds(),
             failure_delay=FAILURE_DELAY,
             connect=upstream.connect,
+            limits=self.limits,
             opened=self.live.add,
             closed=self.live.discard,
         )
         listener = next(item for item in s.listeners if item.protocol == protocol)
         self.frontend = Frontend(context, listener, protocol_specs(s)[MailProtocol(protocol)], None)
-        self.client = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.7", 50123))
+        self.client = StringTransport(peerAddress=IPv4Address("TCP", client_ip, 50123))
         self.frontend.makeConnection(self.client)
 
     def send(self, data: bytes) -> bytes:
@@ -162,8 +183,8 @@ class _Discard:
         pass
 
 
-def grant() -> Grant:
-    return Grant(ALICE, 7, "laptop", ALICE.upstream_identity)
+def grant(account: Account = ALICE) -> Grant:
+    return Grant(account, 7, "laptop", account.upstream_identity, Reservation(7, 1))
 
 
 DOVECOT_LOGIN = (
@@ -287,6 +308,25 @@ def test_smtp_login_repeats_the_clients_ehlo_upstream_and_watches_the_session():
     assert refused["commands"] == ["XCLIENT"]
 
 
+def test_a_session_pipelining_10000_refused_commands_writes_a_few_audit_lines():
+    upstream = ScriptedUpstream(*POSTFIX_XCLIENT)
+    session = Session("smtp", ScriptedAuthenticator(grant()), upstream)
+    session.send(b"EHLO printer.example.org\r\n")
+    session.send(f"AUTH PLAIN {client_plain('', 'alice', CODE)}\r\n".encode())
+    burst = b"XCLIENT LOGIN=bob\r\n" * 10
+    for _ in range(1000):  # 10,000 lines in 1,000 reads over 50 s
+        assert session.send(burst) == b"550 5.7.0 Error: XCLIENT not permitted\r\n" * 10
+        session.clock.advance(0.05)
+    session.frontend.connectionLost(Failure(ConnectionDone()))  # the client leaves
+    assert upstream.conn is not None
+    upstream.conn.connectionLost(Failure(ConnectionDone()))
+    events = session.audited("refused")
+    assert len(events) <= 1 + 50 / 10 + 1  # the first, one per 10 s, the rest at session end
+    assert events[0] == {**events[0], "commands": ["XCLIENT"], "count": 10}
+    assert sum(e["count"] for e in events) == 10000
+    assert session.audited("session")  # the summary comes before the session's own event
+
+
 @pytest.mark.parametrize(
     "protocol,login,refusal_reply,farewell",
     [
@@ -354,3 +394,102 @@ def test_a_granted_session_ends_when_told_to():
     session.frontend.end("app password 7 revoked")
     assert session.client.disconnected or session.client.disconnecting
     assert upstream.transport.disconnected or upstream.transport.disconnecting
+
+
+def test_a_use_is_counted_only_after_the_upstream_login_succeeded():
+    authenticator = ScriptedAuthenticator(grant())
+    Session("imap", authenticator, ScriptedUpstream(*DOVECOT_LOGIN)).send(
+        f"a LOGIN alice {CODE}\r\n".encode()
+    )
+    assert authenticator.confirmed and not authenticator.released
+
+    down = ScriptedAuthenticator(grant())
+    session = Session("imap", down, ScriptedUpstream(down=True))
+    session.send(f"a LOGIN alice {CODE}\r\n".encode())
+    assert down.released and not down.confirmed
+
+
+def test_a_use_that_cannot_be_counted_does_not_start_the_session():
+    upstream = ScriptedUpstream(*DOVECOT_LOGIN)
+    session = Session("imap", ScriptedAuthenticator(grant(), confirms=False), upstream)
+    assert session.send(f"a LOGIN alice {CODE}\r\n".encode()) == b""
+    assert session.later(FAILURE_DELAY) == (
+        b"a NO [UNAVAILABLE] Temporary authentication failure, try again later.\r\n"
+    )
+    assert upstream.transport.disconnecting and session.frontend.grant is None
+
+
+@pytest.mark.parametrize(
+    "protocol,farewell",
+    [
+        ("imap", b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"),
+        ("pop3", b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"),
+        ("smtp", b"421 4.7.0 mx.example.org Error: too many connections\r\n"),
+    ],
+)
+def test_past_the_connection_cap_a_client_is_told_and_closed(protocol, farewell):
+    limits = ConnectionLimits(LimitSettings(max_connections=2))
+    for _ in range(2):
+        Session(protocol, ScriptedAuthenticator(grant()), ScriptedUpstream(), limits=limits)
+    third = Session(protocol, ScriptedAuthenticator(grant()), ScriptedUpstream(), limits=limits)
+    assert third.client.value() == farewell
+    assert third.closed and third.frontend not in third.live
+    (refused,) = third.audited("connection_refused")
+    assert "limits.max_connections" in refused["reason"]
+    third.frontend.connectionLost(Failure(ConnectionDone()))
+    assert limits.connections == 2  # a refused connection was never counted
+
+
+def test_connections_not_logged_in_are_capped_per_address_and_freed_by_login():
+    limits = ConnectionLimits(LimitSettings(max_preauth_per_address=2))
+    first = Session(
+        "imap", ScriptedAuthenticator(grant()), ScriptedUpstream(*DOVECOT_LOGIN), limits=limits
+    )
+    Session("imap", ScriptedAuthenticator(grant()), ScriptedUpstream(), limits=limits)
+    refused = Session("imap", ScriptedAuthenticator(grant()), ScriptedUpstream(), limits=limits)
+    assert refused.closed
+    other = Session(
+        "imap",
+        ScriptedAuthenticator(grant()),
+        ScriptedUpstream(),
+        limits=limits,
+        client_ip="203.0.113.9",
+    )
+    assert not other.closed
+    first.send(f"a LOGIN alice {CODE}\r\n".encode())  # logged in: no longer pre-auth
+    again = Session("imap", ScriptedAuthenticator(grant()), ScriptedUpstream(), limits=limits)
+    assert not again.closed
+
+
+@pytest.mark.parametrize(
+    "protocol,login,refusal",
+    [
+        (
+            "imap",
+            b"a LOGIN alice x\r\n",
+            b"a NO [UNAVAILABLE] Too many sessions for this account, try again later.\r\n"
+            b"* BYE Too many sessions for this account\r\n",
+        ),
+        (
+            "pop3",
+            b"USER alice\r\nPASS x\r\n",
+            b"+OK\r\n-ERR [SYS/TEMP] Too many sessions for this account, try again later.\r\n",
+        ),
+        (
+            "smtp",
+            b"EHLO c\r\nAUTH PLAIN " + client_plain("", "alice", "x").encode() + b"\r\n",
+            b"421 4.7.0 mx.example.org Too many sessions for this account\r\n",
+        ),
+    ],
+)
+def test_past_an_accounts_session_cap_its_login_is_refused_and_closed(protocol, login, refusal):
+    limits = ConnectionLimits(LimitSettings(max_sessions_per_account=1))
+    limits.logging_in(ALICE.key)  # one session of alice's is open elsewhere
+    authenticator = ScriptedAuthenticator(grant())
+    upstream = ScriptedUpstream()
+    session = Session(protocol, authenticator, upstream, limits=limits)
+    assert session.send(login).endswith(refusal)
+    assert session.closed and upstream.conn is None  # never logged in upstream
+    assert authenticator.released and not authenticator.confirmed
+    limits.session_ended(ALICE.key)
+    assert limits.sessions(ALICE.key) == 0

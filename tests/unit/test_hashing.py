@@ -3,8 +3,9 @@
 import pytest_twisted
 from twisted.internet import defer, reactor
 
-from proxy.codes.hashing import CodeHasher, PoolFull
+from proxy.codes.hashing import CodeHasher
 from proxy.config import Argon2Settings
+from proxy.fairqueue import QueueFull
 
 FAST = Argon2Settings(time_cost=1, memory_kib=8192, parallelism=1, threads=2, queue=1)
 
@@ -38,7 +39,7 @@ def test_pool_verifies_off_the_reactor_and_fails_fast_when_full():
         oks = [r for ok, r in results if ok]
         fails = [r for ok, r in results if not ok]
         assert oks == [True, True, True]
-        assert len(fails) == 1 and fails[0].check(PoolFull)
+        assert len(fails) == 1 and fails[0].check(QueueFull)
         assert h.pending == 0
         assert (yield h.verify(encoded, "AbCdEfGhJkMnPqRs")) is True
     finally:
@@ -73,7 +74,7 @@ def test_one_client_may_hold_only_its_share_of_the_queue():
         other = h.verify(encoded, "AbCdEfGhJkMnPqRs", "legit")
         results = yield defer.DeferredList([*storm, other], consumeErrors=True)
         refused = [r for ok, r in results[:-1] if not ok]
-        assert refused and all(r.check(PoolFull) for r in refused)
+        assert refused and all(r.check(QueueFull) for r in refused)
         assert results[-1] == (True, True)
     finally:
         h.stop()

@@ -11,8 +11,15 @@ from hypothesis import strategies as st
 from proxy.auth.decision import Refusal
 from proxy.commands import Authenticate, Close, Failed, Send, StartTLS
 from proxy.core import MAX_COMMANDS, MAX_ERRORS, MAX_FAILURES, MAX_PENDING
-from proxy.imap.server import MAX_LINE, MAX_LITERAL, ImapCore, ImapLimits
-from proxy.imap.syntax import ID_MAX_PAIRS
+from proxy.imap.server import (
+    MAX_EXTRA_CAPABILITIES,
+    MAX_LINE,
+    MAX_LITERAL,
+    ImapCore,
+    ImapLimits,
+    extra_capabilities,
+)
+from proxy.imap.syntax import ID_MAX_PAIRS, decided_by_apppass, is_capability
 from proxy.sasl import Credentials
 from tests.support.streams import split_at
 
@@ -96,6 +103,79 @@ def test_greeting_text_is_configurable_and_cannot_inject_lines():
         greeting_text="Hi.\r\n* BYE fake",
     )
     assert replies(imap.greeting()) == [f"* OK [CAPABILITY {TLS_CAPS}] Hi.??* BYE fake".encode()]
+
+
+# Dovecot 2.3's pre-login list, over TLS and before it (with disable_plaintext_auth).
+DOVECOT_TLS = "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN AUTH=LOGIN"
+DOVECOT_CLEAR = "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS LOGINDISABLED"
+
+
+@pytest.mark.parametrize("upstream", [DOVECOT_TLS, DOVECOT_CLEAR])
+def test_the_upstreams_capabilities_are_listed_without_what_apppass_decides(upstream):
+    extras = extra_capabilities(upstream.split())
+    assert extras == ("LOGIN-REFERRALS", "ENABLE", "IDLE")
+    imap = ImapCore(
+        tls_active=False, starttls_available=True, plaintext_auth=False, capabilities=extras
+    )
+    assert imap.capabilities() == (
+        "IMAP4rev1 SASL-IR LITERAL+ ID LOGIN-REFERRALS ENABLE IDLE STARTTLS LOGINDISABLED"
+    )
+    imap = ImapCore(
+        tls_active=True, starttls_available=True, plaintext_auth=False, capabilities=extras
+    )
+    assert replies(imap.receive_data(b"a CAPABILITY\r\n"))[0] == (
+        b"* CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID LOGIN-REFERRALS ENABLE IDLE"
+        b" AUTH=PLAIN AUTH=LOGIN"
+    )
+
+
+def test_upstream_names_that_are_no_capability_or_repeat_are_left_out():
+    names = [
+        "IDLE",
+        "idle",
+        "imap4REV1",
+        "X-GM-EXT-1",
+        "a]b",
+        "(",
+        "",
+        "é",
+        "auth=xoauth2",
+        "sasl-ir",
+    ]
+    assert extra_capabilities(names) == ("IDLE", "X-GM-EXT-1")
+
+
+def test_the_upstreams_list_is_bounded():
+    names = [f"X-{i:04d}" for i in range(1000)]
+    extras = extra_capabilities(names)
+    assert 0 < len(" ".join(extras)) <= MAX_EXTRA_CAPABILITIES
+    assert extras == tuple(names[: len(extras)])
+
+
+@settings(max_examples=300)
+@given(
+    names=st.lists(st.text(max_size=12) | st.sampled_from(DOVECOT_CLEAR.split()), max_size=40),
+    tls=st.booleans(),
+    starttls=st.booleans(),
+    plaintext=st.booleans(),
+)
+def test_the_merged_list_is_apppasss_own_plus_each_upstream_name_once(
+    names, tls, starttls, plaintext
+):
+    imap = ImapCore(
+        tls_active=tls,
+        starttls_available=starttls,
+        plaintext_auth=plaintext,
+        capabilities=extra_capabilities(names),
+    )
+    caps = imap.capabilities().split(" ")
+    assert caps[:4] == ["IMAP4rev1", "SASL-IR", "LITERAL+", "ID"]
+    assert len({c.upper() for c in caps}) == len(caps)
+    assert all(is_capability(c) for c in caps)
+    own = core(tls=tls, starttls=starttls, plaintext=plaintext).capabilities().split(" ")
+    assert [c for c in caps if decided_by_apppass(c)] == [c for c in own if decided_by_apppass(c)]
+    upstream = {n.upper() for n in names}
+    assert all(c in own or c.upper() in upstream for c in caps)
 
 
 # --- Simple commands --------------------------------------------------------------------------

@@ -99,3 +99,21 @@ def test_no_module_is_longer_than_one_job_needs():
         if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES
     }
     assert long == {}
+
+
+def test_no_test_module_imports_another_test_module():
+    """Shared test helpers live in tests/support (and servers in tests/servers)."""
+    tests = PACKAGE.parent / "tests"
+    offenders = []
+    for path in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            if any(name.rpartition(".")[2].startswith("test_") for name in names):
+                offenders.append(str(path.relative_to(tests)))
+    assert offenders == []

@@ -33,6 +33,7 @@ from proxy.directory.ldap.filters import (
 )
 from proxy.directory.ldap.settings import PRESETS
 from proxy.directory.ldap.values import (
+    Unreadable,
     attribute_time,
     filetime_to_datetime,
     guid_to_str,
@@ -40,6 +41,7 @@ from proxy.directory.ldap.values import (
     normalize_dn,
     parse_generalized_time,
     rdn_value,
+    read_int,
 )
 from proxy.sasl import is_valid_login
 
@@ -294,7 +296,31 @@ def test_attribute_time_picks_the_encoding_by_attribute():
     assert attribute_time("shadowExpire", "1") == datetime(1970, 1, 2, tzinfo=UTC)
     assert attribute_time("shadowExpire", "-1") is None
     assert attribute_time("pwdChangedTime", "20200101000000Z").year == 2020
-    assert attribute_time("pwdLastSet", "garbage") is None
+
+
+@pytest.mark.parametrize(
+    "attribute,raw,message",
+    [
+        ("pwdLastSet", "garbage", "pwdLastSet 'garbage' is not a FILETIME"),
+        ("accountExpires", "-5", "accountExpires '-5' is not a FILETIME"),
+        ("accountExpires", " 0", "accountExpires ' 0' is not a FILETIME"),
+        ("shadowExpire", "soon", "shadowExpire 'soon' is not a number of days since 1970"),
+        ("shadowExpire", "-2", "shadowExpire '-2' is not a number of days since 1970"),
+        ("pwdEndTime", "2020-01-01", "pwdEndTime '2020-01-01' is not a GeneralizedTime"),
+        ("pwdStartTime", "x" * 100, "pwdStartTime '" + "x" * 40 + "...' is not a Gener"),
+    ],
+)
+def test_a_time_that_cannot_be_read_is_unreadable_not_never(attribute, raw, message):
+    with pytest.raises(Unreadable) as info:
+        attribute_time(attribute, raw)
+    assert str(info.value).startswith(message) and info.value.attribute == attribute
+
+
+@pytest.mark.parametrize("raw", ["", "abc", "1_0", "+1", " 1", "1.5", "0x10", "\u0661"])
+def test_an_integer_that_cannot_be_read_is_unreadable(raw):
+    with pytest.raises(Unreadable):
+        read_int("userAccountControl", raw)
+    assert read_int("userAccountControl", "-514") == -514
 
 
 @given(st.uuids())

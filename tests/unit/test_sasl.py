@@ -1,6 +1,7 @@
 """The shared SASL codecs and the exchange every protocol core drives."""
 
 import base64
+import unicodedata
 
 import pytest
 from hypothesis import given
@@ -15,6 +16,7 @@ from proxy.sasl import (
     client_plain,
     client_xoauth2,
     decode_b64,
+    identity_problem,
     is_valid_login,
     server_mechanism,
 )
@@ -103,6 +105,38 @@ def test_credentials_repr_hides_the_secret():
 )
 def test_login_names_with_controls_are_invalid(login, ok):
     assert is_valid_login(login) is ok
+
+
+@pytest.mark.parametrize(
+    "identity,problem",
+    [
+        ("alice", None),
+        ("alice@example.org", None),
+        ("[UNAVAILABLE]", None),  # odd but harmless: xtext-encoded, one word
+        ("jörg@example.org", None),
+        ("a" * 255, None),
+        ("", "is empty"),
+        ("[x\r\nMAIL FROM:<ceo@example.org>", "contains control characters"),
+        ("al\x00ice", "contains control characters"),
+        ("a\x85b", "contains control characters"),
+        ("[x ADDR=10.0.0.1 LOGIN=bob@example.org", "contains a space"),
+        ("a\u2028b", "contains a space"),  # Unicode's line separator
+        ("a\ud800b", "is not valid UTF-8"),
+        ("é" * 128, "is longer than 255 octets"),
+    ],
+)
+def test_an_upstream_identity_is_one_word_a_sasl_authzid_can_carry(identity, problem):
+    expected = (
+        problem and f"upstream identity {problem}: unusable as a SASL authzid or XCLIENT LOGIN"
+    )
+    assert identity_problem(identity) == expected
+
+
+@given(st.text())
+def test_an_identity_without_a_problem_is_one_printable_utf8_word(identity):
+    if identity_problem(identity) is None:
+        assert identity and len(identity.encode("utf-8")) <= 255
+        assert not any(c.isspace() or unicodedata.category(c) in ("Cc", "Cs") for c in identity)
 
 
 _field = st.text(

@@ -202,6 +202,61 @@ def test_watch_closes_when_the_upstream_asks_for_content_outside_data():
 def test_watch_closes_when_too_many_commands_await_replies():
     s = Session(limits=SmtpWatchLimits(max_outstanding=3)).send(b"NOOP\r\n" * 4)
     assert s.closed
+    assert bytes(s.upstream) == b"NOOP\r\n" * 3  # the one it cannot await is not relayed
+    assert bytes(s.client) == TOO_MANY
+
+
+TOO_MANY = b"421 4.7.0 Error: too many commands awaiting replies, closing connection\r\n"
+
+
+def test_refusals_queued_behind_a_slow_upstream_are_bounded_then_421_and_close():
+    """The review's flood: a logged-in client pipelines XCLIENT behind one command the upstream
+    does not answer; each refusal waits for that reply, and used to wait without bound."""
+    limits = SmtpWatchLimits(max_outstanding=1000)
+    s = Session(limits=limits).send(b"NOOP\r\n")
+    flood = b"XCLIENT LOGIN=bob\r\n" * 100
+    for _ in range(9):
+        s.send(flood)
+        assert s.watch.queued <= 1000 and not s.closed
+    s.send(flood)
+    assert s.watch.queued == 0 and s.closed == "too many commands awaiting replies"
+    assert bytes(s.client) == TOO_MANY
+    assert bytes(s.upstream) == b"NOOP\r\n"
+    assert s.watch.client_data(flood).to_client == b""  # closed: nothing more is read
+
+
+# What a client may pipeline after login: commands relayed (awaiting a reply), commands refused
+# (a reply of the proxy's own, queued behind those), and lines the watch refuses as malformed.
+FLOOD_LINE = st.sampled_from(
+    [
+        b"XCLIENT LOGIN=bob",
+        b"XFORWARD ADDR=10.0.0.1",
+        b"STARTTLS",
+        b"TURN",
+        b"NOOP",
+        b"RCPT TO:<a@b>",
+        b"NOOP\rXCLIENT",
+        b"x" * 80,
+        b"BDAT x",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lines=st.lists(FLOOD_LINE, max_size=80),
+    cuts=st.lists(st.integers(min_value=0), max_size=10),
+    limit=st.integers(min_value=1, max_value=20),
+)
+def test_the_reply_queue_never_exceeds_its_limit_while_the_upstream_is_silent(lines, cuts, limit):
+    stream = b"".join(line + b"\r\n" for line in lines)
+    s = Session(limits=SmtpWatchLimits(max_line=64, max_outstanding=limit))
+    for piece in split_at(stream, cuts):
+        s.send(piece)
+        assert s.watch.queued <= limit
+    if s.closed:
+        assert s.closed == "too many commands awaiting replies"
+        assert bytes(s.client).endswith(TOO_MANY) and s.watch.queued == 0
 
 
 def test_watch_passes_unsolicited_upstream_replies():

@@ -1,12 +1,16 @@
-"""The static directory and the account-policy verdicts (the LDAP directory passes the same)."""
+"""The static directory: its file's rules (a stable id per account), re-reading and broken edits,
+and the account-policy verdicts (the LDAP directory passes the same)."""
 
+import logging
+import re
+import uuid
 from datetime import UTC, datetime
 
 import pytest
 
 from proxy.auth.policy import account_refusal
 from proxy.config import ConfigError, PolicySettings
-from proxy.directory.static import StaticDirectory
+from proxy.directory.static import LOGGED_PROBLEMS, RECHECK_SECONDS, StaticDirectory
 
 USERS = """
 accounts:
@@ -17,10 +21,10 @@ accounts:
     groups: [legacy-mail, staff]
     mfa: true
     password_changed: 2026-11-01T09:30:00Z
-  bob: {groups: [staff]}
-  carol: {groups: [legacy-mail], enabled: false}
-  dave: {groups: [legacy-mail], expires: 2001-01-01}
-  printer1: {groups: [Legacy-Mail]}
+  bob: {id: 4b1d, groups: [staff]}
+  carol: {id: key-carol, groups: [legacy-mail], enabled: false}
+  dave: {id: key-dave, groups: [legacy-mail], expires: 2001-01-01}
+  printer1: {id: 1017, groups: [Legacy-Mail]}
 """
 
 
@@ -39,9 +43,44 @@ def test_login_by_name_or_alias_case_insensitively(directory):
     assert a.password_changed_at == datetime(2026, 11, 1, 9, 30, tzinfo=UTC)
 
 
-def test_defaults_id_and_upstream_to_the_login(directory):
+def test_upstream_defaults_to_the_login_and_a_numeric_id_is_text(directory):
     b = directory.lookup("bob")
-    assert (b.key, b.upstream_identity) == ("bob", "bob")
+    assert (b.key, b.upstream_identity) == ("4b1d", "bob")
+    assert directory.lookup("printer1").key == "1017"
+
+
+def test_an_account_without_an_id_is_an_error_naming_the_key_with_a_fresh_uuid(tmp_path):
+    f = tmp_path / "users.yaml"
+    f.write_text("accounts: {jsmith: {groups: [legacy-mail]}, alice: {id: key-alice}}\n")
+    with pytest.raises(ConfigError) as info:
+        StaticDirectory(f)
+    [problem] = info.value.problems
+    assert problem.startswith("users.yaml: accounts.jsmith.id: is required: ")
+    suggested = re.search(r'"id: ([0-9a-f-]{36})"', problem)
+    assert suggested and uuid.UUID(suggested.group(1)).version == 4
+    assert '"id: jsmith" keeps' in problem  # how to keep codes made before ids were required
+
+
+@pytest.mark.parametrize("value", ["true", '""', '"  "', '"a\\x00b"', "[a, b]"])
+def test_an_id_must_be_text_without_control_characters(tmp_path, value):
+    f = tmp_path / "users.yaml"
+    f.write_text(f"accounts: {{jsmith: {{id: {value}}}}}\n")
+    with pytest.raises(ConfigError) as info:
+        StaticDirectory(f)
+    assert info.value.problems[0].startswith(
+        "users.yaml: accounts.jsmith.id: must be a non-empty string without control characters"
+    )
+
+
+def test_a_reused_login_with_a_new_id_is_another_account(tmp_path):
+    f = tmp_path / "users.yaml"
+    f.write_text("accounts: {jsmith: {id: john-1, name: John Smith}}\n")
+    d = StaticDirectory(f)
+    assert d.lookup("jsmith").key == "john-1"
+    f.write_text("accounts: {jsmith: {id: jane-2, name: Jane Smith}}\n")
+    d.reload()
+    assert d.lookup("jsmith").key == "jane-2"
+    assert d.by_key("john-1") is None  # John's codes resolve to nobody: orphaned
 
 
 @pytest.mark.parametrize("login", ["nobody", "alice\x00x", "alice\r\n", ""])
@@ -87,12 +126,96 @@ def test_mfa_group_marks_accounts_with_a_second_factor(tmp_path):
 
 
 def test_file_edits_are_picked_up_and_broken_edits_keep_the_last_good_file(directory):
-    directory.file.write_text("accounts: {erin: {groups: [legacy-mail]}}\n")
+    directory.file.write_text("accounts: {erin: {id: key-erin, groups: [legacy-mail]}}\n")
     directory.reload()
     assert directory.lookup("erin") is not None and directory.lookup("alice") is None
     directory.file.write_text("accounts: [broken\n")
     directory.reload()
     assert directory.lookup("erin") is not None
+
+
+class Clock:
+    """A monotonic clock that moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+GOOD = "accounts: {erin: {id: key-erin, groups: [legacy-mail]}}\n"
+BROKEN = "accounts: {erin: {id: key-erin, enabled: nope}}\n"  # the edit meant to disable erin
+FIXED = "accounts: {erin: {id: key-erin, enabled: false}}\n"
+LOGGER = "proxy.directory.static"
+
+
+def errors(caplog):
+    return [r for r in caplog.records if r.name == LOGGER and r.levelno >= logging.ERROR]
+
+
+def test_a_broken_edit_is_logged_at_each_check_and_the_last_good_file_served(tmp_path, caplog):
+    f = tmp_path / "users.yaml"
+    f.write_text(GOOD)
+    clock = Clock()
+    d = StaticDirectory(f, clock=clock)
+    caplog.set_level(logging.INFO, LOGGER)
+    f.write_text(BROKEN)
+    clock.now += RECHECK_SECONDS
+    assert d.lookup("erin").enabled  # the last good version still answers
+    [logged] = errors(caplog)
+    message = logged.getMessage()
+    assert str(f) in message and "still serving its last good version" in message
+    assert 'users.yaml: accounts.erin.enabled: must be true or false (got "nope")' in message
+    assert logged.exc_info is None and "Traceback" not in caplog.text
+    assert d.problems == ('users.yaml: accounts.erin.enabled: must be true or false (got "nope")',)
+
+    assert d.lookup("erin").enabled  # checked at most once a second: not logged again yet
+    assert len(errors(caplog)) == 1
+    f.write_text(BROKEN + "# still broken\n")
+    clock.now += RECHECK_SECONDS
+    assert d.lookup("erin").enabled
+    assert len(errors(caplog)) == 2  # logged again on the next check
+    d.reload()  # SIGHUP
+    assert len(errors(caplog)) == 3
+
+    f.write_text(FIXED)
+    clock.now += RECHECK_SECONDS
+    erin = d.lookup("erin")
+    assert not erin.enabled and erin.disabled_reason == "disabled"
+    assert d.problems == () and len(errors(caplog)) == 3
+    assert "fixed" in caplog.records[-1].getMessage()
+
+
+def test_a_users_file_that_is_not_yaml_or_is_gone_is_logged_with_the_file(tmp_path, caplog):
+    f = tmp_path / "users.yaml"
+    f.write_text(GOOD)
+    clock = Clock()
+    d = StaticDirectory(f, clock=clock)
+    f.write_text("accounts: [broken\n")
+    with caplog.at_level(logging.ERROR, LOGGER):
+        d.reload()
+    assert "users.yaml: not valid YAML at line 2, column 1: " in caplog.text
+    assert "\n" not in errors(caplog)[0].getMessage()  # one line
+    f.unlink()
+    clock.now += RECHECK_SECONDS
+    with caplog.at_level(logging.ERROR, LOGGER):
+        assert d.lookup("erin") is not None
+    assert f"{f}: cannot read: No such file or directory" in errors(caplog)[-1].getMessage()
+
+
+def test_a_long_list_of_problems_is_cut_in_the_log_line(tmp_path, caplog):
+    f = tmp_path / "users.yaml"
+    f.write_text(GOOD)
+    d = StaticDirectory(f)
+    f.write_text("accounts: {" + ", ".join(f"u{i}: {{groups: x}}" for i in range(8)) + "}\n")
+    with caplog.at_level(logging.ERROR, LOGGER):
+        d.reload()
+    message = errors(caplog)[0].getMessage()
+    assert message.count("users.yaml: accounts.u") == LOGGED_PROBLEMS
+    assert f"(and {len(d.problems) - LOGGED_PROBLEMS} more: apppass check-config lists them)" in (
+        message
+    )
 
 
 def test_by_key(directory):
@@ -104,15 +227,15 @@ def test_by_key(directory):
     "text,message",
     [
         (
-            "accounts: {alice: {enabled: maybe}}",
+            "accounts: {alice: {id: a, enabled: maybe}}",
             'users.yaml: accounts.alice.enabled: must be true or false (got "maybe")',
         ),
         (
-            "accounts: {alice: {grups: [x]}}",
+            "accounts: {alice: {id: a, grups: [x]}}",
             "users.yaml: accounts.alice.grups: unknown key; did you mean 'groups'?",
         ),
         (
-            "accounts: {alice: {}, bob: {aliases: [alice]}}",
+            "accounts: {alice: {id: a}, bob: {id: b, aliases: [alice]}}",
             'users.yaml: accounts.bob: login name "alice" belongs to two accounts',
         ),
         (

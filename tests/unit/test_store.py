@@ -1,12 +1,21 @@
 """The code store's operations on real SQLite files (every backend must pass these)."""
 
+import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from proxy.codes.sqlite import SqliteCodeStore
-from proxy.codes.store import CapReached, Claim, NewCode, State
+from proxy.codes.store import (
+    RESERVATION_SECONDS,
+    CapReached,
+    Claim,
+    NewCode,
+    Reservation,
+    State,
+    StoreUnavailable,
+)
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
@@ -66,9 +75,20 @@ def test_cap_counts_live_codes_only(store):
     store.create(new("CCCC"), cap=2, now=NOW)
 
 
-def test_claim_counts_the_use_and_records_where_from(store):
+def use(store, rec, protocol="imap", ip="10.0.0.1", now=NOW, **kw):
+    """A whole login: claim, then confirm as after a successful upstream login."""
+    held = store.claim(rec.id, protocol, ip, now=now, **kw)
+    if isinstance(held, Reservation):
+        assert store.confirm(held, protocol, ip, now=now)
+        return "ok"
+    return held
+
+
+def test_confirm_counts_the_use_and_records_where_from(store):
     rec = store.create(new(), cap=25, now=NOW)
-    assert store.claim(rec.id, "imap", "192.0.2.7", now=NOW + timedelta(minutes=1)) == Claim.OK
+    held = store.claim(rec.id, "imap", "192.0.2.7", now=NOW + timedelta(minutes=1))
+    assert held == Reservation(rec.id) and store.get(rec.id).use_count == 0
+    assert store.confirm(held, "imap", "192.0.2.7", now=NOW + timedelta(minutes=1))
     got = store.get(rec.id)
     assert got.use_count == 1
     assert (got.last_used_at, got.last_used_ip, got.last_used_protocol) == (
@@ -92,39 +112,32 @@ def test_claim_refusals_say_why(store, change, protocol, ip, expected):
     rec = store.create(new(networks=("10.0.0.0/8",)), cap=25, now=NOW)
     if change:
         change(store, rec)
-    assert store.claim(rec.id, protocol, ip, now=NOW) == expected
+    assert use(store, rec, protocol, ip) == expected
     assert store.get(rec.id).use_count == 0
 
 
 def test_claim_after_expiry_is_refused(store):
     rec = store.create(new(expires_at=NOW + timedelta(hours=1)), cap=25, now=NOW)
-    assert store.claim(rec.id, "imap", "10.0.0.1", now=NOW + timedelta(minutes=59)) == Claim.OK
-    assert store.claim(rec.id, "imap", "10.0.0.1", now=NOW + timedelta(hours=1)) == Claim.EXPIRED
+    assert use(store, rec, now=NOW + timedelta(minutes=59)) == "ok"
+    assert use(store, rec, now=NOW + timedelta(hours=1)) == Claim.EXPIRED
 
 
 def test_claim_stops_at_max_uses(store):
     rec = store.create(new(max_uses=2), cap=25, now=NOW)
-    assert [store.claim(rec.id, "smtp", "10.0.0.1", now=NOW) for _ in range(3)] == [
-        Claim.OK,
-        Claim.OK,
-        Claim.USED_UP,
-    ]
+    assert [use(store, rec, "smtp") for _ in range(3)] == ["ok", "ok", Claim.USED_UP]
     assert store.get(rec.id).use_count == 2
     assert store.get(rec.id).state(NOW) == State.USED_UP
 
 
 def test_claim_refuses_codes_created_before_a_password_change(store):
     rec = store.create(new(), cap=25, now=NOW)
-    assert (
-        store.claim(rec.id, "imap", "10.0.0.1", not_before=NOW + timedelta(seconds=1), now=NOW)
-        == Claim.SUPERSEDED
-    )
-    assert store.claim(rec.id, "imap", "10.0.0.1", not_before=NOW, now=NOW) == Claim.OK
+    assert use(store, rec, not_before=NOW + timedelta(seconds=1)) == Claim.SUPERSEDED
+    assert use(store, rec, not_before=NOW) == "ok"
 
 
 def test_ipv4_mapped_ipv6_client_matches_ipv4_network(store):
     rec = store.create(new(networks=("10.0.0.0/8",)), cap=25, now=NOW)
-    assert store.claim(rec.id, "imap", "::ffff:10.2.3.4", now=NOW) == Claim.OK
+    assert use(store, rec, ip="::ffff:10.2.3.4") == "ok"
 
 
 def test_disable_enable_and_revoked_codes_stay_revoked(store):
@@ -183,14 +196,33 @@ def test_record_failure_counts_wrong_secrets(store):
 
 def test_migrate_is_idempotent_and_versioned(tmp_path):
     s = SqliteCodeStore(tmp_path / "m.db")
-    assert s.migrate() == (1, 1)
-    assert s.version() == 1
+    assert s.migrate() == (2, 2)
+    assert s.version() == 2
+    s.close()
+
+
+def test_a_store_of_the_first_schema_is_migrated_keeping_its_codes(tmp_path):
+    from proxy.codes.sqlite import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    for statement in MIGRATIONS[0]:
+        old.execute(statement)
+    old.execute("PRAGMA user_version=1")
+    old.execute(
+        "INSERT INTO codes (account_key, account_login, label, selector, hash, scopes,"
+        " created_at, max_uses, created_by) VALUES ('k', 'alice', 'phone', 'AbCd', 'h',"
+        " ',imap,', 0, 1, 'cli')"
+    )
+    old.commit()
+    old.close()
+    s = SqliteCodeStore(path)
+    (rec,) = s.list()
+    assert s.version() == 2 and use(s, rec) == "ok" and use(s, rec) == Claim.USED_UP
     s.close()
 
 
 def test_store_refuses_a_schema_newer_than_itself(tmp_path):
-    from proxy.codes.store import StoreUnavailable
-
     s = SqliteCodeStore(tmp_path / "m.db")
     s._run("PRAGMA user_version=99")
     with pytest.raises(StoreUnavailable, match="newer than this apppass"):
@@ -209,7 +241,7 @@ def test_fifty_threads_racing_for_a_code_with_ten_uses_get_exactly_ten(tmp_path)
     def worker():
         store = SqliteCodeStore(path, migrate=False)  # its own connection, as another process would
         barrier.wait()
-        outcome = store.claim(rec.id, "imap", "10.0.0.1")
+        outcome = use(store, rec, now=None)
         with lock:
             results.append(outcome)
         store.close()
@@ -219,7 +251,51 @@ def test_fifty_threads_racing_for_a_code_with_ten_uses_get_exactly_ten(tmp_path)
         t.start()
     for t in threads:
         t.join()
-    assert results.count(Claim.OK) == 10
+    assert results.count("ok") == 10
     assert results.count(Claim.USED_UP) == 40
     assert setup.get(rec.id).use_count == 10
     setup.close()
+
+
+def test_a_claim_counts_nothing_until_confirmed_and_release_gives_the_use_back(store):
+    rec = store.create(new(max_uses=1), cap=25, now=NOW)
+    held = store.claim(rec.id, "imap", "10.0.0.1", now=NOW)
+    assert isinstance(held, Reservation) and held.token is not None
+    assert store.get(rec.id).use_count == 0
+    # While the first login is still logging in upstream, its place is taken.
+    assert store.claim(rec.id, "imap", "10.0.0.2", now=NOW) == Claim.USED_UP
+    store.release(held)  # the upstream was down: the one-shot code is not spent
+    assert store.get(rec.id).use_count == 0
+    assert use(store, rec) == "ok"
+    assert store.get(rec.id).use_count == 1
+    assert use(store, rec) == Claim.USED_UP
+
+
+def test_a_hold_left_by_a_proxy_that_died_lapses_by_itself(store):
+    rec = store.create(new(max_uses=1), cap=25, now=NOW)
+    assert isinstance(store.claim(rec.id, "imap", "10.0.0.1", now=NOW), Reservation)
+    later = NOW + timedelta(seconds=RESERVATION_SECONDS)
+    assert store.claim(rec.id, "imap", "10.0.0.1", now=later - timedelta(seconds=1)) == (
+        Claim.USED_UP
+    )
+    assert use(store, rec, now=later) == "ok"
+
+
+def test_confirm_refuses_a_code_revoked_while_its_login_ran(store):
+    rec = store.create(new(), cap=25, now=NOW)
+    held = store.claim(rec.id, "imap", "10.0.0.1", now=NOW)
+    store.revoke(rec.id, now=NOW)
+    assert not store.confirm(held, "imap", "10.0.0.1", now=NOW)
+    assert store.get(rec.id).use_count == 0
+
+
+def test_a_store_that_is_not_a_database_is_unavailable_not_a_crash(tmp_path):
+    path = tmp_path / "codes.db"
+    s = SqliteCodeStore(path)
+    rec = s.create(new(), cap=25, now=NOW)
+    s.close()
+    path.write_bytes(b"this is not an SQLite database" * 200)
+    broken = SqliteCodeStore(path, migrate=False)
+    with pytest.raises(StoreUnavailable):
+        broken.get(rec.id)
+    broken.close()

@@ -1,5 +1,6 @@
 """How an LDAP entry reads as an Account: its stable id, names, groups, state (disabled,
-expired, locked) and the policy verdicts (legacy sign-in, MFA), each with its reason."""
+expired, locked…: proxy/directory/ldap/state.py) and the policy verdicts (legacy sign-in, MFA),
+each with its reason."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import ldap3
 
@@ -16,18 +17,8 @@ from proxy.directory.ldap.cache import TtlCache
 from proxy.directory.ldap.filters import both, equality, in_chain_filter, member_filter
 from proxy.directory.ldap.search import Entry, matches, search
 from proxy.directory.ldap.settings import LdapSettings
-from proxy.directory.ldap.values import (
-    PPOLICY_ADMIN_LOCK,
-    UF_ACCOUNTDISABLE,
-    UF_LOCKOUT,
-    attribute_time,
-    guid_to_str,
-    looks_like_dn,
-    normalize_dn,
-    parse_generalized_time,
-    parse_int,
-    rdn_value,
-)
+from proxy.directory.ldap.state import StateReader
+from proxy.directory.ldap.values import guid_to_str, looks_like_dn, normalize_dn, rdn_value
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +47,7 @@ class AccountReader:
         self.settings = settings
         self._utcnow = utcnow
         self._group_dns: TtlCache[str | None] = TtlCache(clock)  # policy groups' DNs by name
-        self._lockout_durations: TtlCache[int] = TtlCache(clock)  # by password policy DN
+        self._states = StateReader(settings, clock)
         self.attributes = self._account_attributes()  # what a search for accounts asks for
 
     def read(
@@ -82,9 +73,9 @@ class AccountReader:
         short_name = entry.text(s.short_name_attribute) if s.short_name_attribute else ""
         group_dns, group_names = self._groups(conn, entry, short_name)
 
-        reasons = {}
-        enabled, disabled_reason, why = self._state(conn, entry, now)
-        reasons["enabled"] = why
+        state = self._states.read(conn, entry, now)
+        enabled, disabled_reason = state.enabled, state.disabled_reason
+        reasons = {"enabled": state.why, "password": state.password_why}
         legacy_ok, reasons["legacy"] = self._policy(
             conn,
             entry,
@@ -101,14 +92,6 @@ class AccountReader:
         if not upstream and enabled:
             enabled, disabled_reason = False, "no upstream identity"
             reasons["enabled"] = f"the entry has no {s.upstream_identity_attribute}"
-        changed = None
-        password_must_change = False
-        if s.password_changed_attribute:
-            raw = entry.text(s.password_changed_attribute)
-            changed = attribute_time(s.password_changed_attribute, raw) if raw else None
-            password_must_change = (
-                raw == "0" and s.password_changed_attribute.lower() == "pwdlastset"
-            )
         names = self._names(conn, entry, short_name, domains)
         return Account(
             key=key,
@@ -121,13 +104,13 @@ class AccountReader:
             disabled_reason=disabled_reason,
             legacy_allowed=legacy_ok,
             mfa=mfa_ok,
-            password_changed_at=changed,
+            password_changed_at=state.password_changed_at,
             dn=entry.dn,
             extra={
                 "server": server,
                 "group_dns": group_dns,
                 "reasons": reasons,
-                "password_must_change": password_must_change,
+                "password_must_change": state.password_must_change,
             },
         )
 
@@ -149,6 +132,7 @@ class AccountReader:
             s.account_control_attribute,
             s.computed_account_control_attribute,
             s.locked_time_attribute,
+            *s.valid_from_attributes,
             *s.expiry_attributes,
             s.password_changed_attribute,
         ]
@@ -222,65 +206,6 @@ class AccountReader:
             tuple(g.dn for g in groups),
             tuple(g.text(s.group_name_attribute) or rdn_value(g.dn) for g in groups),
         )
-
-    def _state(self, conn: ldap3.Connection, entry: Entry, now: datetime) -> tuple[bool, str, str]:
-        """(enabled, disabled_reason, explanation): disabled, then expired, then locked."""
-        s = self.settings
-        control = (
-            parse_int(entry.text(s.account_control_attribute))
-            if s.account_control_attribute
-            else None
-        )
-        if control is not None and control & UF_ACCOUNTDISABLE:
-            return False, "disabled", f"{s.account_control_attribute} has ACCOUNTDISABLE"
-        locked_at = entry.text(s.locked_time_attribute) if s.locked_time_attribute else ""
-        if locked_at == PPOLICY_ADMIN_LOCK:
-            return (
-                False,
-                "disabled",
-                f"{s.locked_time_attribute} is {PPOLICY_ADMIN_LOCK} (locked by an administrator)",
-            )
-        if s.disabled_filter and matches(conn, s, entry.dn, s.disabled_filter):
-            return False, "disabled", "matches disabled_filter"
-        for attr in s.expiry_attributes:
-            raw = entry.text(attr)
-            expires = attribute_time(attr, raw) if raw else None
-            if expires is not None and expires <= now:
-                return False, "expired", f"{attr} {expires.isoformat()} has passed"
-        computed = (
-            parse_int(entry.text(s.computed_account_control_attribute))
-            if s.computed_account_control_attribute
-            else None
-        )
-        if computed is not None and computed & UF_LOCKOUT:
-            return False, "locked", f"{s.computed_account_control_attribute} has LOCKOUT"
-        if locked_at:
-            when = parse_generalized_time(locked_at)
-            duration = self._lockout_duration(conn, entry)
-            if when is None or duration == 0 or now < when + timedelta(seconds=duration):
-                until = (
-                    "until unlocked"
-                    if not duration or when is None
-                    else f"until {(when + timedelta(seconds=duration)).isoformat()}"
-                )
-                return False, "locked", f"{s.locked_time_attribute} {locked_at} ({until})"
-        return True, "", "not disabled, expired or locked"
-
-    def _lockout_duration(self, conn: ldap3.Connection, entry: Entry) -> int:
-        """pwdLockoutDuration of the entry's password policy, in seconds; 0 = until unlocked."""
-        policy = entry.text("pwdPolicySubentry") or self.settings.password_policy_dn
-        if not policy:
-            return 0
-        hit, cached = self._lockout_durations.get(normalize_dn(policy))
-        if hit and cached is not None:
-            return cached
-        found = search(
-            conn, self.settings, policy, ldap3.BASE, "(objectClass=*)", ["pwdLockoutDuration"]
-        )
-        duration = parse_int(found[0].text("pwdLockoutDuration")) if found else None
-        duration = duration if duration and duration > 0 else 0
-        self._lockout_durations.put(normalize_dn(policy), duration, self.settings.cache_ttl)
-        return duration
 
     def _policy(
         self,

@@ -86,6 +86,8 @@ class CheckReport:
                     )
                 )
             changed = a.password_changed_at.isoformat() if a.password_changed_at else "unknown"
+            if a.extra.get("password_must_change"):
+                changed += f" ({a.extra.get('reasons', {}).get('password', '')})"
             rows.append(("password changed", changed))
         rows.append(("time", f"{self.elapsed * 1000:.0f} ms"))
         width = max(len(k) for k, _ in rows)

@@ -126,7 +126,12 @@ class LdapSettings:
     computed_account_control_attribute: str | None = None  # AD: msDS-User-Account-Control-Computed
     locked_time_attribute: str | None = "pwdAccountLockedTime"  # OpenLDAP ppolicy
     password_policy_dn: str | None = None  # ppolicy default policy, for pwdLockoutDuration
+    # Times after which an account is expired, and before which it is not yet valid. A value
+    # that cannot be read (in the encoding the attribute's name implies) refuses the account.
     expiry_attributes: tuple[str, ...] = ("pwdEndTime", "shadowExpire")
+    valid_from_attributes: tuple[str, ...] = ("pwdStartTime",)
+    # The last password change (policy.revoke_on_password_change: older codes stop working).
+    # AD's pwdLastSet 0, "must change password at next logon", counts as a change now.
     password_changed_attribute: str | None = "pwdChangedTime"
     # Timing (seconds) and sizes.
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
@@ -175,7 +180,14 @@ class LdapSettings:
 
 
 # Fields holding several values (a single string is a list of one).
-_LISTS = ("uris", "login_attributes", "netbios_domains", "dns_domains", "expiry_attributes")
+_LISTS = (
+    "uris",
+    "login_attributes",
+    "netbios_domains",
+    "dns_domains",
+    "expiry_attributes",
+    "valid_from_attributes",
+)
 # Fields that may be unset (None).
 _OPTIONAL = (
     "ca_file",
@@ -394,6 +406,7 @@ RULES: Mapping[str, Rule] = {
     "locked_time_attribute": _optional(_attribute),
     "password_policy_dn": _optional(_dn),
     "expiry_attributes": _attributes(at_least_one=False),
+    "valid_from_attributes": _attributes(at_least_one=False),
     "password_changed_attribute": _optional(_attribute),
     "connect_timeout": _seconds(zero=False),
     "timeout": _seconds(zero=False),
@@ -525,6 +538,7 @@ PRESETS: Mapping[str, LdapSettings] = {
         computed_account_control_attribute="msDS-User-Account-Control-Computed",
         locked_time_attribute=None,
         expiry_attributes=("accountExpires",),
+        valid_from_attributes=(),
         password_changed_attribute="pwdLastSet",
     ),
 }

@@ -1,4 +1,5 @@
-"""LDAP attribute values: AD FILETIMEs and flags, GeneralizedTime, shadow days, GUIDs and DNs."""
+"""LDAP attribute values: AD FILETIMEs and flags, GeneralizedTime, shadow days, GUIDs and DNs.
+A policy value that cannot be read raises Unreadable: the caller fails closed."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ from datetime import UTC, datetime, timedelta
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.dn import parse_dn
 
-# Active Directory constants (MS-ADTS 2.2.16, MS-ADA3).
+# Active Directory constants (MS-ADTS 2.2.16, MS-ADA3). PASSWORD_EXPIRED appears only in the
+# computed msDS-User-Account-Control-Computed (Samba 4.17 sets it too, also for pwdLastSet 0).
 UF_ACCOUNTDISABLE = 0x0002
 UF_LOCKOUT = 0x0010
+UF_PASSWORD_EXPIRED = 0x800000
 FILETIME_NEVER = (0, 0x7FFFFFFFFFFFFFFF)
+
+# How much of an unreadable value an error shows (values are not secret, but may be long).
+SHOWN_VALUE_CHARS = 40
 
 # OpenLDAP ppolicy: pwdAccountLockedTime set to this value means "locked by an administrator
 # until unlocked" (slapo-ppolicy(5)); we call that disabled.
@@ -24,10 +30,21 @@ _GENERALIZED_TIME_RE = re.compile(
     r"^(\d{4})(\d{2})(\d{2})(\d{2})(\d{2})?(\d{2})?(?:[.,](\d+))?(Z|[+-]\d{2}(?:\d{2})?)$"
 )
 
+_INTEGER_RE = re.compile(r"-?[0-9]+")
+
 _FILETIME_ATTRIBUTES = frozenset(
     {"accountexpires", "pwdlastset", "lockouttime", "lastlogontimestamp", "badpasswordtime"}
 )
 _DAYS_ATTRIBUTES = frozenset({"shadowexpire", "shadowlastchange"})
+
+
+class Unreadable(ValueError):
+    """An attribute value that is not what its attribute holds: a decision on it fails closed."""
+
+    def __init__(self, attribute: str, value: str, expected: str) -> None:
+        shown = value if len(value) <= SHOWN_VALUE_CHARS else value[:SHOWN_VALUE_CHARS] + "..."
+        super().__init__(f"{attribute} {shown!r} is not {expected}")
+        self.attribute = attribute
 
 
 # --- times -----------------------------------------------------------------------------------
@@ -83,16 +100,23 @@ def days_to_datetime(value: int) -> datetime | None:
 
 def attribute_time(attribute: str, raw: str) -> datetime | None:
     """A time attribute's value, in the encoding its name implies (FILETIME for AD's, days for
-    the shadow ones, GeneralizedTime otherwise); None for never, empty or malformed."""
+    the shadow ones, GeneralizedTime otherwise); None for never. Raises Unreadable for
+    anything else, a negative FILETIME or a day count below -1 included."""
     name = attribute.lower()
-    try:
-        if name in _FILETIME_ATTRIBUTES:
-            return filetime_to_datetime(int(raw))
-        if name in _DAYS_ATTRIBUTES:
-            return days_to_datetime(int(raw))
-    except ValueError:
-        return None
-    return parse_generalized_time(raw)
+    if name in _FILETIME_ATTRIBUTES:
+        value = read_int(attribute, raw, "a FILETIME (100 ns intervals since 1601)")
+        if value < 0:
+            raise Unreadable(attribute, raw, "a FILETIME (100 ns intervals since 1601)")
+        return filetime_to_datetime(value)
+    if name in _DAYS_ATTRIBUTES:
+        value = read_int(attribute, raw, "a number of days since 1970 (or -1)")
+        if value < -1:
+            raise Unreadable(attribute, raw, "a number of days since 1970 (or -1)")
+        return days_to_datetime(value)
+    moment = parse_generalized_time(raw)
+    if moment is None:
+        raise Unreadable(attribute, raw, "a GeneralizedTime like 20240131120000Z")
+    return moment
 
 
 # --- numbers and ids -------------------------------------------------------------------------
@@ -104,6 +128,13 @@ def parse_int(text: str) -> int | None:
         return int(text)
     except ValueError:
         return None
+
+
+def read_int(attribute: str, raw: str, expected: str = "an integer") -> int:
+    """An integer attribute value (flags, counts, FILETIMEs); raises Unreadable if it is not."""
+    if not _INTEGER_RE.fullmatch(raw):  # RFC 4517 §3.3.16; int() would take " +1_0" too
+        raise Unreadable(attribute, raw, expected)
+    return int(raw)
 
 
 def guid_to_str(raw: bytes) -> str:

@@ -1,0 +1,71 @@
+"""Settings that send a credential in clear text (or to an unverified server) to another
+machine: the warnings to give.
+
+Clear text stays possible (an upstream on a network the operator trusts, a sandbox), but only
+when written out, and then `apppass check-config` and the start of `apppass serve` (audit event
+`config_warning`) say what would cross the network unprotected. Loopback stays silent: nothing
+leaves the machine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import urlsplit
+
+from proxy.config import Settings
+from proxy.protocols import TlsMode, UpstreamLogin
+
+_USE_TLS = "use tls: starttls or implicit"
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (also as [::1] or ::ffff:127.x.x.x) and localhost; no name lookup."""
+    name = host.strip().lower().removesuffix(".")
+    if name == "localhost":
+        return True
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def clear_text_warnings(settings: Settings) -> list[str]:
+    """One sentence per credential that would travel in clear text to a non-loopback host,
+    naming the key to change. Never a secret: only where it goes."""
+    warnings = []
+    for protocol, up in settings.upstreams.items():
+        if is_loopback(up.host):
+            continue
+        if up.tls is not TlsMode.NONE:
+            if not up.verify and up.login is not UpstreamLogin.NONE:
+                warnings.append(
+                    f"upstream.{protocol}: verify is false, so any server that answers at"
+                    f" {up.host}:{up.port} gets the proxy's logins; set verify: true (and"
+                    " ca_file for a private CA)"
+                )
+            continue
+        where = f"{up.host}:{up.port}"
+        if up.login is UpstreamLogin.AUTHZID:
+            what = f"the master password goes to {where}"
+        elif up.login is UpstreamLogin.XCLIENT:
+            what = (
+                f"XCLIENT logins (which the upstream trusts from apppass's address) go to {where}"
+            )
+        else:  # no login: the upstream trusts apppass's address, no credential is sent
+            continue
+        warnings.append(f"upstream.{protocol}: tls is none, so {what} in clear text; {_USE_TLS}")
+    ldap = settings.directory.ldap
+    if ldap is not None and ldap.bind_dn and not ldap.start_tls:
+        for i, uri in enumerate(ldap.uris):
+            parts = urlsplit(uri)
+            if parts.scheme.lower() == "ldap" and not is_loopback(parts.hostname or ""):
+                warnings.append(
+                    f"directory.ldap.uris[{i}]: {uri} without start_tls, so the bind password"
+                    " goes in clear text; set start_tls: true or use ldaps://"
+                )
+    return warnings
