@@ -2,35 +2,35 @@
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import ipaddress
 import os
 import re
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from proxy.configschema import (
-    REQUIRED,
     ConfigError,
     Context,
     Invalid,
     Node,
     boolean,
     choice,
+    default_of,
     duration,
+    enum_rule,
     host_port,
     integer,
     list_of,
     networks,
     path,
+    read_settings_of,
     secret_file,
+    section,
     show,
     text,
     text_list,
@@ -38,6 +38,7 @@ from proxy.configschema import (
 from proxy.imap.syntax import capability_problem
 from proxy.limits import LimitSettings
 from proxy.protocols import UPSTREAM_LOGINS, MailProtocol, TlsMode, UpstreamLogin
+from proxy.web.settings import WebSettings, read_web
 
 if TYPE_CHECKING:
     from proxy.directory.ldap.settings import LdapSettings
@@ -165,6 +166,7 @@ class Settings:
     upstreams: dict[MailProtocol, Upstream] = field(default_factory=dict)
     audit: AuditSettings = field(default_factory=AuditSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    web: WebSettings = field(default_factory=WebSettings)
 
 
 def config_path(explicit: str | None) -> Path:
@@ -213,6 +215,7 @@ def parse(
     listeners = _listeners(root, upstreams)
     audit = _audit(root)
     limits = _limits(root)
+    web = read_web(root)
     root.finish()
     ctx.check()
     return Settings(
@@ -227,6 +230,7 @@ def parse(
         upstreams=upstreams,
         audit=audit,
         limits=limits,
+        web=web,
     )
 
 
@@ -276,35 +280,6 @@ def _directory(root: Node, policy: PolicySettings) -> DirectorySettings:
     return settings
 
 
-T = TypeVar("T")
-E = TypeVar("E", bound=enum.StrEnum)
-Rule = Callable[[Node, str, Any], Any]
-
-
-def default_of(cls: type, name: str) -> Any:
-    """The default a settings dataclass declares for a field (the one place it is written), or
-    REQUIRED when it declares none."""
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return REQUIRED if f.default is dataclasses.MISSING else f.default
-
-
-def _read(node: Node, cls: type[T], rules: dict[str, Rule], **fixed: Any) -> T:
-    """Settings of type `cls` from a node: each key checked by its rule, defaults from `cls`."""
-    values = {key: node.get(key, rule, default_of(cls, key)) for key, rule in rules.items()}
-    return cls(**values, **fixed)
-
-
-def _section(root: Node, key: str, cls: type[T], rules: dict[str, Rule]) -> T:
-    node = root.node(key)
-    if node is None:
-        return cls()
-    out = _read(node, cls, rules)
-    node.finish()
-    return out
-
-
 def _ldap_filter(node: Node, key: str, value: Any) -> str:
     from proxy.directory.ldap.filters import filter_problem
 
@@ -316,7 +291,7 @@ def _ldap_filter(node: Node, key: str, value: Any) -> str:
 
 
 def _policy(root: Node) -> PolicySettings:
-    return _section(
+    return section(
         root,
         "policy",
         PolicySettings,
@@ -335,7 +310,7 @@ def _codes(root: Node) -> CodeSettings:
     node = root.node("codes")
     if node is None:
         return CodeSettings()
-    argon2 = _section(
+    argon2 = section(
         node,
         "argon2",
         Argon2Settings,
@@ -347,7 +322,7 @@ def _codes(root: Node) -> CodeSettings:
             "queue": integer(0, 100000),
         },
     )
-    out = _read(
+    out = read_settings_of(
         node,
         CodeSettings,
         {
@@ -363,7 +338,7 @@ def _codes(root: Node) -> CodeSettings:
 
 
 def _auth(root: Node) -> AuthSettings:
-    return _section(
+    return section(
         root,
         "auth",
         AuthSettings,
@@ -383,11 +358,11 @@ def _audit_file(node: Node, key: str, value: Any) -> str:
 
 
 def _audit(root: Node) -> AuditSettings:
-    return _section(root, "audit", AuditSettings, {"file": _audit_file})
+    return section(root, "audit", AuditSettings, {"file": _audit_file})
 
 
 def _limits(root: Node) -> LimitSettings:
-    return _section(
+    return section(
         root,
         "limits",
         LimitSettings,
@@ -404,13 +379,6 @@ def _tls_version(node: Node, key: str, value: Any) -> str:
     if value not in TLS_VERSIONS:
         raise Invalid(f"must be one of {', '.join(TLS_VERSIONS)}")
     return value
-
-
-def _enum(kind: type[E], options: tuple[E, ...] | None = None) -> Rule:
-    """A rule accepting the values of a str enum (or some of them)."""
-    names = tuple(str(o) for o in (options or tuple(kind)))
-    check = choice(*names)
-    return lambda node, key, value: kind(check(node, key, value))
 
 
 # The IANA ports for each protocol and TLS mode (RFC 8314 §7 for 465/993/995; RFC 6409 for 587).
@@ -431,9 +399,9 @@ def _listeners(root: Node, upstreams: dict[MailProtocol, Upstream]) -> tuple[Lis
     out = []
     names = set()
     for node in root.nodes("listeners"):
-        protocol = node.get("protocol", _enum(MailProtocol))
+        protocol = node.get("protocol", enum_rule(MailProtocol))
         bind = node.get("bind", host_port)
-        tls = node.get("tls", _enum(TlsMode), default_of(Listener, "tls"))
+        tls = node.get("tls", enum_rule(TlsMode), default_of(Listener, "tls"))
         cert = node.get("cert_file", path, None)
         key = node.get("key_file", path, None)
         if tls is not TlsMode.NONE:
@@ -511,10 +479,10 @@ def _upstreams(root: Node) -> dict[MailProtocol, Upstream]:
             continue
         logins = UPSTREAM_LOGINS[protocol]
         port = sub.get("port", integer(1, 65535), None)
-        tls = sub.get("tls", _enum(TlsMode), None)
+        tls = sub.get("tls", enum_rule(TlsMode), None)
         if tls is None:  # not written (or wrong): never clear text by default
             tls = TlsMode.IMPLICIT if port in IMPLICIT_TLS_PORTS else default_of(Upstream, "tls")
-        login = sub.get("login", _enum(UpstreamLogin, logins), logins[0])
+        login = sub.get("login", enum_rule(UpstreamLogin, logins), logins[0])
         if login is UpstreamLogin.AUTHZID:
             for k in ("master_user", "master_password_file"):
                 if not sub.has(k):
@@ -522,7 +490,7 @@ def _upstreams(root: Node) -> dict[MailProtocol, Upstream]:
         ca_file = sub.get("ca_file", path, None)
         if ca_file is not None and not ca_file.is_file():
             sub.ctx.error(sub.key_path("ca_file"), f"file not found: {ca_file}")
-        out[protocol] = _read(
+        out[protocol] = read_settings_of(
             sub,
             Upstream,
             {

@@ -3,7 +3,9 @@ and the value, unknown keys get a did-you-mean, and all mistakes are collected b
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import enum
 import ipaddress
 import json
 import os
@@ -11,7 +13,7 @@ import re
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 # The default of a key that must be given (Node.get reports it as "is required" when absent).
 REQUIRED: Any = object()
@@ -329,3 +331,41 @@ def text_list(node: Node, key: str, value: Any) -> tuple[str, ...]:
     if not items or not all(isinstance(i, str) and i.strip() for i in items):
         raise Invalid("must be a list of non-empty strings")
     return tuple(items)
+
+
+# --- settings dataclasses read from nodes -----------------------------------------------------
+
+T = TypeVar("T")
+E = TypeVar("E", bound=enum.StrEnum)
+Rule = Callable[[Node, str, Any], Any]
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default a settings dataclass declares for a field (the one place it is written), or
+    REQUIRED when it declares none."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return REQUIRED if f.default is dataclasses.MISSING else f.default
+
+
+def read_settings_of(node: Node, cls: type[T], rules: dict[str, Rule], **fixed: Any) -> T:
+    """Settings of type `cls` from a node: each key checked by its rule, defaults from `cls`."""
+    values = {key: node.get(key, rule, default_of(cls, key)) for key, rule in rules.items()}
+    return cls(**values, **fixed)
+
+
+def section(root: Node, key: str, cls: type[T], rules: dict[str, Rule]) -> T:
+    node = root.node(key)
+    if node is None:
+        return cls()
+    out = read_settings_of(node, cls, rules)
+    node.finish()
+    return out
+
+
+def enum_rule(kind: type[E], options: tuple[E, ...] | None = None) -> Rule:
+    """A rule accepting the values of a str enum (or some of them)."""
+    names = tuple(str(o) for o in (options or tuple(kind)))
+    check = choice(*names)
+    return lambda node, key, value: kind(check(node, key, value))

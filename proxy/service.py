@@ -107,6 +107,7 @@ class Service:
         self.authenticator = Authenticator(
             s, self.directory, self.store, self.hasher, self.audit, self.reactor
         )
+        await self._start_web()
         code_check, account_check = self._check_intervals
         self.guard = SessionGuard(
             codes=self.store.get_many,
@@ -151,6 +152,35 @@ class Service:
             again.start(PROBE_REFRESH_SECONDS if answered else PROBE_RETRY_SECONDS, now=False)
             self._probes[protocol] = again
         self.guard.start()
+
+    async def _start_web(self) -> None:
+        """The portal and the API on the `web:` listeners (proxy/web/server.py)."""
+        s = self.settings
+        if not s.web.listeners:
+            return
+        from proxy.web.app import web_app
+        from proxy.web.server import site_for
+
+        self.web = web_app(
+            s,
+            self.directory,
+            self.sync_store,
+            self.authenticator.limiter,
+            self.audit,
+            self.reactor,
+        )
+        for listener in s.web.listeners:
+            endpoint_type = TCP6ServerEndpoint if ":" in listener.host else TCP4ServerEndpoint
+            self.ports[listener.name] = await endpoint_type(
+                self.reactor, listener.port, backlog=LISTEN_BACKLOG, interface=listener.host
+            ).listen(site_for(self.web, listener))
+            self.audit.event(
+                "listening",
+                listener=listener.name,
+                protocol="https" if listener.tls is TlsMode.IMPLICIT else "http",
+                address=f"{listener.host}:{self.port_of(listener.name)}",
+                serve=list(listener.serve),
+            )
 
     async def _probe(self, protocol: MailProtocol) -> bool:
         """Ask the upstream what it offers before login (SMTP: its EHLO extensions)."""
@@ -217,6 +247,8 @@ class Service:
             part = getattr(self, name, None)
             if part is not None:
                 part.stop()
+        if getattr(self, "web", None) is not None:
+            self.web.queue.stop()
         if getattr(self, "directory", None) is not None:
             self.directory.close()
 

@@ -60,6 +60,44 @@ MIGRATIONS = [
     )""",
         "CREATE INDEX reservations_code ON reservations (code_id)",
     ],
+    [
+        # The portal and the admin API (proxy/web/records.py).
+        """
+    CREATE TABLE api_tokens (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        label TEXT NOT NULL,
+        selector TEXT NOT NULL UNIQUE,     -- the token's public part, to find it
+        hash TEXT NOT NULL,                -- SHA-256 of the secret part (high entropy)
+        read_only INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER,
+        last_used_at INTEGER,
+        last_used_ip TEXT,
+        revoked_at INTEGER,
+        created_by TEXT NOT NULL
+    )""",
+        """
+    CREATE TABLE web_sessions (
+        id TEXT PRIMARY KEY,               -- SHA-256 of the cookie's value
+        account_key TEXT NOT NULL,
+        login TEXT NOT NULL,
+        admin INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        seen_at INTEGER NOT NULL,
+        signed_in_at INTEGER NOT NULL,     -- the last password (or SSO) sign-in
+        second_factor_at INTEGER,          -- the last TOTP or recovery code, if any
+        client_ip TEXT NOT NULL,
+        csrf TEXT NOT NULL
+    )""",
+        """
+    CREATE TABLE totp (
+        account_key TEXT PRIMARY KEY,
+        secret TEXT NOT NULL,              -- base32; enrolment is done once enrolled_at is set
+        enrolled_at INTEGER,
+        last_step INTEGER NOT NULL DEFAULT 0,  -- the last time step used: no replay
+        recovery TEXT NOT NULL DEFAULT ''  -- space-separated SHA-256 of unused recovery codes
+    )""",
+    ],
 ]
 
 # What a claim re-checks of a code (named parameters: now, scope, ip, floor).
@@ -156,13 +194,14 @@ class SqliteCodeStore:
                 self._all.append(conn)
         return conn
 
-    def _run(self, sql: str, params=()) -> sqlite3.Cursor:
+    def run(self, sql: str, params=()) -> sqlite3.Cursor:
+        """One statement; StoreUnavailable if SQLite fails (the web records use it too)."""
         try:
             return self._conn().execute(sql, params)
         except sqlite3.Error as exc:  # locked, read-only, disk full, not a database, corrupt
             raise StoreUnavailable(f"{self.path}: {exc}") from None
 
-    def _transaction(self, statements: list[tuple[str, dict | tuple]]) -> list[sqlite3.Cursor]:
+    def transaction(self, statements: list[tuple[str, dict | tuple]]) -> list[sqlite3.Cursor]:
         """Run statements as one write transaction; StoreUnavailable if it cannot commit."""
         conn = self._conn()
         try:
@@ -178,7 +217,7 @@ class SqliteCodeStore:
     # -- schema ----------------------------------------------------------------------------------
 
     def version(self) -> int:
-        return self._run("PRAGMA user_version").fetchone()[0]
+        return self.run("PRAGMA user_version").fetchone()[0]
 
     def migrate(self) -> tuple[int, int]:
         """Bring the schema up to date; returns (from, to). Safe to run on every start."""
@@ -250,7 +289,7 @@ class SqliteCodeStore:
         return record
 
     def get(self, code_id: int) -> CodeRecord | None:
-        row = self._run("SELECT * FROM codes WHERE id = ?", (code_id,)).fetchone()
+        row = self.run("SELECT * FROM codes WHERE id = ?", (code_id,)).fetchone()
         return _record(row) if row else None
 
     def get_many(self, code_ids: list[int]) -> dict[int, CodeRecord]:
@@ -259,18 +298,18 @@ class SqliteCodeStore:
         for start in range(0, len(code_ids), _BATCH):
             chunk = code_ids[start : start + _BATCH]
             marks = ",".join("?" * len(chunk))
-            for row in self._run(f"SELECT * FROM codes WHERE id IN ({marks})", chunk):
+            for row in self.run(f"SELECT * FROM codes WHERE id IN ({marks})", chunk):
                 found[row["id"]] = _record(row)
         return found
 
     def find(self, account_key: str, selector: str) -> CodeRecord | None:
-        row = self._run(
+        row = self.run(
             "SELECT * FROM codes WHERE account_key = ? AND selector = ?", (account_key, selector)
         ).fetchone()
         return _record(row) if row else None
 
     def selectors(self, account_key: str) -> set[str]:
-        rows = self._run("SELECT selector FROM codes WHERE account_key = ?", (account_key,))
+        rows = self.run("SELECT selector FROM codes WHERE account_key = ?", (account_key,))
         return {r[0] for r in rows}
 
     def list(
@@ -290,24 +329,24 @@ class SqliteCodeStore:
                 " AND (max_uses IS NULL OR use_count < max_uses)"
             )
             params.append(_ts(now or utcnow()))
-        return [_record(r) for r in self._run(sql + " ORDER BY account_login, id", params)]
+        return [_record(r) for r in self.run(sql + " ORDER BY account_login, id", params)]
 
     def set_disabled(self, code_id: int, disabled: bool) -> bool:
-        cur = self._run(
+        cur = self.run(
             "UPDATE codes SET disabled = ? WHERE id = ? AND revoked_at IS NULL",
             (int(disabled), code_id),
         )
         return cur.rowcount == 1
 
     def revoke(self, code_id: int, now: datetime | None = None) -> bool:
-        cur = self._run(
+        cur = self.run(
             "UPDATE codes SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
             (_ts(now or utcnow()), code_id),
         )
         return cur.rowcount == 1
 
     def revoke_all(self, account_key: str, now: datetime | None = None) -> int:
-        cur = self._run(
+        cur = self.run(
             "UPDATE codes SET revoked_at = ? WHERE account_key = ? AND revoked_at IS NULL",
             (_ts(now or utcnow()), account_key),
         )
@@ -317,7 +356,7 @@ class SqliteCodeStore:
         """Delete codes revoked, expired or used up before `older_than` (their tombstones), and
         holds that lapsed or belong to no code."""
         t = _ts(older_than)
-        cur, _ = self._transaction(
+        cur, _ = self.transaction(
             [
                 (
                     "DELETE FROM codes WHERE (revoked_at IS NOT NULL AND revoked_at < ?)"
@@ -336,7 +375,7 @@ class SqliteCodeStore:
         return cur.rowcount
 
     def record_failure(self, code_id: int, ip: str, now: datetime | None = None) -> None:
-        self._run(
+        self.run(
             "UPDATE codes SET failed_count = failed_count + 1, last_failed_at = ?,"
             " last_failed_ip = ? WHERE id = ?",
             (_ts(now or utcnow()), ip, code_id),
@@ -357,11 +396,11 @@ class SqliteCodeStore:
         now_ts = _ts(now or utcnow())
         floor = _ts(not_before) or 0
         args = {"id": code_id, "now": now_ts, "scope": f",{protocol},", "ip": ip, "floor": floor}
-        row = self._run(f"SELECT max_uses FROM codes WHERE id = :id AND {_USABLE}", args).fetchone()
+        row = self.run(f"SELECT max_uses FROM codes WHERE id = :id AND {_USABLE}", args).fetchone()
         if row is not None and row["max_uses"] is None:
             return Reservation(code_id)
         if row is not None:
-            _, held = self._transaction(
+            _, held = self.transaction(
                 [
                     ("DELETE FROM reservations WHERE code_id = :id AND until <= :now", args),
                     (
@@ -378,11 +417,11 @@ class SqliteCodeStore:
         return self._refusal(code_id, protocol, now_ts, floor)
 
     def _refusal(self, code_id: int, protocol: str, now_ts: int, floor: int) -> Claim:
-        row = self._run("SELECT * FROM codes WHERE id = ?", (code_id,)).fetchone()
+        row = self.run("SELECT * FROM codes WHERE id = ?", (code_id,)).fetchone()
         if row is None:
             return Claim.GONE
         rec = _record(row)
-        held = self._run(
+        held = self.run(
             "SELECT count(*) FROM reservations WHERE code_id = ? AND until > ?", (code_id, now_ts)
         ).fetchone()[0]
         if rec.revoked_at is not None:
@@ -417,8 +456,8 @@ class SqliteCodeStore:
             " WHERE id = :id AND revoked_at IS NULL AND disabled = 0"
         )
         if reservation.token is None:
-            return self._run(count, args).rowcount == 1
-        counted, _ = self._transaction(
+            return self.run(count, args).rowcount == 1
+        counted, _ = self.transaction(
             [(count, args), ("DELETE FROM reservations WHERE id = :token", args)]
         )
         return counted.rowcount == 1
@@ -426,7 +465,7 @@ class SqliteCodeStore:
     def release(self, reservation: Reservation) -> None:
         """The login did not happen (upstream down or refusing): give the place back."""
         if reservation.token is not None:
-            self._run("DELETE FROM reservations WHERE id = ?", (reservation.token,))
+            self.run("DELETE FROM reservations WHERE id = ?", (reservation.token,))
 
     def close(self) -> None:
         with self._lock:

@@ -48,5 +48,8 @@ class Directory(Protocol):
     def by_key(self, key: str) -> Account | None:
         """The account with this stable id, or None. Raises DirectoryUnavailable."""
 
+    def search(self, text: str, limit: int = 20) -> list[Account]:
+        """Accounts whose names contain `text` (admins' search). Raises DirectoryUnavailable."""
+
     def close(self) -> None:
         """Release connections."""

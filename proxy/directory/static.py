@@ -230,6 +230,18 @@ class StaticDirectory:
         with self._lock:
             self._load(force=True)
 
+    def search(self, text: str, limit: int = 20) -> list[Account]:
+        """Accounts whose names or display name contain `text`, at most `limit`, by login."""
+        needle = text.lower()
+        with self._lock:
+            self._load()
+            accounts = {a.key: a for a in self._names.values()}.values()
+        found = [
+            a for a in accounts if any(needle in n.lower() for n in (*a.names, a.display_name))
+        ]
+        ordered = sorted(found, key=lambda a: a.login.lower())[:limit]
+        return [account for a in ordered if (account := _with_expiry(a)) is not None]
+
     def lookup(self, login: str) -> Account | None:
         if not is_valid_login(login):
             return None

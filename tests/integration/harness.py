@@ -97,6 +97,7 @@ async def start_proxy(
     policy: dict | None = None,
     directory: dict | None = None,
     limits: dict | None = None,
+    web: dict | None = None,
 ) -> ProxyHarness:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "users.yaml").write_text(yaml.safe_dump(USERS))
@@ -117,6 +118,7 @@ async def start_proxy(
         "listeners": listeners,
         "upstream": upstream,
         **({"limits": limits} if limits else {}),
+        **({"web": web} if web else {}),
     }
     (folder / "apppass.yaml").write_text(yaml.safe_dump(config))
     settings = load(folder / "apppass.yaml")

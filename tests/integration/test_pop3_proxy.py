@@ -195,7 +195,7 @@ async def test_each_failure_gets_its_reply(proxy, setup, expected):
     elif setup == "disable":
         proxy.store.set_disabled(rec_id, True)
     elif setup == "expire":
-        proxy.store._run("UPDATE codes SET expires_at = 1 WHERE id = ?", (rec_id,))
+        proxy.store.run("UPDATE codes SET expires_at = 1 WHERE id = ?", (rec_id,))
     elif setup == "use_up":
         assert (await in_thread(pass_reply, port, login, code)).startswith(b"+OK")
     elif setup == "plaintext":

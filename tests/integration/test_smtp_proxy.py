@@ -371,7 +371,7 @@ async def test_each_failure_gets_535(xclient_proxy, setup, expected):
     elif setup == "disable":
         xclient_proxy.store.set_disabled(rec_id, True)
     elif setup == "expire":
-        xclient_proxy.store._run("UPDATE codes SET expires_at = 1 WHERE id = ?", (rec_id,))
+        xclient_proxy.store.run("UPDATE codes SET expires_at = 1 WHERE id = ?", (rec_id,))
     elif setup == "use_up":
         ok = await in_thread(
             session, xclient_proxy.port("plain"), [b"EHLO x\r\n", auth_plain_line(login, code)]

@@ -110,7 +110,7 @@ def test_an_expired_code_ends_its_sessions(env):
     session = env.session(expires_at=utcnow() + timedelta(seconds=30))
     env.clock.advance(CODE_EVERY)
     assert not session.ended
-    env.store._run("UPDATE codes SET expires_at = ?", (int(utcnow().timestamp()) - 1,))
+    env.store.run("UPDATE codes SET expires_at = ?", (int(utcnow().timestamp()) - 1,))
     env.clock.advance(CODE_EVERY)
     assert session.ended == [f"app password {session.grant.code_id} expired"]
 

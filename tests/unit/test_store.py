@@ -196,8 +196,8 @@ def test_record_failure_counts_wrong_secrets(store):
 
 def test_migrate_is_idempotent_and_versioned(tmp_path):
     s = SqliteCodeStore(tmp_path / "m.db")
-    assert s.migrate() == (2, 2)
-    assert s.version() == 2
+    assert s.migrate() == (3, 3)
+    assert s.version() == 3
     s.close()
 
 
@@ -218,13 +218,13 @@ def test_a_store_of_the_first_schema_is_migrated_keeping_its_codes(tmp_path):
     old.close()
     s = SqliteCodeStore(path)
     (rec,) = s.list()
-    assert s.version() == 2 and use(s, rec) == "ok" and use(s, rec) == Claim.USED_UP
+    assert s.version() == 3 and use(s, rec) == "ok" and use(s, rec) == Claim.USED_UP
     s.close()
 
 
 def test_store_refuses_a_schema_newer_than_itself(tmp_path):
     s = SqliteCodeStore(tmp_path / "m.db")
-    s._run("PRAGMA user_version=99")
+    s.run("PRAGMA user_version=99")
     with pytest.raises(StoreUnavailable, match="newer than this apppass"):
         s.migrate()
     s.close()

@@ -28,6 +28,7 @@ from proxy.directory.ldap.filters import (
     LoginRefused,
     both,
     check_filter,
+    contains,
     equality,
     guid_filter,
     parse_login,
@@ -156,6 +157,34 @@ class LdapDirectory:
         account = self._pool.run(find)
         self._remember(cache_key, account)
         return account
+
+    def search(self, text: str, limit: int = 20) -> list[Account]:
+        """Accounts whose login names or display name contain `text` (admins' search), at most
+        `limit`, by login. Not cached; raises DirectoryUnavailable."""
+        attributes = [*self.settings.login_attributes]
+        if self.settings.display_name_attribute:
+            attributes.append(self.settings.display_name_attribute)
+        filt = both(self.settings.user_filter, contains(attributes, text))
+
+        def find(conn: ldap3.Connection, index: int) -> list[Account]:
+            entries = search(
+                conn,
+                self.settings,
+                self.settings.base_dn,
+                ldap3.SUBTREE,
+                filt,
+                self._reader.attributes,
+                size_limit=limit,
+            )
+            found = []
+            for entry in entries[:limit]:
+                login = entry.text(self._reader.login_attribute_of(entry))
+                account = self._account(conn, index, entry, login) if login else None
+                if account is not None:
+                    found.append(account)
+            return found
+
+        return sorted(self._pool.run(find), key=lambda a: a.login.lower())
 
     def close(self) -> None:
         self._pool.close()

@@ -69,6 +69,12 @@ def equality(attribute: str, value: str) -> str:
     return f"({attribute}={escape_value(value)})"
 
 
+def contains(attributes: Sequence[str], text: str) -> str:
+    """Entries where any of `attributes` contains `text` (an admin's search), escaped."""
+    terms = "".join(f"({a}=*{escape_value(text)}*)" for a in attributes)
+    return terms if len(attributes) == 1 else f"(|{terms})"
+
+
 def any_of(terms: Iterable[tuple[str, str]]) -> str:
     """(|(a=v)…) over (attribute, value) terms, values escaped."""
     return "(|" + "".join(equality(a, v) for a, v in terms) + ")"

@@ -1,0 +1,117 @@
+"""What the portal and the admin API share: their view of the running proxy (WebApp), the
+client's address behind trusted proxies, and a 404."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from twisted.internet import defer
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from proxy.audit import Audit
+from proxy.auth.ratelimit import FailureLimiter, client_bucket
+from proxy.codes.hashing import CodeHasher
+from proxy.config import Settings
+from proxy.fairqueue import FairQueue
+from proxy.manage import Manager
+from proxy.web.records import WebRecords
+
+T = TypeVar("T")
+
+# Blocking calls for the web side at once, and waiting: sign-ins bind to LDAP and verify argon2
+# hashes, pages read the store. A person clicks a few times a minute; 4 threads and 256 waiting
+# (an address at most an eighth) keep a scripted flood from the mail logins' way.
+WEB_THREADS = 4
+WEB_QUEUE = 256
+
+
+@dataclass
+class WebApp:
+    """What the portal and the API need from the running proxy, and nothing more."""
+
+    settings: Settings
+    manager: Manager  # the one service layer (synchronous: run it through `blocking`)
+    records: WebRecords  # API tokens, portal sessions, TOTP
+    directory: Any  # verify_password, lookup
+    hasher: CodeHasher
+    limiter: FailureLimiter  # the mail logins' limiter: sign-in failures count in it too
+    audit: Audit
+    reactor: Any
+    queue: FairQueue
+
+    def blocking(self, request: Request, fn: Callable[..., T], *args: Any) -> defer.Deferred[T]:
+        """Run `fn(*args)` off the reactor, fairly among client addresses."""
+        return self.queue.submit(client_bucket(client_ip(self, request)), fn, *args)
+
+
+def client_ip(app: WebApp, request: Request) -> str:
+    """The client's address: the peer's, or the right-most X-Forwarded-For address that is not
+    a trusted proxy when the peer is one (web.trusted_proxies)."""
+    peer = getattr(request.getClientAddress(), "host", "") or ""
+    trusted = app.settings.web.trusted_proxies
+    if not trusted or not _within(peer, trusted):
+        return peer
+    forwarded = (request.getHeader("x-forwarded-for") or "").split(",")
+    for hop in reversed([h.strip() for h in forwarded if h.strip()]):
+        if not _within(hop, trusted):
+            return hop
+    return peer
+
+
+def is_secure(app: WebApp, request: Request) -> bool:
+    """HTTPS to the client: this listener's TLS, or a trusted proxy's X-Forwarded-Proto."""
+    if request.isSecure():
+        return True
+    peer = getattr(request.getClientAddress(), "host", "") or ""
+    trusted = app.settings.web.trusted_proxies
+    return (
+        bool(trusted)
+        and _within(peer, trusted)
+        and ((request.getHeader("x-forwarded-proto") or "").lower() == "https")
+    )
+
+
+def _within(address: str, networks: tuple) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+class NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"Not found.\n"
+
+
+def web_app(
+    settings: Settings,
+    directory: Any,
+    store: Any,
+    limiter: FailureLimiter,
+    audit: Audit,
+    reactor: Any,
+) -> WebApp:
+    """The portal's and the API's view of the running proxy (`store`: the synchronous one)."""
+    hasher = CodeHasher(settings.codes.argon2)
+    queue = FairQueue("apppass-web", WEB_THREADS, WEB_QUEUE)
+    queue.start(reactor)
+    return WebApp(
+        settings=settings,
+        manager=Manager(settings, directory, store, hasher, audit),
+        records=WebRecords(store),
+        directory=directory,
+        hasher=hasher,
+        limiter=limiter,
+        audit=audit,
+        reactor=reactor,
+        queue=queue,
+    )
