@@ -6,9 +6,13 @@ import argparse
 import ipaddress
 import json
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from proxy.cliformat import fmt_time as _fmt_time
+from proxy.cliformat import record_json as _record_json
+from proxy.cliformat import table as _table
 from proxy.config import SCOPES, ConfigError, Settings, config_path, load
 from proxy.configschema import Invalid, parse_duration, parse_expiry
 
@@ -26,10 +30,6 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # argparse exits with 2 too; keep one message style
         raise UsageError(message)
-
-
-def _fmt_time(moment: datetime | None) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M") if moment else "-"
 
 
 def _scopes(value: str) -> tuple[str, ...]:
@@ -74,69 +74,6 @@ def _duration(value: str):
         ) from None
 
 
-def _record_json(rec) -> dict:
-    return {
-        "id": rec.id,
-        "login": rec.account_login,
-        "account_key": rec.account_key,
-        "label": rec.label,
-        "scopes": list(rec.scopes),
-        "networks": list(rec.networks),
-        "created_at": rec.created_at.isoformat() if rec.created_at else None,
-        "expires_at": rec.expires_at.isoformat() if rec.expires_at else None,
-        "max_uses": rec.max_uses,
-        "use_count": rec.use_count,
-        "last_used_at": rec.last_used_at.isoformat() if rec.last_used_at else None,
-        "last_used_ip": rec.last_used_ip,
-        "last_used_protocol": rec.last_used_protocol,
-        "failed_count": rec.failed_count,
-        "disabled": rec.disabled,
-        "revoked_at": rec.revoked_at.isoformat() if rec.revoked_at else None,
-        "created_by": rec.created_by,
-        "state": rec.state().value,
-    }
-
-
-def _table(records, orphaned: set[str] | frozenset[str] = frozenset()) -> str:
-    head = (
-        "ID",
-        "LOGIN",
-        "LABEL",
-        "SCOPES",
-        "CREATED",
-        "EXPIRES",
-        "USES",
-        "LAST USED",
-        "FAILED",
-        "STATE",
-    )
-    rows = [head]
-    for r in records:
-        last = "-"
-        if r.last_used_at:
-            last = (
-                f"{_fmt_time(r.last_used_at)} {r.last_used_ip or ''} {r.last_used_protocol or ''}"
-            ).strip()
-        rows.append(
-            (
-                str(r.id),
-                r.account_login,
-                r.label,
-                ",".join(r.scopes),
-                _fmt_time(r.created_at),
-                _fmt_time(r.expires_at) if r.expires_at else "never",
-                f"{r.use_count}/{r.max_uses if r.max_uses is not None else '-'}",
-                last,
-                str(r.failed_count),
-                r.state().value + (", orphaned: account gone" if r.account_key in orphaned else ""),
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    )
-
-
 class _Context:
     """Lazily opened config, directory, store and hasher for one command."""
 
@@ -173,17 +110,49 @@ class _Context:
 
         return CodeHasher(self.settings.codes.argon2)
 
+    def manager(self):
+        """The one service layer (proxy/manage.py) the portal and the API use too; changes are
+        audited when audit.file is a file."""
+        from proxy.audit import Audit
+        from proxy.manage import Manager
+
+        audit_file = self.settings.audit.file
+        audit = Audit(path=audit_file) if audit_file != "-" else None
+        directory = _OpenedWhenUsed(lambda: self.directory)  # revoking by id needs none
+        return Manager(self.settings, directory, self.store, self.hasher(), audit)
+
+    def actor(self, name: str | None = None):
+        """The CLI as a Manager actor: named after the user running it (or --created-by)."""
+        import getpass
+
+        from proxy.manage import Actor
+
+        if name is None:
+            try:
+                name = getpass.getuser()
+            except (KeyError, OSError):
+                name = "unknown"
+        return Actor("cli", name)
+
     def code(self, code_id: int):
-        rec = self.store.get(code_id)
-        if rec is None:
-            raise _Refused(f"no code with id {code_id}")
-        return rec
+        return self.manager().code(self.actor(), code_id)
 
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
         if self._directory is not None:
             self._directory.close()
+
+
+class _OpenedWhenUsed:
+    """Stands for an object that is opened only when first used (a broken users file must not
+    stop `codes revoke ID`)."""
+
+    def __init__(self, open_: Callable[[], Any]) -> None:
+        self._open = open_
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._open(), name)
 
 
 class _Refused(Exception):
@@ -245,35 +214,17 @@ def cmd_migrate(ctx: _Context) -> int:
 
 
 def cmd_codes_create(ctx: _Context) -> int:
-    from proxy.codes.issue import Refused, issue_code
-    from proxy.codes.store import CapReached
+    from proxy.manage import CodeRequest
 
     a = ctx.args
     scopes = _scopes(a.scope) if a.scope else None
     nets = tuple(_network(n) for n in a.net or ())
     if a.max_uses is not None and a.max_uses < 1:
         raise UsageError("--max-uses must be a whole number >= 1")
-    if a.expires is not None:
-        expires = _expiry(a.expires)
-    else:
-        default = ctx.settings.codes.default_expires
-        expires = datetime.now(UTC).replace(microsecond=0) + default if default else None
-    try:
-        issued = issue_code(
-            ctx.settings,
-            ctx.directory,
-            ctx.store,
-            ctx.hasher(),
-            login=a.login,
-            label=a.label,
-            scopes=scopes,
-            expires_at=expires,
-            max_uses=a.max_uses,
-            networks=nets,
-            created_by=a.created_by,
-        )
-    except (Refused, CapReached) as exc:
-        raise _Refused(str(exc)) from None
+    expires = _expiry(a.expires) if a.expires is not None else None
+    manager = ctx.manager()
+    request = CodeRequest(a.label, scopes, expires, a.max_uses, nets)
+    issued = manager.create(ctx.actor(a.created_by), manager.account(a.login), request)
     rec = issued.record
     if a.json:
         _print(json.dumps({**_record_json(rec), "code": issued.code.grouped()}, indent=2))
@@ -353,13 +304,8 @@ def cmd_codes_show(ctx: _Context) -> int:
 
 
 def cmd_codes_toggle(ctx: _Context) -> int:
-    rec = ctx.code(ctx.args.id)
     disable = ctx.args.action == "disable"
-    if rec.revoked_at is not None:
-        raise _Refused(
-            f"code {rec.id} is revoked; it cannot be {'disabled' if disable else 'enabled'}"
-        )
-    ctx.store.set_disabled(rec.id, disable)
+    rec = ctx.manager().set_disabled(ctx.actor(), ctx.args.id, disable)
     _print(
         f"code {rec.id} ({rec.account_login}, {rec.label}) {'disabled' if disable else 'enabled'}"
     )
@@ -367,9 +313,7 @@ def cmd_codes_toggle(ctx: _Context) -> int:
 
 
 def cmd_codes_revoke(ctx: _Context) -> int:
-    rec = ctx.code(ctx.args.id)
-    if not ctx.store.revoke(rec.id):
-        raise _Refused(f"code {rec.id} was already revoked")
+    rec = ctx.manager().revoke(ctx.actor(), ctx.args.id)
     _print(f"code {rec.id} ({rec.account_login}, {rec.label}) revoked")
     return EXIT_OK
 
@@ -379,7 +323,7 @@ def cmd_codes_revoke_all(ctx: _Context) -> int:
     chosen = _account_key(ctx, a.login, a.key)
     if chosen is None:
         raise UsageError("give a LOGIN, or --key KEY for an account the directory no longer has")
-    n = ctx.store.revoke_all(chosen[0])
+    n = ctx.manager().revoke_all(ctx.actor(), chosen[0])
     _print(f"revoked {n} code{'s' if n != 1 else ''} of {chosen[1]}")
     return EXIT_OK
 
@@ -395,17 +339,15 @@ def cmd_codes_purge(ctx: _Context) -> int:
 
 
 def cmd_directory_check(ctx: _Context) -> int:
-    from proxy.auth.policy import account_refusal
-    from proxy.sasl import identity_problem
-
+    """The account and the same verdicts the portal and the API give (proxy/manage.py)."""
     account = _checked_directory(ctx).lookup(ctx.args.login)
     if account is None:
         raise _Refused(f"unknown login {ctx.args.login!r}")
     p = ctx.settings.policy
-    # The Authenticator refuses an unusable upstream identity too (proxy/sasl.py).
+    check = ctx.manager().check(account)
     identity = account.upstream_identity
-    problem = identity_problem(identity)
-    refusal = account_refusal(account, p) or problem
+    problem = next(v for v in check.verdicts if v.check == "identity").ok is False
+    refusal = check.refusal
     changed = _fmt_time(account.password_changed_at)
     if account.extra.get("password_must_change"):  # AD pwdLastSet 0 (ldap/state.py)
         changed += " (must change at next logon: counts as now)"
@@ -497,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--net", action="append", metavar="CIDR", help="only from this network (repeatable)"
     )
-    c.add_argument("--created-by", default="cli", help=argparse.SUPPRESS)
+    c.add_argument("--created-by", default=None, help=argparse.SUPPRESS)
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_codes_create)
     ls = codes.add_parser("list", help="list codes")
@@ -540,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from proxy.codes.store import StoreUnavailable
     from proxy.directory.account import DirectoryUnavailable
+    from proxy.manage import ManageError
 
     try:
         args = build_parser().parse_args(argv)
@@ -558,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     except _Refused as exc:
         sys.stderr.write(f"apppass: {exc}\n")
         return EXIT_REFUSED
+    except ManageError as exc:
+        sys.stderr.write(f"apppass: {exc.message}\n")
+        return EXIT_USAGE if exc.code == "invalid" else EXIT_REFUSED
     except (StoreUnavailable, DirectoryUnavailable) as exc:
         sys.stderr.write(f"apppass: temporary failure: {exc}\n")
         return EXIT_REFUSED

@@ -58,7 +58,9 @@ class Actor:
 
     @property
     def created_by(self) -> str:
-        return self.kind if self.kind == "cli" else f"{self.kind}:{self.name}"
+        """What a code records as its maker: "cli:root", "portal:alice", "admin:bob",
+        "api:offboarding script"."""
+        return f"{self.kind}:{self.name}"
 
 
 @dataclass(frozen=True)

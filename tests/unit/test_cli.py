@@ -148,7 +148,7 @@ def test_revoked_codes_are_listed_only_with_all(config, capsys):
     assert run(config, capsys, "codes", "list")[1].startswith("no codes")
     assert "revoked" in run(config, capsys, "codes", "list", "--all")[1]
     code, _, err = run(config, capsys, "codes", "revoke", "1")
-    assert (code, err.strip()) == (1, "apppass: code 1 was already revoked")
+    assert (code, err.strip()) == (1, "apppass: app password 1 was already revoked")
 
 
 def test_show_enable_and_unknown_ids(config, capsys):
@@ -158,7 +158,7 @@ def test_show_enable_and_unknown_ids(config, capsys):
     code, out, _ = run(config, capsys, "codes", "show", "1", "--json")
     assert json.loads(out)["disabled"] is False
     code, out, err = run(config, capsys, "codes", "show", "42")
-    assert (code, err.strip()) == (1, "apppass: no code with id 42")
+    assert (code, err.strip()) == (1, "apppass: no app password with id 42")
 
 
 def test_revoke_all_and_purge(config, capsys):
