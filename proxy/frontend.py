@@ -83,6 +83,9 @@ class ProtocolSpec(TypingProtocol):
 
     def watch(self, result: LoginResult) -> SessionWatch | None: ...
 
+    def goodbye(self, reason: str) -> bytes:
+        """What a logged-in client is told when the proxy ends its session (b"" for nothing)."""
+
 
 class Authenticates(TypingProtocol):
     """The Authenticator as a session uses it (proxy/auth/authenticator.py)."""
@@ -395,9 +398,10 @@ class Frontend(Spliceable, Protocol):
             self.upstream.close()
 
     def end(self, reason: str) -> None:
-        """End this session now (its code was revoked or disabled, or the proxy is stopping)."""
+        """End this session now (its code was revoked or disabled, or the proxy is stopping),
+        with the protocol's goodbye where it has one."""
         if self._relay is not None:
-            self._relay.abort(reason)
+            self._relay.close_with(reason, self.spec.goodbye(reason))
         elif not self._closed:
             self._closed = True
             self._client.abortConnection()

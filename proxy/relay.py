@@ -425,6 +425,17 @@ class Relay:
                 side._release_watch()
                 side.transport.abortConnection()
 
+    def close_with(self, reason: str, farewell: bytes) -> None:
+        """End the session politely: stop relaying, write `farewell` to the client (IMAP's
+        `* BYE`, SMTP's `421`), then close both sides after what was written."""
+        self._note_end("proxy", reason, clean=True)
+        for side in (self.client, self.upstream):
+            side.pause_reading("closing")
+        if farewell and self.client.alive and not self.client.write_closed:
+            self.client.transport.write(farewell)
+        for side in (self.client, self.upstream):
+            side._close()
+
     # -- internals -------------------------------------------------------------------------
 
     def _note_end(self, who: str, reason: str, clean: bool) -> None:

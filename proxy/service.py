@@ -112,6 +112,8 @@ class Service:
         self.guard = SessionGuard(
             codes=self.store.get_many,
             account=self.authenticator.account,
+            changes=self.store.changes_since,
+            changed=self.authenticator.cache.forget_code,
             policy=s.policy,
             audit=self.audit,
             reactor=self.reactor,

@@ -50,5 +50,10 @@ class VerifiedCache:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
+    def forget_code(self, code_id: int) -> None:
+        """Drop every entry for this code (it was revoked, disabled or deleted somewhere)."""
+        for key in [k for k, (cid, _, _) in self._entries.items() if cid == code_id]:
+            del self._entries[key]
+
     def forget(self, account_key: str, code: str) -> None:
         self._entries.pop(self.digest(account_key, code), None)

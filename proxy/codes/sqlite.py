@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import overload
 
@@ -98,6 +98,27 @@ MIGRATIONS = [
         recovery TEXT NOT NULL DEFAULT ''  -- space-separated SHA-256 of unused recovery codes
     )""",
     ],
+    [
+        # Codes revoked, disabled, enabled or deleted, by any process: the proxies read this to
+        # end live sessions within a second or two (proxy/sessions.py).
+        """
+    CREATE TABLE code_changes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        code_id INTEGER NOT NULL,
+        at INTEGER NOT NULL
+    )""",
+        """
+    CREATE TRIGGER codes_changed AFTER UPDATE OF revoked_at, disabled ON codes
+    WHEN NEW.revoked_at IS NOT OLD.revoked_at OR NEW.disabled != OLD.disabled
+    BEGIN
+        INSERT INTO code_changes (code_id, at) VALUES (NEW.id, CAST(strftime('%s') AS INTEGER));
+    END""",
+        """
+    CREATE TRIGGER codes_deleted AFTER DELETE ON codes
+    BEGIN
+        INSERT INTO code_changes (code_id, at) VALUES (OLD.id, CAST(strftime('%s') AS INTEGER));
+    END""",
+    ],
 ]
 
 # What a claim re-checks of a code (named parameters: now, scope, ip, floor).
@@ -110,6 +131,12 @@ _UNDER_LIMIT = (
     "use_count + (SELECT count(*) FROM reservations r WHERE r.code_id = codes.id"
     " AND r.until > :now) < max_uses"
 )
+
+# Changes read at once by a proxy following code_changes (the rest come on the next read).
+_CHANGES_AT_ONCE = 10_000
+
+# How long code_changes keeps a change: proxies read them within seconds; purge drops older ones.
+CHANGES_KEPT = timedelta(days=1)
 
 # Ids per query when reading many codes at once: SQLite allows 32,766 parameters since 3.32.
 _BATCH = 500
@@ -302,6 +329,20 @@ class SqliteCodeStore:
                 found[row["id"]] = _record(row)
         return found
 
+    def changes_since(self, last: int | None) -> tuple[int, list[int]]:
+        """(the newest change's id, the codes changed after `last`): revoked, disabled, enabled
+        or deleted by any process. With `last` None, only where the changes stand now."""
+        if last is None:
+            row = self.run("SELECT coalesce(max(id), 0) FROM code_changes").fetchone()
+            return row[0], []
+        rows = self.run(
+            "SELECT id, code_id FROM code_changes WHERE id > ? ORDER BY id LIMIT ?",
+            (last, _CHANGES_AT_ONCE),
+        ).fetchall()
+        if not rows:
+            return last, []
+        return rows[-1]["id"], list(dict.fromkeys(r["code_id"] for r in rows))
+
     def find(self, account_key: str, selector: str) -> CodeRecord | None:
         row = self.run(
             "SELECT * FROM codes WHERE account_key = ? AND selector = ?", (account_key, selector)
@@ -356,7 +397,7 @@ class SqliteCodeStore:
         """Delete codes revoked, expired or used up before `older_than` (their tombstones), and
         holds that lapsed or belong to no code."""
         t = _ts(older_than)
-        cur, _ = self.transaction(
+        cur, *_ = self.transaction(
             [
                 (
                     "DELETE FROM codes WHERE (revoked_at IS NOT NULL AND revoked_at < ?)"
@@ -370,6 +411,7 @@ class SqliteCodeStore:
                     " OR code_id NOT IN (SELECT id FROM codes)",
                     (_ts(utcnow()),),
                 ),
+                ("DELETE FROM code_changes WHERE at < ?", (_ts(utcnow() - CHANGES_KEPT),)),
             ]
         )
         return cur.rowcount

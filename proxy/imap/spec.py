@@ -7,6 +7,7 @@ import copy
 from dataclasses import dataclass
 
 from proxy.config import Listener, Upstream
+from proxy.core import printable
 from proxy.imap import upstream
 from proxy.imap.server import ImapCore, ImapLimits, extra_capabilities
 from proxy.protocols import MailProtocol
@@ -63,6 +64,10 @@ class ImapSpec:
 
     async def login(self, conn: UpstreamConnection, request: LoginRequest) -> LoginResult:
         return await upstream.login(conn, self.upstream, request)
+
+    def goodbye(self, reason: str) -> bytes:
+        """An untagged BYE (RFC 9051 §7.1.5: the server is closing the connection)."""
+        return f"* BYE {printable(reason)}\r\n".encode("ascii")
 
     def watch(self, result: LoginResult) -> None:
         """IMAP sessions are relayed unwatched."""

@@ -38,6 +38,10 @@ class Pop3Spec:
     async def login(self, conn: UpstreamConnection, request: LoginRequest) -> LoginResult:
         return await upstream.login(conn, self.upstream, request)
 
+    def goodbye(self, reason: str) -> bytes:
+        """Nothing: POP3 has no unsolicited replies (RFC 1939); the connection just closes."""
+        return b""
+
     def watch(self, result: LoginResult) -> None:
         """POP3 sessions are relayed unwatched."""
         return

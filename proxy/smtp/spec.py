@@ -4,6 +4,7 @@ a logged-in client from using the proxy's trust (XCLIENT, XFORWARD)."""
 from __future__ import annotations
 
 from proxy.config import Listener, Upstream
+from proxy.core import printable
 from proxy.protocols import MailProtocol
 from proxy.smtp import upstream
 from proxy.smtp.server import SmtpCore, smtp_limits
@@ -47,6 +48,10 @@ class SmtpSpec:
 
     async def login(self, conn: UpstreamConnection, request: LoginRequest) -> LoginResult:
         return await upstream.login(conn, self.upstream, request)
+
+    def goodbye(self, reason: str) -> bytes:
+        """421 (RFC 5321 §3.8: the server may close with 421 at any time)."""
+        return f"421 4.7.0 {self.hostname} {printable(reason)}\r\n".encode("ascii")
 
     def watch(self, result: LoginResult) -> SmtpCommandWatch:
         """Both directions go through the watch: it must see the upstream's replies to know

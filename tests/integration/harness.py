@@ -125,6 +125,7 @@ async def start_proxy(
     events: list = []
     audit = Audit(path=str(folder / "audit.jsonl"))
     audit.listeners.append(events.append)
-    service = Service(settings, reactor, audit=audit, session_check=0.2, account_check=0.2)
+    # Code changes are followed every second (the default); accounts are re-checked quickly.
+    service = Service(settings, reactor, audit=audit, account_check=0.2)
     await service.start()
     return ProxyHarness(folder, service, events)

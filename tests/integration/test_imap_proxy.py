@@ -6,6 +6,7 @@ import base64
 import imaplib
 import socket
 import subprocess
+import sys
 import time
 import uuid
 
@@ -588,7 +589,47 @@ async def test_an_account_disabled_in_the_directory_loses_its_live_sessions(prox
         assert await in_thread(client) == "closed"
     finally:
         users.write_text(original)
+        proxy.service.directory.reload()
     (ended,) = [
         e for e in proxy.audit_events("session_ended") if e.get("account") == "key-printer1"
     ]
     assert ended["reason"] == "account disabled"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_code_revoked_from_the_cli_ends_its_idle_session_within_two_seconds(proxy):
+    code_id, code = proxy.issue("printer1", label="idle phone")
+
+    def client() -> tuple[bytes, float]:
+        sock = socket.create_connection(("127.0.0.1", proxy.port("plain")), timeout=10)
+        f = sock.makefile("rb")
+        f.readline()
+        sock.sendall(f'a LOGIN printer1 "{code}"\r\nb SELECT INBOX\r\nc IDLE\r\n'.encode())
+        while not f.readline().startswith(b"+"):
+            pass
+        revoked = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "proxy.cli",
+                "-c",
+                str(proxy.folder / "apppass.yaml"),
+                "codes",
+                "revoke",
+                str(code_id),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert revoked.returncode == 0, revoked.stderr
+        started = time.monotonic()
+        rest = b""
+        while chunk := sock.recv(4096):
+            rest += chunk
+        sock.close()
+        return rest, time.monotonic() - started
+
+    rest, seconds = await in_thread(client)
+    assert rest.endswith(f"* BYE app password {code_id} revoked\r\n".encode())
+    assert seconds < 2.0

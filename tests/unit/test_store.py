@@ -196,8 +196,8 @@ def test_record_failure_counts_wrong_secrets(store):
 
 def test_migrate_is_idempotent_and_versioned(tmp_path):
     s = SqliteCodeStore(tmp_path / "m.db")
-    assert s.migrate() == (3, 3)
-    assert s.version() == 3
+    assert s.migrate() == (4, 4)
+    assert s.version() == 4
     s.close()
 
 
@@ -218,7 +218,7 @@ def test_a_store_of_the_first_schema_is_migrated_keeping_its_codes(tmp_path):
     old.close()
     s = SqliteCodeStore(path)
     (rec,) = s.list()
-    assert s.version() == 3 and use(s, rec) == "ok" and use(s, rec) == Claim.USED_UP
+    assert s.version() == 4 and use(s, rec) == "ok" and use(s, rec) == Claim.USED_UP
     s.close()
 
 
@@ -299,3 +299,23 @@ def test_a_store_that_is_not_a_database_is_unavailable_not_a_crash(tmp_path):
     with pytest.raises(StoreUnavailable):
         broken.get(rec.id)
     broken.close()
+
+
+def test_changes_made_by_any_writer_are_seen_by_readers(tmp_path):
+    path = tmp_path / "codes.db"
+    proxy_side = SqliteCodeStore(path)
+    cli_side = SqliteCodeStore(path, migrate=False)  # another process, as the CLI is
+    a = cli_side.create(new("AAAA"), cap=25, now=NOW)
+    b = cli_side.create(new("BBBB"), cap=25, now=NOW)
+    last, changed = proxy_side.changes_since(None)
+    assert changed == []
+    assert proxy_side.changes_since(last) == (last, [])
+    cli_side.set_disabled(a.id, True)
+    cli_side.revoke(b.id)
+    cli_side.revoke(b.id)  # already revoked: no change
+    last, changed = proxy_side.changes_since(last)
+    assert changed == [a.id, b.id]
+    cli_side.set_disabled(a.id, False)
+    assert proxy_side.changes_since(last)[1] == [a.id]
+    proxy_side.close()
+    cli_side.close()
