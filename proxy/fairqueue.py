@@ -68,6 +68,14 @@ class FairQueue:
         """Jobs running or waiting."""
         return self._pending
 
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        return self._pending - self._running
+
     def submit(self, client: str, fn: Callable[..., T], *args: Any) -> defer.Deferred[T]:
         """Run `fn(*args)` in the pool; a Deferred with its result. Fails at once with
         ClientShareFull or QueueFull when this client's share or the queue is full."""

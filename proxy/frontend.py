@@ -30,6 +30,7 @@ from proxy.commands import Authenticate, Close, Command, Failed, Send, StartTLS
 from proxy.config import Listener, Upstream
 from proxy.core import PreAuthCore
 from proxy.limits import ConnectionLimits
+from proxy.metrics import Metrics, Timer
 from proxy.protocols import MailProtocol, TlsMode
 from proxy.relay import Relay, RelayResult, Spliceable
 from proxy.upstream import LoginRequest, LoginResult, UpstreamConnection, UpstreamError
@@ -110,6 +111,7 @@ class SessionContext:
     failure_delay: float  # seconds before a failure is answered (auth.failure_delay)
     connect: Callable[[Upstream], Awaitable[UpstreamConnection]]
     limits: ConnectionLimits  # caps on connections, per address and per account
+    metrics: Metrics
     opened: Callable[[Frontend], None]  # the session registry: revocation ends live sessions
     closed: Callable[[Frontend], None]
 
@@ -158,7 +160,8 @@ class Frontend(Spliceable, Protocol):
         )
         refused = self.context.limits.connected(self.client_ip)
         if refused is not None:
-            self._audit("connection_refused", reason=refused)
+            self._audit("connection_refused", reason=str(refused))
+            self.context.metrics.refused_connections.labels(refused.cap).inc()
             self._carry_out(self.core.overloaded())
             return
         self._admitted = True
@@ -253,8 +256,12 @@ class Frontend(Spliceable, Protocol):
             mechanism=command.mechanism,
         )
         authenticator = self.context.authenticator
+        timer = Timer()
         decision = await authenticator.authenticate(attempt)
         if not isinstance(decision, Grant):
+            self._count_login(timer, decision.refusal.value)
+            if decision.refusal is Refusal.LIMIT:
+                self.context.metrics.refused_connections.labels("ip_failures_per_minute").inc()
             if not self._closed:
                 await self._refuse(decision.refusal)
             return
@@ -264,7 +271,9 @@ class Frontend(Spliceable, Protocol):
         busy = self.context.limits.logging_in(decision.account.key)
         if busy is not None:
             authenticator.release(decision)
-            self._audit("session_refused", account=decision.account.key, reason=busy)
+            self._audit("session_refused", account=decision.account.key, reason=str(busy))
+            self.context.metrics.refused_connections.labels(busy.cap).inc()
+            self._count_login(timer, Refusal.BUSY.value)
             self._carry_out(self.core.auth_failed(Refusal.BUSY))
             return
         self._session_of = decision.account.key
@@ -275,6 +284,7 @@ class Frontend(Spliceable, Protocol):
             self.session_id,
             command.hello,
         )
+        upstream_timer = Timer()
         try:
             self.upstream = await self.context.connect(self.spec.upstream)
             if self._closed:
@@ -284,11 +294,18 @@ class Frontend(Spliceable, Protocol):
                 raise UpstreamError("the client left during the upstream login")
         except UpstreamError as exc:
             self._audit("upstream", result="fail", login=creds.login, reason=str(exc))
+            up = self.spec.upstream
+            self.context.metrics.upstream_errors.labels(
+                self.spec.protocol.value, f"{up.host}:{up.port}"
+            ).inc()
+            self._count_login(timer, Refusal.TEMPORARY.value)
             self._abandon_login(decision)
             if not self._closed:
                 await self._refuse(Refusal.TEMPORARY)
             return
+        self.context.metrics.phase_seconds.labels("upstream").observe(upstream_timer.seconds)
         if not await authenticator.confirm(decision, attempt):
+            self._count_login(timer, Refusal.TEMPORARY.value)
             self._abandon_login(None)
             if not self._closed:
                 await self._refuse(Refusal.TEMPORARY)
@@ -297,10 +314,17 @@ class Frontend(Spliceable, Protocol):
             self._abandon_login(None)
             return
         self.grant = decision
+        self._count_login(timer, "grant")
+        self.context.metrics.sessions.labels(self.spec.protocol.value).inc()
         self.context.limits.logged_in(self.client_ip)
         self._cancel_timer()
         self._carry_out(self.core.auth_succeeded(result.capabilities))
         self._splice(self.upstream, self.spec.watch(result))
+
+    def _count_login(self, timer: Timer, outcome: str) -> None:
+        protocol = self.spec.protocol.value
+        self.context.metrics.logins.labels(protocol, self.listener.name, outcome).inc()
+        self.context.metrics.login_seconds.labels(protocol, outcome).observe(timer.seconds)
 
     def _abandon_login(self, grant: Grant | None) -> None:
         """The login stops before the session: close the upstream, give back what was held."""
@@ -375,6 +399,10 @@ class Frontend(Spliceable, Protocol):
     def _session_end(self, result: RelayResult) -> None:
         grant = self.grant
         assert grant is not None
+        metrics, protocol = self.context.metrics, self.spec.protocol.value
+        metrics.sessions.labels(protocol).dec()
+        metrics.relayed.labels(protocol, "up").inc(result.bytes_up)
+        metrics.relayed.labels(protocol, "down").inc(result.bytes_down)
         refusals: RefusalAudit | None = getattr(self, "_refusals", None)
         if refusals is not None and (fields := refusals.flush()):
             self._audit("refused", **fields)

@@ -38,8 +38,19 @@ class LimitSettings:
     max_sessions_per_account: int = MAX_SESSIONS_PER_ACCOUNT
 
 
+@dataclass(frozen=True)
+class Over:
+    """A cap that was reached: its setting's name (a metric label) and a sentence (audit)."""
+
+    cap: str
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
 class ConnectionLimits:
-    """Live counts against the caps. Each method that admits returns None, or why not."""
+    """Live counts against the caps. Each method that admits returns None, or the cap reached."""
 
     def __init__(self, settings: LimitSettings) -> None:
         self.settings = settings
@@ -47,25 +58,32 @@ class ConnectionLimits:
         self._preauth: Counter[str] = Counter()  # client bucket -> connections not logged in
         self._sessions: Counter[str] = Counter()  # account key -> logged-in sessions
 
-    def connected(self, client_ip: str) -> str | None:
+    def connected(self, client_ip: str) -> Over | None:
         """A new connection; counted as not logged in unless refused."""
         bucket = client_bucket(client_ip)
         if self.connections >= self.settings.max_connections:
-            return f"the proxy has {self.connections} connections (limits.max_connections)"
+            return Over(
+                "max_connections",
+                f"the proxy has {self.connections} connections (limits.max_connections)",
+            )
         if self._preauth[bucket] >= self.settings.max_preauth_per_address:
-            return (
+            return Over(
+                "max_preauth_per_address",
                 f"{bucket} has {self._preauth[bucket]} connections not logged in "
-                "(limits.max_preauth_per_address)"
+                "(limits.max_preauth_per_address)",
             )
         self.connections += 1
         self._preauth[bucket] += 1
         return None
 
-    def logging_in(self, account_key: str) -> str | None:
+    def logging_in(self, account_key: str) -> Over | None:
         """A login was granted; counted as a session of the account unless refused."""
         held = self._sessions[account_key]
         if held >= self.settings.max_sessions_per_account:
-            return f"the account has {held} sessions (limits.max_sessions_per_account)"
+            return Over(
+                "max_sessions_per_account",
+                f"the account has {held} sessions (limits.max_sessions_per_account)",
+            )
         self._sessions[account_key] += 1
         return None
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Callable
+from functools import partial
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet import defer, task
@@ -25,6 +26,7 @@ from proxy.exposure import clear_text_warnings
 from proxy.frontend import FrontendFactory, ProtocolSpec, SessionContext
 from proxy.imap.spec import ImapSpec
 from proxy.limits import ConnectionLimits
+from proxy.metrics import Metrics
 from proxy.pop3.spec import Pop3Spec
 from proxy.protocols import MailProtocol, TlsMode
 from proxy.proxyprotocol import ProxyProtocolFactory, TrustedProxies
@@ -72,6 +74,11 @@ class Service:
         self.tls: dict[str, ServerTLS] = {}
         self.specs = protocol_specs(settings)
         self.limits = ConnectionLimits(settings.limits)
+        self.metrics = Metrics()
+        self.metrics.watch_queues(self._queues)
+        self.metrics.watch_certificates(
+            lambda: [(name, tls.expires_at) for name, tls in self.tls.items()]
+        )
         self.guard: SessionGuard | None = None
         self._check_intervals = (session_check, account_check)
         self._probes: dict[MailProtocol, task.LoopingCall] = {}
@@ -91,6 +98,7 @@ class Service:
             failure_delay=auth.failure_delay.total_seconds(),
             connect=lambda upstream: connect(upstream, self.reactor),
             limits=self.limits,
+            metrics=self.metrics,
             opened=guard.add,
             closed=guard.discard,
         )
@@ -105,7 +113,13 @@ class Service:
         self.hasher = CodeHasher(s.codes.argon2)
         self.hasher.start(self.reactor)
         self.authenticator = Authenticator(
-            s, self.directory, self.store, self.hasher, self.audit, self.reactor
+            s,
+            self.directory,
+            self.store,
+            self.hasher,
+            self.audit,
+            self.reactor,
+            metrics=self.metrics,
         )
         await self._start_web()
         code_check, account_check = self._check_intervals
@@ -155,12 +169,42 @@ class Service:
             self._probes[protocol] = again
         self.guard.start()
 
+    async def readiness(self) -> dict[str, str]:
+        """Whether each dependency answers now: "ok", or what failed (for /readyz)."""
+        checks: dict[str, str] = {}
+
+        async def check(name: str, probe: Callable[[], Awaitable[object]]) -> None:
+            try:
+                await probe()
+                checks[name] = "ok"
+            except Exception as exc:  # each failure is reported, none stops the others
+                checks[name] = f"failed: {exc or type(exc).__name__}"
+
+        async def upstream(up: Upstream) -> None:
+            (await connect(up, self.reactor)).close()
+
+        await check("store", lambda: self.store.changes_since(None))
+        await check("directory", lambda: self.authenticator.account("apppass-readiness-probe"))
+        for protocol, spec in self.specs.items():
+            await check(f"upstream_{protocol.value}", partial(upstream, spec.upstream))
+        return checks
+
+    def _queues(self) -> list[tuple[str, int, int]]:
+        """(name, running, waiting) of every blocking-work queue, for the metrics."""
+        queues = [
+            getattr(self, "hasher", None) and self.hasher.queue,
+            getattr(self, "authenticator", None) and self.authenticator.directory_queue,
+            getattr(self, "store", None) and self.store.queue,
+            getattr(self, "web", None) and self.web.queue,
+        ]
+        return [(q.name, q.running, q.waiting) for q in queues if q]
+
     async def _start_web(self) -> None:
         """The portal and the API on the `web:` listeners (proxy/web/server.py)."""
         s = self.settings
         if not s.web.listeners:
             return
-        from proxy.web.app import web_app
+        from proxy.web.app import Ops, web_app
         from proxy.web.server import site_for
 
         self.web = web_app(
@@ -170,6 +214,7 @@ class Service:
             self.authenticator.limiter,
             self.audit,
             self.reactor,
+            Ops(self.metrics, self.readiness, self.reactor.seconds),
         )
         for listener in s.web.listeners:
             endpoint_type = TCP6ServerEndpoint if ":" in listener.host else TCP4ServerEndpoint

@@ -11,6 +11,8 @@ then) or releases it.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from twisted.internet import defer
@@ -25,6 +27,7 @@ from proxy.codes.store import INTERNAL, Claim, CodeRecord, Reservation, StoreUna
 from proxy.config import Settings
 from proxy.directory.account import Account, DirectoryUnavailable
 from proxy.fairqueue import ClientShareFull, FairQueue, QueueFull, SingleFlight
+from proxy.metrics import Metrics, Timer
 from proxy.sasl import identity_problem, is_valid_login
 
 # Threads for directory lookups (ldap3 is synchronous; each holds one pooled connection).
@@ -57,6 +60,7 @@ class Authenticator:
         audit: Audit,
         reactor: Any,
         clock=time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.directory = directory
@@ -65,16 +69,17 @@ class Authenticator:
         self.audit = audit
         self._reactor = reactor
         self._clock = clock
+        self.metrics = metrics or Metrics()
         self.limiter = FailureLimiter(settings.auth.ip_failures_per_minute)
         self.cache = VerifiedCache(settings.auth.cache_ttl.total_seconds())
-        self._directory_queue = FairQueue("apppass-directory", DIRECTORY_THREADS, DIRECTORY_QUEUE)
-        self._directory_queue.start(reactor)
+        self.directory_queue = FairQueue("apppass-directory", DIRECTORY_THREADS, DIRECTORY_QUEUE)
+        self.directory_queue.start(reactor)
         self._lookups: SingleFlight[str] = SingleFlight()  # by login
         self._key_lookups: SingleFlight[str] = SingleFlight()  # by account key
         self._verifications: SingleFlight[bytes] = SingleFlight()
 
     def stop(self) -> None:
-        self._directory_queue.stop()
+        self.directory_queue.stop()
 
     # -- the decision ----------------------------------------------------------------------------
 
@@ -141,8 +146,10 @@ class Authenticator:
         client = client_bucket(attempt.client_ip)
         parts = split(attempt.secret)
         try:
-            account: Account | None = await self._lookup(attempt.login, client)
+            with self._phase("directory"):
+                account: Account | None = await self._lookup(attempt.login, client)
         except DirectoryUnavailable as exc:
+            self.metrics.backend_errors.labels("directory").inc()
             return Denial(Refusal.TEMPORARY, f"directory unavailable: {exc}")
         except ClientShareFull:
             return self._flooding(attempt.client_ip, None, "directory")
@@ -164,6 +171,7 @@ class Authenticator:
             try:
                 record, verified = await self._verify(account.key, selector, code, client)
             except StoreUnavailable as exc:
+                self.metrics.backend_errors.labels("store").inc()
                 return Denial(Refusal.TEMPORARY, f"store unavailable: {exc}", account)
             except ClientShareFull:
                 return self._flooding(attempt.client_ip, account, "verification")
@@ -194,10 +202,12 @@ class Authenticator:
             account.password_changed_at if self.settings.policy.revoke_on_password_change else None
         )
         try:
-            claim = await self.store.claim(
-                code_id, attempt.protocol.value, attempt.client_ip, not_before, client
-            )
+            with self._phase("store"):
+                claim = await self.store.claim(
+                    code_id, attempt.protocol.value, attempt.client_ip, not_before, client
+                )
         except StoreUnavailable as exc:
+            self.metrics.backend_errors.labels("store").inc()
             return Denial(Refusal.TEMPORARY, f"store unavailable: {exc}", account, code_id)
         except QueueFull:
             return Denial(Refusal.TEMPORARY, "store queue full", account, code_id)
@@ -219,7 +229,7 @@ class Authenticator:
         if not getattr(self.directory, "blocking", True):
             return defer.maybeDeferred(self.directory.lookup, login)
         return self._lookups.run(
-            login, lambda: self._directory_queue.submit(client, self.directory.lookup, login)
+            login, lambda: self.directory_queue.submit(client, self.directory.lookup, login)
         )
 
     def account(self, key: str) -> defer.Deferred[Account | None]:
@@ -227,7 +237,7 @@ class Authenticator:
         if not getattr(self.directory, "blocking", True):
             return defer.maybeDeferred(self.directory.by_key, key)
         return self._key_lookups.run(
-            key, lambda: self._directory_queue.submit(INTERNAL, self.directory.by_key, key)
+            key, lambda: self.directory_queue.submit(INTERNAL, self.directory.by_key, key)
         )
 
     def _verify(
@@ -238,12 +248,23 @@ class Authenticator:
         with the same code share it (20 devices behind one NAT after a restart verify once)."""
 
         async def work() -> tuple[CodeRecord | None, bool]:
-            record = await self.store.find(account_key, selector, client)
-            verified = await self.hasher.verify(record.hash if record else None, code, client)
+            with self._phase("store"):
+                record = await self.store.find(account_key, selector, client)
+            with self._phase("argon2"):
+                verified = await self.hasher.verify(record.hash if record else None, code, client)
             return record, bool(verified and record is not None)
 
         key = self.cache.digest(account_key, f"{selector}\x00{code}")
         return self._verifications.run(key, lambda: defer.ensureDeferred(work()))
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """Time a phase of the login for apppass_login_phase_seconds (success or not)."""
+        timer = Timer()
+        try:
+            yield
+        finally:
+            self.metrics.phase_seconds.labels(name).observe(timer.seconds)
 
     def _flooding(self, client_ip: str, account: Account | None, queue: str) -> Denial:
         """An address with its whole share of a queue waiting is flooding: count it as a

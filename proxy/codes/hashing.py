@@ -35,8 +35,8 @@ class CodeHasher:
             type=Type.ID,
         )
         self._dummy = self._hasher.hash(_DUMMY_CODE)
-        self._queue = FairQueue("apppass-argon2", settings.threads, settings.queue)
-        self.per_client = self._queue.per_client
+        self.queue = FairQueue("apppass-argon2", settings.threads, settings.queue)
+        self.per_client = self.queue.per_client
 
     # -- synchronous path (CLI, benchmarks, the pool's threads) ----------------------------------
 
@@ -53,16 +53,16 @@ class CodeHasher:
     # -- asynchronous path (the proxy) -----------------------------------------------------------
 
     def start(self, reactor) -> None:
-        self._queue.start(reactor)
+        self.queue.start(reactor)
 
     def stop(self) -> None:
-        self._queue.stop()
+        self.queue.stop()
 
     @property
     def pending(self) -> int:
-        return self._queue.pending
+        return self.queue.pending
 
     def verify(self, encoded: str | None, code: str, client: str = "") -> defer.Deferred[bool]:
         """A Deferred firing True/False; fails with QueueFull (ClientShareFull) when the queue
         (or this client's share of it) is over its bound."""
-        return self._queue.submit(client, self.verify_sync, encoded, code)
+        return self.queue.submit(client, self.verify_sync, encoded, code)

@@ -176,11 +176,11 @@ class AsyncCodeStore:
 
     def __init__(self, store: CodeStore, reactor, threads_: int = 1) -> None:
         self.store = store
-        self._queue = FairQueue("apppass-store", threads_, STORE_QUEUE)
-        self._queue.start(reactor)
+        self.queue = FairQueue("apppass-store", threads_, STORE_QUEUE)
+        self.queue.start(reactor)
 
     def find(self, account_key: str, selector: str, client: str = INTERNAL):
-        return self._queue.submit(client, self.store.find, account_key, selector)
+        return self.queue.submit(client, self.store.find, account_key, selector)
 
     def claim(
         self,
@@ -190,26 +190,26 @@ class AsyncCodeStore:
         not_before: datetime | None = None,
         client: str = INTERNAL,
     ):
-        return self._queue.submit(client, self.store.claim, code_id, protocol, ip, not_before)
+        return self.queue.submit(client, self.store.claim, code_id, protocol, ip, not_before)
 
     def confirm(self, reservation: Reservation, protocol: str, ip: str, client: str = INTERNAL):
-        return self._queue.submit(client, self.store.confirm, reservation, protocol, ip)
+        return self.queue.submit(client, self.store.confirm, reservation, protocol, ip)
 
     def release(self, reservation: Reservation, client: str = INTERNAL):
-        return self._queue.submit(client, self.store.release, reservation)
+        return self.queue.submit(client, self.store.release, reservation)
 
     def record_failure(self, code_id: int, ip: str, client: str = INTERNAL):
-        return self._queue.submit(client, self.store.record_failure, code_id, ip)
+        return self.queue.submit(client, self.store.record_failure, code_id, ip)
 
     def get(self, code_id: int, client: str = INTERNAL):
-        return self._queue.submit(client, self.store.get, code_id)
+        return self.queue.submit(client, self.store.get, code_id)
 
     def get_many(self, code_ids: list[int], client: str = INTERNAL):
-        return self._queue.submit(client, self.store.get_many, code_ids)
+        return self.queue.submit(client, self.store.get_many, code_ids)
 
     def changes_since(self, last: int | None, client: str = INTERNAL):
-        return self._queue.submit(client, self.store.changes_since, last)
+        return self.queue.submit(client, self.store.changes_since, last)
 
     def stop(self) -> None:
-        self._queue.stop()
+        self.queue.stop()
         self.store.close()

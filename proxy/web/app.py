@@ -4,8 +4,9 @@ client's address behind trusted proxies, and a 404."""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from io import BytesIO
 from typing import Any, TypeVar
 
 from twisted.internet import defer
@@ -18,6 +19,7 @@ from proxy.codes.hashing import CodeHasher
 from proxy.config import Settings
 from proxy.fairqueue import FairQueue
 from proxy.manage import Manager
+from proxy.metrics import Metrics
 from proxy.web.records import WebRecords
 
 T = TypeVar("T")
@@ -27,6 +29,20 @@ T = TypeVar("T")
 # (an address at most an eighth) keep a scripted flood from the mail logins' way.
 WEB_THREADS = 4
 WEB_QUEUE = 256
+
+# A request body is kept up to this much: the largest real one (a code request with 16 networks
+# and a 100-character label, a portal form) is under 2 KiB, so 64 KiB is generous and bounds
+# what one request may hold in memory (twisted.web keeps any body, spilling to disk past 100 KB).
+MAX_BODY = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Ops:
+    """What the metrics and health endpoints read from the running proxy."""
+
+    metrics: Metrics
+    ready: Callable[[], Awaitable[dict[str, str]]]  # check name -> "ok" or what failed
+    clock: Callable[[], float]
 
 
 @dataclass
@@ -42,6 +58,7 @@ class WebApp:
     audit: Audit
     reactor: Any
     queue: FairQueue
+    ops: Ops | None = None  # metrics and readiness, for serve: [metrics, health]
 
     def blocking(self, request: Request, fn: Callable[..., T], *args: Any) -> defer.Deferred[T]:
         """Run `fn(*args)` off the reactor, fairly among client addresses."""
@@ -83,6 +100,28 @@ def _within(address: str, networks: tuple) -> bool:
     return any(ip in net for net in networks)
 
 
+class BoundedRequest(Request):
+    """A request that keeps at most MAX_BODY of its body, in memory: past it the body is dropped
+    and `too_large` set, for the resource to answer 413 (an empty body is never mistaken for
+    the one sent)."""
+
+    too_large = False
+    _kept = 0
+
+    def gotLength(self, length: int | None) -> None:
+        self.too_large = length is not None and length > MAX_BODY
+        self.content = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._kept += len(data)
+        if self.too_large or self._kept > MAX_BODY:
+            self.too_large = True
+            self.content = BytesIO()
+            return
+        assert self.content is not None
+        self.content.write(data)
+
+
 class NotFound(Resource):
     isLeaf = True
 
@@ -99,6 +138,7 @@ def web_app(
     limiter: FailureLimiter,
     audit: Audit,
     reactor: Any,
+    ops: Ops | None = None,
 ) -> WebApp:
     """The portal's and the API's view of the running proxy (`store`: the synchronous one)."""
     hasher = CodeHasher(settings.codes.argon2)
@@ -114,4 +154,5 @@ def web_app(
         audit=audit,
         reactor=reactor,
         queue=queue,
+        ops=ops,
     )

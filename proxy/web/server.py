@@ -19,7 +19,8 @@ from twisted.web.server import Request, Site
 from proxy.protocols import TlsMode
 from proxy.tls import ServerTLS
 from proxy.web.api import api_resource
-from proxy.web.app import NotFound, WebApp, is_secure
+from proxy.web.app import BoundedRequest, NotFound, WebApp, is_secure
+from proxy.web.ops import HealthResource, MetricsResource
 from proxy.web.portal import portal_resource
 from proxy.web.settings import WebListener
 
@@ -42,6 +43,7 @@ class SecureSite(Site):
     """A Site that adds the security headers to every response and never shows a traceback."""
 
     displayTracebacks = False
+    requestFactory = BoundedRequest  # bodies past MAX_BODY are dropped, not stored
 
     def __init__(self, resource: Resource, app: WebApp, tls: bool) -> None:
         super().__init__(resource)
@@ -74,13 +76,23 @@ class Root(Resource):
     """Sends `/api/...` to the API and everything else to the portal, as the listener serves
     them. Both are leaf resources that route on `request.path` themselves."""
 
-    def __init__(self, portal: Resource | None, api: Resource | None) -> None:
+    def __init__(
+        self,
+        portal: Resource | None,
+        api: Resource | None,
+        metrics: Resource | None = None,
+        health: Resource | None = None,
+    ) -> None:
         super().__init__()
-        self.portal, self.api = portal, api
+        self.portal, self.api, self.metrics, self.health = portal, api, metrics, health
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         if path == b"api":
             return self.api or NotFound()
+        if path == b"metrics":
+            return self.metrics or NotFound()
+        if path in (b"healthz", b"readyz") and self.health is not None:
+            return self.health
         return self.portal or NotFound()
 
     def render(self, request: Request) -> bytes:
@@ -95,8 +107,11 @@ def build_site(
 ) -> SecureSite:
     """The Site for one listener: the API under `/api/` and the portal elsewhere, each only if
     the listener serves it (otherwise 404)."""
+    ops = app.ops
     root = Root(
         portal(app) if portal is not None and "portal" in listener.serve else None,
         api(app) if api is not None and "api" in listener.serve else None,
+        MetricsResource(ops.metrics) if ops and "metrics" in listener.serve else None,
+        HealthResource(ops.ready, ops.clock) if ops and "health" in listener.serve else None,
     )
     return SecureSite(root, app, tls=listener.tls != "none")

@@ -24,8 +24,9 @@ from proxy.configschema import (
 )
 from proxy.protocols import TlsMode
 
-# What a web listener can serve.
-SERVES = ("portal", "api")
+# What a web listener can serve (metrics and health: for operators, usually on loopback).
+SERVES = ("portal", "api", "metrics", "health")
+DEFAULT_SERVES = ("portal", "api")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -39,7 +40,7 @@ class WebListener:
     cert_file: Path | None = None
     key_file: Path | None = None
     min_tls: str = "1.2"
-    serve: tuple[str, ...] = SERVES
+    serve: tuple[str, ...] = DEFAULT_SERVES
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def _listeners(web: Node, behind_proxy: bool) -> tuple[WebListener, ...]:
                 f"none is only allowed on a loopback address or behind web.trusted_proxies "
                 f"(got bind {show(f'{bind[0]}:{bind[1]}')}): passwords would cross the network",
             )
-        serve = node.get("serve", list_of(SERVES), SERVES)
+        serve = node.get("serve", list_of(SERVES), DEFAULT_SERVES)
         listener = WebListener(
             name=node.get("name", text, None) or (f"web-{bind[1]}" if bind else node.path),
             host=bind[0] if bind else "",
@@ -147,7 +148,7 @@ def _listeners(web: Node, behind_proxy: bool) -> tuple[WebListener, ...]:
             cert_file=cert,
             key_file=key,
             min_tls=node.get("min_tls", text, "1.2"),
-            serve=serve or SERVES,
+            serve=serve or DEFAULT_SERVES,
         )
         node.finish()
         out.append(listener)

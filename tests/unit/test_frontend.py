@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -25,6 +26,7 @@ from proxy.config import parse
 from proxy.directory.account import Account
 from proxy.frontend import Frontend, SessionContext
 from proxy.limits import ConnectionLimits, LimitSettings
+from proxy.metrics import Metrics
 from proxy.protocols import MailProtocol
 from proxy.sasl import client_plain
 from proxy.service import protocol_specs
@@ -135,6 +137,7 @@ class Session:
     ) -> None:
         s = settings(max_failures)
         self.limits = limits or ConnectionLimits(LimitSettings())
+        self.metrics = Metrics()
         self.clock = Clock()
         self.events: list[dict] = []
         self.audit = Audit(stream=_Discard())
@@ -148,6 +151,7 @@ class Session:
             failure_delay=FAILURE_DELAY,
             connect=upstream.connect,
             limits=self.limits,
+            metrics=self.metrics,
             opened=self.live.add,
             closed=self.live.discard,
         )
@@ -493,3 +497,21 @@ def test_past_an_accounts_session_cap_its_login_is_refused_and_closed(protocol, 
     assert authenticator.released and not authenticator.confirmed
     limits.session_ended(ALICE.key)
     assert limits.sessions(ALICE.key) == 0
+
+
+def sample(session: Session, name: str, **labels: str) -> float:
+    return session.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_logins_and_sessions_are_counted_without_naming_anyone():
+    upstream = ScriptedUpstream(*DOVECOT_LOGIN)
+    session = Session("imap", ScriptedAuthenticator(grant()), upstream)
+    session.send(f"a LOGIN alice {CODE}\r\n".encode())
+    labels = {"protocol": "imap", "listener": "imap-1143", "outcome": "grant"}
+    assert sample(session, "apppass_logins_total", **labels) == 1
+    assert sample(session, "apppass_sessions", protocol="imap") == 1
+    refused = Session("imap", ScriptedAuthenticator(Denial(Refusal.CREDENTIALS, "x")), upstream)
+    refused.send(f"a LOGIN alice {CODE}\r\n".encode())
+    assert sample(refused, "apppass_logins_total", **{**labels, "outcome": "credentials"}) == 1
+    exposition = generate_latest(session.metrics.registry).decode()
+    assert "alice" not in exposition and "198.51.100.7" not in exposition
