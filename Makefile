@@ -18,7 +18,7 @@ demo: $(STAMP)
 
 test: lint
 	scripts/install-test-deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,9 +1,13 @@
-"""The audit log: one JSON line per decision and per finished session. Never a secret."""
+"""The audit log: one JSON line per decision and per finished session. Never a secret.
+
+To a file (appending; reopened on SIGHUP, so logrotate can move it), to standard output ("-"),
+or to syslog ("syslog": facility mail, one message per event)."""
 
 from __future__ import annotations
 
 import json
 import sys
+import syslog
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -12,8 +16,12 @@ class Audit:
     def __init__(self, stream: IO[str] | None = None, path: str | None = None) -> None:
         """Write to `path` (appending; "-" or None means `stream`, default stdout)."""
         self._stream: IO[str]
-        if path and path != "-":
-            self._stream = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (ours to close)
+        self.path = path if path not in (None, "-", "syslog") else None
+        self._syslog = path == "syslog"
+        if self._syslog:
+            syslog.openlog("apppass-audit", syslog.LOG_PID, syslog.LOG_MAIL)
+        if self.path is not None:
+            self._stream = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (ours to close)
             self._owned = True
         else:
             self._stream = stream or sys.stdout
@@ -26,11 +34,21 @@ class Audit:
             "event": event,
         }
         record.update((k, v) for k, v in fields.items() if v is not None)
-        self._stream.write(json.dumps(record, default=str, separators=(",", ":")) + "\n")
-        self._stream.flush()
+        line = json.dumps(record, default=str, separators=(",", ":"))
+        if self._syslog:
+            syslog.syslog(syslog.LOG_INFO, line)
+        else:
+            self._stream.write(line + "\n")
+            self._stream.flush()
         for listener in self.listeners:
             listener(record)
         return record
+
+    def reopen(self) -> None:
+        """SIGHUP: start a new file where the path points now (after logrotate moved it)."""
+        if self.path is not None:
+            old, self._stream = self._stream, open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            old.close()
 
     def close(self) -> None:
         if self._owned:

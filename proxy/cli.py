@@ -1,4 +1,5 @@
-"""The `apppass` command: serve, demo, migrate, check-config, codes …, directory check."""
+"""The `apppass` command: serve, demo, migrate, check-config, codes …, directory check, users
+hash-password, tokens …."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from proxy.config import SCOPES, ConfigError, Settings, config_path, load
 from proxy.configschema import Invalid, parse_duration, parse_expiry
 
 if TYPE_CHECKING:  # opened lazily, by the commands that need them
-    from proxy.codes.sqlite import SqliteCodeStore
+    from proxy.codes.store import SqlCodeStore
     from proxy.directory.account import Directory
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
@@ -80,7 +81,7 @@ class _Context:
     def __init__(self, args) -> None:
         self.args = args
         self._settings: Settings | None = None
-        self._store: SqliteCodeStore | None = None
+        self._store: SqlCodeStore | None = None
         self._directory: Directory | None = None
 
     @property
@@ -90,7 +91,7 @@ class _Context:
         return self._settings
 
     @property
-    def store(self) -> SqliteCodeStore:
+    def store(self) -> SqlCodeStore:
         if self._store is None:
             from proxy.codes.open import open_store
 
@@ -223,7 +224,8 @@ def cmd_codes_create(ctx: _Context) -> int:
         raise UsageError("--max-uses must be a whole number >= 1")
     expires = _expiry(a.expires) if a.expires is not None else None
     manager = ctx.manager()
-    request = CodeRequest(a.label, scopes, expires, a.max_uses, nets)
+    never = a.expires is not None and expires is None  # `--expires never`
+    request = CodeRequest(a.label, scopes, expires, a.max_uses, nets, never_expires=never)
     issued = manager.create(ctx.actor(a.created_by), manager.account(a.login), request)
     rec = issued.record
     if a.json:
@@ -379,7 +381,7 @@ def cmd_directory_check(ctx: _Context) -> int:
 
 
 def cmd_serve(ctx: _Context) -> int:
-    from proxy.service import serve
+    from proxy.daemon import serve
 
     return serve(ctx.settings)
 
@@ -388,6 +390,25 @@ def cmd_demo(ctx: _Context) -> int:
     from proxy.demo.run import run_demo
 
     return run_demo(ctx.args)
+
+
+def cmd_users_hash_password(ctx: _Context) -> int:
+    """A users file's `password_hash` (the portal sign-in); the password comes from the terminal
+    (asked twice) or the first line of standard input, never from the command line."""
+    import getpass
+
+    from proxy.directory.passwords import MAX_PASSWORD, hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise UsageError("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password or len(password) > MAX_PASSWORD:
+        raise UsageError(f"a password is 1 to {MAX_PASSWORD} characters")
+    _print(hash_password(password))
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -405,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--dir", default="var/demo", help="where the demo keeps its files (default: var/demo)"
     )
-    from proxy.demo.run import PORTS
+    from proxy.demo.run import PORTS, WEB_PORT
 
     for protocol, port in PORTS.items():
         d.add_argument(
@@ -415,6 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="PORT",
             help=f"{protocol.upper()} port on 127.0.0.1 (default: {port})",
         )
+    d.add_argument(
+        "--web-port",
+        type=int,
+        default=WEB_PORT,
+        metavar="PORT",
+        help=f"the self-service portal's port on 127.0.0.1 (default: {WEB_PORT})",
+    )
     d.set_defaults(fn=cmd_demo)
     sub.add_parser("migrate", help="bring the store's schema up to date").set_defaults(
         fn=cmd_migrate
@@ -476,6 +504,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dc.add_argument("login")
     dc.set_defaults(fn=cmd_directory_check)
+
+    from proxy.web.tokencli import cmd_tokens_create, cmd_tokens_list, cmd_tokens_revoke
+
+    tokens = sub.add_parser("tokens", help="the admin API's bearer tokens").add_subparsers(
+        dest="action", required=True, parser_class=_Parser
+    )
+    tc = tokens.add_parser("create", help="create a token and show it once")
+    tc.add_argument("--label", required=True, help='who uses it, e.g. "helpdesk tool"')
+    tc.add_argument("--read-only", action="store_true", help="may read, never change")
+    tc.add_argument("--expires", type=_expiry, help="90d, 2027-06-30 or never (default: never)")
+    tc.set_defaults(fn=cmd_tokens_create)
+    tl = tokens.add_parser("list", help="list tokens: label, access, last use, state")
+    tl.add_argument("--json", action="store_true")
+    tl.set_defaults(fn=cmd_tokens_list)
+    tr = tokens.add_parser("revoke", help="revoke a token: it stops working at once")
+    tr.add_argument("id", type=int)
+    tr.set_defaults(fn=cmd_tokens_revoke)
+
+    users = sub.add_parser("users", help="the static users file").add_subparsers(
+        dest="action", required=True, parser_class=_Parser
+    )
+    users.add_parser(
+        "hash-password",
+        help="print a password_hash for the portal (the password is read from the terminal or "
+        "standard input)",
+    ).set_defaults(fn=cmd_users_hash_password)
     return p
 
 

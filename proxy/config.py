@@ -37,10 +37,12 @@ from proxy.configschema import (
 )
 from proxy.imap.syntax import capability_problem
 from proxy.limits import LimitSettings
+from proxy.oplog import LogSettings
 from proxy.protocols import UPSTREAM_LOGINS, MailProtocol, TlsMode, UpstreamLogin
 from proxy.web.settings import WebSettings, read_web
 
 if TYPE_CHECKING:
+    from proxy.codes.pgsettings import PostgresSettings
     from proxy.directory.ldap.settings import LdapSettings
 
 DEFAULT_PATH = "/etc/apppass/apppass.yaml"
@@ -137,8 +139,9 @@ class Upstream:
 
 @dataclass(frozen=True)
 class StoreSettings:
-    kind: str  # "sqlite" (later "postgresql")
+    kind: str  # "sqlite" or "postgresql"
     target: Path | None  # the SQLite database file
+    postgresql: PostgresSettings | None = None  # proxy/codes/pgsettings.py
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,13 @@ class DirectorySettings:
 @dataclass(frozen=True)
 class AuditSettings:
     file: str = "-"  # "-" for standard output, else a path
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    # SIGTERM drains: stop accepting, let logins finish and sessions run this long, then end them
+    # with the protocol's goodbye. systemd's TimeoutStopSec must be longer (the unit says 45s).
+    shutdown_grace: timedelta = timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -167,6 +177,8 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    serve: ServeSettings = field(default_factory=ServeSettings)
+    log: LogSettings = field(default_factory=LogSettings)
 
 
 def config_path(explicit: str | None) -> Path:
@@ -211,11 +223,19 @@ def parse(
     directory = _directory(root, policy)
     codes = _codes(root)
     auth = _auth(root)
+    _check_store_timeouts(root, store, auth)
     upstreams = _upstreams(root)
     listeners = _listeners(root, upstreams)
     audit = _audit(root)
     limits = _limits(root)
     web = read_web(root)
+    serve = section(root, "serve", ServeSettings, {"shutdown_grace": duration()})
+    log = section(
+        root,
+        "log",
+        LogSettings,
+        {"format": choice("text", "json"), "level": choice("debug", "info", "warning", "error")},
+    )
     root.finish()
     ctx.check()
     return Settings(
@@ -231,6 +251,8 @@ def parse(
         audit=audit,
         limits=limits,
         web=web,
+        serve=serve,
+        log=log,
     )
 
 
@@ -254,10 +276,29 @@ def _store(root: Node) -> StoreSettings:
     node = root.node("store", required=True)
     if node is None:
         return StoreSettings("sqlite", None)
-    kind = node.one_of_keys(("sqlite",))
+    kind = node.one_of_keys(("sqlite", "postgresql"))
+    if kind == "postgresql":
+        from proxy.codes.pgsettings import read_postgres
+
+        sub = node.node("postgresql", required=True)
+        node.finish()
+        if sub is None:
+            return StoreSettings("postgresql", None)
+        pg = read_postgres(sub)
+        sub.finish()
+        return StoreSettings("postgresql", None, pg)
     target = node.get(kind, path) if kind else None
     node.finish()
     return StoreSettings(kind or "sqlite", target)
+
+
+def _check_store_timeouts(root: Node, store: StoreSettings, auth: AuthSettings) -> None:
+    if store.postgresql is not None:
+        from proxy.codes.pgsettings import timeout_problem
+
+        problem = timeout_problem(store.postgresql, auth.login_timeout)
+        if problem:
+            root.ctx.error("store.postgresql", problem)
 
 
 def _directory(root: Node, policy: PolicySettings) -> DirectorySettings:
@@ -354,7 +395,7 @@ def _auth(root: Node) -> AuthSettings:
 
 def _audit_file(node: Node, key: str, value: Any) -> str:
     value = text(node, key, value)
-    return value if value == "-" else str(path(node, key, value))
+    return value if value in ("-", "syslog") else str(path(node, key, value))
 
 
 def _audit(root: Node) -> AuditSettings:

@@ -130,6 +130,7 @@ class Say(enum.Enum):
     OVERFLOW = "pending input too large"
     LOGIN_TIMEOUT = "login timeout"
     TOO_MANY_CONNECTIONS = "too many connections"  # instead of the greeting (proxy/limits.py)
+    SHUTTING_DOWN = "shutting down"  # the proxy drains: a connection not logging in is closed
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,17 @@ class PreAuthCore:
 
     def greeting(self) -> list[Command]:
         raise NotImplementedError
+
+    def shutting_down(self) -> list[Command]:
+        """The proxy is draining (SIGTERM): unless a login is being decided (it may finish),
+        say so and close. The frontend calls it once; a login in progress ends on its own."""
+        out: list[Command] = []
+        if self._state not in (State.AUTHENTICATING, State.LOGGED_IN, State.CLOSED):
+            if self._state is State.STARTING_TLS:
+                self._close(Say.SHUTTING_DOWN.value, out)
+            else:
+                self._say(Say.SHUTTING_DOWN, out)
+        return out
 
     def overloaded(self) -> list[Command]:
         """Instead of the greeting: a connection cap is reached, say so and close."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
+from proxy.codes.pgsettings import VERIFIED_SSL_MODE
 from proxy.config import Settings
 from proxy.protocols import TlsMode, UpstreamLogin
 
@@ -68,4 +69,18 @@ def clear_text_warnings(settings: Settings) -> list[str]:
                     f"directory.ldap.uris[{i}]: {uri} without start_tls, so the bind password"
                     " goes in clear text; set start_tls: true or use ldaps://"
                 )
+    pg = settings.store.postgresql
+    if pg is not None and pg.sslmode != VERIFIED_SSL_MODE:
+        remote = [h for h in pg.hosts if h and not h.startswith("/") and not is_loopback(h)]
+        if remote:
+            how = (
+                "may go in clear text"
+                if pg.sslmode in ("disable", "allow", "prefer")
+                else "goes to a server whose name is not checked"
+            )
+            warnings.append(
+                f"store.postgresql.dsn: sslmode={pg.sslmode} to {', '.join(remote)}, so the"
+                f" database password (and every code's hash) {how}; set sslmode=verify-full"
+                " (with sslrootcert=FILE for a private CA)"
+            )
     return warnings

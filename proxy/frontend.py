@@ -31,6 +31,8 @@ from proxy.config import Listener, Upstream
 from proxy.core import PreAuthCore
 from proxy.limits import ConnectionLimits
 from proxy.metrics import Metrics, Timer
+from proxy.oplog import Health
+from proxy.oplog import log as oplog
 from proxy.protocols import MailProtocol, TlsMode
 from proxy.relay import Relay, RelayResult, Spliceable
 from proxy.upstream import LoginRequest, LoginResult, UpstreamConnection, UpstreamError
@@ -112,6 +114,7 @@ class SessionContext:
     connect: Callable[[Upstream], Awaitable[UpstreamConnection]]
     limits: ConnectionLimits  # caps on connections, per address and per account
     metrics: Metrics
+    health: Health  # dependencies down or back, for the operational log
     opened: Callable[[Frontend], None]  # the session registry: revocation ends live sessions
     closed: Callable[[Frontend], None]
 
@@ -222,8 +225,19 @@ class Frontend(Spliceable, Protocol):
         )
 
     def _bug(self, failure: Failure) -> None:
+        """An unexpected error (a bug): one audit event and one log line with where it was
+        raised, never a traceback to the client; the connection is dropped."""
         error = failure.value
         self._audit("error", where="frontend", type=type(error).__name__, error=str(error))
+        frame = failure.frames[-1] if failure.frames else None
+        where = f" at {frame[1]}:{frame[2]}" if frame else ""
+        oplog.error(
+            "unexpected %s in a %s session%s: %s",
+            type(error).__name__,
+            self.spec.protocol.value,
+            where,
+            error,
+        )
         if not self._closed:
             self._closed = True
             self._client.abortConnection()
@@ -298,12 +312,14 @@ class Frontend(Spliceable, Protocol):
             self.context.metrics.upstream_errors.labels(
                 self.spec.protocol.value, f"{up.host}:{up.port}"
             ).inc()
+            self.context.health.failed(self._upstream_name, str(exc))
             self._count_login(timer, Refusal.TEMPORARY.value)
             self._abandon_login(decision)
             if not self._closed:
                 await self._refuse(Refusal.TEMPORARY)
             return
         self.context.metrics.phase_seconds.labels("upstream").observe(upstream_timer.seconds)
+        self.context.health.ok(self._upstream_name)
         if not await authenticator.confirm(decision, attempt):
             self._count_login(timer, Refusal.TEMPORARY.value)
             self._abandon_login(None)
@@ -320,6 +336,11 @@ class Frontend(Spliceable, Protocol):
         self._cancel_timer()
         self._carry_out(self.core.auth_succeeded(result.capabilities))
         self._splice(self.upstream, self.spec.watch(result))
+
+    @property
+    def _upstream_name(self) -> str:
+        up = self.spec.upstream
+        return f"upstream {self.spec.protocol.value} {up.host}:{up.port}"
 
     def _count_login(self, timer: Timer, outcome: str) -> None:
         protocol = self.spec.protocol.value
@@ -424,6 +445,12 @@ class Frontend(Spliceable, Protocol):
         self._client.loseConnection()
         if self.upstream is not None:
             self.upstream.close()
+
+    def drain(self) -> None:
+        """The proxy stops: a connection not logging in is told and closed; a login in
+        progress finishes; a session goes on until the proxy ends it (shutdown_grace)."""
+        if self.relay is None and not self._closed:
+            self._carry_out(self.core.shutting_down())
 
     def end(self, reason: str) -> None:
         """End this session now (its code was revoked or disabled, or the proxy is stopping),

@@ -93,9 +93,10 @@ class CodeRequest:
 
     label: str
     scopes: tuple[str, ...] | None = None  # None: codes.default_scopes
-    expires_at: datetime | None = None
+    expires_at: datetime | None = None  # None: codes.default_expires, unless never_expires
     max_uses: int | None = None
     networks: tuple[str, ...] = ()
+    never_expires: bool = False  # asked for no expiry (the CLI's `--expires never`)
 
 
 class Manager:
@@ -188,8 +189,9 @@ class Manager:
         self._may(actor, account.key)
         scopes, networks = _valid(request)
         expires = request.expires_at
-        if expires is None and self.settings.codes.default_expires is not None:
-            expires = datetime.now(UTC).replace(microsecond=0) + self.settings.codes.default_expires
+        default = self.settings.codes.default_expires
+        if expires is None and not request.never_expires and default is not None:
+            expires = datetime.now(UTC).replace(microsecond=0) + default
         try:
             issued = issue_code(
                 self.settings,
@@ -314,6 +316,8 @@ def _valid(request: CodeRequest) -> tuple[tuple[str, ...] | None, tuple[str, ...
         scopes = tuple(dict.fromkeys(scopes))
     if request.max_uses is not None and not 1 <= request.max_uses <= MAX_USES:
         raise ManageError("invalid", f"max uses is a whole number from 1 to {MAX_USES}", "max_uses")
+    if request.expires_at is not None and request.never_expires:
+        raise ManageError("invalid", "give an expiry or never, not both", "expires_at")
     if request.expires_at is not None and request.expires_at <= datetime.now(UTC):
         raise ManageError("invalid", "the expiry must be in the future", "expires_at")
     return scopes, _networks(request.networks)

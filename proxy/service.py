@@ -3,10 +3,10 @@ session checks (proxy/sessions.py), reloads on SIGHUP and stops cleanly."""
 
 from __future__ import annotations
 
-import signal
-import sys
-from functools import partial
+import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from twisted.internet import defer, task
@@ -15,18 +15,21 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from proxy import __version__
 from proxy.audit import Audit
 from proxy.auth.authenticator import Authenticator
 from proxy.codes.hashing import CodeHasher
-from proxy.codes.open import open_store
+from proxy.codes.open import open_store, store_threads
 from proxy.codes.store import AsyncCodeStore
-from proxy.config import Settings, Upstream
+from proxy.config import ConfigError, Settings, Upstream, load
 from proxy.directory.open import open_directory
 from proxy.exposure import clear_text_warnings
 from proxy.frontend import FrontendFactory, ProtocolSpec, SessionContext
 from proxy.imap.spec import ImapSpec
 from proxy.limits import ConnectionLimits
 from proxy.metrics import Metrics
+from proxy.oplog import LOGGERS, Health
+from proxy.oplog import log as oplog
 from proxy.pop3.spec import Pop3Spec
 from proxy.protocols import MailProtocol, TlsMode
 from proxy.proxyprotocol import ProxyProtocolFactory, TrustedProxies
@@ -40,6 +43,11 @@ from proxy.upstream import UpstreamError, connect
 # net.core.somaxconn (4096 on current kernels).
 LISTEN_BACKLOG = 1024
 
+
+# While draining, how often the proxy looks whether its sessions have all ended, and how long
+# it then gives the goodbyes it wrote to reach the clients before it stops.
+DRAIN_POLL_SECONDS = 0.25
+GOODBYE_SECONDS = 5.0
 
 # How often an upstream that could not be asked what it offers before login (SMTP EHLO, IMAP
 # CAPABILITY) is asked again, and how often one that answered is asked again anyway.
@@ -75,6 +83,7 @@ class Service:
         self.specs = protocol_specs(settings)
         self.limits = ConnectionLimits(settings.limits)
         self.metrics = Metrics()
+        self.health = Health()
         self.metrics.watch_queues(self._queues)
         self.metrics.watch_certificates(
             lambda: [(name, tls.expires_at) for name, tls in self.tls.items()]
@@ -99,6 +108,7 @@ class Service:
             connect=lambda upstream: connect(upstream, self.reactor),
             limits=self.limits,
             metrics=self.metrics,
+            health=self.health,
             opened=guard.add,
             closed=guard.discard,
         )
@@ -109,7 +119,7 @@ class Service:
             self.audit.event("config_warning", warning=warning)
         self.directory = open_directory(s.directory, s.policy)
         self.sync_store = open_store(s.store)
-        self.store = AsyncCodeStore(self.sync_store, self.reactor)
+        self.store = AsyncCodeStore(self.sync_store, self.reactor, store_threads(s.store))
         self.hasher = CodeHasher(s.codes.argon2)
         self.hasher.start(self.reactor)
         self.authenticator = Authenticator(
@@ -120,6 +130,7 @@ class Service:
             self.audit,
             self.reactor,
             metrics=self.metrics,
+            health=self.health,
         )
         await self._start_web()
         code_check, account_check = self._check_intervals
@@ -229,6 +240,22 @@ class Service:
                 serve=list(listener.serve),
             )
 
+    def _upstream_name(self, protocol: MailProtocol) -> str:
+        up = self.specs[protocol].upstream
+        return f"upstream {protocol.value} {up.host}:{up.port}"
+
+    def describe(self) -> str:
+        """The start line: what this proxy serves and in front of what."""
+        s = self.settings
+        listening = ", ".join(f"{name} :{self.port_of(name)}" for name in self.ports)
+        upstreams = ", ".join(
+            f"{p.value} {u.host}:{u.port} ({u.tls}, {u.login})" for p, u in s.upstreams.items()
+        )
+        return (
+            f"apppass {__version__} serving {listening}; store {s.store.kind}; "
+            f"directory {s.directory.kind}; upstreams {upstreams or 'none'}"
+        )
+
     async def _probe(self, protocol: MailProtocol) -> bool:
         """Ask the upstream what it offers before login (SMTP: its EHLO extensions)."""
         spec = self.specs[protocol]
@@ -245,7 +272,9 @@ class Service:
                 result="fail",
                 reason=f"cannot learn what the upstream offers: {exc}",
             )
+            self.health.failed(self._upstream_name(protocol), str(exc))
             return False
+        self.health.ok(self._upstream_name(protocol))
         return True
 
     @defer.inlineCallbacks
@@ -265,129 +294,129 @@ class Service:
         return address.port
 
     def reload(self) -> None:
-        """SIGHUP: re-read the TLS certificates and a static users file."""
+        """SIGHUP: re-read the config and apply what can change without a restart (policy,
+        limits, log level), the TLS certificates and a static users file, and reopen the audit
+        file; log what was applied and what needs a restart."""
+        applied, restart = self._reload_settings()
         reload_directory = getattr(self.directory, "reload", None)
         if reload_directory is not None:
             try:
                 reload_directory()
+                applied.append("users file")
             except Exception as exc:  # a broken file keeps the last good one
                 self.audit.event("directory_reload", result="fail", reason=str(exc))
         for name, server_tls in self.tls.items():
             try:
                 server_tls.reload()
                 self.audit.event("tls_reload", listener=name, result="ok")
+                applied.append(f"certificate of {name}")
             except TLSConfigError as exc:
                 self.audit.event("tls_reload", listener=name, result="fail", reason=str(exc))
+                oplog.error(
+                    "reload: the certificate of %s did not load, kept the old: %s", name, exc
+                )
+        self.audit.reopen()
+        oplog.info("reload applied: %s", ", ".join(applied) or "nothing")
+        if restart:
+            oplog.warning("reload: %s changed; that needs a restart", ", ".join(restart))
+
+    def _reload_settings(self) -> tuple[list[str], list[str]]:
+        """Read the config again: (what was applied, which changed sections need a restart)."""
+        try:
+            new = load(self.settings.source)
+        except ConfigError as exc:
+            oplog.error(
+                "reload: the config has errors, none of it applied: %s", "; ".join(exc.problems[:3])
+            )
+            return [], []
+        old = self.settings
+        applied = []
+        if new.policy != old.policy:
+            self.authenticator.settings = replace(self.authenticator.settings, policy=new.policy)
+            if self.guard is not None:
+                self.guard.policy = new.policy
+            for name in ("legacy_group", "legacy_filter", "mfa_group", "mfa_filter"):
+                if hasattr(self.directory, name):
+                    setattr(self.directory, name, getattr(new.policy, name))
+            applied.append("policy")
+        if new.limits != old.limits:
+            self.limits.settings = new.limits
+            applied.append("limits")
+        if new.log != old.log:
+            for logger_name in LOGGERS:
+                logging.getLogger(logger_name).setLevel(new.log.level.upper())
+            applied.append("log level")
+        self.settings = replace(old, policy=new.policy, limits=new.limits, log=new.log)
+        restart = [
+            name
+            for name in (
+                "listeners",
+                "upstreams",
+                "store",
+                "directory",
+                "codes",
+                "auth",
+                "web",
+                "serve",
+                "audit",
+                "hostname",
+            )
+            if getattr(new, name) != getattr(old, name)
+        ]
+        if new.log.format != old.log.format:
+            restart.append("log.format")
+        return applied, restart
+
+    async def drain(self, grace: float) -> None:
+        """SIGTERM: stop accepting; close connections that are not logging in; let logins in
+        progress finish and sessions run for up to `grace` seconds; then end what is left with
+        the protocol's goodbye."""
+        await self._stop_listening()
+        for session in list(self.sessions):
+            session.drain()
+        await self._sessions_gone(grace)
+        if self.guard is not None:
+            self.guard.end_all("apppass is shutting down")
+        await self._sessions_gone(GOODBYE_SECONDS)  # the goodbyes are written before the stop
+
+    async def _sessions_gone(self, seconds: float) -> None:
+        deadline = self.reactor.seconds() + seconds
+        while self.sessions and self.reactor.seconds() < deadline:
+            await task.deferLater(self.reactor, min(DRAIN_POLL_SECONDS, seconds), lambda: None)
+
+    async def _stop_listening(self) -> None:
+        """Close every listening port once (a stop may come while a drain is closing them)."""
+        while self.ports:
+            _, port = self.ports.popitem()
+            await defer.maybeDeferred(port.stopListening)
 
     async def stop(self) -> None:
-        """Stop listening, end sessions, release pools; safe after a start that failed midway."""
+        """Stop listening, end sessions, release pools; safe after a start that failed midway,
+        and during a drain."""
         for loop in self._probes.values():
             if loop.running:
                 loop.stop()
         if self.guard is not None:
             self.guard.stop()
-        for port in self.ports.values():
-            await defer.maybeDeferred(port.stopListening)
+        await self._stop_listening()
         if self.guard is not None:
-            self.guard.end_all("proxy stopping")
-        for name in ("authenticator", "hasher", "store"):
-            part = getattr(self, name, None)
+            self.guard.end_all("apppass is shutting down")
+        # Each part is released even if another fails: a thread pool left running keeps the
+        # process alive after the reactor stopped.
+        parts = [
+            getattr(self, "authenticator", None),
+            getattr(self, "hasher", None),
+            getattr(self, "store", None),
+            getattr(getattr(self, "web", None), "queue", None),
+        ]
+        problems = []
+        for part in parts:
             if part is not None:
-                part.stop()
-        if getattr(self, "web", None) is not None:
-            self.web.queue.stop()
+                try:
+                    part.stop()
+                except Exception as exc:
+                    problems.append(f"{type(part).__name__}: {exc}")
         if getattr(self, "directory", None) is not None:
             self.directory.close()
-
-
-def serve(
-    settings: Settings,
-    *,
-    name: str = "apppass",
-    in_use_hint: str = "",
-    ready: Callable[[Service], None] | None = None,
-) -> int:
-    """Run until the first SIGTERM or SIGINT, in any state (starting, serving, stopping); the
-    signals after it are ignored, so a second one (timeout(1), systemd's final kill, an
-    impatient Ctrl-C) never interrupts the stop. SIGHUP re-reads the TLS certificates and the
-    users file. A start that fails is one line on stderr (`NAME: cannot start: …`, plus
-    in_use_hint for a port in use) and status 1; ready(service) runs once it is listening."""
-    import os
-
-    from twisted.internet import reactor as global_reactor
-    from twisted.internet.error import CannotListenError, ReactorNotRunning
-    from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
-    from zope.interface import provider
-
-    reactor: Any = global_reactor  # the installed reactor provides every IReactor* interface
-    service = Service(settings, reactor)
-    exit_code = 0
-    stopping = False
-
-    @provider(ILogObserver)
-    def warning(event: dict) -> None:
-        """Our modules' Twisted log warnings (tls.py: an upstream certificate), one line each."""
-        namespace = str(event.get("log_namespace") or "")
-        if event.get("log_level") == LogLevel.warn and namespace.startswith("proxy."):
-            message = formatEvent(event)
-            sys.stderr.write(f"{name}: warning: {message}\n")
-            service.audit.event("warning", message=message)
-
-    def stop_reactor() -> None:
-        try:
-            reactor.stop()
-        except ReactorNotRunning:  # already stopping
-            pass
-
-    def on_signal(number: int, frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        # A handler that does nothing, not SIG_IGN: Python raises "Signal 15 ignored due to race
-        # condition" for a signal already caught but not yet handled when it becomes SIG_IGN.
-        for other in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(other, lambda *_: None)
-        reactor.callFromThread(stop_reactor)
-
-    def started(_: object) -> None:
-        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(service.reload))
-        if ready is not None:
-            ready(service)
-
-    def failed(failure: Any) -> None:
-        nonlocal exit_code
-        if stopping:  # a start cut short by a stop is not a failure
-            return
-        exc = failure.value
-        reason = str(exc) or type(exc).__name__
-        if isinstance(exc, CannotListenError):
-            host = f"[{exc.interface}]" if ":" in exc.interface else exc.interface
-            error = exc.socketError.strerror if exc.socketError is not None else "in use"
-            reason = f"cannot listen on {host}:{exc.port} ({error}){in_use_hint}"
-        sys.stderr.write(f"{name}: cannot start: {reason}\n")
-        exit_code = 1
-        stop_reactor()
-
-    def run() -> None:
-        # Twisted's own handlers call reactor.stop() on every signal: a second one while
-        # stopping raises ReactorNotRunning, and after the reactor stopped they do nothing.
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, on_signal)
-        defer.ensureDeferred(service.start()).addCallback(started).addErrback(failed)
-
-    async def stop() -> None:  # also after a start that failed midway: its pools must end
-        try:
-            await service.stop()
-        except Exception as exc:
-            sys.stderr.write(f"{name}: while stopping: {exc or type(exc).__name__}\n")
-
-    reactor.callWhenRunning(run)
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(stop()))
-    globalLogPublisher.addObserver(warning)
-    try:
-        reactor.run()
-    finally:
-        globalLogPublisher.removeObserver(warning)
-    if not stopping:  # a failed start: Twisted's handlers would now do nothing; end the exit
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, lambda number, _: os._exit(128 + number))
-    return exit_code
+        if problems:
+            raise RuntimeError("; ".join(problems))

@@ -50,6 +50,8 @@ class LiveSession(Protocol):
 
     def end(self, reason: str) -> None: ...
 
+    def drain(self) -> None: ...
+
 
 class SessionGuard:
     """The registry of live sessions and the checks that end those no longer allowed."""

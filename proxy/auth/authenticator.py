@@ -28,6 +28,7 @@ from proxy.config import Settings
 from proxy.directory.account import Account, DirectoryUnavailable
 from proxy.fairqueue import ClientShareFull, FairQueue, QueueFull, SingleFlight
 from proxy.metrics import Metrics, Timer
+from proxy.oplog import Health
 from proxy.sasl import identity_problem, is_valid_login
 
 # Threads for directory lookups (ldap3 is synchronous; each holds one pooled connection).
@@ -61,6 +62,7 @@ class Authenticator:
         reactor: Any,
         clock=time.monotonic,
         metrics: Metrics | None = None,
+        health: Health | None = None,
     ) -> None:
         self.settings = settings
         self.directory = directory
@@ -70,6 +72,7 @@ class Authenticator:
         self._reactor = reactor
         self._clock = clock
         self.metrics = metrics or Metrics()
+        self.health = health or Health()
         self.limiter = FailureLimiter(settings.auth.ip_failures_per_minute)
         self.cache = VerifiedCache(settings.auth.cache_ttl.total_seconds())
         self.directory_queue = FairQueue("apppass-directory", DIRECTORY_THREADS, DIRECTORY_QUEUE)
@@ -150,11 +153,13 @@ class Authenticator:
                 account: Account | None = await self._lookup(attempt.login, client)
         except DirectoryUnavailable as exc:
             self.metrics.backend_errors.labels("directory").inc()
+            self.health.failed("directory", str(exc))
             return Denial(Refusal.TEMPORARY, f"directory unavailable: {exc}")
         except ClientShareFull:
             return self._flooding(attempt.client_ip, None, "directory")
         except QueueFull:
             return Denial(Refusal.TEMPORARY, "directory queue full")
+        self.health.ok("directory")
         if parts is None or account is None:
             reason = (
                 "unknown login"
@@ -172,6 +177,7 @@ class Authenticator:
                 record, verified = await self._verify(account.key, selector, code, client)
             except StoreUnavailable as exc:
                 self.metrics.backend_errors.labels("store").inc()
+                self.health.failed("store", str(exc))
                 return Denial(Refusal.TEMPORARY, f"store unavailable: {exc}", account)
             except ClientShareFull:
                 return self._flooding(attempt.client_ip, account, "verification")
@@ -208,9 +214,11 @@ class Authenticator:
                 )
         except StoreUnavailable as exc:
             self.metrics.backend_errors.labels("store").inc()
+            self.health.failed("store", str(exc))
             return Denial(Refusal.TEMPORARY, f"store unavailable: {exc}", account, code_id)
         except QueueFull:
             return Denial(Refusal.TEMPORARY, "store queue full", account, code_id)
+        self.health.ok("store")
         if isinstance(claim, Claim):
             if claim in (Claim.REVOKED, Claim.GONE, Claim.SUPERSEDED):
                 self.cache.forget(account.key, code)

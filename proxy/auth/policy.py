@@ -16,7 +16,7 @@ def account_problems(account: Account, policy: PolicySettings) -> list[tuple[str
         group = policy.legacy_group or "the legacy sign-in filter"
         problems.append(("legacy", f"account not allowed legacy sign-in (not a member of {group})"))
     if policy.require_mfa and not account.mfa:
-        problems.append(("mfa", "account has no second factor and policy.require_mfa is on"))
+        problems.append(("mfa", "account has no second factor, which app passwords require here"))
     return problems
 
 

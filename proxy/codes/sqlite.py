@@ -412,6 +412,8 @@ class SqliteCodeStore:
                     (_ts(utcnow()),),
                 ),
                 ("DELETE FROM code_changes WHERE at < ?", (_ts(utcnow() - CHANGES_KEPT),)),
+                # Portal sessions end after web.session_max (at most days): a day unseen is gone.
+                ("DELETE FROM web_sessions WHERE seen_at < ?", (_ts(utcnow() - CHANGES_KEPT),)),
             ]
         )
         return cur.rowcount

@@ -4,9 +4,10 @@ asynchronous wrapper the proxy uses (each call runs in the store's own thread po
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy.addresses import in_networks
 from proxy.fairqueue import FairQueue
@@ -155,6 +156,30 @@ class CodeStore(Protocol):
     ) -> bool: ...
     def release(self, reservation: Reservation) -> None: ...
     def close(self) -> None: ...
+
+
+class Rows(Protocol):
+    """What a statement gave: a sqlite3.Cursor, or the PostgreSQL store's Result (rows read by
+    position or column name; lastrowid after `INSERT … RETURNING id` on PostgreSQL)."""
+
+    @property
+    def rowcount(self) -> int: ...
+    @property
+    def lastrowid(self) -> int | None: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class SqlCodeStore(CodeStore, Protocol):
+    """A store the proxy opens (codes/open.py): the codes, its schema, and SQL written once in
+    SQLite's placeholder style (`?`, `:name`) that every store runs, for what else lives in the
+    same database (the web records)."""
+
+    def run(self, sql: str, params: Any = ()) -> Rows: ...
+    def transaction(self, statements: list[tuple[str, Any]]) -> Sequence[Rows]: ...
+    def version(self) -> int: ...
+    def migrate(self) -> tuple[int, int]: ...
 
 
 # Store calls that may wait for the store's thread: 1024, a client at most an eighth of them. A

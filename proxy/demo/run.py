@@ -2,8 +2,9 @@
 (proxy/demo/sandbox.py).
 
 Everything lives under one folder (default ./var/demo): the config it writes, the SQLite store,
-a users file with the account `demo`. The sandbox keeps mail in memory only. For trying apppass
-out on this machine; nothing listens beyond 127.0.0.1.
+a users file with the account `demo` (with a portal password made afresh each run). The
+self-service portal listens on http://127.0.0.1:8080. The sandbox keeps mail in memory only.
+For trying apppass out on this machine; nothing listens beyond 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -19,10 +20,19 @@ from proxy.config import load
 
 HOST = "127.0.0.1"
 PORTS = {"imap": 1143, "pop3": 1110, "smtp": 1587}
+WEB_PORT = 8080  # the self-service portal, plain HTTP on loopback
 MASTER_USER = "apppass-master"
 
 
-def _write_config(folder: Path, upstream_ports: dict[str, int], ports: dict[str, int]) -> Path:
+def _write_config(
+    folder: Path,
+    upstream_ports: dict[str, int],
+    ports: dict[str, int],
+    web_port: int,
+    portal_password: str,
+) -> Path:
+    from proxy.directory.passwords import hash_password
+
     (folder / "users.yaml").write_text(
         yaml.safe_dump(
             {
@@ -33,6 +43,7 @@ def _write_config(folder: Path, upstream_ports: dict[str, int], ports: dict[str,
                         "aliases": ["demo@example.test"],
                         "upstream": "demo",
                         "groups": ["legacy-mail"],
+                        "password_hash": hash_password(portal_password),
                     }
                 }
             },
@@ -76,6 +87,7 @@ def _write_config(folder: Path, upstream_ports: dict[str, int], ports: dict[str,
             }
             for p in ports
         },
+        "web": {"listeners": [{"name": "portal", "bind": f"{HOST}:{web_port}", "tls": "none"}]},
     }
     path = folder / "apppass.yaml"
     path.write_text(
@@ -85,13 +97,16 @@ def _write_config(folder: Path, upstream_ports: dict[str, int], ports: dict[str,
     return path
 
 
-def _instructions(code: str, ports: dict[str, int]) -> str:
+def _instructions(code: str, ports: dict[str, int], web_port: int, portal_password: str) -> str:
     lines = [
         "",
         "apppass demo is running (sandbox upstream: mail is kept in memory only; Ctrl-C stops it).",
         "",
         "  login:         demo",
         f"  app password:  {code}",
+        "",
+        f"Self-service portal: http://{HOST}:{web_port}/",
+        f"  portal password: {portal_password}   (sign in as demo; create, use and revoke codes)",
         "",
         "Try it:",
         f"  curl -u 'demo:{code}' imap://{HOST}:{ports['imap']}/INBOX -X 'EXAMINE INBOX'",
@@ -122,20 +137,22 @@ def run_demo(args) -> int:
     from proxy.codes.hashing import CodeHasher
     from proxy.codes.issue import issue_code
     from proxy.codes.open import open_store
+    from proxy.daemon import serve
     from proxy.demo.sandbox import Sandbox
     from proxy.directory.open import open_directory
-    from proxy.service import serve
 
     folder = Path(args.dir).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     ports = {p: getattr(args, f"{p}_port") for p in PORTS}
+    web_port = getattr(args, "web_port", WEB_PORT)
+    portal_password = secrets.token_urlsafe(9)  # a new one each run, shown below
     master = folder / "master-password"
     if not master.exists():
         master.write_text(secrets.token_urlsafe(24) + "\n")
         os.chmod(master, 0o600)
     sandbox = Sandbox({"demo": None}, MASTER_USER, master.read_text().strip())
     sandbox_ports = sandbox.listen(reactor, host=HOST)  # any free ports: it cannot collide
-    cfg = _write_config(folder, sandbox_ports._asdict(), ports)
+    cfg = _write_config(folder, sandbox_ports._asdict(), ports, web_port, portal_password)
     settings = load(cfg)
     store = open_store(settings.store)
     directory = open_directory(settings.directory, settings.policy)
@@ -153,7 +170,7 @@ def run_demo(args) -> int:
     finally:
         store.close()
         directory.close()
-    text = _instructions(issued.code.grouped(), ports)
+    text = _instructions(issued.code.grouped(), ports, web_port, portal_password)
     text = text.replace("{cfg}", str(cfg)).replace("{audit}", str(folder / "audit.jsonl"))
 
     def ready(_service) -> None:

@@ -51,5 +51,10 @@ class Directory(Protocol):
     def search(self, text: str, limit: int = 20) -> list[Account]:
         """Accounts whose names contain `text` (admins' search). Raises DirectoryUnavailable."""
 
+    def verify_password(self, account: Account, password: str) -> bool:
+        """Whether `password` is the account's own (the portal's sign-in): LDAP binds as the
+        account, the static file checks its `password_hash`. False for a wrong or empty
+        password; raises DirectoryUnavailable. Never logs the password."""
+
     def close(self) -> None:
         """Release connections."""

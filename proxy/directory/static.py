@@ -18,6 +18,11 @@ import yaml
 
 from proxy.configschema import ConfigError, Context, Invalid, Node, boolean, show, text, text_list
 from proxy.directory.account import Account, DirectoryUnavailable
+from proxy.directory.passwords import (
+    PasswordHash,
+    password_hash_problem,
+    verify_password_hash,
+)
 from proxy.sasl import is_valid_login
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,16 @@ def _stable_id(node: Node, key: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip() or not is_valid_login(value):
         raise Invalid("must be a non-empty string without control characters, e.g. a UUID")
     return value.strip()
+
+
+def _password_hash(node: Node, key: str, value: Any) -> PasswordHash | None:
+    """The portal password's hash. A mistake is reported without the value: it may be a
+    password pasted in by mistake."""
+    problem = password_hash_problem(value.strip()) if isinstance(value, str) else "must be text"
+    if problem:
+        node.ctx.error(node.key_path(key), problem)
+        return None
+    return PasswordHash(value.strip())
 
 
 def _id_required(login: str) -> str:
@@ -95,6 +110,7 @@ def parse_accounts(
         expires = node.get("expires", _moment, None)
         mfa = node.get("mfa", boolean, False)
         changed = node.get("password_changed", _moment, None)
+        password = node.get("password_hash", _password_hash, None)
         account = Account(
             key=key,
             login=login,
@@ -109,7 +125,10 @@ def parse_accounts(
             mfa=mfa or (mfa_group is not None and mfa_group.lower() in {g.lower() for g in groups}),
             password_changed_at=changed,
             dn=f"{source}:{login}",
-            extra={"expires": expires} if expires else {},
+            extra={
+                **({"expires": expires} if expires else {}),
+                **({"password_hash": password} if password else {}),
+            },
         )
         node.finish()
         if key and key in keys:
@@ -254,6 +273,13 @@ class StaticDirectory:
         with self._lock:
             self._load()
             return _with_expiry(next((a for a in self._names.values() if a.key == key), None))
+
+    def verify_password(self, account: Account, password: str) -> bool:
+        """The account's portal password (its `password_hash`, as the file says now); an
+        account without one cannot sign in. Slow on purpose: call it off the reactor."""
+        current = self.by_key(account.key)
+        stored = current.extra.get("password_hash") if current is not None else None
+        return verify_password_hash(stored, password)
 
     def close(self) -> None:
         pass

@@ -106,6 +106,7 @@ WORDS: Mapping[Say, Reply] = {
     Say.OVERFLOW: Reply("* BYE Too much input before login completed", Count.CLOSE),
     Say.LOGIN_TIMEOUT: Reply("* BYE Login timed out", Count.CLOSE),
     # RFC 9051 §7.1.5: BYE may be the greeting of a server that will not serve the client.
+    Say.SHUTTING_DOWN: Reply("* BYE apppass is shutting down, try again later", Count.CLOSE),
     Say.TOO_MANY_CONNECTIONS: Reply(
         "* BYE [UNAVAILABLE] Too many connections, try again later", Count.CLOSE
     ),

@@ -65,6 +65,7 @@ WORDS: Mapping[Say, Reply] = {
     # RFC 1939 §3: when the autologout timer expires the server closes the connection "without
     # ... sending any response to the client".
     Say.LOGIN_TIMEOUT: Reply("", Count.CLOSE),
+    Say.SHUTTING_DOWN: Reply("", Count.CLOSE),  # no unsolicited replies in POP3
     Say.TOO_MANY_CONNECTIONS: Reply(
         "-ERR [SYS/TEMP] Too many connections, try again later.", Count.CLOSE
     ),

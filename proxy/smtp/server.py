@@ -65,6 +65,8 @@ WORDS: Mapping[Say, Reply] = {
     Say.OVERFLOW: Reply("421 4.7.0 {host} Error: too much pipelined input", Count.CLOSE),
     Say.LOGIN_TIMEOUT: Reply("421 4.4.2 {host} Error: timeout exceeded", Count.CLOSE),  # Postfix's
     Say.TOO_MANY_CONNECTIONS: Reply("421 4.7.0 {host} Error: too many connections", Count.CLOSE),
+    # RFC 3463 4.3.2: system not accepting network messages.
+    Say.SHUTTING_DOWN: Reply("421 4.3.2 {host} Service shutting down", Count.CLOSE),
 }
 
 # Replies to an auth_failed Refusal (RFC 4954 §6, RFC 3463).

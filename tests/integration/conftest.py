@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.servers.fixtures import dovecot, postfix, test_ca  # noqa: F401
+from tests.servers.postgres import pg_database, postgres  # noqa: F401
 from tests.servers.samba import samba_dc  # noqa: F401
 from tests.servers.slapd import slapd, slapd_factory  # noqa: F401
 

@@ -98,9 +98,11 @@ async def start_proxy(
     directory: dict | None = None,
     limits: dict | None = None,
     web: dict | None = None,
+    users: dict | None = None,
+    store: dict | None = None,
 ) -> ProxyHarness:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "users.yaml").write_text(yaml.safe_dump(USERS))
+    (folder / "users.yaml").write_text(yaml.safe_dump(users or USERS))
     for name, up in upstream.items():
         if "master_password" in up:
             secret = folder / f"{name}-master"
@@ -109,7 +111,7 @@ async def start_proxy(
     for item in listeners:
         item.setdefault("bind", f"127.0.0.1:{free_port()}")
     config = {
-        "store": {"sqlite": "codes.db"},
+        "store": store or {"sqlite": "codes.db"},
         "directory": directory or {"static": "users.yaml"},
         "policy": policy or {"legacy_group": "legacy-mail"},
         "codes": {"argon2": FAST_ARGON2},

@@ -129,7 +129,7 @@ def test_mfa_comes_from_the_group(directory):
     strict = PolicySettings(legacy_group="legacy-mail", require_mfa=True)
     assert account_refusal(account(directory, "allowed"), strict) is None
     assert account_refusal(account(directory, "device"), strict) == (
-        "account has no second factor and policy.require_mfa is on"
+        "account has no second factor, which app passwords require here"
     )
 
 

@@ -48,5 +48,10 @@ def pytest_runtest_call(item):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item, nextitem):
+    if nextitem is None:
+        # The last test of the whole run: its teardown also ends the session-wide fixtures of
+        # tests/integration and tests/browser (servers, the browser), which may use sockets.
+        yield
+        return
     with _no_network():
         yield

@@ -341,3 +341,13 @@ def test_check_config_names_an_account_without_an_id(config, capsys):
     code, _, err = run(config, capsys, "check-config")
     assert code == 2
     assert err.startswith("users.yaml: accounts.jsmith.id: is required: a stable id that is ")
+
+
+def test_expires_never_overrides_the_default_expiry(config, capsys):
+    config.write_text(config.read_text().replace("codes: {", "codes: {default_expires: 90d, "))
+    code, out, _ = run(config, capsys, "codes", "create", "alice", "--label", "a", "--json")
+    assert code == 0 and json.loads(out)["expires_at"] is not None
+    code, out, _ = run(
+        config, capsys, "codes", "create", "alice", "--label", "b", "--expires", "never", "--json"
+    )
+    assert code == 0 and json.loads(out)["expires_at"] is None

@@ -140,7 +140,7 @@ CASES = [
     (
         ("store",),
         {"mysql": "x"},
-        'apppass.yaml: store: must set exactly one of sqlite (got {"mysql": "x"})',
+        'apppass.yaml: store: must set exactly one of sqlite, postgresql (got {"mysql": "x"})',
     ),
     (("store",), DELETE, "apppass.yaml: store: is required"),
     (

@@ -27,6 +27,7 @@ from proxy.directory.account import Account
 from proxy.frontend import Frontend, SessionContext
 from proxy.limits import ConnectionLimits, LimitSettings
 from proxy.metrics import Metrics
+from proxy.oplog import Health
 from proxy.protocols import MailProtocol
 from proxy.sasl import client_plain
 from proxy.service import protocol_specs
@@ -152,6 +153,7 @@ class Session:
             connect=upstream.connect,
             limits=self.limits,
             metrics=self.metrics,
+            health=Health(),
             opened=self.live.add,
             closed=self.live.discard,
         )

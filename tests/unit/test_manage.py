@@ -154,3 +154,20 @@ def test_search_finds_accounts_by_any_name_or_display_name(env):
     assert [a.login for a in env.search("printer")] == ["printer1"]
     assert [a.login for a in env.search("EXAMPLE")] == ["alice"]
     assert refused(env.search, "  ") == ("invalid", "q")
+
+
+def test_codes_default_expires_applies_unless_never_is_asked_for(env):
+    from dataclasses import replace
+
+    env.settings = replace(
+        env.settings, codes=replace(env.settings.codes, default_expires=timedelta(days=30))
+    )
+    alice = env.account("alice")
+    dated = env.create(CLI, alice, CodeRequest("phone")).record
+    assert timedelta(days=29) < dated.expires_at - datetime.now(UTC) <= timedelta(days=30)
+    assert (
+        env.create(CLI, alice, CodeRequest("printer", never_expires=True)).record.expires_at is None
+    )
+    later = datetime.now(UTC) + timedelta(days=1)
+    both = CodeRequest("x", expires_at=later, never_expires=True)
+    assert refused(env.create, CLI, alice, both) == ("invalid", "expires_at")

@@ -34,6 +34,9 @@ class FakeSession:
     def end(self, reason: str) -> None:
         self.ended.append(reason)
 
+    def drain(self) -> None:
+        pass
+
 
 class Env:
     def __init__(self, tmp_path, policy: PolicySettings | None = None):

@@ -102,7 +102,7 @@ POLICY = PolicySettings(legacy_group="legacy-mail")
         (
             "printer1",
             PolicySettings(legacy_group="legacy-mail", require_mfa=True),
-            "account has no second factor and policy.require_mfa is on",
+            "account has no second factor, which app passwords require here",
         ),
         ("alice", PolicySettings(legacy_group="legacy-mail", require_mfa=True), None),
     ],

@@ -186,6 +186,12 @@ class LdapDirectory:
 
         return sorted(self._pool.run(find), key=lambda a: a.login.lower())
 
+    def verify_password(self, account: Account, password: str) -> bool:
+        """A simple bind as the account's DN (whatever name the person typed, it resolved to this
+        account first) on a fresh connection; False for a wrong, empty or refused password
+        (locked, disabled), DirectoryUnavailable when no server answers."""
+        return self._pool.bind_as(account.dn, password)
+
     def close(self) -> None:
         self._pool.close()
         self._cache.clear()

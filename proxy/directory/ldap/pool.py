@@ -33,6 +33,16 @@ class Trouble(Exception):
     DirectoryUnavailable)."""
 
 
+class BindRefused(Exception):
+    """The server refused a person's password (internal: bind_as says False)."""
+
+
+# LDAP resultCode invalidCredentials (RFC 4511 §4.1.9): a wrong password, and also how OpenLDAP's
+# ppolicy and Active Directory (data 52e, 533, 701, 773, 775) refuse a locked, disabled or
+# expired account's bind.
+INVALID_CREDENTIALS = 49
+
+
 @dataclass
 class _ServerState:
     uri: str
@@ -105,6 +115,22 @@ class ConnectionPool:
             self.release(pooled)
             return result
         raise DirectoryUnavailable(last)
+
+    def bind_as(self, dn: str, password: str) -> bool:
+        """Whether `password` is dn's: a simple bind as dn on a fresh connection (never pooled,
+        never the service account's), to the servers in failover order. Raises
+        DirectoryUnavailable when no server answers."""
+        if not dn or not password:
+            # An empty password is an unauthenticated bind (RFC 4513 §5.1.2): it proves nothing.
+            return False
+        try:
+            conn, _ = self._connect((dn, password))
+        except BindRefused:
+            return False
+        except Trouble as exc:
+            raise DirectoryUnavailable(str(exc)) from None
+        _unbind(conn)
+        return True
 
     def acquire(self) -> Pooled:
         deadline = (
@@ -229,7 +255,9 @@ class ConnectionPool:
                 raise Trouble(f"cannot read bind_password_file: {exc.strerror}") from None
         return self.settings.bind_password or ""
 
-    def _connect(self) -> tuple[ldap3.Connection, int]:
+    def _connect(self, person: tuple[str, str] | None = None) -> tuple[ldap3.Connection, int]:
+        """A bound connection to the first server that answers: as the service account, or as
+        `person` (dn, password), whose refused password is BindRefused, not server trouble."""
         now = self._clock()
         with self._cond:
             order = sorted(
@@ -239,7 +267,7 @@ class ConnectionPool:
         for index in order:
             server = self._servers[index]
             try:
-                conn = self._open_bound(server)
+                conn = self._open_bound(server, person)
             except Trouble as exc:
                 errors.append(f"{server.uri}: {exc}")
                 with self._cond:
@@ -258,11 +286,14 @@ class ConnectionPool:
                     log.info("LDAP server %s answers again", server.uri)
                 server.down_until = 0.0
                 server.last_error = ""
-                self.opened += 1
+                if person is None:
+                    self.opened += 1
             return conn, index
         raise Trouble("no LDAP server answered: " + "; ".join(errors))
 
-    def _open_bound(self, server: _ServerState) -> ldap3.Connection:
+    def _open_bound(
+        self, server: _ServerState, person: tuple[str, str] | None = None
+    ) -> ldap3.Connection:
         s = self.settings
         # A fresh ldap3.Server per connection: ldap3 marks an address unavailable for a while
         # after a failure, and our own failover decides that.
@@ -274,12 +305,12 @@ class ConnectionPool:
             get_info=ldap3.NONE,
             connect_timeout=s.connect_timeout,
         )
-        password = self._password() if s.bind_dn else None
+        user, password = person or (s.bind_dn, self._password() if s.bind_dn else None)
         conn = ldap3.Connection(
             ldap_server,
-            user=s.bind_dn,
+            user=user,
             password=password,
-            authentication=ldap3.SIMPLE if s.bind_dn else ldap3.ANONYMOUS,
+            authentication=ldap3.SIMPLE if user else ldap3.ANONYMOUS,
             client_strategy=ldap3.SYNC,
             auto_bind=ldap3.AUTO_BIND_NONE,
             auto_referrals=False,
@@ -295,8 +326,11 @@ class ConnectionPool:
             if s.start_tls and not server.use_ssl and not conn.start_tls(read_server_info=False):
                 raise Trouble(f"StartTLS refused: {result_text(conn)}")
             if not conn.bind(read_server_info=False):
-                raise Trouble(f"service bind refused: {result_text(conn)}")
-        except Trouble:
+                if person is not None and (conn.result or {}).get("result") == INVALID_CREDENTIALS:
+                    raise BindRefused(result_text(conn))
+                who = "bind as the person" if person else "service bind"
+                raise Trouble(f"{who} refused: {result_text(conn)}")
+        except (Trouble, BindRefused):
             _unbind(conn)
             raise
         except (LDAPException, OSError) as exc:

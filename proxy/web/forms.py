@@ -1,0 +1,104 @@
+"""The create form's fields to a CodeRequest (proxy/manage.py checks the rest), and the form's
+choices. Pure: a mistake is a ManageError naming the field, shown next to it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+from proxy.config import SCOPES, Settings
+from proxy.configschema import parse_expiry
+from proxy.manage import CodeRequest, ManageError
+
+# Expiry choices (Google and Microsoft app passwords never expire; Fastmail offers presets).
+PRESETS = {"30d": ("30 days", 30), "90d": ("90 days", 90), "365d": ("1 year", 365)}
+
+# One form field's longest value: a label is at most 100 characters, 16 networks fit easily.
+MAX_FIELD = 2000
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What the form offers and what it starts with."""
+
+    scopes: tuple[str, ...]
+    default_scopes: tuple[str, ...]
+    presets: tuple[tuple[str, str], ...]  # (value, label)
+    default_label: str  # what "default" means: "never" or the site's default expiry
+    min_date: str  # the earliest date the date field accepts (tomorrow)
+
+
+def choices(settings: Settings, today: date) -> Choices:
+    default = settings.codes.default_expires
+    label = "Never" if default is None else f"Site default ({_days(default)})"
+    return Choices(
+        scopes=SCOPES,
+        default_scopes=settings.codes.default_scopes,
+        presets=tuple((value, text) for value, (text, _) in PRESETS.items()),
+        default_label=label,
+        min_date=(today + timedelta(days=1)).isoformat(),
+    )
+
+
+def _days(delta: timedelta) -> str:
+    days = delta.total_seconds() / 86400
+    return f"{days:g} days" if days >= 1 else f"{delta.total_seconds() / 3600:g} hours"
+
+
+def first(form: Mapping[str, Sequence[str]], name: str) -> str:
+    values = form.get(name) or [""]
+    value = values[0]
+    if len(value) > MAX_FIELD:
+        raise ManageError("invalid", "this field is too long", name)
+    return value
+
+
+def code_request(form: Mapping[str, Sequence[str]], now: datetime) -> CodeRequest:
+    """The request the form describes; ManageError(field) for what cannot be read."""
+    label = first(form, "label").strip()
+    if not label:
+        raise ManageError(
+            "invalid", "give the app password a name, e.g. “Printer 3rd floor”", "label"
+        )
+    scopes = tuple(s for s in form.get("scopes", ()) if s)
+    if not scopes:
+        raise ManageError("invalid", "choose at least one of IMAP, POP3 or SMTP", "scopes")
+    return CodeRequest(
+        label=label,
+        scopes=scopes,
+        expires_at=_expiry(first(form, "expires"), first(form, "expires_date"), now),
+        max_uses=_max_uses(first(form, "max_uses")),
+        networks=tuple(n for n in re.split(r"[\s,;]+", first(form, "networks")) if n),
+    )
+
+
+def _expiry(choice: str, day: str, now: datetime) -> datetime | None:
+    if choice in ("", "default"):
+        return None
+    if choice in PRESETS:
+        return now.astimezone(UTC).replace(microsecond=0) + timedelta(days=PRESETS[choice][1])
+    if choice == "date":
+        try:
+            date.fromisoformat(day.strip())
+            moment = parse_expiry(day.strip(), now)
+        except ValueError:
+            moment = None
+        if moment is None:
+            raise ManageError("invalid", "give a date like 2027-06-30", "expires_date")
+        if moment <= now:
+            raise ManageError("invalid", "the date must be in the future", "expires_date")
+        return moment
+    raise ManageError("invalid", "choose one of the expiry options", "expires")
+
+
+def _max_uses(value: str) -> int | None:
+    value = value.strip()
+    if not value:
+        return None
+    if not value.isascii() or not value.isdigit():
+        raise ManageError(
+            "invalid", "max uses is a whole number, or empty for no limit", "max_uses"
+        )
+    return int(value)
