@@ -4,6 +4,7 @@ session checks (proxy/sessions.py), reloads on SIGHUP and stops cleanly."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
@@ -18,6 +19,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from proxy import __version__
 from proxy.audit import Audit
 from proxy.auth.authenticator import Authenticator
+from proxy.auth.ratelimit import FailureLimiter
+from proxy.auth.shared import SharedLimiter
 from proxy.codes.hashing import CodeHasher
 from proxy.codes.open import open_store, store_threads
 from proxy.codes.store import AsyncCodeStore
@@ -132,6 +135,11 @@ class Service:
             metrics=self.metrics,
             health=self.health,
         )
+        local = self.authenticator.limiter
+        assert isinstance(local, FailureLimiter)
+        self.shared = SharedLimiter(local, self.store, self.reactor, time.monotonic)
+        self.authenticator.limiter = self.shared
+        self.shared.start()
         await self._start_web()
         code_check, account_check = self._check_intervals
         self.guard = SessionGuard(
@@ -398,6 +406,8 @@ class Service:
                 loop.stop()
         if self.guard is not None:
             self.guard.stop()
+        if getattr(self, "shared", None) is not None:
+            self.shared.stop()
         await self._stop_listening()
         if self.guard is not None:
             self.guard.end_all("apppass is shutting down")

@@ -21,7 +21,7 @@ from proxy.audit import Audit
 from proxy.auth.cache import VerifiedCache
 from proxy.auth.decision import Attempt, Decision, Denial, Grant, Refusal
 from proxy.auth.policy import account_refusal
-from proxy.auth.ratelimit import FailureLimiter, client_bucket
+from proxy.auth.ratelimit import FailureLimiter, Limiter, client_bucket
 from proxy.codes.generate import split
 from proxy.codes.store import INTERNAL, Claim, CodeRecord, Reservation, StoreUnavailable
 from proxy.config import Settings
@@ -73,7 +73,8 @@ class Authenticator:
         self._clock = clock
         self.metrics = metrics or Metrics()
         self.health = health or Health()
-        self.limiter = FailureLimiter(settings.auth.ip_failures_per_minute)
+        # Per address, in memory; the Service shares it across nodes (proxy/auth/shared.py).
+        self.limiter: Limiter = FailureLimiter(settings.auth.ip_failures_per_minute)
         self.cache = VerifiedCache(settings.auth.cache_ttl.total_seconds())
         self.directory_queue = FairQueue("apppass-directory", DIRECTORY_THREADS, DIRECTORY_QUEUE)
         self.directory_queue.start(reactor)

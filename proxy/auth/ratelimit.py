@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections import OrderedDict, deque
+from typing import Protocol
 
 from proxy.addresses import parse_ip
 
@@ -25,6 +26,17 @@ def client_bucket(ip: str) -> str:
     if addr.version == 6:
         return str(ipaddress.ip_network(f"{addr}/64", strict=False))
     return str(addr)
+
+
+class Limiter(Protocol):
+    """What logins and sign-ins ask of a failure limiter (this one, or proxy/auth/shared.py's)."""
+
+    per_window: int
+    window: float
+
+    def blocked(self, ip: str, now: float) -> bool: ...
+    def failure(self, ip: str, now: float, target: str = "") -> None: ...
+    def success(self, ip: str, target: str) -> None: ...
 
 
 class FailureLimiter:

@@ -119,6 +119,17 @@ MIGRATIONS = [
         INSERT INTO code_changes (code_id, at) VALUES (OLD.id, CAST(strftime('%s') AS INTEGER));
     END""",
     ],
+    [
+        # Failed logins of the last minutes, from every node (proxy/auth/shared.py).
+        """
+    CREATE TABLE login_failures (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        bucket TEXT NOT NULL,
+        target TEXT NOT NULL,
+        at INTEGER NOT NULL
+    )""",
+        "CREATE INDEX login_failures_at ON login_failures (at)",
+    ],
 ]
 
 # What a claim re-checks of a code (named parameters: now, scope, ip, floor).

@@ -14,7 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from proxy.audit import Audit
-from proxy.auth.ratelimit import FailureLimiter, client_bucket
+from proxy.auth.ratelimit import Limiter, client_bucket
 from proxy.codes.hashing import CodeHasher
 from proxy.config import Settings
 from proxy.fairqueue import FairQueue
@@ -54,7 +54,7 @@ class WebApp:
     records: WebRecords  # API tokens, portal sessions, TOTP
     directory: Any  # verify_password, lookup
     hasher: CodeHasher
-    limiter: FailureLimiter  # the mail logins' limiter: sign-in failures count in it too
+    limiter: Limiter  # the mail logins' limiter: sign-in failures count in it too
     audit: Audit
     reactor: Any
     queue: FairQueue
@@ -135,7 +135,7 @@ def web_app(
     settings: Settings,
     directory: Any,
     store: Any,
-    limiter: FailureLimiter,
+    limiter: Limiter,
     audit: Audit,
     reactor: Any,
     ops: Ops | None = None,

@@ -1,6 +1,6 @@
 """What the portal and the admin API keep in the store: API tokens, portal sessions and TOTP
-enrolments. Synchronous, on the same database as the codes (proxy/codes/sqlite.py, migration 3),
-so several proxy nodes on one database share them.
+enrolments. Synchronous, on the same database as the codes (SQLite or PostgreSQL, migration 3;
+the SQL is the portable subset both stores run), so several proxy nodes share them.
 
 Secrets are kept only as SHA-256 digests (API tokens, session cookies, recovery codes: all of
 high entropy, so a fast hash is enough); a TOTP secret must be kept as it is, to check codes.
@@ -14,8 +14,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from proxy.codes.sqlite import SqliteCodeStore
-from proxy.codes.store import utcnow
+from proxy.codes.store import SqlCodeStore, utcnow
 
 # API token: "apt_" + 8-character selector + "_" + 40-character secret (238 bits).
 TOKEN_PREFIX = "apt_"
@@ -82,7 +81,7 @@ class Totp:
 
 
 class WebRecords:
-    def __init__(self, store: SqliteCodeStore) -> None:
+    def __init__(self, store: SqlCodeStore) -> None:
         self.store = store
 
     # -- API tokens ------------------------------------------------------------------------------
@@ -95,7 +94,7 @@ class WebRecords:
         secret = "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(40))
         cur = self.store.run(
             "INSERT INTO api_tokens (label, selector, hash, read_only, created_at, expires_at,"
-            " created_by) VALUES (?,?,?,?,?,?,?)",
+            " created_by) VALUES (?,?,?,?,?,?,?) RETURNING id",
             (
                 label,
                 selector,
@@ -106,7 +105,7 @@ class WebRecords:
                 created_by,
             ),
         )
-        token = self.token(int(cur.lastrowid or 0))
+        token = self.token(int(cur.fetchone()[0]))
         assert token is not None
         return token, f"{TOKEN_PREFIX}{selector}_{secret}"
 

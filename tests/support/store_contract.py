@@ -27,7 +27,7 @@ NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 # The schema version both stores' migrations reach (SQLite's PRAGMA user_version, PostgreSQL's
 # schema_version): a step added to one store must be added to the other.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Bounds for the cross-process race: the children start a Python each and open a store.
 PROCESS_DEADLINE = 120.0
