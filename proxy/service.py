@@ -23,7 +23,7 @@ from proxy.auth.ratelimit import FailureLimiter
 from proxy.auth.shared import SharedLimiter
 from proxy.codes.hashing import CodeHasher
 from proxy.codes.open import open_store, store_threads
-from proxy.codes.store import AsyncCodeStore
+from proxy.codes.store import INTERNAL, AsyncCodeStore
 from proxy.config import ConfigError, Settings, Upstream, load
 from proxy.directory.open import open_directory
 from proxy.exposure import clear_text_warnings
@@ -202,7 +202,14 @@ class Service:
         async def upstream(up: Upstream) -> None:
             (await connect(up, self.reactor)).close()
 
-        await check("store", lambda: self.store.changes_since(None))
+        # A write, not a read: a node on a read-only database (a replica after failover) can
+        # refuse every login while it answers reads.
+        await check(
+            "store",
+            lambda: self.store.queue.submit(
+                INTERNAL, self.sync_store.run, "DELETE FROM login_failures WHERE at < 0"
+            ),
+        )
         await check("directory", lambda: self.authenticator.account("apppass-readiness-probe"))
         for protocol, spec in self.specs.items():
             await check(f"upstream_{protocol.value}", partial(upstream, spec.upstream))

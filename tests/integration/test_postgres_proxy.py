@@ -153,3 +153,72 @@ async def test_logins_while_the_database_is_down_are_temporary_failures_then_wor
     await threads.deferToThread(
         wait_until, logs_in, RECOVERY, "logins through the proxy again", 0.2
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_readyz_is_not_ready_on_a_read_only_database(
+    dovecot, test_ca, postgres, pg_database, tmp_path
+):
+    import urllib.error
+    import urllib.request
+
+    from tests.servers.common import free_port
+
+    ops = free_port()
+    harness = await start_proxy(
+        tmp_path / "ops",
+        store=pg_database.config(),
+        listeners=[
+            {
+                "name": "plain",
+                "protocol": "imap",
+                "tls": "none",
+                "plaintext_auth_from": ["127.0.0.0/8"],
+            }
+        ],
+        upstream={
+            "imap": {
+                "host": "127.0.0.1",
+                "port": dovecot.imap_port,
+                "tls": "none",
+                "master_user": MASTER_USER,
+                "master_password": MASTER_PASSWORD,
+            }
+        },
+        web={"listeners": [{"bind": f"127.0.0.1:{ops}", "tls": "none", "serve": ["health"]}]},
+    )
+
+    def ready() -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ops}/readyz", timeout=15) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    try:
+        assert (await threads.deferToThread(ready))[0] == 200
+        with postgres.admin() as conn:  # a replica after failover
+            conn.execute(
+                f"ALTER DATABASE {pg_database.name} SET default_transaction_read_only = on"
+            )
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (pg_database.name,),
+            )
+
+        def not_ready() -> dict:
+            deadline = time.monotonic() + RECOVERY
+            while time.monotonic() < deadline:
+                status, body = ready()
+                if status == 503:
+                    return body
+                time.sleep(0.5)  # /readyz answers are reused for 2 s
+            raise AssertionError("still ready on a read-only database")
+
+        body = await threads.deferToThread(not_ready)
+        assert body["checks"]["store"].startswith("failed")
+    finally:
+        with postgres.admin() as conn:
+            conn.execute(f"ALTER DATABASE {pg_database.name} RESET default_transaction_read_only")
+        await harness.stop()
