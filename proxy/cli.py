@@ -1,5 +1,5 @@
 """The `apppass` command: serve, demo, migrate, check-config, codes …, directory check, users
-hash-password, tokens …."""
+hash-password, tokens …, notify."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from proxy import codeopts
 from proxy.cliformat import fmt_time as _fmt_time
+from proxy.cliformat import notes as _notes
 from proxy.cliformat import record_json as _record_json
+from proxy.cliformat import sending as _sending
 from proxy.cliformat import table as _table
 from proxy.config import SCOPES, ConfigError, Settings, config_path, load
 from proxy.configschema import Invalid, parse_duration, parse_expiry
@@ -225,7 +228,9 @@ def cmd_codes_create(ctx: _Context) -> int:
     expires = _expiry(a.expires) if a.expires is not None else None
     manager = ctx.manager()
     never = a.expires is not None and expires is None  # `--expires never`
-    request = CodeRequest(a.label, scopes, expires, a.max_uses, nets, never_expires=never)
+    request = CodeRequest(
+        a.label, scopes, expires, a.max_uses, nets, never, **codeopts.request_fields(a)
+    )
     issued = manager.create(ctx.actor(a.created_by), manager.account(a.login), request)
     rec = issued.record
     if a.json:
@@ -241,6 +246,8 @@ def cmd_codes_create(ctx: _Context) -> int:
         + (f"; max uses: {rec.max_uses}" if rec.max_uses else "")
         + (f"; networks: {' '.join(rec.networks)}" if rec.networks else "")
     )
+    if (policy := _sending(rec)) is not None:
+        _print(f"It {policy}; custodian: {rec.custodian or '-'}")
     _print("Enter it as the password on the device. It will not be shown again.")
     return EXIT_OK
 
@@ -266,7 +273,8 @@ def _account_key(ctx: _Context, login: str | None, key: str | None) -> tuple[str
 def cmd_codes_list(ctx: _Context) -> int:
     a = ctx.args
     chosen = _account_key(ctx, a.login, a.key)
-    records = ctx.store.list(chosen[0] if chosen else None, include_inactive=a.all)
+    key = chosen[0] if chosen else None
+    records = ctx.manager().all_codes(ctx.actor(), key, include_inactive=a.all, stale=a.stale)
     from proxy.directory.account import DirectoryUnavailable
     from proxy.directory.orphans import orphan_notes, orphaned_keys
 
@@ -281,12 +289,13 @@ def cmd_codes_list(ctx: _Context) -> int:
         _print(json.dumps(listed, indent=2))
     elif records:
         _print(_table(records, orphaned))
-        for note in orphan_notes(records, orphaned):
+        for note in [*orphan_notes(records, orphaned), *_notes(records)]:
             _print(f"\n{note}")
     else:
         _print(
             "no codes"
-            + ("" if a.all else " (use --all to include revoked, expired and used-up codes)")
+            + (" that a device still tries" if a.stale else "")
+            + ("" if a.all or a.stale else " (--all includes revoked, expired and used-up codes)")
         )
     return EXIT_OK
 
@@ -467,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--net", action="append", metavar="CIDR", help="only from this network (repeatable)"
     )
+    codeopts.add_arguments(c)
     c.add_argument("--created-by", default=None, help=argparse.SUPPRESS)
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_codes_create)
@@ -474,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("login", nargs="?")
     ls.add_argument("--key", help="only the codes of this account key (also of a gone account)")
     ls.add_argument("--all", action="store_true", help="include revoked, expired and used-up codes")
+    ls.add_argument("--stale", action="store_true", help="only codes a device still tries in vain")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(fn=cmd_codes_list)
     sh = codes.add_parser("show", help="show one code's record")
@@ -522,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("id", type=int)
     tr.set_defaults(fn=cmd_tokens_revoke)
 
+    from proxy.notify.run import add_notify
+
+    add_notify(sub)
     users = sub.add_parser("users", help="the static users file").add_subparsers(
         dest="action", required=True, parser_class=_Parser
     )

@@ -32,7 +32,42 @@ def record_json(rec: CodeRecord) -> dict:
         "revoked_at": rec.revoked_at.isoformat() if rec.revoked_at else None,
         "created_by": rec.created_by,
         "state": rec.state().value,
+        "idle_disabled_at": _iso(rec.idle_disabled_at),
+        "custodian": rec.custodian,
+        "mail_from": list(rec.sending.mail_from),
+        "rcpt_domains": list(rec.sending.rcpt_domains),
+        "max_messages_per_day": rec.sending.max_per_day,
+        "sent_today": rec.sent_today,
+        "send_refused_count": rec.send_refused_count,
+        "last_send_refused_at": _iso(rec.last_send_refused_at),
+        "stale_count": rec.stale_count,
+        "stale_since": _iso(rec.stale_since),
+        "stale_last_at": _iso(rec.stale_last_at),
+        "stale_last_ip": rec.stale_last_ip,
+        "still_retrying": rec.still_retrying(),
     }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def sending(rec: CodeRecord) -> str | None:
+    """ "sends as …; to …; 10 messages a day (3 sent today)" for a code with a policy."""
+    if not rec.sending.active:
+        return None
+    today = f" ({rec.sent_today} sent today)" if rec.sent_today is not None else ""
+    return f"sends {rec.sending.describe()}{today}"
+
+
+def notes(records: Iterable[CodeRecord]) -> list[str]:
+    """What `codes list` says under its table: each code's sending policy, each stale device."""
+    out = []
+    for r in records:
+        for note in (sending(r), r.still_retrying()):
+            if note:
+                out.append(f"code {r.id} ({r.account_login}, {r.label}): {note}")
+    return out
 
 
 def table(records: Iterable[CodeRecord], orphaned: set[str] | frozenset[str] = frozenset()) -> str:

@@ -37,8 +37,10 @@ from proxy.configschema import (
 )
 from proxy.imap.syntax import capability_problem
 from proxy.limits import LimitSettings
+from proxy.notify.settings import NotifySettings, read_notify
+from proxy.oauth2.settings import OAuth2Settings, read_named, upstream_oauth2
 from proxy.oplog import LogSettings
-from proxy.protocols import UPSTREAM_LOGINS, MailProtocol, TlsMode, UpstreamLogin
+from proxy.protocols import BEARER_LOGINS, UPSTREAM_LOGINS, MailProtocol, TlsMode, UpstreamLogin
 from proxy.web.settings import WebSettings, read_web
 
 if TYPE_CHECKING:
@@ -72,6 +74,10 @@ class CodeSettings:
     default_expires: timedelta | None = None  # None: codes never expire unless asked
     default_scopes: tuple[str, ...] = SCOPES
     argon2: Argon2Settings = field(default_factory=Argon2Settings)
+    # apppass notify disables a code unused this long (not revoked); None: never, as Microsoft,
+    # Google and Apple keep unused app passwords. CIS Controls v8 5.3 disables dormant accounts
+    # after 45 days of inactivity.
+    disable_after_unused: timedelta | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,7 @@ class Upstream:
     master_user: str | None = None
     master_password: str | None = field(default=None, repr=False)
     send_client_address: bool = True
+    oauth2: OAuth2Settings | None = None  # login xoauth2/oauthbearer: where tokens come from
 
     def __repr__(self) -> str:
         return (
@@ -179,6 +186,7 @@ class Settings:
     web: WebSettings = field(default_factory=WebSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    notify: NotifySettings = field(default_factory=NotifySettings)  # proxy/notify/settings.py
 
 
 def config_path(explicit: str | None) -> Path:
@@ -224,11 +232,13 @@ def parse(
     codes = _codes(root)
     auth = _auth(root)
     _check_store_timeouts(root, store, auth)
-    upstreams = _upstreams(root)
+    upstreams = _upstreams(root, read_named(root))
     listeners = _listeners(root, upstreams)
     audit = _audit(root)
     limits = _limits(root)
     web = read_web(root)
+    smtp = upstreams.get(MailProtocol.SMTP)
+    notify = read_notify(root, smtp.login if smtp else None)
     serve = section(root, "serve", ServeSettings, {"shutdown_grace": duration()})
     log = section(
         root,
@@ -253,6 +263,7 @@ def parse(
         web=web,
         serve=serve,
         log=log,
+        notify=notify,
     )
 
 
@@ -371,6 +382,7 @@ def _codes(root: Node) -> CodeSettings:
             "max_per_account": integer(1, 10000),
             "default_expires": duration(allow_never=True, minimum=timedelta(minutes=1)),
             "default_scopes": list_of(SCOPES),
+            "disable_after_unused": duration(allow_never=True, minimum=timedelta(days=1)),
         },
         argon2=argon2,
     )
@@ -509,7 +521,9 @@ IMPLICIT_TLS_PORTS = frozenset(
 )
 
 
-def _upstreams(root: Node) -> dict[MailProtocol, Upstream]:
+def _upstreams(
+    root: Node, oauth2: dict[str, OAuth2Settings | None]
+) -> dict[MailProtocol, Upstream]:
     node = root.node("upstream")
     if node is None:
         return {}
@@ -549,6 +563,7 @@ def _upstreams(root: Node) -> dict[MailProtocol, Upstream]:
             ca_file=ca_file,
             port=port or DEFAULT_PORTS[(protocol, tls)],
             master_password=sub.get("master_password_file", secret_file, None),
+            oauth2=upstream_oauth2(sub, login in BEARER_LOGINS, oauth2),
         )
         sub.finish()
     node.finish()

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from proxy.codes.pgsettings import VERIFIED_SSL_MODE
 from proxy.config import Settings
-from proxy.protocols import TlsMode, UpstreamLogin
+from proxy.protocols import BEARER_LOGINS, TlsMode, UpstreamLogin
 
 _USE_TLS = "use tls: starttls or implicit"
 
@@ -57,9 +57,12 @@ def clear_text_warnings(settings: Settings) -> list[str]:
             what = (
                 f"XCLIENT logins (which the upstream trusts from apppass's address) go to {where}"
             )
+        elif up.login in BEARER_LOGINS:
+            what = f"OAuth2 tokens (an application's open every mailbox) go to {where}"
         else:  # no login: the upstream trusts apppass's address, no credential is sent
             continue
         warnings.append(f"upstream.{protocol}: tls is none, so {what} in clear text; {_USE_TLS}")
+    warnings += _token_endpoint_warnings(settings)
     ldap = settings.directory.ldap
     if ldap is not None and ldap.bind_dn and not ldap.start_tls:
         for i, uri in enumerate(ldap.uris):
@@ -82,5 +85,23 @@ def clear_text_warnings(settings: Settings) -> list[str]:
                 f"store.postgresql.dsn: sslmode={pg.sslmode} to {', '.join(remote)}, so the"
                 f" database password (and every code's hash) {how}; set sslmode=verify-full"
                 " (with sslrootcert=FILE for a private CA)"
+            )
+    return warnings
+
+
+def _token_endpoint_warnings(settings: Settings) -> list[str]:
+    """A token endpoint over http:// gets the client secret (or a signed grant) and hands out
+    tokens in clear text; said once per `oauth2` settings."""
+    warnings, seen = [], set()
+    for up in settings.upstreams.values():
+        oauth2 = up.oauth2
+        if oauth2 is None or oauth2.name in seen:
+            continue
+        seen.add(oauth2.name)
+        parts = urlsplit(oauth2.token_url)
+        if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+            warnings.append(
+                f"{oauth2.key_path}.token_url: http://, so the client's credentials and"
+                f" the tokens cross the network to {parts.hostname} in clear text; use https://"
             )
     return warnings

@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from proxy.addresses import in_networks
 from proxy.audit import Audit
-from proxy.auth.decision import Attempt, Decision, Grant, Refusal
+from proxy.auth.decision import Attempt, Decision, Grant, Refusal, Sending
 from proxy.commands import Authenticate, Close, Command, Failed, Send, StartTLS
 from proxy.config import Listener, Upstream
 from proxy.core import PreAuthCore
@@ -55,7 +55,10 @@ class WatchResult(TypingProtocol):
 
 
 class SessionWatch(TypingProtocol):
-    """A sans-IO observer of a logged-in session in both directions (SMTP's command watch)."""
+    """A sans-IO observer of a logged-in session in both directions (SMTP's command watch).
+    One that needs answers from elsewhere (smtp/policed.py: the store, for a daily cap) also has
+    `attach(emit)`, given a function that writes a result produced outside a read, and
+    `finish()`, called when the session has ended."""
 
     @property
     def waiting(self) -> bool:
@@ -84,7 +87,8 @@ class ProtocolSpec(TypingProtocol):
 
     async def login(self, conn: UpstreamConnection, request: LoginRequest) -> LoginResult: ...
 
-    def watch(self, result: LoginResult) -> SessionWatch | None: ...
+    def watch(self, result: LoginResult, sending: Sending | None = None) -> SessionWatch | None:
+        """What watches the session, if anything; `sending` is the Grant's sending policy."""
 
     def goodbye(self, reason: str) -> bytes:
         """What a logged-in client is told when the proxy ends its session (b"" for nothing)."""
@@ -335,7 +339,7 @@ class Frontend(Spliceable, Protocol):
         self.context.limits.logged_in(self.client_ip)
         self._cancel_timer()
         self._carry_out(self.core.auth_succeeded(result.capabilities))
-        self._splice(self.upstream, self.spec.watch(result))
+        self._splice(self.upstream, self.spec.watch(result, decision.sending))
 
     @property
     def _upstream_name(self) -> str:
@@ -374,6 +378,7 @@ class Frontend(Spliceable, Protocol):
 
     def _splice(self, upstream: UpstreamConnection, watch: SessionWatch | None) -> None:
         client_hook = upstream_hook = None
+        self._watch = watch
         if watch is not None:
             client_hook, upstream_hook = self._hooks(watch)
         assert upstream.transport is not None
@@ -415,6 +420,14 @@ class Frontend(Spliceable, Protocol):
             apply(result)
             return result.to_client, result.to_upstream
 
+        def later(result: WatchResult) -> None:
+            relay = self._relay
+            if relay is not None:
+                relay.client.deliver(result.to_upstream, result.to_client)
+                apply(result)
+
+        if (attach := getattr(watch, "attach", None)) is not None:
+            attach(later)
         return from_client, from_upstream
 
     def _session_end(self, result: RelayResult) -> None:
@@ -424,6 +437,8 @@ class Frontend(Spliceable, Protocol):
         metrics.sessions.labels(protocol).dec()
         metrics.relayed.labels(protocol, "up").inc(result.bytes_up)
         metrics.relayed.labels(protocol, "down").inc(result.bytes_down)
+        if (finish := getattr(getattr(self, "_watch", None), "finish", None)) is not None:
+            finish()
         refusals: RefusalAudit | None = getattr(self, "_refusals", None)
         if refusals is not None and (fields := refusals.flush()):
             self._audit("refused", **fields)

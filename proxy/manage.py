@@ -10,15 +10,32 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from proxy.audit import Audit
 from proxy.auth.policy import account_problems
 from proxy.codes.hashing import CodeHasher
 from proxy.codes.issue import MAX_LABEL, Issued, Refused, issue_code
-from proxy.codes.store import CapReached, CodeRecord, CodeStore, StoreUnavailable
+from proxy.codes.sending import (
+    MAX_DOMAINS,
+    MAX_MESSAGES_PER_DAY,
+    MAX_SENDERS,
+    SendingPolicy,
+    address_problem,
+    domain_problem,
+    policy,
+    sender_problem,
+)
+from proxy.codes.store import (
+    CapReached,
+    CodeRecord,
+    CodeStore,
+    StoreUnavailable,
+    day_of,
+    utcnow,
+)
 from proxy.config import SCOPES, Settings
 from proxy.directory.account import Account, DirectoryUnavailable
 from proxy.sasl import identity_problem
@@ -97,6 +114,11 @@ class CodeRequest:
     max_uses: int | None = None
     networks: tuple[str, ...] = ()
     never_expires: bool = False  # asked for no expiry (the CLI's `--expires never`)
+    # The sending policy (SMTP; proxy/codes/sending.py): any of the three makes one.
+    mail_from: tuple[str, ...] = ()  # addresses, *@domain, own or *; default own
+    rcpt_domains: tuple[str, ...] = ()
+    max_messages_per_day: int | None = None
+    custodian: str | None = None  # also told of the code's expiry (apppass notify)
 
 
 class Manager:
@@ -174,20 +196,54 @@ class Manager:
         self, actor: Actor, account_key: str, include_inactive: bool = False
     ) -> list[CodeRecord]:
         self._may(actor, account_key)
-        return self._store(lambda: self.store.list(account_key, include_inactive=include_inactive))
+        return self._counted(
+            self._store(lambda: self.store.list(account_key, include_inactive=include_inactive))
+        )
+
+    def all_codes(
+        self,
+        actor: Actor,
+        account_key: str | None = None,
+        include_inactive: bool = False,
+        stale: bool = False,
+    ) -> list[CodeRecord]:
+        """Every account's codes (or one account's), for the CLI and admins; `stale`: only
+        those that stopped working while a device still tries them (codes list --stale)."""
+        if actor.kind == "portal":
+            raise ManageError("forbidden", "you may manage only your own app passwords")
+        records = self._store(
+            lambda: self.store.list(account_key, include_inactive=include_inactive or stale)
+        )
+        if stale:
+            now = utcnow()
+            records = [r for r in records if r.still_retrying(now)]
+        return self._counted(records)
 
     def code(self, actor: Actor, code_id: int) -> CodeRecord:
         record = self._store(lambda: self.store.get(code_id))
         if record is None or not actor.may_manage(record.account_key):
             # Someone else's code is "not found", so that ids tell nothing.
             raise ManageError("not_found", f"no app password with id {code_id}", "id")
-        return record
+        return self._counted([record])[0]
+
+    def _counted(self, records: list[CodeRecord]) -> list[CodeRecord]:
+        """The records with the messages each sent today, for codes with a daily cap."""
+        capped = [r.id for r in records if r.sending.max_per_day]
+        if not capped:
+            return records
+        sent = self._store(lambda: self.store.sent_on(capped, day_of(utcnow())))
+        return [
+            replace(r, sent_today=sent.get(r.id, 0)) if r.sending.max_per_day else r
+            for r in records
+        ]
 
     def create(self, actor: Actor, account: Account, request: CodeRequest) -> Issued:
         """A new code, shown once by the caller. Refused with the CLI's reasons."""
         self._writes(actor)
         self._may(actor, account.key)
         scopes, networks = _valid(request)
+        sending = _sending(request, scopes or self.settings.codes.default_scopes)
+        custodian = _custodian(request.custodian)
         expires = request.expires_at
         default = self.settings.codes.default_expires
         if expires is None and not request.never_expires and default is not None:
@@ -205,6 +261,8 @@ class Manager:
                 max_uses=request.max_uses,
                 networks=networks,
                 created_by=actor.created_by,
+                sending=sending,
+                custodian=custodian,
             )
         except CapReached as exc:
             raise ManageError("cap_reached", str(exc)) from None
@@ -213,7 +271,15 @@ class Manager:
         except StoreUnavailable as exc:
             raise ManageError("unavailable", f"the code store is unavailable: {exc}") from None
         rec = issued.record
-        self._audit(actor, "create", rec, scopes=list(rec.scopes), max_uses=rec.max_uses)
+        self._audit(
+            actor,
+            "create",
+            rec,
+            scopes=list(rec.scopes),
+            max_uses=rec.max_uses,
+            sending=sending.describe() if sending.active else None,
+            custodian=custodian,
+        )
         return issued
 
     def set_disabled(self, actor: Actor, code_id: int, disabled: bool) -> CodeRecord:
@@ -225,6 +291,24 @@ class Manager:
         self._store(lambda: self.store.set_disabled(code_id, disabled))
         self._audit(actor, "disable" if disabled else "enable", record)
         return self.code(actor, code_id)
+
+    def idle_codes(self, after: timedelta, now: datetime | None = None) -> list[CodeRecord]:
+        """Codes that could log in but were not used (nor made or enabled) for `after`."""
+        now = now or utcnow()
+        return self._store(lambda: self.store.idle(now - after, now))
+
+    def disable_idle(
+        self, actor: Actor, record: CodeRecord, after: timedelta, now: datetime | None = None
+    ) -> CodeRecord | None:
+        """Disable an idle code (codes.disable_after_unused; not revoked: it can be enabled
+        again), unless a login came meanwhile; audited. The code as it is now, or None."""
+        self._writes(actor)
+        now = now or utcnow()
+        if not self._store(lambda: self.store.disable_idle(record.id, now - after, now)):
+            return None
+        days = int(after.total_seconds() // 86400)
+        self._audit(actor, "disable", record, reason=f"unused for {days} days")
+        return self._store(lambda: self.store.get(record.id))
 
     def revoke(self, actor: Actor, code_id: int) -> CodeRecord:
         self._writes(actor)
@@ -321,6 +405,43 @@ def _valid(request: CodeRequest) -> tuple[tuple[str, ...] | None, tuple[str, ...
     if request.expires_at is not None and request.expires_at <= datetime.now(UTC):
         raise ManageError("invalid", "the expiry must be in the future", "expires_at")
     return scopes, _networks(request.networks)
+
+
+def _sending(request: CodeRequest, scopes: Iterable[str]) -> SendingPolicy:
+    """The request's sending policy, each value checked (naming its field)."""
+    for field, values, problem, most in (
+        ("mail_from", request.mail_from, sender_problem, MAX_SENDERS),
+        ("rcpt_domains", request.rcpt_domains, domain_problem, MAX_DOMAINS),
+    ):
+        for value in values:
+            if (why := problem(value.strip().lower())) is not None:
+                raise ManageError("invalid", f"{value[:100]!r} {why}", field)
+        if len(values) > most:
+            raise ManageError("invalid", f"at most {most} of them", field)
+    cap = request.max_messages_per_day
+    if cap is not None and not 1 <= cap <= MAX_MESSAGES_PER_DAY:
+        raise ManageError(
+            "invalid",
+            f"messages per day is a whole number from 1 to {MAX_MESSAGES_PER_DAY}",
+            "max_messages_per_day",
+        )
+    sending = policy(request.mail_from, request.rcpt_domains, cap)
+    if sending.active and "smtp" not in scopes:
+        raise ManageError(
+            "invalid", "a sending policy is for sending mail: include smtp in the scopes", "scopes"
+        )
+    return sending
+
+
+def _custodian(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if address_problem(value) is not None:
+        raise ManageError(
+            "invalid", f"{value[:100]!r} is not a mail address like team@example.org", "custodian"
+        )
+    return value.lower()
 
 
 def _networks(values: Iterable[str]) -> tuple[str, ...]:

@@ -32,11 +32,22 @@ class UpstreamLogin(enum.StrEnum):
     AUTHZID = "authzid"  # SASL PLAIN: authzid = the user, authcid/password = the master account
     XCLIENT = "xclient"  # Postfix XCLIENT LOGIN=<user> from a trusted address (SMTP only)
     NONE = "none"  # the upstream trusts the proxy's address (SMTP relay only)
+    XOAUTH2 = "xoauth2"  # SASL XOAUTH2 with an OAuth2 token for the user (Microsoft, Google)
+    OAUTHBEARER = "oauthbearer"  # SASL OAUTHBEARER (RFC 7628) with such a token
+
+
+# The logins that present an OAuth2 bearer token (proxy/oauth2/: where the token comes from).
+BEARER_LOGINS = (UpstreamLogin.XOAUTH2, UpstreamLogin.OAUTHBEARER)
 
 
 # The upstream logins each protocol can use, the first being the default.
 UPSTREAM_LOGINS: dict[MailProtocol, tuple[UpstreamLogin, ...]] = {
-    MailProtocol.IMAP: (UpstreamLogin.AUTHZID,),
-    MailProtocol.POP3: (UpstreamLogin.AUTHZID,),
-    MailProtocol.SMTP: (UpstreamLogin.XCLIENT, UpstreamLogin.AUTHZID, UpstreamLogin.NONE),
+    MailProtocol.IMAP: (UpstreamLogin.AUTHZID, *BEARER_LOGINS),
+    MailProtocol.POP3: (UpstreamLogin.AUTHZID, *BEARER_LOGINS),
+    MailProtocol.SMTP: (
+        UpstreamLogin.XCLIENT,
+        UpstreamLogin.AUTHZID,
+        UpstreamLogin.NONE,
+        *BEARER_LOGINS,
+    ),
 }

@@ -269,6 +269,11 @@ class RelaySide:
             log.failure("relay {side} hook failed; aborting the session", side=self.name)
             self.relay.abort(f"{self.name} hook failed")
             return
+        self.deliver(to_peer, to_self)
+
+    def deliver(self, to_peer: bytes, to_self: bytes) -> None:
+        """Write what this side's hook decided, outside a read too (an answer the hook's owner
+        got later, such as the store's for SMTP's daily cap): its answer to this side first."""
         if to_self and self.alive and not self.write_closed:
             self.replied += len(to_self)
             self.transport.write(to_self)

@@ -1,4 +1,5 @@
-"""Pure SASL codecs: the server side of PLAIN and LOGIN, the client side of PLAIN and XOAUTH2.
+"""Pure SASL codecs: the server side of PLAIN and LOGIN, the client side of PLAIN, XOAUTH2 and
+OAUTHBEARER.
 
 Shared by the IMAP, POP3 and SMTP cores, which only move base64 strings in and out.
 """
@@ -147,6 +148,25 @@ def client_xoauth2(user: str, token: str) -> str:
     """Base64 XOAUTH2 initial response: `user=U^Aauth=Bearer T^A^A`."""
     raw = f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
     return base64.b64encode(raw).decode("ascii")
+
+
+def _saslname(value: str) -> str:
+    """RFC 5801 §4 saslname: "," and "=" inside a gs2 header are written =2C and =3D."""
+    return value.replace("=", "=3D").replace(",", "=2C")
+
+
+def client_oauthbearer(user: str, token: str, host: str = "", port: int = 0) -> str:
+    """Base64 OAUTHBEARER initial response (RFC 7628 §3.1): the gs2 header `n,a=U,`, then
+    `^Ahost=H^Aport=P^Aauth=Bearer T^A^A` (host and port when known)."""
+    pairs = (f"host={host}\x01" if host else "") + (f"port={port}\x01" if port else "")
+    raw = f"n,a={_saslname(user)},\x01{pairs}auth=Bearer {token}\x01\x01".encode()
+    return base64.b64encode(raw).decode("ascii")
+
+
+# What a client answers when the server replies to its bearer token with an error challenge
+# (a base64 JSON status) instead of a result: XOAUTH2 an empty response (Google's XOAUTH2
+# protocol), OAUTHBEARER a single %x01 (RFC 7628 §3.2.3). Then the failure comes.
+BEARER_ERROR_ANSWER = {"XOAUTH2": "", "OAUTHBEARER": base64.b64encode(b"\x01").decode("ascii")}
 
 
 def is_valid_login(login: str) -> bool:

@@ -31,6 +31,7 @@ from proxy.frontend import FrontendFactory, ProtocolSpec, SessionContext
 from proxy.imap.spec import ImapSpec
 from proxy.limits import ConnectionLimits
 from proxy.metrics import Metrics
+from proxy.oauth2.tokens import TokenSource
 from proxy.oplog import LOGGERS, Health
 from proxy.oplog import log as oplog
 from proxy.pop3.spec import Pop3Spec
@@ -58,15 +59,36 @@ PROBE_RETRY_SECONDS = 30
 PROBE_REFRESH_SECONDS = 600
 
 
-def protocol_specs(settings: Settings) -> dict[MailProtocol, ProtocolSpec]:
-    """One spec per configured upstream: how its protocol builds cores and logs in."""
+def protocol_specs(settings: Settings, reactor: Any = None) -> dict[MailProtocol, ProtocolSpec]:
+    """One spec per configured upstream: how its protocol builds cores and logs in. Upstreams
+    that share `oauth2` settings (by name) share one token source, so one cache."""
     max_failures, hostname = settings.auth.max_failures, settings.hostname
+    sources: dict[str, TokenSource] = {}
+
+    def tokens(up: Upstream) -> TokenSource | None:
+        if up.oauth2 is None:
+            return None
+        if up.oauth2.name not in sources:
+            sources[up.oauth2.name] = TokenSource(up.oauth2, reactor or default_reactor())
+        return sources[up.oauth2.name]
+
     makers: dict[MailProtocol, Callable[[Upstream], ProtocolSpec]] = {
-        MailProtocol.IMAP: lambda up: ImapSpec(up, max_failures=max_failures),
-        MailProtocol.POP3: lambda up: Pop3Spec(up, max_failures=max_failures, hostname=hostname),
-        MailProtocol.SMTP: lambda up: SmtpSpec(up, max_failures=max_failures, hostname=hostname),
+        MailProtocol.IMAP: lambda up: ImapSpec(up, max_failures=max_failures, tokens=tokens(up)),
+        MailProtocol.POP3: lambda up: Pop3Spec(
+            up, max_failures=max_failures, hostname=hostname, tokens=tokens(up)
+        ),
+        MailProtocol.SMTP: lambda up: SmtpSpec(
+            up, max_failures=max_failures, hostname=hostname, tokens=tokens(up)
+        ),
     }
     return {protocol: makers[protocol](up) for protocol, up in settings.upstreams.items()}
+
+
+def default_reactor() -> Any:
+    """The global reactor, imported only when needed (a test passes its own)."""
+    from twisted.internet import reactor
+
+    return reactor
 
 
 class Service:
@@ -83,7 +105,7 @@ class Service:
         self.audit = audit or Audit(path=settings.audit.file)
         self.ports: dict[str, IListeningPort] = {}  # listener name -> its port
         self.tls: dict[str, ServerTLS] = {}
-        self.specs = protocol_specs(settings)
+        self.specs = protocol_specs(settings, reactor)
         self.limits = ConnectionLimits(settings.limits)
         self.metrics = Metrics()
         self.health = Health()

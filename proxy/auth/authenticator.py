@@ -19,11 +19,19 @@ from twisted.internet import defer
 
 from proxy.audit import Audit
 from proxy.auth.cache import VerifiedCache
-from proxy.auth.decision import Attempt, Decision, Denial, Grant, Refusal
+from proxy.auth.decision import Attempt, Decision, Denial, Grant, Refusal, Sending
 from proxy.auth.policy import account_refusal
 from proxy.auth.ratelimit import FailureLimiter, Limiter, client_bucket
 from proxy.codes.generate import split
-from proxy.codes.store import INTERNAL, Claim, CodeRecord, Reservation, StoreUnavailable
+from proxy.codes.sending import SendingPolicy, resolve
+from proxy.codes.store import (
+    INTERNAL,
+    Claim,
+    CodeMessages,
+    CodeRecord,
+    Reservation,
+    StoreUnavailable,
+)
 from proxy.config import Settings
 from proxy.directory.account import Account, DirectoryUnavailable
 from proxy.fairqueue import ClientShareFull, FairQueue, QueueFull, SingleFlight
@@ -49,6 +57,22 @@ _CLAIM_REFUSALS = {
     Claim.NETWORK: Refusal.FORBIDDEN,
     Claim.GONE: Refusal.CREDENTIALS,
 }
+
+# Claims refused because the code stopped working, while its secret was right: a device still
+# set up with it, retrying for months. Each is counted on the code (codes list --stale shows it)
+# and never against the client's address: a printer network retrying old codes must not lock
+# out its neighbours (README, "Stale devices"). A disabled code is one too: it may come back.
+STALE = frozenset({Claim.REVOKED, Claim.EXPIRED, Claim.USED_UP, Claim.SUPERSEDED, Claim.DISABLED})
+
+
+def counts_against_address(decision: Decision) -> bool:
+    """Whether a decision is a failure the address's limiter counts: bad credentials only (an
+    unknown login, a malformed code, an unknown selector, a wrong secret), never a stale code."""
+    return (
+        isinstance(decision, Denial)
+        and decision.refusal is Refusal.CREDENTIALS
+        and not decision.stale
+    )
 
 
 class Authenticator:
@@ -129,7 +153,7 @@ class Authenticator:
                 **fields,
             )
         else:
-            if decision.refusal == Refusal.CREDENTIALS:
+            if counts_against_address(decision):
                 target = account.key if account else f"login:{attempt.login.casefold()}"
                 self.limiter.failure(attempt.client_ip, self._clock(), target)
             self.audit.event(
@@ -138,6 +162,7 @@ class Authenticator:
                 refusal=decision.refusal.value,
                 reason=decision.reason,
                 code=decision.code_id,
+                stale=decision.stale or None,
                 **fields,
             )
         return decision
@@ -172,7 +197,7 @@ class Authenticator:
 
         cached = self.cache.get(account.key, code, self._clock())
         if cached is not None:
-            code_id, label = cached
+            code_id, label, policy = cached
         else:
             try:
                 record, verified = await self._verify(account.key, selector, code, client)
@@ -197,8 +222,8 @@ class Authenticator:
                     account,
                     record.id,
                 )
-            code_id, label = record.id, record.label
-            self.cache.put(account.key, code, code_id, label, self._clock())
+            code_id, label, policy = record.id, record.label, record.sending
+            self.cache.put(account.key, code, code_id, label, self._clock(), policy)
 
         refusal = account_refusal(account, self.settings.policy) or identity_problem(
             account.upstream_identity
@@ -228,8 +253,33 @@ class Authenticator:
                 reason = f"app password {code_id} not valid for {attempt.protocol.value}"
             elif claim == Claim.NETWORK:
                 reason = f"app password {code_id} not valid from {attempt.client_ip}"
-            return Denial(_CLAIM_REFUSALS[claim], reason, account, code_id)
-        return Grant(account, code_id, label, account.upstream_identity, claim)
+            if claim in STALE:
+                await self._stale(code_id, attempt.client_ip, client)
+            return Denial(_CLAIM_REFUSALS[claim], reason, account, code_id, stale=claim in STALE)
+        return Grant(
+            account,
+            code_id,
+            label,
+            account.upstream_identity,
+            claim,
+            self._sending(policy, account, code_id, client),
+        )
+
+    async def _stale(self, code_id: int, client_ip: str, client: str) -> None:
+        """Count a stale device's try on its code (best effort: the refusal stands anyway)."""
+        try:
+            await self.store.record_stale(code_id, client_ip, client)
+        except (StoreUnavailable, QueueFull):
+            pass
+
+    def _sending(
+        self, policy: SendingPolicy, account: Account, code_id: int, client: str
+    ) -> Sending | None:
+        """The code's sending policy for this login: `own` is the account's addresses now."""
+        rules = resolve(policy, account.names, account.upstream_identity)
+        if rules is None:
+            return None
+        return Sending(rules, CodeMessages(self.store, code_id, rules.max_per_day, client))
 
     # -- blocking work, bounded and coalesced ----------------------------------------------------
 

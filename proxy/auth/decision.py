@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Protocol
 
+from twisted.internet.defer import Deferred
+
+from proxy.codes.sending import SendingRules
 from proxy.codes.store import Reservation
 from proxy.directory.account import Account
 from proxy.protocols import MailProtocol
@@ -44,6 +48,31 @@ class Refusal(enum.StrEnum):
     BUSY = "busy"  # the account has limits.max_sessions_per_account sessions already
 
 
+class MessageCount(Protocol):
+    """A code's messages in the store, as an SMTP session counts them (codes/store.py
+    CodeMessages): a place under the daily cap held per message, then counted or given back."""
+
+    def hold(self) -> Deferred[int | None]:
+        """Hold a place for a message: the day held, None when the cap is reached (errback:
+        the store is unavailable)."""
+
+    def sent(self, day: int) -> None: ...
+
+    def release(self, day: int) -> None: ...
+
+    def refused(self, count: int) -> None:
+        """Commands the sending policy refused, counted on the code."""
+
+
+@dataclass(frozen=True)
+class Sending:
+    """A Grant's sending policy (SMTP): the code's rules resolved for this account, and its
+    message count. None on a Grant whose code has no policy (nothing is watched or counted)."""
+
+    rules: SendingRules
+    messages: MessageCount
+
+
 @dataclass(frozen=True)
 class Grant:
     account: Account
@@ -51,6 +80,7 @@ class Grant:
     code_label: str
     upstream_identity: str
     reservation: Reservation  # confirmed after the upstream login, or released
+    sending: Sending | None = None  # the code's sending policy (proxy/codes/sending.py)
 
     ok = True
 
@@ -61,6 +91,9 @@ class Denial:
     reason: str  # for the audit log and the portal only; the client sees the protocol's reply
     account: Account | None = None
     code_id: int | None = None
+    # The code verified but stopped working (revoked, expired, used up, disabled, superseded):
+    # a device still set up with it. Counted on the code, never against the client's address.
+    stale: bool = False
 
     ok = False
 

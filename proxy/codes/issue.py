@@ -9,6 +9,7 @@ from datetime import datetime
 from proxy.auth.policy import account_refusal
 from proxy.codes.generate import Code, generate
 from proxy.codes.hashing import CodeHasher
+from proxy.codes.sending import SendingPolicy
 from proxy.codes.store import CodeRecord, CodeStore, NewCode
 from proxy.config import Settings
 from proxy.directory.account import Account
@@ -48,6 +49,8 @@ def issue_code(
     max_uses: int | None = None,
     networks: tuple[str, ...] = (),
     created_by: str = "cli",
+    sending: SendingPolicy | None = None,
+    custodian: str | None = None,
 ) -> Issued:
     label = label.strip()
     if not label or len(label) > MAX_LABEL or any(ord(c) < 0x20 for c in label):
@@ -75,6 +78,8 @@ def issue_code(
             expires_at=expires_at,
             max_uses=max_uses,
             created_by=created_by,
+            sending=sending or SendingPolicy(),
+            custodian=custodian,
         ),
         cap=settings.codes.max_per_account,
     )

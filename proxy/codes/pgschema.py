@@ -139,6 +139,41 @@ MIGRATIONS: list[list[str]] = [
     )""",
         "CREATE INDEX login_failures_at ON login_failures (at)",
     ],
+    [
+        # Devices still trying a code that stopped working, how many tries since, from where.
+        "ALTER TABLE codes ADD COLUMN stale_count INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE codes ADD COLUMN stale_since BIGINT",
+        "ALTER TABLE codes ADD COLUMN stale_last_at BIGINT",
+        "ALTER TABLE codes ADD COLUMN stale_last_ip TEXT",
+        # The sending policy (proxy/codes/sending.py): space-separated lists, '' for none.
+        "ALTER TABLE codes ADD COLUMN mail_from TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE codes ADD COLUMN rcpt_domains TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE codes ADD COLUMN max_messages_per_day INTEGER",
+        "ALTER TABLE codes ADD COLUMN send_refused_count INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE codes ADD COLUMN last_send_refused_at BIGINT",
+        "ALTER TABLE codes ADD COLUMN custodian TEXT",
+        "ALTER TABLE codes ADD COLUMN idle_disabled_at BIGINT",
+        "ALTER TABLE codes ADD COLUMN enabled_at BIGINT",
+        # Messages sent per code per UTC day, and places held under the daily cap.
+        """
+    CREATE TABLE message_counts (
+        code_id BIGINT NOT NULL,
+        day INTEGER NOT NULL,                   -- days since 1970-01-01, UTC
+        sent INTEGER NOT NULL DEFAULT 0,
+        held INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (code_id, day)
+    )""",
+        # Notices mailed by apppass notify, once each (the key is the claim).
+        """
+    CREATE TABLE notices (
+        code_id BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        ref BIGINT NOT NULL,
+        claimed_at BIGINT NOT NULL,
+        sent_at BIGINT,
+        PRIMARY KEY (code_id, kind, ref)
+    )""",
+    ],
 ]
 
 # Created before the first step, in the same transaction.

@@ -17,9 +17,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from proxy.addresses import parse_ip
+from proxy.codes.activity import (
+    ENABLED,
+    KEEP_RETRIED,
+    StoreActivity,
+    activity_fields,
+    purge_statements,
+)
 from proxy.codes.pgconn import PgPool, Result, Row, execute
 from proxy.codes.pgschema import MIGRATIONS, VERSION_TABLE
 from proxy.codes.pgsettings import PostgresSettings
+from proxy.codes.sending import columns
 from proxy.codes.sqlite import CHANGES_KEPT
 from proxy.codes.store import (
     RESERVATION_SECONDS,
@@ -29,6 +37,7 @@ from proxy.codes.store import (
     NewCode,
     Reservation,
     StoreUnavailable,
+    day_of,
     utcnow,
 )
 
@@ -87,6 +96,7 @@ def _record(row: Row) -> CodeRecord:
         disabled=bool(row["disabled"]),
         revoked_at=_dt(row["revoked_at"]),
         created_by=row["created_by"],
+        **activity_fields(row),
     )
 
 
@@ -117,7 +127,7 @@ def refusal(rec: CodeRecord | None, held: int, protocol: str, now_ts: int, floor
     return Claim.NETWORK
 
 
-class PostgresCodeStore:
+class PostgresCodeStore(StoreActivity):
     """Thread-safe: each call takes a connection from the pool for its duration."""
 
     def __init__(self, settings: PostgresSettings, migrate: bool = True) -> None:
@@ -190,9 +200,10 @@ class PostgresCodeStore:
             row = execute(
                 conn,
                 "INSERT INTO codes (account_key, account_login, label, selector, hash, scopes,"
-                " networks, created_at, expires_at, max_uses, created_by)"
-                " VALUES (?, ?, ?, ?, ?, CAST(? AS text[]), CAST(? AS cidr[]), ?, ?, ?, ?)"
-                " RETURNING *",
+                " networks, created_at, expires_at, max_uses, created_by, mail_from,"
+                " rcpt_domains, max_messages_per_day, custodian)"
+                " VALUES (?, ?, ?, ?, ?, CAST(? AS text[]), CAST(? AS cidr[]), ?, ?, ?, ?,"
+                " ?, ?, ?, ?) RETURNING *",
                 (
                     new.account_key,
                     new.account_login,
@@ -205,6 +216,8 @@ class PostgresCodeStore:
                     _ts(new.expires_at),
                     new.max_uses,
                     new.created_by,
+                    *columns(new.sending).values(),
+                    new.custodian,
                 ),
             ).rows[0]
         return _record(row)
@@ -262,11 +275,14 @@ class PostgresCodeStore:
             params.append(_ts(now or utcnow()))
         return [_record(r) for r in self.run(sql + _ORDER, params)]
 
-    def set_disabled(self, code_id: int, disabled: bool) -> bool:
-        cur = self.run(
-            "UPDATE codes SET disabled = ? WHERE id = ? AND revoked_at IS NULL",
-            (int(disabled), code_id),
-        )
+    def set_disabled(self, code_id: int, disabled: bool, now: datetime | None = None) -> bool:
+        """Disable, or enable (which restarts the idle clock and the stale count)."""
+        args: tuple[int | None, ...] = ()
+        if disabled:
+            sql = "UPDATE codes SET disabled = 1"
+        else:
+            sql, args = "UPDATE codes SET disabled = 0" + ENABLED, (_ts(now or utcnow()),)
+        cur = self.run(sql + " WHERE id = ? AND revoked_at IS NULL", (*args, code_id))
         return cur.rowcount == 1
 
     def revoke(self, code_id: int, now: datetime | None = None) -> bool:
@@ -290,11 +306,11 @@ class PostgresCodeStore:
         cur, *_ = self.transaction(
             [
                 (
-                    "DELETE FROM codes WHERE (revoked_at IS NOT NULL AND revoked_at < ?)"
+                    "DELETE FROM codes WHERE ((revoked_at IS NOT NULL AND revoked_at < ?)"
                     " OR (expires_at IS NOT NULL AND expires_at < ?)"
                     " OR (max_uses IS NOT NULL AND use_count >= max_uses"
-                    " AND coalesce(last_used_at, created_at) < ?)",
-                    (t, t, t),
+                    f" AND coalesce(last_used_at, created_at) < ?)) AND {KEEP_RETRIED}",
+                    (t, t, t, t),
                 ),
                 (
                     "DELETE FROM reservations WHERE until < ?"
@@ -304,6 +320,7 @@ class PostgresCodeStore:
                 ("DELETE FROM code_changes WHERE at < ?", (_ts(utcnow() - CHANGES_KEPT),)),
                 # Portal sessions end after web.session_max (at most days): a day unseen is gone.
                 ("DELETE FROM web_sessions WHERE seen_at < ?", (_ts(utcnow() - CHANGES_KEPT),)),
+                *purge_statements(day_of(utcnow())),
             ]
         )
         return cur.rowcount

@@ -8,6 +8,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import overload
 
+from proxy.codes.activity import (
+    ENABLED,
+    KEEP_RETRIED,
+    StoreActivity,
+    activity_fields,
+    purge_statements,
+)
+from proxy.codes.sending import columns
+from proxy.codes.sqlschema import MIGRATIONS
 from proxy.codes.store import (
     RESERVATION_SECONDS,
     CapReached,
@@ -16,121 +25,10 @@ from proxy.codes.store import (
     NewCode,
     Reservation,
     StoreUnavailable,
+    day_of,
     ip_allowed,
     utcnow,
 )
-
-# Versioned migrations: step i (a list of statements) brings the schema from version i to i + 1.
-# Never edit a shipped step; append a new one.
-MIGRATIONS = [
-    [
-        """
-    CREATE TABLE codes (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        account_key TEXT NOT NULL,
-        account_login TEXT NOT NULL,
-        label TEXT NOT NULL,
-        selector TEXT NOT NULL,
-        hash TEXT NOT NULL,
-        scopes TEXT NOT NULL,              -- ",imap,smtp," so that instr() can test a scope
-        networks TEXT NOT NULL DEFAULT '', -- space-separated CIDRs; empty = anywhere
-        created_at INTEGER NOT NULL,       -- unix seconds, UTC
-        expires_at INTEGER,
-        max_uses INTEGER,
-        use_count INTEGER NOT NULL DEFAULT 0,
-        last_used_at INTEGER,
-        last_used_ip TEXT,
-        last_used_protocol TEXT,
-        failed_count INTEGER NOT NULL DEFAULT 0,
-        last_failed_at INTEGER,
-        last_failed_ip TEXT,
-        disabled INTEGER NOT NULL DEFAULT 0,
-        revoked_at INTEGER,
-        created_by TEXT NOT NULL
-    )""",
-        "CREATE UNIQUE INDEX codes_account_selector ON codes (account_key, selector)",
-    ],
-    [
-        # Places held under max_uses by logins whose upstream login is still running.
-        """
-    CREATE TABLE reservations (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        code_id INTEGER NOT NULL,
-        until INTEGER NOT NULL             -- unix seconds: the hold lapses after this
-    )""",
-        "CREATE INDEX reservations_code ON reservations (code_id)",
-    ],
-    [
-        # The portal and the admin API (proxy/web/records.py).
-        """
-    CREATE TABLE api_tokens (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        label TEXT NOT NULL,
-        selector TEXT NOT NULL UNIQUE,     -- the token's public part, to find it
-        hash TEXT NOT NULL,                -- SHA-256 of the secret part (high entropy)
-        read_only INTEGER NOT NULL DEFAULT 0,
-        created_at INTEGER NOT NULL,
-        expires_at INTEGER,
-        last_used_at INTEGER,
-        last_used_ip TEXT,
-        revoked_at INTEGER,
-        created_by TEXT NOT NULL
-    )""",
-        """
-    CREATE TABLE web_sessions (
-        id TEXT PRIMARY KEY,               -- SHA-256 of the cookie's value
-        account_key TEXT NOT NULL,
-        login TEXT NOT NULL,
-        admin INTEGER NOT NULL DEFAULT 0,
-        created_at INTEGER NOT NULL,
-        seen_at INTEGER NOT NULL,
-        signed_in_at INTEGER NOT NULL,     -- the last password (or SSO) sign-in
-        second_factor_at INTEGER,          -- the last TOTP or recovery code, if any
-        client_ip TEXT NOT NULL,
-        csrf TEXT NOT NULL
-    )""",
-        """
-    CREATE TABLE totp (
-        account_key TEXT PRIMARY KEY,
-        secret TEXT NOT NULL,              -- base32; enrolment is done once enrolled_at is set
-        enrolled_at INTEGER,
-        last_step INTEGER NOT NULL DEFAULT 0,  -- the last time step used: no replay
-        recovery TEXT NOT NULL DEFAULT ''  -- space-separated SHA-256 of unused recovery codes
-    )""",
-    ],
-    [
-        # Codes revoked, disabled, enabled or deleted, by any process: the proxies read this to
-        # end live sessions within a second or two (proxy/sessions.py).
-        """
-    CREATE TABLE code_changes (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        code_id INTEGER NOT NULL,
-        at INTEGER NOT NULL
-    )""",
-        """
-    CREATE TRIGGER codes_changed AFTER UPDATE OF revoked_at, disabled ON codes
-    WHEN NEW.revoked_at IS NOT OLD.revoked_at OR NEW.disabled != OLD.disabled
-    BEGIN
-        INSERT INTO code_changes (code_id, at) VALUES (NEW.id, CAST(strftime('%s') AS INTEGER));
-    END""",
-        """
-    CREATE TRIGGER codes_deleted AFTER DELETE ON codes
-    BEGIN
-        INSERT INTO code_changes (code_id, at) VALUES (OLD.id, CAST(strftime('%s') AS INTEGER));
-    END""",
-    ],
-    [
-        # Failed logins of the last minutes, from every node (proxy/auth/shared.py).
-        """
-    CREATE TABLE login_failures (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        bucket TEXT NOT NULL,
-        target TEXT NOT NULL,
-        at INTEGER NOT NULL
-    )""",
-        "CREATE INDEX login_failures_at ON login_failures (at)",
-    ],
-]
 
 # What a claim re-checks of a code (named parameters: now, scope, ip, floor).
 _USABLE = (
@@ -190,6 +88,7 @@ def _record(row: sqlite3.Row) -> CodeRecord:
         disabled=bool(row["disabled"]),
         revoked_at=_dt(row["revoked_at"]),
         created_by=row["created_by"],
+        **activity_fields(row),
     )
 
 
@@ -197,7 +96,7 @@ def _ip_allowed(networks: str, ip: str) -> int:
     return int(ip_allowed(networks.split(), ip))
 
 
-class SqliteCodeStore:
+class SqliteCodeStore(StoreActivity):
     """Thread-safe: each thread gets its own connection; SQLite serialises the writers."""
 
     def __init__(self, path: Path | str, migrate: bool = True) -> None:
@@ -299,8 +198,9 @@ class SqliteCodeStore:
                 )
             cur = conn.execute(
                 "INSERT INTO codes (account_key, account_login, label, selector, hash, scopes,"
-                " networks, created_at, expires_at, max_uses, created_by)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " networks, created_at, expires_at, max_uses, created_by, mail_from,"
+                " rcpt_domains, max_messages_per_day, custodian)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     new.account_key,
                     new.account_login,
@@ -313,6 +213,8 @@ class SqliteCodeStore:
                     _ts(new.expires_at),
                     new.max_uses,
                     new.created_by,
+                    *columns(new.sending).values(),
+                    new.custodian,
                 ),
             )
             conn.execute("COMMIT")
@@ -383,11 +285,14 @@ class SqliteCodeStore:
             params.append(_ts(now or utcnow()))
         return [_record(r) for r in self.run(sql + " ORDER BY account_login, id", params)]
 
-    def set_disabled(self, code_id: int, disabled: bool) -> bool:
-        cur = self.run(
-            "UPDATE codes SET disabled = ? WHERE id = ? AND revoked_at IS NULL",
-            (int(disabled), code_id),
-        )
+    def set_disabled(self, code_id: int, disabled: bool, now: datetime | None = None) -> bool:
+        """Disable, or enable (which restarts the idle clock and the stale count)."""
+        args: tuple[int | None, ...] = ()
+        if disabled:
+            sql = "UPDATE codes SET disabled = 1"
+        else:
+            sql, args = "UPDATE codes SET disabled = 0" + ENABLED, (_ts(now or utcnow()),)
+        cur = self.run(sql + " WHERE id = ? AND revoked_at IS NULL", (*args, code_id))
         return cur.rowcount == 1
 
     def revoke(self, code_id: int, now: datetime | None = None) -> bool:
@@ -411,11 +316,11 @@ class SqliteCodeStore:
         cur, *_ = self.transaction(
             [
                 (
-                    "DELETE FROM codes WHERE (revoked_at IS NOT NULL AND revoked_at < ?)"
+                    "DELETE FROM codes WHERE ((revoked_at IS NOT NULL AND revoked_at < ?)"
                     " OR (expires_at IS NOT NULL AND expires_at < ?)"
                     " OR (max_uses IS NOT NULL AND use_count >= max_uses"
-                    " AND coalesce(last_used_at, created_at) < ?)",
-                    (t, t, t),
+                    f" AND coalesce(last_used_at, created_at) < ?)) AND {KEEP_RETRIED}",
+                    (t, t, t, t),
                 ),
                 (
                     "DELETE FROM reservations WHERE until < ?"
@@ -425,6 +330,7 @@ class SqliteCodeStore:
                 ("DELETE FROM code_changes WHERE at < ?", (_ts(utcnow() - CHANGES_KEPT),)),
                 # Portal sessions end after web.session_max (at most days): a day unseen is gone.
                 ("DELETE FROM web_sessions WHERE seen_at < ?", (_ts(utcnow() - CHANGES_KEPT),)),
+                *purge_statements(day_of(utcnow())),
             ]
         )
         return cur.rowcount

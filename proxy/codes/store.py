@@ -3,18 +3,25 @@ asynchronous wrapper the proxy uses (each call runs in the store's own thread po
 
 from __future__ import annotations
 
+import builtins
 import enum
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from proxy.addresses import in_networks
+from proxy.codes.sending import SendingPolicy
 from proxy.fairqueue import FairQueue
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
+
+
+def day_of(moment: datetime) -> int:
+    """The UTC day a moment falls on, as days since 1970-01-01 (a daily cap's day)."""
+    return int(moment.timestamp()) // 86400
 
 
 class State(enum.StrEnum):
@@ -47,9 +54,33 @@ class CodeRecord:
     disabled: bool
     revoked_at: datetime | None
     created_by: str
+    # Tries with this code (its secret right) since it stopped working: revoked, expired, used
+    # up, disabled or superseded. A device still set up with it; not an attack.
+    stale_count: int = 0
+    stale_since: datetime | None = None  # the first of them
+    stale_last_at: datetime | None = None
+    stale_last_ip: str | None = None
+    # SMTP: senders, recipient domains, daily cap (proxy/codes/sending.py)
+    sending: SendingPolicy = field(default_factory=SendingPolicy)
+    send_refused_count: int = 0  # commands its sending policy refused
+    last_send_refused_at: datetime | None = None
+    custodian: str | None = None  # who else is told of its expiry (apppass notify)
+    idle_disabled_at: datetime | None = None  # disabled by apppass notify for not being used
+    enabled_at: datetime | None = None  # last enabled again: the idle clock restarts
+    sent_today: int | None = None  # messages sent today (UTC) under its daily cap, when read
 
     def __repr__(self) -> str:
         return f"CodeRecord(id={self.id}, account={self.account_login!r}, label={self.label!r})"
+
+    def still_retrying(self, now: datetime | None = None) -> str | None:
+        """ "still retrying: 212 attempts since 2026-11-24 from 10.0.4.17" for a code that no
+        longer works but a device keeps trying (someone should reconfigure it); else None."""
+        if not self.stale_count or self.state(now) is State.ACTIVE:
+            return None
+        since = f" since {self.stale_since:%Y-%m-%d}" if self.stale_since else ""
+        where = f" from {self.stale_last_ip}" if self.stale_last_ip else ""
+        tries = "attempt" if self.stale_count == 1 else "attempts"
+        return f"still retrying: {self.stale_count} {tries}{since}{where}"
 
     def state(self, now: datetime | None = None) -> State:
         now = now or utcnow()
@@ -83,6 +114,8 @@ class NewCode:
     expires_at: datetime | None = None
     max_uses: int | None = None
     created_by: str = "cli"
+    sending: SendingPolicy = field(default_factory=SendingPolicy)
+    custodian: str | None = None
 
     def __repr__(self) -> str:
         return f"NewCode(account={self.account_login!r}, label={self.label!r})"
@@ -138,7 +171,7 @@ class CodeStore(Protocol):
     def list(
         self, account_key: str | None = None, include_inactive: bool = False
     ) -> list[CodeRecord]: ...
-    def set_disabled(self, code_id: int, disabled: bool) -> bool: ...
+    def set_disabled(self, code_id: int, disabled: bool, now: datetime | None = None) -> bool: ...
     def revoke(self, code_id: int, now: datetime | None = None) -> bool: ...
     def revoke_all(self, account_key: str, now: datetime | None = None) -> int: ...
     def purge(self, older_than: datetime) -> int: ...
@@ -155,6 +188,30 @@ class CodeStore(Protocol):
         self, reservation: Reservation, protocol: str, ip: str, now: datetime | None = None
     ) -> bool: ...
     def release(self, reservation: Reservation) -> None: ...
+    # What proxy/codes/activity.py gives both stores: stale devices, messages per day, notices
+    # and idle codes.
+    def record_stale(self, code_id: int, ip: str, now: datetime | None = None) -> None: ...
+    def hold_message(self, code_id: int, cap: int, now: datetime | None = None) -> int | None: ...
+    def message_sent(self, code_id: int, day: int) -> None: ...
+    def release_message(self, code_id: int, day: int) -> None: ...
+    def record_send_refusals(
+        self, code_id: int, count: int, now: datetime | None = None
+    ) -> None: ...
+    def sent_on(self, code_ids: builtins.list[int], day: int) -> dict[int, int]: ...
+    def idle(
+        self, unused_since: datetime, now: datetime | None = None
+    ) -> builtins.list[CodeRecord]: ...
+    def disable_idle(
+        self, code_id: int, unused_since: datetime, now: datetime | None = None
+    ) -> bool: ...
+    def claim_notice(
+        self, code_id: int, kind: str, ref: int, now: datetime | None = None
+    ) -> bool: ...
+    def notice_sent(
+        self, code_id: int, kind: str, ref: int, now: datetime | None = None
+    ) -> None: ...
+    def drop_notice(self, code_id: int, kind: str, ref: int) -> None: ...
+    def notices(self, code_id: int) -> builtins.list[tuple[str, int, datetime | None]]: ...
     def close(self) -> None: ...
 
 
@@ -226,6 +283,21 @@ class AsyncCodeStore:
     def record_failure(self, code_id: int, ip: str, client: str = INTERNAL):
         return self.queue.submit(client, self.store.record_failure, code_id, ip)
 
+    def record_stale(self, code_id: int, ip: str, client: str = INTERNAL):
+        return self.queue.submit(client, self.store.record_stale, code_id, ip)
+
+    def hold_message(self, code_id: int, cap: int, client: str = INTERNAL):
+        return self.queue.submit(client, self.store.hold_message, code_id, cap)
+
+    def message_sent(self, code_id: int, day: int, client: str = INTERNAL):
+        return self.queue.submit(client, self.store.message_sent, code_id, day)
+
+    def release_message(self, code_id: int, day: int, client: str = INTERNAL):
+        return self.queue.submit(client, self.store.release_message, code_id, day)
+
+    def record_send_refusals(self, code_id: int, count: int, client: str = INTERNAL):
+        return self.queue.submit(client, self.store.record_send_refusals, code_id, count)
+
     def get(self, code_id: int, client: str = INTERNAL):
         return self.queue.submit(client, self.store.get, code_id)
 
@@ -238,3 +310,32 @@ class AsyncCodeStore:
     def stop(self) -> None:
         self.queue.stop()
         self.store.close()
+
+
+class CodeMessages:
+    """One code's messages under its daily cap, for an SMTP session (auth/decision.py
+    MessageCount): each call runs in the store's queue as the session's client. Counting what
+    was sent or given back is best effort: a place not given back is free again the next day."""
+
+    def __init__(self, store: AsyncCodeStore, code_id: int, cap: int | None, client: str) -> None:
+        self.store = store
+        self.code_id = code_id
+        self.cap = cap
+        self.client = client
+
+    def hold(self):
+        assert self.cap is not None  # a watch asks only under a cap
+        return self.store.hold_message(self.code_id, self.cap, self.client)
+
+    def sent(self, day: int) -> None:
+        self.store.message_sent(self.code_id, day, self.client).addErrback(_ignored)
+
+    def release(self, day: int) -> None:
+        self.store.release_message(self.code_id, day, self.client).addErrback(_ignored)
+
+    def refused(self, count: int) -> None:
+        self.store.record_send_refusals(self.code_id, count, self.client).addErrback(_ignored)
+
+
+def _ignored(_failure: Any) -> None:
+    """A count that could not be written (store down, queue full) is lost, never an error."""

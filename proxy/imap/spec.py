@@ -10,8 +10,10 @@ from proxy.config import Listener, Upstream
 from proxy.core import printable
 from proxy.imap import upstream
 from proxy.imap.server import ImapCore, ImapLimits, extra_capabilities
+from proxy.oauth2.tokens import TokenSource
 from proxy.protocols import MailProtocol
 from proxy.upstream import LoginRequest, LoginResult, UpstreamConnection
+from proxy.upstreamauth import UpstreamAuth
 
 
 @dataclass
@@ -24,8 +26,11 @@ class _Learned:
 class ImapSpec:
     protocol = MailProtocol.IMAP
 
-    def __init__(self, upstream_settings: Upstream, *, max_failures: int) -> None:
+    def __init__(
+        self, upstream_settings: Upstream, *, max_failures: int, tokens: TokenSource | None = None
+    ) -> None:
         self.upstream = upstream_settings
+        self.tokens = tokens  # where xoauth2/oauthbearer logins get their tokens
         self.limits = ImapLimits(max_failures=max_failures)
         self.override: tuple[str, ...] | None = None  # a listener's `capabilities:` list
         self._learned = _Learned()
@@ -63,12 +68,17 @@ class ImapSpec:
         self._learned.capabilities = extra_capabilities(offered)
 
     async def login(self, conn: UpstreamConnection, request: LoginRequest) -> LoginResult:
-        return await upstream.login(conn, self.upstream, request)
+        auth = UpstreamAuth.start(self.upstream, request.identity, self.tokens)
+        try:
+            return await upstream.login(conn, self.upstream, request, auth)
+        finally:
+            if auth is not None:
+                auth.close()
 
     def goodbye(self, reason: str) -> bytes:
         """An untagged BYE (RFC 9051 §7.1.5: the server is closing the connection)."""
         return f"* BYE {printable(reason)}\r\n".encode("ascii")
 
-    def watch(self, result: LoginResult) -> None:
+    def watch(self, result: LoginResult, sending: object = None) -> None:
         """IMAP sessions are relayed unwatched."""
         return

@@ -1,13 +1,14 @@
 """IMAP upstream login: tell the upstream who the client is, then log in as the user with the
-master credentials (SASL PLAIN with an authorization identity), never the user's password."""
+master credentials (SASL PLAIN with an authorization identity) or an OAuth2 token (XOAUTH2,
+OAUTHBEARER), never the user's password."""
 
 from __future__ import annotations
 
 import re
 
 from proxy.config import Upstream
-from proxy.sasl import client_plain
 from proxy.upstream import LoginRequest, LoginResult, UpstreamConnection, UpstreamError
+from proxy.upstreamauth import MAX_CHALLENGES, UpstreamAuth
 
 _CAPABILITY = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.I)
 
@@ -74,9 +75,16 @@ async def capabilities(conn: UpstreamConnection, settings: Upstream) -> list[str
     return caps.decode("ascii", errors="replace").split()
 
 
-async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequest) -> LoginResult:
+async def login(
+    conn: UpstreamConnection,
+    settings: Upstream,
+    request: LoginRequest,
+    auth: UpstreamAuth | None = None,
+) -> LoginResult:
     """Run the login dialogue; the result carries the upstream's capabilities after login."""
     identity = request.identity
+    auth = auth or UpstreamAuth.start(settings, identity, None)
+    assert auth is not None  # every IMAP login is a SASL one
     caps = await _open(conn, settings)
     # ID and AUTHENTICATE go out in one write: one round trip fewer per login (RFC 9051 §5.5
     # allows pipelining; Dovecot answers them in order).
@@ -89,23 +97,31 @@ async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequ
         }
         params = " ".join(f"{_quote(k)} {_quote(v)}" for k, v in fields.items() if v)
         pending = f"I ID ({params})\r\n".encode()
-    response = client_plain(identity, settings.master_user or "", settings.master_password or "")
+    response = await auth.response()
     sasl_ir = caps is None or b"SASL-IR" in caps.upper().split()
     if sasl_ir:
-        conn.send(pending + f"L AUTHENTICATE PLAIN {response}\r\n".encode())
+        conn.send(pending + f"L AUTHENTICATE {auth.mechanism} {response}\r\n".encode())
     else:
-        conn.send(pending + b"L AUTHENTICATE PLAIN\r\n")
+        conn.send(pending + f"L AUTHENTICATE {auth.mechanism}\r\n".encode())
     if pending:
         await _tagged(conn, b"I")  # a NO/BAD here is not fatal: the login is what matters
+    challenges = 0
     while True:
         line = await conn.read_line()
-        if line.startswith(b"+"):  # a server that wants the response in a continuation after all
-            conn.send(response.encode() + b"\r\n")
+        if line.startswith(b"+"):
+            challenges += 1
+            if challenges > MAX_CHALLENGES:
+                raise UpstreamError("upstream kept challenging the login")
+            # An empty one asks for the response (no SASL-IR, or a server that wants it in a
+            # continuation after all); one with data reports an error (a refused token).
+            answer = auth.challenge_answer() if line[1:].strip() else response
+            conn.send(answer.encode() + b"\r\n")
             continue
         if line.startswith(b"L "):
             status, _, rest = line[2:].partition(b" ")
             break
     if status.upper() != b"OK":
+        auth.refused()
         raise UpstreamError(
             f"upstream refused the login as {identity}: {rest[:120].decode(errors='replace')}"
         )

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 from proxy.config import Listener, Upstream
+from proxy.oauth2.tokens import TokenSource
 from proxy.pop3 import upstream
 from proxy.pop3.server import Pop3Core, pop3_limits
 from proxy.protocols import MailProtocol
 from proxy.upstream import LoginRequest, LoginResult, UpstreamConnection
+from proxy.upstreamauth import UpstreamAuth
 
 
 class Pop3Spec:
     protocol = MailProtocol.POP3
 
-    def __init__(self, upstream_settings: Upstream, *, max_failures: int, hostname: str) -> None:
+    def __init__(
+        self,
+        upstream_settings: Upstream,
+        *,
+        max_failures: int,
+        hostname: str,
+        tokens: TokenSource | None = None,
+    ) -> None:
         self.upstream = upstream_settings
+        self.tokens = tokens  # where xoauth2/oauthbearer logins get their tokens
         self.limits = pop3_limits(max_failures=max_failures)
         self.hostname = hostname
 
@@ -36,12 +46,17 @@ class Pop3Spec:
         """Nothing to learn before login."""
 
     async def login(self, conn: UpstreamConnection, request: LoginRequest) -> LoginResult:
-        return await upstream.login(conn, self.upstream, request)
+        auth = UpstreamAuth.start(self.upstream, request.identity, self.tokens)
+        try:
+            return await upstream.login(conn, self.upstream, request, auth)
+        finally:
+            if auth is not None:
+                auth.close()
 
     def goodbye(self, reason: str) -> bytes:
         """Nothing: POP3 has no unsolicited replies (RFC 1939); the connection just closes."""
         return b""
 
-    def watch(self, result: LoginResult) -> None:
+    def watch(self, result: LoginResult, sending: object = None) -> None:
         """POP3 sessions are relayed unwatched."""
         return

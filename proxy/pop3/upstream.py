@@ -1,11 +1,12 @@
-"""POP3 upstream login: pass the client's address (XCLIENT, where offered), then AUTH PLAIN with
-an authorization identity and the master credentials (RFC 5034), never the user's password."""
+"""POP3 upstream login: pass the client's address (XCLIENT, where offered), then AUTH (RFC 5034):
+PLAIN with an authorization identity and the master credentials, or XOAUTH2/OAUTHBEARER with an
+OAuth2 token; never the user's password."""
 
 from __future__ import annotations
 
 from proxy.config import Upstream
-from proxy.sasl import client_plain
 from proxy.upstream import LoginRequest, LoginResult, UpstreamConnection, UpstreamError
+from proxy.upstreamauth import MAX_CHALLENGES, UpstreamAuth
 
 
 def _text(line: bytes) -> str:
@@ -30,8 +31,15 @@ async def _capabilities(conn: UpstreamConnection) -> set[str]:
     return caps
 
 
-async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequest) -> LoginResult:
+async def login(
+    conn: UpstreamConnection,
+    settings: Upstream,
+    request: LoginRequest,
+    auth: UpstreamAuth | None = None,
+) -> LoginResult:
     identity = request.identity
+    auth = auth or UpstreamAuth.start(settings, identity, None)
+    assert auth is not None  # every POP3 login is a SASL one
     await _ok(conn, "the connection")
     if settings.tls == "starttls":
         conn.send(b"STLS\r\n")
@@ -45,12 +53,20 @@ async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequ
                 f"SESSION={request.session}\r\n".encode()
             )
             await conn.read_line()  # a refusal is not fatal: the login is what matters
-    response = client_plain(identity, settings.master_user or "", settings.master_password or "")
-    conn.send(f"AUTH PLAIN {response}\r\n".encode())
+    response = await auth.response()
+    conn.send(f"AUTH {auth.mechanism} {response}\r\n".encode())
     line = await conn.read_line()
-    if line.startswith(b"+ "):  # no initial response accepted: send it as the continuation
-        conn.send(response.encode() + b"\r\n")
+    challenges = 0
+    while line == b"+" or line.startswith(b"+ "):
+        challenges += 1
+        if challenges > MAX_CHALLENGES:
+            raise UpstreamError("upstream kept challenging the login")
+        # An empty one: no initial response accepted, send it as the continuation; one with
+        # data reports an error (a refused token).
+        answer = auth.challenge_answer() if line[1:].strip() else response
+        conn.send(answer.encode() + b"\r\n")
         line = await conn.read_line()
     if not line.startswith(b"+OK"):
+        auth.refused()
         raise UpstreamError(f"upstream refused the login as {identity}: {_text(line)}")
     return LoginResult()

@@ -1,6 +1,7 @@
 """SMTP upstream login: EHLO (and STARTTLS), then one of
 - `xclient`: Postfix XCLIENT LOGIN=<identity> ADDR=<client> … (xtext-encoded), then a fresh EHLO;
 - `authzid`: AUTH PLAIN with an authorization identity and the master credentials;
+- `xoauth2`, `oauthbearer`: AUTH with an OAuth2 token for the identity;
 - `none`: the upstream trusts the proxy's address.
 Never the user's password."""
 
@@ -9,8 +10,8 @@ from __future__ import annotations
 import ipaddress
 
 from proxy.config import Upstream
-from proxy.sasl import client_plain
 from proxy.upstream import LoginRequest, LoginResult, UpstreamConnection, UpstreamError
+from proxy.upstreamauth import MAX_CHALLENGES, UpstreamAuth
 
 # What the proxy calls itself in EHLO before the client's own name is known.
 DEFAULT_HELO = "apppass"
@@ -73,7 +74,12 @@ def _keywords(extensions: list[str]) -> dict[str, list[str]]:
     return {e.split()[0].upper(): e.split()[1:] for e in extensions if e.split()}
 
 
-async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequest) -> LoginResult:
+async def login(
+    conn: UpstreamConnection,
+    settings: Upstream,
+    request: LoginRequest,
+    auth: UpstreamAuth | None = None,
+) -> LoginResult:
     """Log in upstream; the result carries the extensions the session now has."""
     identity, client_ip, client_port = request.identity, request.client_ip, request.client_port
     helo = request.hello.name if request.hello else None
@@ -109,12 +115,33 @@ async def login(conn: UpstreamConnection, settings: Upstream, request: LoginRequ
         conn.send(f"XCLIENT {' '.join(parts)}\r\n".encode())
         await _expect(conn, (220,), "XCLIENT")
         extensions = await ehlo(conn, helo_name)
-    elif settings.login == "authzid":
-        if "AUTH" not in keywords or "PLAIN" not in {m.upper() for m in keywords["AUTH"]}:
-            raise UpstreamError("upstream does not offer AUTH PLAIN")
-        response = client_plain(
-            identity, settings.master_user or "", settings.master_password or ""
-        )
-        conn.send(f"AUTH PLAIN {response}\r\n".encode())
-        await _expect(conn, (235,), f"the login as {identity}")
+    else:
+        auth = auth or UpstreamAuth.start(settings, identity, None)
+        if auth is not None:
+            await _authenticate(conn, auth, keywords)
     return LoginResult(extensions=tuple(extensions))
+
+
+async def _authenticate(
+    conn: UpstreamConnection, auth: UpstreamAuth, keywords: dict[str, list[str]]
+) -> None:
+    """AUTH with an initial response (RFC 4954 §4); a 334 after it asks for the response
+    (empty) or reports an error (a refused token), answered, and the result follows."""
+    if auth.mechanism not in {m.upper() for m in keywords.get("AUTH", [])}:
+        raise UpstreamError(f"upstream does not offer AUTH {auth.mechanism}")
+    response = await auth.response()
+    conn.send(f"AUTH {auth.mechanism} {response}\r\n".encode())
+    code, lines = await reply(conn)
+    challenges = 0
+    while code == 334:
+        challenges += 1
+        if challenges > MAX_CHALLENGES:
+            raise UpstreamError("upstream kept challenging the login")
+        answer = auth.challenge_answer() if " ".join(lines).strip() else response
+        conn.send(answer.encode() + b"\r\n")
+        code, lines = await reply(conn)
+    if code != 235:
+        auth.refused()
+        raise UpstreamError(
+            f"upstream refused the login as {auth.identity}: {code} {' '.join(lines)[:120]}"
+        )

@@ -4,6 +4,12 @@ It sits in the relay after login. It follows the client's stream (command lines,
 BDAT chunks) and the upstream's replies, refuses XCLIENT, XFORWARD, STARTTLS and role reversal
 from the client (the proxy's trust with the upstream is not the client's to use), and puts its
 own refusals into the reply stream in the right place. Every input is bounded (WatchLimits).
+
+For a code with a sending policy (proxy/codes/sending.py) it also refuses a sender or recipient
+the policy does not allow, and, under a daily cap, asks for a place before the first recipient
+of each message: it holds the client's input, says `ask`, and goes on when `answer` brings the
+store's reply (proxy/smtp/policed.py does the asking). It says when the message a place was held
+for was accepted upstream (`slots`: "sent") or not ("returned"), in reply order.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 
+from proxy.codes.sending import SendingRules
 from proxy.linebuffer import LineBuffer, TooLong
+from proxy.smtp.envelope import mail_from, rcpt_to
 
 CRLF = b"\r\n"
 
@@ -58,6 +66,32 @@ _BAD_BDAT = b"501 5.5.4 Syntax: BDAT count [LAST]\r\n"
 # Postfix 3.9 (smtpd_forbid_bare_newline) answers a bare <LF> so, and disconnects.
 _AMBIGUOUS_END = b"521 5.5.2 Error: bare <CR> or <LF> at end of data\r\n"
 
+# A code's sending policy refused the command (RFC 3463 5.7.1: delivery not authorized; Postfix's
+# reject_sender_login_mismatch says "5.7.1 … Sender address rejected: not owned by user"). The
+# daily cap, at RCPT: RFC 5321 §4.5.3.1.10 makes 452 the transient refusal of one more recipient.
+# The store unable to count: a temporary local error (RFC 5321 451, RFC 3463 4.3.0).
+_SENDER_REFUSED = b"550 5.7.1 Error: sender address not allowed for this app password\r\n"
+_RECIPIENT_REFUSED = b"550 5.7.1 Error: recipient address not allowed for this app password\r\n"
+_DAILY_CAP = b"452 4.7.0 Error: daily message limit of this app password reached\r\n"
+_NOT_COUNTED = b"451 4.3.0 Error: cannot count messages now, try again later\r\n"
+# A path the watch cannot read exactly is refused, not guessed at (Postfix's wording).
+_BAD_SENDER = b"501 5.1.7 Error: bad sender address syntax\r\n"
+_BAD_RECIPIENT = b"501 5.1.3 Error: bad recipient address syntax\r\n"
+
+# What `refused` says of the policy's refusals (the audit log; each counted on the code too).
+SENDER_REFUSED = "MAIL FROM (sender not allowed)"
+RECIPIENT_REFUSED = "RCPT TO (recipient not allowed)"
+DAILY_CAP = "RCPT TO (daily message limit)"
+BAD_SENDER = "MAIL FROM (address not readable)"
+BAD_RECIPIENT = "RCPT TO (address not readable)"
+NOT_COUNTED = "RCPT TO (message count unavailable)"
+POLICY_REFUSALS = frozenset(
+    {SENDER_REFUSED, RECIPIENT_REFUSED, DAILY_CAP, BAD_SENDER, BAD_RECIPIENT}
+)
+
+# Slot events: the message a place was held for was accepted upstream, or not.
+SENT, RETURNED = "sent", "returned"
+
 _BDAT = re.compile(rb"BDAT ([0-9]{1,10})( LAST)?", re.IGNORECASE)
 _DOT_AFTER_BREAK = re.compile(rb"[\r\n]\.")
 
@@ -86,6 +120,8 @@ class Relayed:
     to_client: bytes = b""
     refused: tuple[str, ...] = ()  # commands refused in this call (verbs), for the audit log
     close: str | None = None  # close both sides after writing: the streams cannot stay in step
+    ask: bool = False  # hold a place under the daily cap, then call `answer`
+    slots: tuple[str, ...] = ()  # SENT or RETURNED per place held, in the order they were held
 
 
 @dataclass
@@ -94,10 +130,17 @@ class _Out:
     to_client: bytearray = field(default_factory=bytearray)
     refused: list[str] = field(default_factory=list)
     close: str | None = None
+    ask: bool = False
+    slots: list[str] = field(default_factory=list)
 
     def result(self) -> Relayed:
         return Relayed(
-            bytes(self.to_upstream), bytes(self.to_client), tuple(self.refused), self.close
+            bytes(self.to_upstream),
+            bytes(self.to_client),
+            tuple(self.refused),
+            self.close,
+            self.ask,
+            tuple(self.slots),
         )
 
 
@@ -106,12 +149,15 @@ class _Mode(enum.Enum):
     WAITING = "waiting"  # DATA sent: client input held until the upstream's reply to it
     DATA = "data"  # message content, up to CRLF.CRLF
     CHUNK = "chunk"  # a BDAT chunk's octets
+    ASKING = "asking"  # a RCPT awaits a place under the daily cap: client input held
     CLOSED = "closed"
 
 
 class _Expect(enum.Enum):
     REPLY = "reply"  # the upstream's reply to a relayed command
     DATA_REPLY = "data-reply"  # … to DATA: 354 starts message content
+    MESSAGE_END = "message-end"  # … to the end of a message a place was held for: 2xx sent it
+    RESET = "reset"  # … to RSET, EHLO or HELO, which gave the transaction's place back
 
 
 class SmtpCommandWatch:
@@ -129,9 +175,19 @@ class SmtpCommandWatch:
     as commands, so it closes the session instead of guessing.
     """
 
-    def __init__(self, *, chunking: bool = True, limits: SmtpWatchLimits = SmtpWatchLimits()):
+    def __init__(
+        self,
+        *,
+        chunking: bool = True,
+        limits: SmtpWatchLimits = SmtpWatchLimits(),
+        rules: SendingRules | None = None,
+    ):
         self.chunking = chunking  # the upstream offered CHUNKING: BDAT carries a chunk
         self.limits = limits
+        self.rules = rules  # the code's sending policy, or None
+        self._slot = False  # the client's current transaction holds a place under the cap
+        self._capped = False  # … was refused one: its other recipients are refused too
+        self._asking: bytes | None = None  # the RCPT line awaiting a place
         self._mode = _Mode.COMMAND
         self._lines = LineBuffer(limits.max_line)
         self._queue: deque[_Expect | bytes] = deque()  # replies due to the client, in order
@@ -147,8 +203,9 @@ class SmtpCommandWatch:
 
     @property
     def waiting(self) -> bool:
-        """The client's input is held until the upstream answers DATA: stop reading the client."""
-        return self._mode is _Mode.WAITING
+        """The client's input is held until the upstream answers DATA (or the store answers for
+        a place under the daily cap): stop reading the client."""
+        return self._mode in (_Mode.WAITING, _Mode.ASKING)
 
     @property
     def queued(self) -> int:
@@ -163,6 +220,29 @@ class SmtpCommandWatch:
         out = _Out()
         if self._mode is not _Mode.CLOSED:
             self._feed_client(data, out)
+        return out.result()
+
+    def answer(self, granted: bool | None) -> Relayed:
+        """The store's answer to `ask`: a place under the daily cap (True), none left today
+        (False), or no answer (None: the store is unavailable). Held input then goes on."""
+        out = _Out()
+        line, self._asking = self._asking, None
+        if self._mode is not _Mode.ASKING or line is None:
+            return out.result()
+        self._mode = _Mode.COMMAND
+        if granted:
+            self._slot = True
+            if self._expect(_Expect.REPLY, out):
+                out.to_upstream += line + CRLF
+        elif granted is False:
+            self._capped = True
+            self._refuse(DAILY_CAP, _DAILY_CAP, out)
+        else:
+            self._refuse(NOT_COUNTED, _NOT_COUNTED, out)
+        if self._mode is _Mode.COMMAND:
+            held = bytes(self._held)
+            self._held.clear()
+            self._feed_client(held, out)
         return out.result()
 
     def upstream_data(self, data: bytes) -> Relayed:
@@ -198,14 +278,14 @@ class SmtpCommandWatch:
                 data = self._commands(out)
                 if self._mode is _Mode.COMMAND:
                     return
-            elif mode is _Mode.WAITING:
+            elif mode in (_Mode.WAITING, _Mode.ASKING):
                 self._held += data
                 if len(self._held) > self.limits.max_held:
-                    self._close("client sent too much before the reply to DATA", out)
+                    self._close(f"client sent too much while {mode.value}", out)
                 return
             elif mode is _Mode.DATA:
                 rest = self._content(data, out)
-                if rest is None or not self._expect(_Expect.REPLY, out):
+                if rest is None or not self._expect(self._message_end(), out):
                     return
                 self._mode = _Mode.COMMAND
                 data = rest
@@ -240,6 +320,8 @@ class SmtpCommandWatch:
             if verb in REFUSED_AFTER_LOGIN:
                 out.refused.append(verb)
                 self._local(REFUSED_AFTER_LOGIN[verb], out)
+            elif self.rules is not None and verb in ("MAIL", "RCPT", "RSET", "EHLO", "HELO"):
+                self._policed(verb, line, out)
             elif verb == "DATA":
                 if self._expect(_Expect.DATA_REPLY, out):
                     out.to_upstream += line + CRLF
@@ -250,7 +332,8 @@ class SmtpCommandWatch:
                 if not 0 <= size <= self.limits.max_chunk:
                     self._local(_BAD_BDAT, out)
                     continue
-                if self._expect(_Expect.REPLY, out):
+                last = match is not None and match.group(2) is not None
+                if self._expect(self._message_end() if last else _Expect.REPLY, out):
                     out.to_upstream += line + CRLF
                     self._chunk_left = size
                     self._mode = _Mode.CHUNK
@@ -297,6 +380,61 @@ class SmtpCommandWatch:
             self._close("bare CR or LF around the end of message data", out)
             return None
 
+    # -- the sending policy -------------------------------------------------------------------
+
+    def _policed(self, verb: str, line: bytes, out: _Out) -> None:
+        """MAIL and RCPT under the code's policy; RSET, EHLO and HELO end the transaction."""
+        rules = self.rules
+        assert rules is not None
+        if verb == "MAIL":
+            self._capped = False
+            if not rules.any_sender:
+                box = mail_from(line)
+                if box is None:
+                    return self._refuse(BAD_SENDER, _BAD_SENDER, out)
+                if not rules.sender_allowed(
+                    box.local, box.domain, quoted=box.quoted, routed=box.routed
+                ):
+                    return self._refuse(SENDER_REFUSED, _SENDER_REFUSED, out)
+        elif verb == "RCPT":
+            if rules.rcpt_domains:
+                box = rcpt_to(line)
+                if box is None:
+                    return self._refuse(BAD_RECIPIENT, _BAD_RECIPIENT, out)
+                if not rules.recipient_allowed(
+                    box.local, box.domain, quoted=box.quoted, routed=box.routed
+                ):
+                    return self._refuse(RECIPIENT_REFUSED, _RECIPIENT_REFUSED, out)
+            if rules.max_per_day and not self._slot:
+                if self._capped:
+                    return self._refuse(DAILY_CAP, _DAILY_CAP, out)
+                self._asking = line
+                self._mode = _Mode.ASKING
+                out.ask = True
+                return None
+        else:  # RSET, EHLO, HELO: the transaction ends, and its place is given back
+            self._capped = False
+            if self._slot:
+                self._slot = False
+                if self._expect(_Expect.RESET, out):
+                    out.to_upstream += line + CRLF
+                return None
+        if self._expect(_Expect.REPLY, out):
+            out.to_upstream += line + CRLF
+        return None
+
+    def _refuse(self, what: str, reply: bytes, out: _Out) -> None:
+        out.refused.append(what)
+        self._local(reply, out)
+
+    def _message_end(self) -> _Expect:
+        """The expectation for the end of a message: it uses the transaction's place, if any."""
+        self._capped = False
+        if self._slot:
+            self._slot = False
+            return _Expect.MESSAGE_END
+        return _Expect.REPLY
+
     # -- replies ------------------------------------------------------------------------------
 
     def _expect(self, what: _Expect, out: _Out) -> bool:
@@ -327,6 +465,10 @@ class SmtpCommandWatch:
             return  # unsolicited, such as 421 before the upstream closes
         expected = self._queue.popleft()
         assert isinstance(expected, _Expect)
+        if expected is _Expect.MESSAGE_END:
+            out.slots.append(SENT if code[:1] == b"2" else RETURNED)
+        elif expected is _Expect.RESET:
+            out.slots.append(RETURNED)
         if expected is _Expect.DATA_REPLY:
             if code == b"354":
                 self._mode = _Mode.DATA

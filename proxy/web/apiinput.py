@@ -206,7 +206,18 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-CODE_FIELDS = ("label", "scopes", "expires_at", "expires_in", "max_uses", "networks")
+CODE_FIELDS = (
+    "label",
+    "scopes",
+    "expires_at",
+    "expires_in",
+    "max_uses",
+    "networks",
+    "mail_from",
+    "rcpt_domains",
+    "max_messages_per_day",
+    "custodian",
+)
 
 
 def code_request(body: dict[str, Any], now: datetime | None = None) -> CodeRequest:
@@ -220,9 +231,11 @@ def code_request(body: dict[str, Any], now: datetime | None = None) -> CodeReque
     label = _typed(body, "label", str, "a string")
     scopes = _strings(body, "scopes")
     networks = _strings(body, "networks")
-    max_uses = body.get("max_uses")
-    if max_uses is not None and (isinstance(max_uses, bool) or not isinstance(max_uses, int)):
-        raise invalid("max_uses is a whole number or null", "max_uses")
+    max_uses = _whole(body, "max_uses")
+    per_day = _whole(body, "max_messages_per_day")
+    custodian = body.get("custodian")
+    if custodian is not None and not isinstance(custodian, str):
+        raise invalid("custodian is a mail address or null", "custodian")
     expires_at, never = _expiry(body, now or datetime.now(UTC).replace(microsecond=0))
     return CodeRequest(
         label=label,
@@ -231,7 +244,18 @@ def code_request(body: dict[str, Any], now: datetime | None = None) -> CodeReque
         max_uses=max_uses,
         networks=tuple(networks or ()),
         never_expires=never,
+        mail_from=tuple(_strings(body, "mail_from") or ()),
+        rcpt_domains=tuple(_strings(body, "rcpt_domains") or ()),
+        max_messages_per_day=per_day,
+        custodian=custodian,
     )
+
+
+def _whole(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise invalid(f"{name} is a whole number or null", name)
+    return value
 
 
 def no_fields(body: dict[str, Any]) -> None:

@@ -70,8 +70,21 @@ def code_request(form: Mapping[str, Sequence[str]], now: datetime) -> CodeReques
         scopes=scopes,
         expires_at=_expiry(first(form, "expires"), first(form, "expires_date"), now),
         max_uses=_max_uses(first(form, "max_uses")),
-        networks=tuple(n for n in re.split(r"[\s,;]+", first(form, "networks")) if n),
+        networks=_words(first(form, "networks")),
+        mail_from=_words(first(form, "mail_from")),
+        rcpt_domains=_words(first(form, "rcpt_domains")),
+        max_messages_per_day=_whole(
+            first(form, "max_messages_per_day"),
+            "messages per day is a whole number, or empty for no limit",
+            "max_messages_per_day",
+        ),
+        custodian=first(form, "custodian").strip() or None,
     )
+
+
+def _words(value: str) -> tuple[str, ...]:
+    """A field's list: separated by spaces, commas or semicolons."""
+    return tuple(w for w in re.split(r"[\s,;]+", value) if w)
 
 
 def _expiry(choice: str, day: str, now: datetime) -> datetime | None:
@@ -94,11 +107,13 @@ def _expiry(choice: str, day: str, now: datetime) -> datetime | None:
 
 
 def _max_uses(value: str) -> int | None:
+    return _whole(value, "max uses is a whole number, or empty for no limit", "max_uses")
+
+
+def _whole(value: str, message: str, field: str) -> int | None:
     value = value.strip()
     if not value:
         return None
-    if not value.isascii() or not value.isdigit():
-        raise ManageError(
-            "invalid", "max uses is a whole number, or empty for no limit", "max_uses"
-        )
+    if not value.isascii() or not value.isdigit() or len(value) > 9:
+        raise ManageError("invalid", message, field)
     return int(value)

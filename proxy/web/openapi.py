@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from proxy.codes.sending import MAX_DOMAINS, MAX_MESSAGES_PER_DAY, MAX_SENDERS
 from proxy.config import SCOPES
 from proxy.manage import MAX_NETWORKS, MAX_USES
 from proxy.web.apiinput import OPENAPI, PREFIX
@@ -120,6 +121,15 @@ SCHEMAS: dict[str, Any] = {
             "disabled",
             "revoked_at",
             "state",
+            "idle_disabled_at",
+            "custodian",
+            "mail_from",
+            "rcpt_domains",
+            "max_messages_per_day",
+            "sent_today",
+            "send_refused_count",
+            "last_send_refused_at",
+            "stale",
         ],
         id={"type": "integer", "minimum": 1},
         login={"type": "string", "description": "the login when it was made (display only)"},
@@ -140,6 +150,55 @@ SCHEMAS: dict[str, Any] = {
         disabled={"type": "boolean"},
         revoked_at=TIME,
         state={"enum": list(STATES)},
+        idle_disabled_at={
+            **TIME,
+            "description": "when apppass notify disabled it for not being used "
+            "(codes.disable_after_unused); null once enabled again",
+        },
+        custodian=_nullable("string", description="also mailed its expiry and idle notices"),
+        mail_from={
+            "type": "array",
+            "items": {"type": "string"},
+            "description": 'SMTP senders it may use: addresses, "*@domain", "own" (the '
+            'account\'s own addresses) or "*"; empty: no sending policy',
+        },
+        rcpt_domains={
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "SMTP: the only recipient domains it may send to; empty: any",
+        },
+        max_messages_per_day=_nullable(
+            "integer", minimum=1, description="SMTP: messages a UTC day; null: no cap"
+        ),
+        sent_today=_nullable(
+            "integer",
+            minimum=0,
+            description="messages the upstream accepted today (UTC), for a code with a cap",
+        ),
+        send_refused_count={
+            "type": "integer",
+            "minimum": 0,
+            "description": "commands its sending policy refused",
+        },
+        last_send_refused_at=TIME,
+        stale=_ref("schemas", "Stale"),
+    ),
+    "Stale": _object(
+        ["count", "since", "last_at", "last_ip", "still_retrying"],
+        count={
+            "type": "integer",
+            "minimum": 0,
+            "description": "logins with the right secret since the code stopped working "
+            "(revoked, expired, used up, disabled): a device still set up with it",
+        },
+        since={**TIME, "description": "the first of them"},
+        last_at={**TIME, "description": "the latest"},
+        last_ip=_nullable("string", description="where the latest came from"),
+        still_retrying=_nullable(
+            "string",
+            description='for people: "still retrying: 212 attempts since 2026-11-24 from '
+            '10.0.4.17"; null while the code works or nothing retried it',
+        ),
     ),
     "AppPasswordList": _object(
         ["codes"], codes={"type": "array", "items": _ref("schemas", "AppPassword")}
@@ -186,6 +245,30 @@ SCHEMAS: dict[str, Any] = {
                 "maxItems": MAX_NETWORKS,
                 "description": "the code works only from these client networks",
             },
+            mail_from={
+                "type": "array",
+                "items": {"type": "string", "examples": ["scanner@example.org", "*@example.org"]},
+                "maxItems": MAX_SENDERS,
+                "description": 'SMTP: the senders it may use (addresses, "*@domain", "own", '
+                '"*"); with rcpt_domains or max_messages_per_day and no mail_from: "own"',
+            },
+            rcpt_domains={
+                "type": "array",
+                "items": {"type": "string", "examples": ["example.org"]},
+                "maxItems": MAX_DOMAINS,
+                "description": "SMTP: it may send only to these domains",
+            },
+            max_messages_per_day=_nullable(
+                "integer",
+                minimum=1,
+                maximum=MAX_MESSAGES_PER_DAY,
+                description="SMTP: at most this many messages a UTC day",
+            ),
+            custodian=_nullable(
+                "string",
+                description="also mailed the code's expiry and idle notices",
+                examples=["print-team@example.org"],
+            ),
         ),
         "not": {"required": ["expires_at", "expires_in"]},
     },

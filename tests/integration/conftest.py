@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers.fixtures import dovecot, postfix, test_ca  # noqa: F401
+from tests.servers.fixtures import (  # noqa: F401
+    dovecot,
+    oauth_dovecot,
+    oauth_postfix,
+    postfix,
+    test_ca,
+    token_service,
+)
 from tests.servers.postgres import pg_database, postgres  # noqa: F401
 from tests.servers.samba import samba_dc  # noqa: F401
 from tests.servers.slapd import slapd, slapd_factory  # noqa: F401

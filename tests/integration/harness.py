@@ -100,6 +100,7 @@ async def start_proxy(
     web: dict | None = None,
     users: dict | None = None,
     store: dict | None = None,
+    oauth2: dict | None = None,
 ) -> ProxyHarness:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "users.yaml").write_text(yaml.safe_dump(users or USERS))
@@ -121,6 +122,7 @@ async def start_proxy(
         "upstream": upstream,
         **({"limits": limits} if limits else {}),
         **({"web": web} if web else {}),
+        **({"oauth2": oauth2} if oauth2 else {}),
     }
     (folder / "apppass.yaml").write_text(yaml.safe_dump(config))
     settings = load(folder / "apppass.yaml")

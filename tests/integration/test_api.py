@@ -195,6 +195,61 @@ async def test_a_code_created_over_the_api_logs_in_through_the_proxy_to_dovecot(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_sending_policy_and_a_custodian_are_made_and_shown(api):
+    created = await create(
+        api,
+        "printer1",
+        label="scanner",
+        scopes=["smtp"],
+        mail_from=["Scanner@example.test"],
+        rcpt_domains=["example.test"],
+        max_messages_per_day=10,
+        custodian="print-team@example.test",
+    )
+    record = created["record"]
+    assert (record["mail_from"], record["rcpt_domains"], record["max_messages_per_day"]) == (
+        ["scanner@example.test"],
+        ["example.test"],
+        10,
+    )
+    seen = (await api.get(f"{V1}/codes/{record['id']}")).json
+    assert (seen["sent_today"], seen["custodian"], seen["send_refused_count"]) == (
+        0,
+        "print-team@example.test",
+        0,
+    )
+    own = (await create(api, "printer1", label="fax", scopes=["smtp"], rcpt_domains=["x.test"]))[
+        "record"
+    ]
+    assert own["mail_from"] == ["own"]  # a policy without senders sends as the account
+    for made in (record, own):
+        assert (await api.post(f"{V1}/codes/{made['id']}/revoke")).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_retrying_a_revoked_code_shows_as_still_retrying(api, proxy):
+    created = await create(api, scopes=["imap"], label="old phone")
+    code_id, code = created["record"]["id"], created["code"]
+    assert created["record"]["stale"] == {
+        "count": 0,
+        "since": None,
+        "last_at": None,
+        "last_ip": None,
+        "still_retrying": None,
+    }
+    assert (await api.post(f"{V1}/codes/{code_id}/revoke")).status == 200
+    for _ in range(2):
+        refused = await threads.deferToThread(imap_login, proxy.port("plain"), "alice", code)
+        assert refused.startswith("refused") and "EXPIRED" in refused
+    stale = (await api.get(f"{V1}/codes/{code_id}")).json["stale"]
+    assert (stale["count"], stale["last_ip"]) == (2, "127.0.0.1")
+    assert re.fullmatch(
+        r"still retrying: 2 attempts since \d{4}-\d\d-\d\d from 127\.0\.0\.1",
+        stale["still_retrying"],
+    )
+
+
+@pytest_twisted.ensureDeferred
 async def test_expiry_as_a_date_a_date_time_or_never(api):
     day = (await create(api, expires_at="2099-06-30"))["record"]
     assert day["expires_at"] == "2099-06-30T23:59:59+00:00"
@@ -317,6 +372,14 @@ BAD_BODIES = [
     ({"label": "x", "expires_in": 90}, "expires_in"),
     ({"label": "x", "expires_in": "90d", "expires_at": "2099-01-01"}, "expires_in"),
     ({"label": "x", "code": "Xk7m-9QpR-t4Vw-Hn2c"}, "code"),
+    ({"label": "x", "mail_from": "scanner@example.test"}, "mail_from"),
+    ({"label": "x", "mail_from": ["scanner"]}, "mail_from"),
+    ({"label": "x", "rcpt_domains": ["example..test"]}, "rcpt_domains"),
+    ({"label": "x", "max_messages_per_day": 0}, "max_messages_per_day"),
+    ({"label": "x", "max_messages_per_day": "10"}, "max_messages_per_day"),
+    ({"label": "x", "custodian": "team"}, "custodian"),
+    ({"label": "x", "custodian": ["team@example.test"]}, "custodian"),
+    ({"label": "x", "scopes": ["imap"], "rcpt_domains": ["example.test"]}, "scopes"),
 ]
 
 

@@ -310,6 +310,51 @@ async def test_an_admin_creates_a_printer_code_recorded_as_theirs(portal):
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_admin_sees_a_printers_sending_policy_and_that_a_device_still_retries(portal):
+    action = "/admin/new?login=printer1"
+
+    def create():
+        web = client(portal)
+        web.sign_in("carol", PASSWORDS["carol"])
+        form = web.get(action)
+        assert 'name="mail_from"' in form.text and 'name="custodian"' in form.text
+        page = web.post(
+            action,
+            {
+                "csrf": form.hidden("csrf", action),
+                "nonce": form.hidden("nonce", action),
+                "label": "Scanner 2nd floor",
+                "scopes": ["smtp"],
+                "expires": "default",
+                "mail_from": "scanner@example.test",
+                "rcpt_domains": "example.test",
+                "max_messages_per_day": "10",
+                "custodian": "print-team@example.test",
+            },
+        )
+        assert page.status == 201, page.text
+        assert "It sends as scanner@example.test; to example.test; 10 messages a day." in (
+            page.text
+        )
+        return web
+
+    web = await threads.deferToThread(create)
+    record = next(r for r in portal.store.list("key-printer1") if r.label == "Scanner 2nd floor")
+    assert record.sending.max_per_day == 10 and record.custodian == "print-team@example.test"
+    portal.store.revoke(record.id)
+    for _ in range(3):
+        portal.store.record_stale(record.id, "10.0.4.17")
+
+    def look():
+        return row_of(web.get("/admin/account?login=printer1"), "Scanner 2nd floor")
+
+    row = await threads.deferToThread(look)
+    assert "sends as scanner@example.test; to example.test; 10 messages a day (0 sent today)" in row
+    assert "notices also to print-team@example.test" in row
+    assert re.search(r"Still retrying: 3 attempts since \d{4}-\d\d-\d\d from 10\.0\.4\.17", row)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_person_cannot_reach_someone_elses_code(portal):
     printer_code_id, _ = portal.issue("printer1", label="not alice's")
 

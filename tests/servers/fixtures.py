@@ -1,4 +1,5 @@
-"""Session-scoped pytest fixtures for the real upstream servers: test_ca, dovecot, postfix.
+"""Session-scoped pytest fixtures for the real upstream servers: test_ca, dovecot, postfix, and
+for OAuth2 logins token_service, oauth_dovecot and oauth_postfix.
 
 A conftest.py makes them available with
 
@@ -21,6 +22,7 @@ import pytest
 from tests.servers.common import remove_tree, short_tempdir
 from tests.servers.dovecot import Dovecot
 from tests.servers.postfix import Postfix
+from tests.servers.tokenservice import TokenService
 from tests.support.ca import TestCA
 
 # Seconds each session server took to start, for reports (filled as fixtures start).
@@ -61,6 +63,47 @@ def postfix(dovecot: Dovecot, test_ca: TestCA) -> Iterator[Postfix]:
         began = time.monotonic()
         server.start()
         STARTUP_SECONDS["postfix"] = time.monotonic() - began
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def token_service(test_ca: TestCA) -> Iterator[TokenService]:
+    """A running OAuth2 token service (tests/servers/tokenservice.py): https token endpoint,
+    http introspection for Dovecot. Tests register their own clients and restore what they
+    change (revocations, down, hold)."""
+    server = TokenService(test_ca)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def oauth_dovecot(test_ca: TestCA, token_service: TokenService) -> Iterator[Dovecot]:
+    """A second Dovecot that also takes XOAUTH2 and OAUTHBEARER, validating the tokens by
+    introspection at token_service (the first keeps its plain configuration)."""
+    server = Dovecot(test_ca, oauth2_introspection=token_service.introspection_url)
+    try:
+        began = time.monotonic()
+        server.start()
+        STARTUP_SECONDS["oauth_dovecot"] = time.monotonic() - began
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def oauth_postfix(oauth_dovecot: Dovecot, test_ca: TestCA) -> Iterator[Postfix]:
+    """A Postfix whose submission authenticates through oauth_dovecot (so XOAUTH2 and
+    OAUTHBEARER too) and delivers into it."""
+    server = Postfix(oauth_dovecot, test_ca)
+    try:
+        began = time.monotonic()
+        server.start()
+        STARTUP_SECONDS["oauth_postfix"] = time.monotonic() - began
         yield server
     finally:
         server.cleanup()

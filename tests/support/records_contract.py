@@ -33,7 +33,8 @@ class RecordsContract:
 
     def test_wrong_revoked_and_expired_tokens_are_refused(self, records):
         token, value = records.create_token("helpdesk", True, None, "cli:root")
-        assert records.authenticate_token(value[:-1] + "x", "192.0.2.7") is None
+        wrong = value[:-1] + ("x" if value[-1] != "x" else "y")
+        assert records.authenticate_token(wrong, "192.0.2.7") is None
         assert records.authenticate_token("Bearer nonsense", "192.0.2.7") is None
         assert records.revoke_token(token.id) and not records.revoke_token(token.id)
         assert records.authenticate_token(value, "192.0.2.7") is None

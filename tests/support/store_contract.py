@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from proxy.codes.open import open_store
+from proxy.codes.sending import SendingPolicy
 from proxy.codes.store import (
     RESERVATION_SECONDS,
     CapReached,
@@ -21,13 +22,14 @@ from proxy.codes.store import (
     NewCode,
     Reservation,
     State,
+    day_of,
 )
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 # The schema version both stores' migrations reach (SQLite's PRAGMA user_version, PostgreSQL's
 # schema_version): a step added to one store must be added to the other.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Bounds for the cross-process race: the children start a Python each and open a store.
 PROCESS_DEADLINE = 120.0
@@ -406,3 +408,148 @@ class StoreContract:
             ]
         )
         assert done.rowcount == 1 and counted.fetchone()[0] == 1
+
+    # -- stale devices, the sending policy, messages per day, notices, idle codes ---------------
+
+    def test_create_stores_the_sending_policy_and_the_custodian(self, store):
+        policy = SendingPolicy(("scanner@example.org", "*@example.net"), ("example.org",), 10)
+        rec = store.create(new(sending=policy, custodian="print-team@example.org"), cap=25, now=NOW)
+        got = store.get(rec.id)
+        assert got == rec and got.sending == policy and got.custodian == "print-team@example.org"
+        plain = store.create(new("EfGh"), cap=25, now=NOW)
+        assert store.get(plain.id).sending == SendingPolicy() and plain.custodian is None
+
+    def test_tries_after_a_code_stopped_working_are_counted_with_when_and_where(self, store):
+        rec = store.create(new(), cap=25, now=NOW)
+        store.revoke(rec.id, now=NOW)
+        for hours in (1, 2, 30):
+            store.record_stale(rec.id, "10.0.4.17", now=NOW + timedelta(hours=hours))
+        got = store.get(rec.id)
+        assert (got.stale_count, got.stale_since, got.stale_last_at, got.stale_last_ip) == (
+            3,
+            NOW + timedelta(hours=1),
+            NOW + timedelta(hours=30),
+            "10.0.4.17",
+        )
+        assert got.still_retrying(NOW) == (
+            "still retrying: 3 attempts since 2026-11-25 from 10.0.4.17"
+        )
+        assert got.failed_count == 0  # not a wrong secret
+
+    def test_enabling_a_code_again_starts_its_stale_count_and_idle_clock_afresh(self, store):
+        rec = store.create(new(), cap=25, now=NOW - timedelta(days=200))
+        assert store.disable_idle(rec.id, NOW - timedelta(days=90), now=NOW)
+        store.record_stale(rec.id, "10.0.4.17", now=NOW)
+        assert store.get(rec.id).still_retrying(NOW) is not None
+        assert store.set_disabled(rec.id, False, now=NOW + timedelta(hours=1))
+        got = store.get(rec.id)
+        assert (got.stale_count, got.stale_since, got.idle_disabled_at) == (0, None, None)
+        assert got.enabled_at == NOW + timedelta(hours=1) and got.still_retrying(NOW) is None
+        assert store.idle(NOW - timedelta(days=1), now=NOW + timedelta(days=2)) == []
+
+    def test_purge_keeps_the_record_of_a_code_a_device_still_tries(self, store):
+        tried = store.create(new("AAAA"), cap=25, now=NOW - timedelta(days=100))
+        quiet = store.create(new("BBBB"), cap=25, now=NOW - timedelta(days=100))
+        for rec in (tried, quiet):
+            store.revoke(rec.id, now=NOW - timedelta(days=60))
+        store.record_stale(quiet.id, "10.0.4.18", now=NOW - timedelta(days=45))
+        store.record_stale(tried.id, "10.0.4.17", now=NOW - timedelta(days=2))
+        assert store.purge(NOW - timedelta(days=30)) == 1
+        assert store.get(quiet.id) is None and store.get(tried.id) is not None
+
+    def test_a_daily_cap_holds_places_and_counts_what_was_sent_on_the_day(self, store):
+        rec = store.create(new(), cap=25, now=NOW)
+        day = day_of(NOW)
+        held = [store.hold_message(rec.id, 3, now=NOW) for _ in range(4)]
+        assert held == [day, day, day, None]  # three places, all held by messages on their way
+        store.release_message(rec.id, day)  # one was not sent after all
+        store.message_sent(rec.id, day)
+        store.message_sent(rec.id, day)
+        assert store.sent_on([rec.id], day) == {rec.id: 2}
+        assert store.hold_message(rec.id, 3, now=NOW) == day
+        store.message_sent(rec.id, day)
+        assert store.hold_message(rec.id, 3, now=NOW) is None
+        assert store.sent_on([rec.id], day) == {rec.id: 3}
+        tomorrow = NOW + timedelta(days=1)
+        assert store.hold_message(rec.id, 3, now=tomorrow) == day + 1
+        assert store.sent_on([rec.id, 999], day + 1) == {}
+
+    def test_threads_racing_for_the_last_messages_of_the_day_send_exactly_the_cap(
+        self, store, reopen
+    ):
+        rec = store.create(new(), cap=25, now=NOW)
+        stores = [reopen() for _ in range(30)]  # each its own connection, as another node
+        barrier = threading.Barrier(len(stores))
+        sent = []
+        lock = threading.Lock()
+
+        def send(own):
+            barrier.wait()
+            day = own.hold_message(rec.id, 10, now=NOW)
+            if day is not None:
+                own.message_sent(rec.id, day)
+            with lock:
+                sent.append(day is not None)
+
+        threads = [threading.Thread(target=send, args=(s,)) for s in stores]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sent.count(True) == 10
+        assert store.sent_on([rec.id], day_of(NOW)) == {rec.id: 10}
+
+    def test_send_refusals_are_counted_on_the_code(self, store):
+        rec = store.create(new(), cap=25, now=NOW)
+        store.record_send_refusals(rec.id, 3, now=NOW)
+        store.record_send_refusals(rec.id, 2, now=NOW + timedelta(minutes=5))
+        got = store.get(rec.id)
+        assert (got.send_refused_count, got.last_send_refused_at) == (
+            5,
+            NOW + timedelta(minutes=5),
+        )
+
+    def test_a_notice_is_claimed_once_and_one_that_failed_may_be_claimed_again(self, store, reopen):
+        rec = store.create(new(), cap=25, now=NOW)
+        other_node = reopen()
+        assert store.claim_notice(rec.id, "expiry-14", 123, now=NOW)
+        assert not other_node.claim_notice(rec.id, "expiry-14", 123, now=NOW)
+        assert other_node.claim_notice(rec.id, "expiry-3", 123, now=NOW)
+        other_node.drop_notice(rec.id, "expiry-3", 123)  # sending failed
+        assert store.claim_notice(rec.id, "expiry-3", 123, now=NOW)
+        store.notice_sent(rec.id, "expiry-3", 123, now=NOW)
+        store.drop_notice(rec.id, "expiry-3", 123)  # a sent notice stays
+        assert not store.claim_notice(rec.id, "expiry-3", 123, now=NOW)
+        assert store.notices(rec.id) == [("expiry-14", 123, None), ("expiry-3", 123, NOW)]
+
+    def test_idle_codes_are_the_live_ones_unused_since_and_disabling_checks_again(self, store):
+        cut = NOW - timedelta(days=90)
+        never_used = store.create(new("AAAA"), cap=25, now=NOW - timedelta(days=100))
+        used = store.create(new("BBBB"), cap=25, now=NOW - timedelta(days=100))
+        use(store, used, now=NOW - timedelta(days=10))
+        store.create(new("CCCC"), cap=25, now=NOW - timedelta(days=10))  # new
+        revoked = store.create(new("DDDD"), cap=25, now=NOW - timedelta(days=100))
+        store.revoke(revoked.id, now=NOW - timedelta(days=95))
+        late = store.create(new("EEEE"), cap=25, now=NOW - timedelta(days=100))
+        assert [r.id for r in store.idle(cut, now=NOW)] == [never_used.id, late.id]
+        use(store, late, now=NOW)  # a login came after the list was read
+        assert not store.disable_idle(late.id, cut, now=NOW)
+        assert store.disable_idle(never_used.id, cut, now=NOW)
+        assert not store.disable_idle(never_used.id, cut, now=NOW)  # once
+        got = store.get(never_used.id)
+        assert got.state(NOW) == State.DISABLED and got.idle_disabled_at == NOW
+        assert use(store, got, now=NOW) == Claim.DISABLED
+
+    def test_purge_drops_old_day_counts_and_the_notices_of_purged_codes(self, store):
+        old = store.create(new("AAAA"), cap=25, now=NOW - timedelta(days=100))
+        store.revoke(old.id, now=NOW - timedelta(days=60))
+        store.claim_notice(old.id, "idle", 1, now=NOW - timedelta(days=90))
+        kept = store.create(new("BBBB"), cap=25, now=NOW)
+        store.claim_notice(kept.id, "expiry-14", 2, now=NOW)
+        long_ago = day_of(datetime.now(UTC)) - 5
+        store.message_sent(kept.id, long_ago)
+        store.message_sent(kept.id, day_of(datetime.now(UTC)))
+        assert store.purge(NOW - timedelta(days=30)) == 1
+        assert store.notices(old.id) == [] and len(store.notices(kept.id)) == 1
+        assert store.sent_on([kept.id], long_ago) == {}
+        assert store.sent_on([kept.id], day_of(datetime.now(UTC))) == {kept.id: 1}

@@ -384,3 +384,78 @@ def test_an_unusable_upstream_identity_is_forbidden_whatever_the_directory_says(
     # Only a verified code learns more than "failed".
     wrong = yield env.attempt("alice", issued.code.value[:4] + "x" * 12)
     assert wrong.refusal == Refusal.CREDENTIALS
+
+
+# -- stale devices and the sending policy ------------------------------------------------------
+
+
+def _wrong(code: str) -> str:
+    return code[:4] + ("A" if code[4] != "A" else "B") + code[5:]
+
+
+@pytest.mark.parametrize(
+    "stop,refusal",
+    [
+        ("revoke", Refusal.EXPIRED),
+        ("expire", Refusal.EXPIRED),
+        ("use up", Refusal.EXPIRED),
+        ("disable", Refusal.FORBIDDEN),
+    ],
+)
+@pytest_twisted.inlineCallbacks
+def test_a_stale_device_is_counted_on_its_code_and_never_locks_out_its_address(env, stop, refusal):
+    """A printer retrying a code that stopped working, far more often than the address's limit
+    (3 a minute here), is refused with the code's own reason, counted on the code, and its
+    neighbours behind the same address still log in."""
+    kw = {"max_uses": 1} if stop == "use up" else {}
+    if stop == "expire":
+        kw["expires_at"] = datetime.now(UTC) - timedelta(seconds=1)
+    stale = env.issue(label="old printer", **kw)
+    fresh = env.issue(label="new printer")
+    if stop == "use up":
+        assert (yield env.attempt("alice", stale.code.value, ip="10.0.4.17")).ok
+    elif stop == "revoke":
+        env.sync_store.revoke(stale.record.id)
+    elif stop == "disable":
+        env.sync_store.set_disabled(stale.record.id, True)
+    for _ in range(10):
+        decision = yield env.attempt("alice", stale.code.value, ip="10.0.4.17")
+        assert (decision.refusal, decision.stale) == (refusal, True)
+    assert not env.auth.limiter.blocked("10.0.4.17", env.clock())
+    assert (yield env.attempt("alice", fresh.code.value, ip="10.0.4.17")).ok
+    rec = env.sync_store.get(stale.record.id)
+    assert (rec.stale_count, rec.stale_last_ip, rec.failed_count) == (10, "10.0.4.17", 0)
+    assert rec.still_retrying().startswith("still retrying: 10 attempts since ")
+    denials = [e for e in env.events() if e.get("result") == "deny"]
+    assert len(denials) == 10 and all(e["stale"] is True for e in denials)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_wrong_secret_under_a_stale_codes_selector_still_counts_against_the_address(env):
+    stale = env.issue(label="old printer")
+    env.sync_store.revoke(stale.record.id)
+    for _ in range(3):
+        decision = yield env.attempt("alice", _wrong(stale.code.value), ip="10.0.4.17")
+        assert (decision.refusal, decision.stale) == (Refusal.CREDENTIALS, False)
+    assert (yield env.attempt("alice", stale.code.value, ip="10.0.4.17")).refusal == Refusal.LIMIT
+    rec = env.sync_store.get(stale.record.id)
+    assert (rec.failed_count, rec.stale_count) == (3, 0)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_grant_carries_the_codes_sending_rules_with_the_accounts_own_addresses(env):
+    from proxy.codes.sending import SendingPolicy
+
+    policed = env.issue(
+        label="scanner",
+        scopes=("smtp",),
+        sending=SendingPolicy(("own", "scanner@example.org"), ("example.org",), 10),
+    )
+    plain = env.issue(label="phone", scopes=("smtp",))
+    for _ in range(2):  # the second from the verified cache
+        decision = yield env.attempt("alice", policed.code.value, protocol=Protocol.SMTP)
+        rules = decision.sending.rules
+        assert rules.senders == {"alice@example.test", "scanner@example.org"}
+        assert (rules.rcpt_domains, rules.max_per_day) == ({"example.org"}, 10)
+        assert decision.sending.messages.code_id == policed.record.id
+    assert (yield env.attempt("alice", plain.code.value, protocol=Protocol.SMTP)).sending is None

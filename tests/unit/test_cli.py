@@ -351,3 +351,80 @@ def test_expires_never_overrides_the_default_expiry(config, capsys):
         config, capsys, "codes", "create", "alice", "--label", "b", "--expires", "never", "--json"
     )
     assert code == 0 and json.loads(out)["expires_at"] is None
+
+
+def test_create_with_a_sending_policy_and_a_custodian_shows_them(config, capsys):
+    code, out, err = create(
+        config,
+        capsys,
+        "--scope",
+        "smtp",
+        "--mail-from",
+        "Scanner@Example.org",
+        "--rcpt-domain",
+        "example.org",
+        "--max-messages-per-day",
+        "10",
+        "--custodian",
+        "print-team@example.org",
+    )
+    assert code == 0, err
+    assert (
+        "It sends as scanner@example.org; to example.org; 10 messages a day; "
+        "custodian: print-team@example.org" in out
+    )
+    _, listed, _ = run(config, capsys, "codes", "list")
+    assert re.search(
+        r"^code 1 \(alice, phone\): sends as scanner@example.org; to example.org; "
+        r"10 messages a day \(0 sent today\)$",
+        listed,
+        re.M,
+    )
+    _, shown, _ = run(config, capsys, "codes", "show", "1", "--json")
+    record = json.loads(shown)
+    assert (record["mail_from"], record["rcpt_domains"], record["max_messages_per_day"]) == (
+        ["scanner@example.org"],
+        ["example.org"],
+        10,
+    )
+    assert (record["sent_today"], record["custodian"]) == (0, "print-team@example.org")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--mail-from", "scanner"], "'scanner' is not a mail address"),
+        (["--rcpt-domain", "example..org"], "'example..org' is not a domain"),
+        (["--max-messages-per-day", "0"], "messages per day is a whole number from 1"),
+        (["--custodian", "team"], "'team' is not a mail address like team@example.org"),
+        (["--scope", "imap", "--rcpt-domain", "example.org"], "include smtp in the scopes"),
+    ],
+)
+def test_create_refuses_a_sending_policy_it_cannot_apply(config, capsys, args, message):
+    code, out, err = create(config, capsys, *args)
+    assert (code, out) == (2, "") and message in err, err
+
+
+def test_list_stale_shows_the_codes_devices_still_try_and_from_where(config, capsys):
+    from datetime import UTC, datetime
+
+    from proxy.codes.sqlite import SqliteCodeStore
+
+    create(config, capsys, label="old printer")
+    create(config, capsys, label="new printer")
+    assert run(config, capsys, "codes", "revoke", "1")[0] == 0
+    store = SqliteCodeStore(config.parent / "codes.db")
+    for _ in range(212):
+        store.record_stale(1, "10.0.4.17", now=datetime(2026, 11, 24, 8, 0, tzinfo=UTC))
+    store.close()
+    code, out, _ = run(config, capsys, "codes", "list", "--stale")
+    assert code == 0 and "new printer" not in out
+    assert (
+        "code 1 (alice, old printer): still retrying: 212 attempts since 2026-11-24 "
+        "from 10.0.4.17" in out
+    )
+    _, shown, _ = run(config, capsys, "codes", "show", "1")
+    assert re.search(r"^still_retrying +still retrying: 212 attempts since 2026-11-24", shown, re.M)
+    assert run(config, capsys, "codes", "list", "bob", "--stale")[1] == (
+        "no codes that a device still tries\n"
+    )

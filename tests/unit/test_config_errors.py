@@ -61,6 +61,49 @@ DELETE = object()
 
 CASES = [
     (
+        ("codes", "disable_after_unused"),
+        "12h",
+        'apppass.yaml: codes.disable_after_unused: must be at least 86400s (got "12h")',
+    ),
+    (
+        ("notify", "from"),
+        "IT department",
+        'apppass.yaml: notify.from: must be a mail address, or a name and one: "IT '
+        '<it@example.org>" (got "IT department")',
+    ),
+    (
+        ("notify", "templates"),
+        "no-such-folder",
+        "apppass.yaml: notify.templates: folder not found: {tmp}/no-such-folder "
+        '(got "no-such-folder")',
+    ),
+    (
+        ("notify", "smtp"),
+        {"host": "relay.example.org", "login": "apppass"},
+        "apppass.yaml: notify.smtp.password_file: is required with login",
+    ),
+    (
+        ("notify", "smtp"),
+        {"host": "relay.example.org", "password_file": "master"},
+        "apppass.yaml: notify.smtp.login: is required with password_file",
+    ),
+    (
+        ("notify", "smtp"),
+        {"host": "relay.example.org", "tls": "none", "login": "a", "password_file": "master"},
+        "apppass.yaml: notify.smtp.tls: none with a login is only allowed to a loopback relay: "
+        "the password would cross the network in clear text",
+    ),
+    (
+        ("notify", "smtp"),
+        {"host": "relay.example.org", "ttl": 5},
+        "apppass.yaml: notify.smtp.ttl: unknown key; did you mean 'tls'?",
+    ),
+    (
+        ("notify", "from"),
+        "it@example.org",
+        "apppass.yaml: notify.smtp: is required without upstream.smtp: the notices need a way out",
+    ),
+    (
         ("codes", "argon2", "memory_kib"),
         "big",
         "apppass.yaml: codes.argon2.memory_kib: must be an integer >= 8192 and <= 4194304 "
@@ -201,7 +244,8 @@ CASES = [
     (
         ("upstream", "imap", "login"),
         "xclient",
-        'apppass.yaml: upstream.imap.login: must be one of authzid (got "xclient")',
+        "apppass.yaml: upstream.imap.login: must be one of authzid, xoauth2, oauthbearer"
+        ' (got "xclient")',
     ),
     (
         ("upstream", "imap", "master_user"),

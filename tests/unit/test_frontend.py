@@ -517,3 +517,43 @@ def test_logins_and_sessions_are_counted_without_naming_anyone():
     assert sample(refused, "apppass_logins_total", **{**labels, "outcome": "credentials"}) == 1
     exposition = generate_latest(session.metrics.registry).decode()
     assert "alice" not in exposition and "198.51.100.7" not in exposition
+
+
+def test_a_policed_smtp_session_waits_for_the_store_then_relays_and_counts_the_message():
+    """A code with a daily cap: the first recipient waits (client reading paused) until the
+    store answers; the answer goes out through the relay; the accepted message is counted, a
+    refused sender is audited and counted on the code when the session ends."""
+    from proxy.auth.decision import Sending
+    from proxy.codes.sending import SendingPolicy, resolve
+    from tests.support.messages import Messages
+
+    rules = resolve(SendingPolicy(("own",), ("example.org",), 10), (), "alice@example.org")
+    assert rules is not None
+    messages = Messages()
+    granted = Grant(
+        ALICE, 7, "printer", ALICE.upstream_identity, Reservation(7), Sending(rules, messages)
+    )
+    upstream = ScriptedUpstream(*POSTFIX_XCLIENT)
+    session = Session("smtp", ScriptedAuthenticator(granted), upstream)
+    session.send(b"EHLO printer.example.org\r\n")
+    session.send(f"AUTH PLAIN {client_plain('', 'alice', CODE)}\r\n".encode())
+    upstream.transport.clear()
+    assert session.send(b"MAIL FROM:<boss@example.org>\r\n").startswith(b"550 5.7.1 ")
+    session.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+    assert upstream.sent == b"MAIL FROM:<alice@example.org>\r\n"
+    assert session.client.producerState == "paused"  # nothing more is read meanwhile
+    messages.holds[0].callback(20417)
+    assert upstream.sent.endswith(b"RCPT TO:<bob@example.org>\r\nDATA\r\n")
+    assert session.client.producerState == "paused"  # now for the reply to DATA
+    assert upstream.conn is not None
+    upstream.conn.dataReceived(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n")
+    assert session.client.producerState == "producing"
+    session.send(b"Subject: scan\r\n\r\nscan\r\n.\r\n")
+    upstream.conn.dataReceived(b"250 2.0.0 Ok: queued as 4XYZ\r\n")
+    assert session.client.value().endswith(b"250 2.0.0 Ok: queued as 4XYZ\r\n")
+    assert messages.sent_days == [20417]
+    session.frontend.connectionLost(Failure(ConnectionDone()))
+    upstream.conn.connectionLost(Failure(ConnectionDone()))
+    assert messages.refusals == [1] and messages.released == []
+    (refused,) = session.audited("refused")
+    assert refused["commands"] == ["MAIL FROM (sender not allowed)"]

@@ -164,9 +164,28 @@ def test_the_form_reads_presets_a_date_limits_and_networks():
     assert code_request(form(), NOW).expires_at is None  # the site's default
 
 
+def test_the_form_reads_a_sending_policy_and_a_custodian():
+    request = code_request(
+        form(
+            mail_from="scanner@example.org, *@scan.example.org",
+            rcpt_domains="example.org;example.net",
+            max_messages_per_day=" 10 ",
+            custodian=" team@example.org ",
+        ),
+        NOW,
+    )
+    assert request.mail_from == ("scanner@example.org", "*@scan.example.org")
+    assert request.rcpt_domains == ("example.org", "example.net")
+    assert (request.max_messages_per_day, request.custodian) == (10, "team@example.org")
+    plain = code_request(form(), NOW)
+    assert (plain.mail_from, plain.max_messages_per_day, plain.custodian) == ((), None, None)
+
+
 @pytest.mark.parametrize(
     "fields,field",
     [
+        ({"max_messages_per_day": "ten"}, "max_messages_per_day"),
+        ({"max_messages_per_day": "1" * 12}, "max_messages_per_day"),
         ({"label": "  "}, "label"),
         ({"scopes": []}, "scopes"),
         ({"expires": "forever"}, "expires"),

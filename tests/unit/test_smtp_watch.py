@@ -7,7 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.smtp.watch import SmtpCommandWatch, SmtpWatchLimits
+from proxy.codes.sending import SendingPolicy, resolve
+from proxy.smtp.watch import RETURNED, SENT, SmtpCommandWatch, SmtpWatchLimits
 from tests.support.streams import split_at
 
 
@@ -20,12 +21,20 @@ class Session:
         self.client = bytearray()
         self.refused: list[str] = []
         self.closed: str | None = None
+        self.asked = 0
+        self.slots: list[str] = []
 
     def _apply(self, result):
         self.upstream += result.to_upstream
         self.client += result.to_client
         self.refused += result.refused
         self.closed = self.closed or result.close
+        self.asked += result.ask
+        self.slots += result.slots
+        return self
+
+    def answer(self, granted) -> Session:
+        return self._apply(self.watch.answer(granted))
 
     def send(self, data: bytes) -> Session:
         self._apply(self.watch.client_data(data))
@@ -274,14 +283,18 @@ class FakeUpstream:
     CRLF only ("crlf"), at LF with one CR before it dropped, as Postfix ("lf"), or at any of CR,
     LF and CRLF ("any"). A "." line ends DATA; a BDAT chunk is read whatever the reply."""
 
-    def __init__(self, *, flavor: str, chunking: bool = True):
+    def __init__(self, *, flavor: str, chunking: bool = True, strict: bool = False):
         self.flavor = flavor
         self.chunking = chunking
+        self.strict = strict  # as real servers: a message or EHLO ends the transaction
         self.buf = bytearray()
         self.mode = "command"
         self.chunk_left = 0
+        self.last_chunk = False
         self.recipients = False
         self.executed: list[bytes] = []
+        self.lines: list[bytes] = []  # every command line, as executed
+        self.messages = 0  # messages accepted (an end of data, a BDAT LAST, with recipients)
         self.content = bytearray()
 
     def _line(self) -> bytes | None:
@@ -316,6 +329,12 @@ class FakeUpstream:
                 if self.chunk_left:
                     break
                 self.mode = "command"
+                if self.strict and self.last_chunk:
+                    if not self.recipients:
+                        out += b"554 5.5.1 Error: no valid recipients\r\n"
+                        continue
+                    self.messages += 1
+                    self.recipients = False
                 out += b"250 2.0.0 Ok BDAT\r\n"
                 continue
             line = self._line()
@@ -324,6 +343,9 @@ class FakeUpstream:
             if self.mode == "data":
                 if line == b".":
                     self.mode = "command"
+                    if self.strict:
+                        self.messages += 1
+                        self.recipients = False
                     out += b"250 2.0.0 Ok queued\r\n"
                 else:
                     self.content += line + b"\n"
@@ -331,6 +353,7 @@ class FakeUpstream:
             words = line.split()
             verb = words[0].upper() if words else b""
             self.executed.append(verb)
+            self.lines.append(line)
             if verb == b"DATA":
                 if self.recipients:
                     self.mode = "data"
@@ -339,6 +362,7 @@ class FakeUpstream:
                     out += b"554 5.5.1 Error: no valid recipients\r\n"
             elif verb == b"BDAT" and self.chunking and len(words) in (2, 3) and words[1].isdigit():
                 self.chunk_left = int(words[1])
+                self.last_chunk = len(words) == 3 and words[2].upper() == b"LAST"
                 self.mode = "chunk"
             elif verb in (b"MAIL", b"RSET"):
                 self.recipients = False
@@ -347,8 +371,11 @@ class FakeUpstream:
                 self.recipients = True
                 out += b"250 2.1.5 Ok RCPT\r\n"
             elif verb == b"EHLO":
+                self.recipients = self.recipients and not self.strict
                 out += b"250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n"
             else:
+                if verb == b"HELO" and self.strict:
+                    self.recipients = False
                 out += b"250 2.0.0 Ok " + verb + b"\r\n"
         return bytes(out)
 
@@ -546,3 +573,226 @@ def test_well_formed_message_content_is_relayed_byte_for_byte(lines, cuts):
     assert not watch.closed and b"550" not in to_client
     assert upstream.executed == [b"MAIL", b"RCPT", b"DATA", b"NOOP"]
     assert bytes(upstream.content) == content.replace(b"\r\n", b"\n")
+
+
+# --- a code's sending policy --------------------------------------------------------------------
+
+# The printer of the README: may send as scanner@example.org, to example.org, ten a day.
+PRINTER = resolve(
+    SendingPolicy(("scanner@example.org",), ("example.org",), 10), ("printer1",), "printer1"
+)
+UNCAPPED = resolve(SendingPolicy(("own",), ("example.org",), None), ("a@example.org",), "a")
+
+
+def test_a_sender_the_code_may_not_use_is_refused_and_the_session_goes_on():
+    s = Session(rules=PRINTER).send(b"MAIL FROM:<boss@example.org>\r\nNOOP\r\n")
+    assert bytes(s.upstream) == b"NOOP\r\n"
+    assert s.refused == ["MAIL FROM (sender not allowed)"] and s.closed is None
+    assert bytes(s.client).startswith(b"550 5.7.1 ")
+    s.reply(b"250 2.0.0 Ok\r\n").send(b"MAIL FROM:<Scanner@Example.org> SIZE=9\r\n")
+    assert bytes(s.upstream).endswith(b"MAIL FROM:<Scanner@Example.org> SIZE=9\r\n")
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    [
+        b"<boss@example.com>",
+        b"<boss@sub.example.org>",
+        b"<boss%evil.example@example.org>",
+        b"<@example.org:boss@evil.example>",
+        b'<"boss"@example.org>',
+        b"<boss@[192.0.2.1]>",
+    ],
+)
+def test_a_recipient_outside_the_codes_domains_is_refused(recipient):
+    s = Session(rules=UNCAPPED).send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:" + recipient + b"\r\n")
+    assert bytes(s.upstream) == b"MAIL FROM:<a@example.org>\r\n"
+    s.reply(b"250 2.1.0 Ok\r\n")
+    assert bytes(s.client) == (
+        b"250 2.1.0 Ok\r\n550 5.7.1 Error: recipient address not allowed for this app password\r\n"
+    )
+    assert s.refused == ["RCPT TO (recipient not allowed)"]
+
+
+def test_a_path_the_watch_cannot_read_exactly_is_refused_not_guessed():
+    s = Session(rules=PRINTER).send(b"MAIL FROM:scanner@example.org\r\n")
+    assert bytes(s.client) == b"501 5.1.7 Error: bad sender address syntax\r\n"
+    assert bytes(s.upstream) == b""
+
+
+def test_under_a_daily_cap_the_first_recipient_waits_for_a_place_and_input_is_held():
+    s = Session(rules=PRINTER).send(
+        b"MAIL FROM:<scanner@example.org>\r\nRCPT TO:<a@example.org>\r\n"
+        b"RCPT TO:<b@example.org>\r\nDATA\r\n"
+    )
+    assert s.asked == 1 and s.watch.waiting
+    assert bytes(s.upstream) == b"MAIL FROM:<scanner@example.org>\r\n"
+    s.answer(True)
+    assert s.asked == 1  # one place per message, not per recipient
+    assert bytes(s.upstream).endswith(
+        b"RCPT TO:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+    )
+    s.reply(b"250 Ok\r\n250 Ok\r\n250 Ok\r\n354 go\r\n").send(b"scan\r\n.\r\n")
+    assert s.slots == []
+    s.reply(b"250 2.0.0 Ok: queued\r\n")
+    assert s.slots == [SENT]
+
+
+def test_when_the_days_places_are_taken_every_recipient_of_the_message_gets_452():
+    s = Session(rules=PRINTER).send(
+        b"MAIL FROM:<scanner@example.org>\r\nRCPT TO:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n"
+    )
+    s.reply(b"250 Ok\r\n").answer(False)
+    assert s.asked == 1  # the second recipient is not asked about again
+    assert bytes(s.client) == b"250 Ok\r\n" + 2 * (
+        b"452 4.7.0 Error: daily message limit of this app password reached\r\n"
+    )
+    assert s.refused == ["RCPT TO (daily message limit)"] * 2 and s.closed is None
+    s.send(b"RSET\r\nMAIL FROM:<scanner@example.org>\r\nRCPT TO:<a@example.org>\r\n")
+    assert s.asked == 2  # a new message asks again
+
+
+def test_a_store_that_cannot_answer_refuses_the_recipient_as_temporary():
+    s = Session(rules=PRINTER).send(
+        b"MAIL FROM:<scanner@example.org>\r\nRCPT TO:<a@example.org>\r\n"
+    )
+    s.reply(b"250 Ok\r\n").answer(None)
+    assert bytes(s.client).endswith(
+        b"451 4.3.0 Error: cannot count messages now, try again later\r\n"
+    )
+    assert bytes(s.upstream) == b"MAIL FROM:<scanner@example.org>\r\n"
+
+
+@pytest.mark.parametrize("reset", [b"RSET", b"EHLO printer", b"HELO printer"])
+def test_a_reset_gives_the_place_back_when_the_upstream_answers_it(reset):
+    s = Session(rules=PRINTER).send(
+        b"MAIL FROM:<scanner@example.org>\r\nRCPT TO:<a@example.org>\r\n"
+    )
+    s.answer(True).send(reset + b"\r\n")
+    assert s.slots == []
+    s.reply(b"250 Ok\r\n250 Ok\r\n")
+    assert s.slots == []
+    s.reply(b"250 Ok\r\n")
+    assert s.slots == [RETURNED]
+
+
+def test_a_message_the_upstream_refuses_gives_its_place_back():
+    s = Session(rules=PRINTER).send(
+        b"MAIL FROM:<scanner@example.org>\r\nRCPT TO:<a@example.org>\r\n"
+    )
+    s.answer(True).send(b"BDAT 4 LAST\r\nscan")
+    s.reply(b"250 Ok\r\n250 Ok\r\n554 5.7.1 rejected\r\n")
+    assert s.slots == [RETURNED]
+
+
+def test_a_message_pipelined_behind_an_accepted_one_needs_its_own_place():
+    envelope = b"MAIL FROM:<scanner@example.org>\r\nRCPT TO:<a@example.org>\r\n"
+    s = Session(rules=PRINTER).send(envelope).answer(True).send(b"BDAT 1 LAST\r\nx" + envelope)
+    assert s.asked == 2  # asked before the first message's reply came
+    s.answer(True).reply(b"250 Ok\r\n250 Ok\r\n250 Ok\r\n")
+    assert s.slots == [SENT]
+
+
+POLICY_ADDRESS = st.sampled_from(
+    [
+        b"<scanner@example.org>",
+        b"<SCANNER@Example.ORG>",
+        b"<other@example.org>",
+        b"<scanner@example.org.evil.example>",
+        b"<scanner@evil.example>",
+        b"<@evil.example:scanner@example.org>",
+        b"<@example.org:boss@evil.example>",
+        b'<"scanner"@example.org>',
+        b'<"a>b"@example.org>',
+        b"<boss%evil.example@example.org>",
+        b"<boss!evil.example@example.org>",
+        b"<>",
+        b"scanner@example.org",
+        b"<scanner@example.org> SIZE=10",
+        b"<scanner@example.org>x",
+        b"<scanner@example.org",
+        b"< scanner@example.org>",
+        b"<scanner@[10.0.0.1]>",
+        b"<a@b@example.org>",
+        b"<boss@example.org> <boss@evil.example>",
+    ]
+)
+POLICY_COMMAND = st.one_of(
+    st.tuples(
+        st.sampled_from([b"MAIL FROM:", b"mail from: ", b"MAIL  FROM:", b"RCPT TO:", b"rcpt to: "]),
+        POLICY_ADDRESS,
+    ).map(lambda parts: parts[0] + parts[1] + b"\r\n"),
+    st.sampled_from(
+        [
+            b"DATA\r\nscan\r\n.\r\n",
+            b"BDAT 4 LAST\r\nscan",
+            b"BDAT 2\r\nsc",
+            b"RSET\r\n",
+            b"EHLO printer\r\n",
+            b"NOOP\r\n",
+            b"MAIL FROM:<scanner@example.org>\r\nRCPT TO:<boss@example.org>\r\nDATA\r\nx\r\n.\r\n",
+        ]
+    ),
+)
+
+
+def _first_path(line: bytes) -> bytes:
+    """The address an upstream reads, as a lenient one would: the first <...>."""
+    start = line.index(b"<") + 1
+    return line[start : line.index(b">", start)]
+
+
+def run_policed(stream: bytes, cuts: list[int], places: int, eager: bool):
+    """The printer's watch before a transactional FakeUpstream, its store granting `places`
+    places under the cap: (upstream, slot events, places granted)."""
+    watch = SmtpCommandWatch(chunking=True, rules=PRINTER)
+    upstream = FakeUpstream(flavor="crlf", chunking=True, strict=True)
+    replies_due = bytearray()
+    events: list[str] = []
+    granted = 0
+
+    def deliver(result):
+        nonlocal granted
+        replies_due.extend(upstream.feed(result.to_upstream))
+        events.extend(result.slots)
+        if result.ask:
+            ok = granted < places
+            granted += ok
+            deliver(watch.answer(ok))
+
+    def flush():
+        while replies_due and not watch.closed:
+            due = bytes(replies_due)
+            replies_due.clear()
+            deliver(watch.upstream_data(due))
+
+    for chunk in split_at(stream, cuts):
+        deliver(watch.client_data(chunk))
+        if eager:
+            flush()
+    flush()
+    return upstream, events, granted
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    commands=st.lists(POLICY_COMMAND, max_size=30),
+    cuts=st.lists(st.integers(min_value=0), max_size=10),
+    places=st.integers(min_value=0, max_value=4),
+    eager=st.booleans(),
+)
+def test_no_upstream_ever_sees_a_sender_or_recipient_the_policy_refuses_nor_one_message_too_many(
+    commands, cuts, places, eager
+):
+    upstream, events, granted = run_policed(b"".join(commands), cuts, places, eager)
+    for line in upstream.lines:
+        verb = line[:4].upper()
+        if verb == b"MAIL":
+            assert _first_path(line).lower() == b"scanner@example.org", line
+        elif verb == b"RCPT":
+            local, _, domain = _first_path(line).rpartition(b"@")
+            assert domain.lower() == b"example.org" and local, line
+            assert not set(local) & set(b'%!@"') and not local.startswith(b"@"), line
+    assert upstream.messages <= granted <= places
+    assert events.count(SENT) == upstream.messages
+    assert events.count(SENT) + events.count(RETURNED) <= granted

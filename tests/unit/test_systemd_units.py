@@ -31,7 +31,7 @@ def units(tmp_path):
 
 def test_every_unit_verifies(units):
     files = sorted(str(p) for p in units.iterdir())
-    assert len(files) == 3
+    assert len(files) == 5  # apppass, apppass-purge and apppass-notify (service and timer)
     result = subprocess.run(
         ["systemd-analyze", "verify", *files], capture_output=True, text=True, timeout=60
     )
