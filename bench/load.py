@@ -1,10 +1,12 @@
 """Load generators for the benchmarks: IMAP clients on loopback, light enough that the servers
 saturate first (every test reports the generator's CPU share next to the servers').
 
-* `LoginEngine`: plaintext logins on non-blocking sockets and one epoll loop (connect, greeting,
-  LOGIN, tagged reply; then LOGOUT and close, or keep the session). Closed loop (`concurrency`
-  clients) or open loop (`rate` logins a second). About 0.2 ms of CPU per login, several times
-  less than asyncio's transports and futures. `logins()` uses it for plaintext.
+* `LoginEngine`: logins on non-blocking sockets and one epoll loop (connect, greeting, LOGIN,
+  tagged reply; then LOGOUT and close, or keep the session), in plaintext or after STARTTLS
+  (`starttls=` a client SSLContext: a full handshake each, no session resumption). Closed loop
+  (`concurrency` clients) or open loop (`rate` logins a second). About 0.2 ms of CPU per
+  plaintext login, several times less than asyncio's transports and futures. `logins()` uses it
+  for plaintext and STARTTLS.
 * `logins(..., ssl_ctx=...)` and TLS `SessionPool`s: asyncio (only the memory test needs many
   TLS sessions; their CPU cost does not matter there). One SSLContext for all connections.
 * `SessionPool`: idle logged-in sessions, grown in steps (memory test).
@@ -166,10 +168,16 @@ class LoginEngine:
     the replies, at most `max_in_flight` at once). Logged-in sessions can be kept open (`keep`).
     """
 
-    GREETING, REPLY = 1, 2
+    GREETING, STARTTLS, HANDSHAKE, REPLY = 1, 2, 3, 4
 
     def __init__(
-        self, host: str, port: int, *, source: str | None = None, timeout: float = 30.0
+        self,
+        host: str,
+        port: int,
+        *,
+        source: str | None = None,
+        timeout: float = 30.0,
+        starttls: ssl.SSLContext | None = None,
     ) -> None:
         _check_loopback(host)
         if source is not None:
@@ -177,6 +185,7 @@ class LoginEngine:
         self.addr = (host, port)
         self.source = source
         self.timeout = timeout
+        self.starttls = starttls
         self.kept: list[socket.socket] = []
 
     def run(
@@ -237,6 +246,11 @@ class LoginEngine:
             else:
                 sock.close()
 
+        def failed_tls(fd, line: bytes) -> None:
+            result.failed += 1
+            result.count_reply("STARTTLS: " + line.decode(errors="replace")[:110])
+            end(fd)
+
         def finished(fd, conn, line: bytes) -> None:
             latency = time.perf_counter() - conn[3]
             if classify_replies:
@@ -262,6 +276,30 @@ class LoginEngine:
                 return min(count - started, concurrency - len(conns))
             return min(count, int((time.perf_counter() - t_start) * rate) + 1) - started - skipped
 
+        def send_login(conn) -> None:
+            cred = conn[4]
+            conn[1] = self.REPLY
+            conn[0].send(f"a LOGIN {quote(cred.login)} {quote(cred.secret)}\r\n".encode())
+
+        def handshake(fd, conn) -> None:
+            """One step of the client's TLS handshake; LOGIN once it is done."""
+            try:
+                conn[0].do_handshake()
+            except ssl.SSLWantReadError:
+                return  # epoll wakes us when the server's next flight arrives
+            except (OSError, ValueError) as exc:  # SSLError and SSLWantWriteError included
+                fail(fd, f"error: TLS handshake: {type(exc).__name__}: {exc}")
+                return
+            send_login(conn)
+
+        def read(sock) -> bytes:
+            """What the server sent; for TLS all the plaintext OpenSSL has decrypted."""
+            data = sock.recv(65536)
+            if data and isinstance(sock, ssl.SSLSocket):
+                while sock.pending():
+                    data += sock.recv(65536)
+            return data
+
         while time.monotonic() < deadline:
             n = wanted()
             for _ in range(max(0, n)):
@@ -275,8 +313,13 @@ class LoginEngine:
                 conn = conns.get(fd)
                 if conn is None:
                     continue
+                if conn[1] == self.HANDSHAKE:
+                    handshake(fd, conn)
+                    continue
                 try:
-                    data = conn[0].recv(65536)
+                    data = read(conn[0])
+                except ssl.SSLWantReadError:
+                    continue  # a TLS record not yet complete, or only a session ticket
                 except OSError as exc:
                     fail(fd, f"error: {type(exc).__name__}: {exc}")
                     continue
@@ -288,11 +331,24 @@ class LoginEngine:
                     line, _, buf = buf.partition(b"\n")
                     line = line.rstrip(b"\r")
                     if conn[1] == self.GREETING and line.startswith(b"* "):
-                        cred = conn[4]
-                        conn[1] = self.REPLY
-                        conn[0].send(
-                            f"a LOGIN {quote(cred.login)} {quote(cred.secret)}\r\n".encode()
-                        )
+                        if self.starttls is None:
+                            send_login(conn)
+                        else:
+                            conn[1] = self.STARTTLS
+                            conn[0].send(b"s STARTTLS\r\n")
+                    elif conn[1] == self.STARTTLS and line.startswith(b"s "):
+                        if not line.startswith(b"s OK"):
+                            failed_tls(fd, line)
+                        else:
+                            # Whatever else came in plaintext is dropped (RFC 9051 §6.2.1).
+                            assert self.starttls is not None  # the STARTTLS state needs it
+                            conn[0] = self.starttls.wrap_socket(
+                                conn[0], server_hostname="localhost", do_handshake_on_connect=False
+                            )
+                            conn[1], conn[2] = self.HANDSHAKE, b""
+                            handshake(fd, conn)
+                        buf = None
+                        break
                     elif conn[1] == self.REPLY and line.startswith(b"a "):
                         finished(fd, conn, line)
                         buf = None
@@ -385,14 +441,16 @@ def logins(
     concurrency: int,
     *,
     ssl_ctx: ssl.SSLContext | None = None,
+    starttls: ssl.SSLContext | None = None,
     source: str | None = None,
     deadline_s: float = 120.0,
 ) -> LoginResult:
     """`count` logins cycling through `creds` (objects with .login and .secret) by
-    `concurrency` clients, each waiting for its reply before the next login (closed loop)."""
+    `concurrency` clients, each waiting for its reply before the next login (closed loop).
+    ssl_ctx: implicit TLS (asyncio); starttls: STARTTLS before LOGIN (the epoll engine)."""
     _check_loopback(host)
     if ssl_ctx is None:
-        return LoginEngine(host, port, source=source).run(
+        return LoginEngine(host, port, source=source, starttls=starttls).run(
             creds, count, concurrency=concurrency, deadline_s=deadline_s
         )
     return asyncio.run(

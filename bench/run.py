@@ -1,12 +1,15 @@
 """`make bench`: apppass's latency, throughput and memory against the real stack (Dovecot as the
 upstream, `apppass serve` in front of it, on loopback), each next to its reference measured in
-the same run. Prints a table and writes it with every run's figures as JSON.
+the same run (Dovecot direct, or raw argon2) and next to its peer, the nginx mail proxy in front
+of the same Dovecot (tests/servers/nginx.py). Prints a table and writes it with every run's
+figures as JSON.
 
     .venv/bin/python bench/run.py [--quick] [--json PATH] [--only NAME[,NAME]]
 
-Tests (NAME): cold, warm, relay, memory, storm. Every figure is the median of 3 runs, and each
-run measures the proxy and its reference back to back; a ratio is the ratio of the two medians
-shown (the per-run ratios are in the JSON).
+Tests (NAME): cold, warm, relay, memory, storm, workers. Every figure is the median of 3 runs,
+and each run measures the proxy, its reference and nginx back to back; a ratio is the ratio of
+the two medians shown (the per-run ratios are in the JSON). A run that cannot start nginx says
+so and measures the rest.
 """
 
 from __future__ import annotations
@@ -27,22 +30,27 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import load  # noqa: E402
+from bench import memory as memory_test  # noqa: E402
 from bench.codes import raw_rate  # noqa: E402
 from bench.stack import CpuMeter, Stack, append_message, dovecot_version  # noqa: E402
-from tests.servers.common import LOOPBACK  # noqa: E402
+from bench.table import table  # noqa: E402
+from tests.servers.common import LOOPBACK, ServerError  # noqa: E402
+from tests.servers.nginx import NginxMail, nginx_version  # noqa: E402
 
-TESTS = ("cold", "warm", "relay", "memory", "storm")
+TESTS = ("cold", "warm", "relay", "memory", "storm", "workers")
 RUNS = 3
 DEFAULT_JSON = REPO / "bench" / "results.json"
 
-# Targets from the issue: (as shown in the table, whether a figure meets it).
-TARGETS = {
-    "cold": ("ratio >= 0.9", lambda r: r >= 0.9),
-    "warm": ("ratio >= 0.6", lambda r: r >= 0.6),
-    "relay": ("ratio >= 0.8", lambda r: r >= 0.8),
-    "memory": ("<= 24 KiB", lambda kib: kib <= 24),
-    "storm": ("p99 <= 2x calm", lambda r: r <= 2.0),
-}
+# The warm test's sides, in the order each run measures them, and its client modes.
+SIDES = ("proxy", "direct", "nginx")
+WARM_MODES = ("plain", "starttls")
+# The relay test also runs nginx with this relay buffer (nginx's default is one page): what
+# apppass reads at once (Twisted's 64 KiB), so that buffer size is not the whole difference.
+NGINX_WIDE_BUFFER = "64k"
+# Workers test: passes over the codes before measuring, so that every worker (each with its own
+# verified-credential cache, unless they share one) has seen them (a guess: connections are
+# spread by the kernel).
+WORKER_FILL_PASSES = 4
 
 # Loopback addresses: the legitimate storm-test client, and one storm source per run (a fresh
 # address each run, so one run's failures do not block the next run's storm from the start).
@@ -60,6 +68,8 @@ class Profile:
     warm_logins: int  # per run and side
     warm_concurrency: int
     single_logins: int  # logins by one client, per run and side (unloaded latency)
+    warm_tls_logins: int  # the same over STARTTLS (a full TLS handshake each)
+    single_tls_logins: int
     relay_octets: int
     relay_seconds: float  # FETCHes are repeated for at least this long per run and path
     memory_levels: tuple[int, ...]  # idle sessions at which RSS is read
@@ -78,6 +88,8 @@ FULL = Profile(
     warm_logins=3000,
     warm_concurrency=16,
     single_logins=300,
+    warm_tls_logins=1000,
+    single_tls_logins=100,
     relay_octets=20_000_000,
     relay_seconds=1.5,
     memory_levels=(1000, 5000, 10000),
@@ -95,10 +107,12 @@ QUICK = Profile(
     warm_logins=300,
     warm_concurrency=16,
     single_logins=30,
+    warm_tls_logins=100,
+    single_tls_logins=10,
     relay_octets=20_000_000,
     relay_seconds=0.15,
     memory_levels=(100, 300),
-    memory_tls_levels=(),
+    memory_tls_levels=(50, 150),
     memory_codes=5,
     memory_settle=0.3,
     storm_seconds=2,
@@ -135,6 +149,9 @@ class Bench:
         self.memory_codes: list = []
         self.legit = None
         self.relay_code = None
+        self.nginx: NginxMail | None = None
+        self.nginx_error: str | None = None
+        self.runs = RUNS
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -144,7 +161,7 @@ class Bench:
         s.start()
         wants = set(self.tests)
         n_warmup = 2 * p.cold_concurrency
-        n_cold = RUNS * p.cold_logins + n_warmup if wants & {"cold", "warm"} else 0
+        n_cold = RUNS * p.cold_logins + n_warmup if wants & {"cold", "warm", "workers"} else 0
         n_mem = p.memory_codes if "memory" in wants else 0
         t0 = time.perf_counter()
         if n_cold:
@@ -172,7 +189,32 @@ class Bench:
         self.proxy.start()
         log(
             f"apppass pid {self.proxy.pid}, listening on {self.proxy.plain_port} (plain), "
-            f"{self.proxy.tls_port} (TLS); upstream Dovecot {s.dovecot.imap_port}"
+            f"{self.proxy.starttls_port} (STARTTLS), {self.proxy.tls_port} (TLS); upstream "
+            f"Dovecot {s.dovecot.imap_port}"
+        )
+        if wants & {"warm", "relay", "memory", "workers"}:
+            self.start_nginx()
+
+    def start_nginx(self) -> None:
+        """nginx and its auth service, checked with one login; on failure the reason is logged
+        and kept for the table, and every test goes on without nginx."""
+        s = self.stack
+        try:
+            nginx = s.start_nginx()
+            check = load.logins(LOOPBACK, nginx.plain_port, s.dovecot_credentials()[:1], 1, 1)
+            if check.ok != 1:
+                raise ServerError(f"a login through nginx failed: {check.replies}")
+        except (ServerError, OSError, RuntimeError) as exc:
+            self.nginx_error = str(exc).splitlines()[0][:300]
+            log(f"nginx: cannot start, the benchmark goes on without it: {exc}")
+            if s.nginx is not None:
+                s.nginx.stop()
+            return
+        self.nginx = nginx
+        log(
+            f"nginx pids {nginx.pids()} (auth service {nginx.auth.pid}), listening on "
+            f"{nginx.plain_port} (plain), {nginx.starttls_port} (STARTTLS), {nginx.tls_port} "
+            f"(TLS); upstream Dovecot {s.dovecot.imap_port} (plaintext)"
         )
 
     # -- 1. cold logins ----------------------------------------------------------------------
@@ -194,7 +236,7 @@ class Bench:
             len(self.warmup_codes),
             p.cold_concurrency,
         )
-        runs = []
+        runs: list[dict] = []
         for i in range(RUNS):
             meter = CpuMeter(s, self.proxy).start()
             r = load.logins(
@@ -236,6 +278,7 @@ class Bench:
             },
             "runs": runs,
             **_medians(runs, ("proxy_per_s", "raw_per_s", "p50_ms", "p99_ms")),
+            "cpu_pct": _median_dict([r["cpu_pct"] for r in runs]),
             "ratio": _ratio(
                 median([r["proxy_per_s"] for r in runs]), median([r["raw_per_s"] for r in runs])
             ),
@@ -243,16 +286,38 @@ class Bench:
 
     # -- 2. warm logins ----------------------------------------------------------------------
 
+    def _warm_sides(self, mode: str, codes: list, direct_creds: list) -> list[tuple]:
+        """(side, port, credentials, proxy process or None) for one client mode."""
+        s = self.stack
+        tls = mode == "starttls"
+        proxy_port = self.proxy.starttls_port if tls else self.proxy.plain_port
+        sides = [
+            ("proxy", proxy_port, codes, self.proxy),
+            ("direct", s.dovecot.imap_port, direct_creds, None),
+        ]
+        if self.nginx is not None:
+            nginx_port = self.nginx.starttls_port if tls else self.nginx.plain_port
+            sides.append(("nginx", nginx_port, direct_creds, None))
+        return sides
+
     def warm(self) -> dict:
         p, s = self.p, self.stack
-        # Warm-up, not measured: Dovecot starts its imap processes, each user logs in once.
-        load.logins(
-            LOOPBACK,
-            s.dovecot.imap_port,
-            s.dovecot_credentials(),
-            4 * len(s.users),
-            p.warm_concurrency,
-        )
+        # Warm-up, not measured: Dovecot starts its imap processes, each user logs in once
+        # (directly and through nginx, whose workers then have their pools), and each side
+        # does a few STARTTLS logins (the first TLS handshakes of a process are slower).
+        users = s.dovecot_credentials()
+        load.logins(LOOPBACK, s.dovecot.imap_port, users, 4 * len(users), p.warm_concurrency)
+        if self.nginx is not None:
+            load.logins(LOOPBACK, self.nginx.plain_port, users, 4 * len(users), p.warm_concurrency)
+        for _, port, creds, _ in self._warm_sides("starttls", self.warmup_codes, users):
+            load.logins(
+                LOOPBACK,
+                port,
+                creds,
+                2 * p.warm_concurrency,
+                p.warm_concurrency,
+                starttls=s.client_ssl,
+            )
         runs = []
         for i in range(RUNS):
             codes = self.cold_codes[i]
@@ -262,53 +327,70 @@ class Bench:
             pre = load.logins(
                 LOOPBACK, self.proxy.plain_port, codes, len(codes), p.cold_concurrency
             )
-            run = {"cache_fill_ok": pre.ok}
-            for side, port, creds, proxy in (
-                ("proxy", self.proxy.plain_port, codes, self.proxy),
-                ("direct", s.dovecot.imap_port, direct_creds, None),
-            ):
-                meter = CpuMeter(s, proxy).start()
-                r = load.logins(LOOPBACK, port, creds, p.warm_logins, p.warm_concurrency)
-                cpu = meter.stop()
-                one = load.logins(LOOPBACK, port, creds, p.single_logins, 1)
-                run[side] = {
-                    "per_s": round(r.rate, 1),
-                    "ok": r.ok,
-                    "not_ok": r.failed + r.errors,
-                    "replies": r.replies,
-                    "p50_ms": ms(load.percentile(r.latencies, 50)),
-                    "p99_ms": ms(load.percentile(r.latencies, 99)),
-                    "single_p50_ms": ms(load.percentile(one.latencies, 50)),
-                    "single_p99_ms": ms(load.percentile(one.latencies, 99)),
-                    "single_not_ok": one.failed + one.errors,
-                    "cpu_pct": cpu,
-                }
-            run["ratio"] = round(run["proxy"]["per_s"] / run["direct"]["per_s"], 3)
+            run: dict = {"cache_fill_ok": pre.ok}
+            for mode in WARM_MODES:
+                tls = s.client_ssl if mode == "starttls" else None
+                many = p.warm_tls_logins if tls else p.warm_logins
+                few = p.single_tls_logins if tls else p.single_logins
+                run[mode] = {}
+                for side, port, creds, proxy in self._warm_sides(mode, codes, direct_creds):
+                    meter = CpuMeter(s, proxy).start()
+                    r = load.logins(LOOPBACK, port, creds, many, p.warm_concurrency, starttls=tls)
+                    cpu = meter.stop()
+                    one = load.logins(LOOPBACK, port, creds, few, 1, starttls=tls)
+                    run[mode][side] = {
+                        "per_s": round(r.rate, 1),
+                        "ok": r.ok,
+                        "not_ok": r.failed + r.errors,
+                        "replies": r.replies,
+                        "p50_ms": ms(load.percentile(r.latencies, 50)),
+                        "p99_ms": ms(load.percentile(r.latencies, 99)),
+                        "single_p50_ms": ms(load.percentile(one.latencies, 50)),
+                        "single_p99_ms": ms(load.percentile(one.latencies, 99)),
+                        "single_not_ok": one.failed + one.errors,
+                        "cpu_pct": cpu,
+                    }
+                x = run[mode]
+                x["ratio"] = _ratio(x["proxy"]["per_s"], x["direct"]["per_s"])
+                if "nginx" in x:
+                    x["ratio_nginx"] = _ratio(x["proxy"]["per_s"], x["nginx"]["per_s"])
+                log(
+                    f"warm {mode} run {i + 1}: "
+                    + "; ".join(
+                        f"{side} {x[side]['per_s']}/s p50 {x[side]['p50_ms']} ms "
+                        f"p99 {x[side]['p99_ms']} ms, 1 client p50 {x[side]['single_p50_ms']} ms"
+                        f" ({x[side]['not_ok'] + x[side]['single_not_ok']} not ok; "
+                        f"cpu {x[side]['cpu_pct']})"
+                        for side in SIDES
+                        if side in x
+                    )
+                )
             runs.append(run)
-            log(
-                f"warm run {i + 1}: apppass {run['proxy']['per_s']}/s "
-                f"p50 {run['proxy']['p50_ms']} ms "
-                f"p99 {run['proxy']['p99_ms']} ms (cpu {run['proxy']['cpu_pct']}); direct "
-                f"{run['direct']['per_s']}/s p50 {run['direct']['p50_ms']} ms p99 "
-                f"{run['direct']['p99_ms']} ms (cpu {run['direct']['cpu_pct']})"
-            )
-        return {
+        out: dict = {
             "params": {
                 "logins_per_run": p.warm_logins,
+                "starttls_logins_per_run": p.warm_tls_logins,
                 "concurrency": p.warm_concurrency,
                 "single_client_logins": p.single_logins,
+                "starttls_single_client_logins": p.single_tls_logins,
+                "upstream": "plaintext (Dovecot's imap port) for apppass and nginx",
             },
             "runs": runs,
-            **_side_medians(
-                runs,
-                ("proxy", "direct"),
-                ("per_s", "p50_ms", "p99_ms", "single_p50_ms", "single_p99_ms"),
-            ),
-            "ratio": _ratio(
-                median([r["proxy"]["per_s"] for r in runs]),
-                median([r["direct"]["per_s"] for r in runs]),
-            ),
         }
+        keys = ("per_s", "p50_ms", "p99_ms", "single_p50_ms", "single_p99_ms")
+        for mode in WARM_MODES:
+            sides = [side for side in SIDES if side in runs[0][mode]]
+            x = {
+                side: {k: median([r[mode][side][k] for r in runs]) for k in keys} for side in sides
+            }
+            x["cpu_pct"] = {
+                side: _median_dict([r[mode][side]["cpu_pct"] for r in runs]) for side in sides
+            }
+            x["ratio"] = _ratio(x["proxy"]["per_s"], x["direct"]["per_s"])
+            if "nginx" in x:
+                x["ratio_nginx"] = _ratio(x["proxy"]["per_s"], x["nginx"]["per_s"])
+            out[mode] = x
+        return out
 
     # -- 3. relay throughput -----------------------------------------------------------------
 
@@ -318,7 +400,7 @@ class Bench:
         tls_proxy.start()
         user, code = s.relay_user, self.relay_code.secret
         password = s.dovecot.users[user]
-        paths = {
+        paths: dict[str, dict] = {
             "plain": {
                 "proxy": (self.proxy, self.proxy.plain_port, code, None),
                 "direct": (None, s.dovecot.imap_port, password, None),
@@ -328,14 +410,25 @@ class Bench:
                 "direct": (None, s.dovecot.imaps_port, password, s.client_ssl),
             },
         }
+        # nginx only in plaintext: it has no TLS to the upstream. Besides its default relay
+        # buffer (one page), nginx with a 64 KiB one, what apppass reads at once.
+        wide = None
+        if self.nginx is not None:
+            paths["plain"]["nginx"] = (None, self.nginx.plain_port, password, None)
+            wide = s.nginx_variant(proxy_buffer=NGINX_WIDE_BUFFER)
+            try:
+                wide.start()
+                paths["plain"]["nginx_64k"] = (None, wide.plain_port, password, None)
+            except (ServerError, OSError) as exc:
+                log(f"relay: nginx with proxy_buffer {NGINX_WIDE_BUFFER} did not start: {exc}")
         runs = []
         try:
             for i in range(RUNS):
-                run = {}
+                run: dict = {}
                 for mode, sides in paths.items():
                     run[mode] = {}
                     for side, (proxy, port, secret, ctx) in sides.items():
-                        meter = CpuMeter(s, proxy).start()
+                        meter = CpuMeter(s, proxy, wide if side == "nginx_64k" else None).start()
                         r = load.fetch(LOOPBACK, port, user, secret, p.relay_seconds, ssl_ctx=ctx)
                         run[mode][side] = {
                             "mb_per_s": round(r.mb_per_s, 1),
@@ -343,154 +436,55 @@ class Bench:
                             "fetches": len(r.seconds),
                             "cpu_pct": meter.stop(),
                         }
-                    run[mode]["ratio"] = round(
-                        run[mode]["proxy"]["mb_per_s"] / run[mode]["direct"]["mb_per_s"], 3
-                    )
+                    x = run[mode]
+                    x["ratio"] = _ratio(x["proxy"]["mb_per_s"], x["direct"]["mb_per_s"])
+                    if "nginx" in x:
+                        x["ratio_nginx"] = _ratio(x["proxy"]["mb_per_s"], x["nginx"]["mb_per_s"])
                 runs.append(run)
                 log(
-                    f"relay run {i + 1}: plain {run['plain']['proxy']['mb_per_s']} vs "
-                    f"{run['plain']['direct']['mb_per_s']} MB/s "
-                    f"(cpu {run['plain']['proxy']['cpu_pct']}); "
-                    f"TLS {run['tls']['proxy']['mb_per_s']} vs "
-                    f"{run['tls']['direct']['mb_per_s']} MB/s "
-                    f"(cpu {run['tls']['proxy']['cpu_pct']})"
+                    f"relay run {i + 1}: "
+                    + "; ".join(
+                        f"{mode} "
+                        + ", ".join(
+                            f"{side} {run[mode][side]['mb_per_s']} MB/s "
+                            f"(cpu {run[mode][side]['cpu_pct']})"
+                            for side in (*SIDES, "nginx_64k")
+                            if side in run[mode]
+                        )
+                        for mode in paths
+                    )
                 )
         finally:
             tls_proxy.stop()
-        out = {
+            if wide is not None:
+                wide.cleanup()
+        out: dict = {
             "params": {
                 "message_octets": self.relay_octets,
                 "min_seconds_per_path": p.relay_seconds,
                 "tls": "client-apppass implicit TLS, apppass-Dovecot implicit TLS (imaps)",
+                "nginx": "plaintext only (nginx has no upstream TLS)",
+                "nginx_64k": f"nginx with proxy_buffer {NGINX_WIDE_BUFFER}",
             },
             "runs": runs,
         }
-        for mode in paths:
-            out[mode] = {
-                side: median([r[mode][side]["mb_per_s"] for r in runs])
-                for side in ("proxy", "direct")
+        for mode, sides in paths.items():
+            m: dict = {side: median([r[mode][side]["mb_per_s"] for r in runs]) for side in sides}
+            m["cpu_pct"] = {
+                side: _median_dict([r[mode][side]["cpu_pct"] for r in runs]) for side in sides
             }
-            out[mode]["ratio"] = _ratio(out[mode]["proxy"], out[mode]["direct"])
+            m["ratio"] = _ratio(m["proxy"], m["direct"])
+            if "nginx" in sides:
+                m["ratio_nginx"] = _ratio(m["proxy"], m["nginx"])
+            if "nginx_64k" in sides:
+                m["ratio_nginx_64k"] = _ratio(m["proxy"], m["nginx_64k"])
+            out[mode] = m
         return out
 
     # -- 4. memory ---------------------------------------------------------------------------
 
     def memory(self) -> dict:
-        p, s = self.p, self.stack
-        out = {
-            "params": {
-                "levels": p.memory_levels,
-                "tls_levels": p.memory_tls_levels,
-                "codes": p.memory_codes,
-                "upstream": "plain (Dovecot imap port)",
-            }
-        }
-        for mode, levels, port_of, ctx in (
-            ("plain", p.memory_levels, lambda x: x.plain_port, None),
-            ("tls", p.memory_tls_levels, lambda x: x.tls_port, s.client_ssl),
-        ):
-            if not levels:
-                continue
-            runs = [
-                self._memory_run(i, mode, levels, port_of(self.proxy), ctx) for i in range(RUNS)
-            ]
-            out[mode] = {
-                "runs": runs,
-                "reached": median([r["reached"] for r in runs]),
-                "started_mib": median([r["started_kib"] / 1024 for r in runs]),
-                "baseline_mib": median([r["baseline_kib"] / 1024 for r in runs]),
-                "rss_mib": {
-                    str(lv): median(
-                        [
-                            r["rss_kib"].get(str(lv), 0) / 1024
-                            for r in runs
-                            if str(lv) in r["rss_kib"]
-                        ]
-                    )
-                    for lv in levels
-                },
-                "kib_per_session": median([r["kib_per_session"] for r in runs]),
-                "dovecot_kib_per_session": median([r["dovecot_kib_per_session"] for r in runs]),
-                "dovecot_pss_mib": {
-                    lv: median([r["dovecot_pss_kib"].get(lv, 0) / 1024 for r in runs])
-                    for lv in runs[0]["dovecot_pss_kib"]
-                },
-                "kib_per_session_from_start": median(
-                    [r["kib_per_session_from_start"] for r in runs]
-                ),
-            }
-        # Leave a fresh proxy for whatever runs next.
-        self.proxy.restart()
-        return out
-
-    def _memory_run(self, i: int, mode: str, levels, port: int, ctx) -> dict:
-        s = self.stack
-        # Both restarted: Dovecot's imap processes keep the memory of sessions that ended, so
-        # its figures (the reference) are only meaningful from fresh processes.
-        self.proxy.stop()
-        s.dovecot.restart()
-        self.proxy.start()
-        time.sleep(self.p.memory_settle)
-        start_kib = self.proxy.rss_kib()
-        # Warm-up: every code verified once (cache), the thread pools started.
-        pre = load.logins(LOOPBACK, port, self.memory_codes, len(self.memory_codes), 4, ssl_ctx=ctx)
-        if pre.ok != len(self.memory_codes):
-            raise RuntimeError(f"memory warm-up failed: {pre.replies}")
-        time.sleep(self.p.memory_settle)
-        base_kib, base_fds = self.proxy.rss_kib(), self.proxy.fd_count()
-        soft, _ = self.proxy.nofile_limit()
-        # Two descriptors per session (client and upstream) on top of what the proxy holds idle.
-        room = (soft - base_fds - 32) // 2
-        pool = load.SessionPool(LOOPBACK, port, self.memory_codes, concurrency=32, ssl_ctx=ctx)
-        rss, opened, fds, dovecot_pss = {}, {}, {}, {}
-        try:
-            for level in levels:
-                target = min(level, room)
-                r = pool.grow_to(target)
-                if pool.open < target:
-                    log(f"memory: only {pool.open} of {target} sessions opened: {r.replies}")
-                pool.idle(self.p.memory_settle)
-                rss[str(level)] = self.proxy.rss_kib()
-                fds[str(level)] = self.proxy.fd_count()
-                dovecot_pss[str(level)] = s.dovecot_pss_kib()
-                opened[str(level)] = pool.open
-                if target < level:
-                    log(
-                        f"memory: {level:,} sessions need {2 * level + base_fds:,} descriptors; "
-                        f"the limit is {soft:,}: measured at {target:,}"
-                    )
-                    break
-        finally:
-            pool.close()
-        first, last = str(levels[0]), list(rss)[-1]
-        n_first, n_last = opened[first], opened[last]
-        slope = (rss[last] - rss[first]) / (n_last - n_first) if n_last > n_first else None
-        run = {
-            "mode": mode,
-            "started_kib": start_kib,
-            "baseline_kib": base_kib,
-            "baseline_fds": base_fds,
-            "nofile": soft,
-            "rss_kib": rss,
-            "opened": opened,
-            "fds": fds,
-            "reached": n_last,
-            "kib_per_session": round(slope, 2) if slope is not None else None,
-            "kib_per_session_from_start": round((rss[last] - base_kib) / max(1, n_last), 2),
-            "dovecot_pss_kib": dovecot_pss,
-            "dovecot_kib_per_session": round(
-                (dovecot_pss[last] - dovecot_pss[first]) / (n_last - n_first), 2
-            )
-            if n_last > n_first
-            else None,
-        }
-        log(
-            f"memory {mode} run {i + 1}: {start_kib / 1024:.1f} MiB at start, after the first "
-            f"logins {base_kib / 1024:.1f} MiB, "
-            + ", ".join(f"{k}: {v / 1024:.1f} MiB" for k, v in rss.items())
-            + f" ({n_last} sessions open at the top); {run['kib_per_session']} KiB/session"
-        )
-        return run
+        return memory_test.measure(self)
 
     # -- 5. storm ----------------------------------------------------------------------------
 
@@ -602,6 +596,7 @@ class Bench:
             "runs": runs,
             "calm": calm,
             "storm": stormy,
+            "cpu_pct": _median_dict([r["cpu_pct"] for r in runs]),
             "p50_ratio": _ratio(stormy["p50_ms"], calm["p50_ms"]),
             "p99_ratio": _ratio(stormy["p99_ms"], calm["p99_ms"]),
             "later_p99_ratio": _ratio(stormy["later_p99_ms"], calm["later_p99_ms"]),
@@ -624,6 +619,66 @@ class Bench:
                     for k in ("checked", "limited", "temporary", "error")
                 },
             },
+        }
+
+    # -- 6. workers (the hook for `serve.workers`) ---------------------------------------------
+
+    def workers(self) -> dict:
+        """Warm logins/s (plaintext, 16 clients) with 1, 2 and N `serve.workers` (N = cores),
+        each next to nginx: the scaling per core. HOOK: runs by itself once apppass's config
+        takes `serve.workers` (Stack.serve_workers_supported); until then it says so."""
+        p, s = self.p, self.stack
+        if not s.serve_workers_supported():
+            why = "skipped: this apppass has no serve.workers yet"
+            log(f"workers: {why}")
+            return {"skipped": why}
+        counts = sorted({1, 2, os.cpu_count() or 2})
+        proxies = {n: s.proxy(f"workers-{n}", workers=n) for n in counts}
+        runs = []
+        for i in range(RUNS):
+            codes = self.cold_codes[i]
+            run: dict = {}
+            for n, proxy in proxies.items():
+                proxy.start()
+                try:
+                    load.logins(
+                        LOOPBACK,
+                        proxy.plain_port,
+                        codes,
+                        WORKER_FILL_PASSES * len(codes),
+                        p.cold_concurrency,
+                    )
+                    meter = CpuMeter(s, proxy).start()
+                    r = load.logins(
+                        LOOPBACK, proxy.plain_port, codes, p.warm_logins, p.warm_concurrency
+                    )
+                    run[str(n)] = {
+                        "per_s": round(r.rate, 1),
+                        "not_ok": r.failed + r.errors,
+                        "p99_ms": ms(load.percentile(r.latencies, 99)),
+                        "cpu_pct": meter.stop(),
+                    }
+                finally:
+                    proxy.stop()
+            if self.nginx is not None:
+                creds = s.dovecot_credentials([c.login for c in codes])
+                meter = CpuMeter(s, None).start()
+                r = load.logins(
+                    LOOPBACK, self.nginx.plain_port, creds, p.warm_logins, p.warm_concurrency
+                )
+                run["nginx"] = {"per_s": round(r.rate, 1), "cpu_pct": meter.stop()}
+            runs.append(run)
+            log(
+                f"workers run {i + 1}: " + ", ".join(f"{k}: {v['per_s']}/s" for k, v in run.items())
+            )
+        per_s = {str(n): median([r[str(n)]["per_s"] for r in runs]) for n in counts}
+        nginx = median([r["nginx"]["per_s"] for r in runs]) if self.nginx is not None else None
+        return {
+            "params": {"counts": counts, "logins_per_run": p.warm_logins},
+            "runs": runs,
+            "per_s": per_s,
+            "nginx_per_s": nginx,
+            "ratio_nginx": {n: _ratio(v, nginx) for n, v in per_s.items()},
         }
 
     # -- driver ------------------------------------------------------------------------------
@@ -663,6 +718,8 @@ class Bench:
             "cpu_model": _cpu_model(),
             "python": platform.python_version(),
             "dovecot": dovecot_version(),
+            "nginx": nginx_version(),
+            "nginx_error": self.nginx_error,
             "kernel": platform.release(),
             "argon2": f"t={a.time_cost} m={a.memory_kib}KiB p={a.parallelism} threads={a.threads}",
             "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
@@ -709,8 +766,10 @@ def _medians(runs: list[dict], keys) -> dict:
     return {k: median([r[k] for r in runs]) for k in keys}
 
 
-def _side_medians(runs: list[dict], sides, keys) -> dict:
-    return {side: {k: median([r[side][k] for r in runs]) for k in keys} for side in sides}
+def _median_dict(dicts: list[dict]) -> dict:
+    """Key by key, the median of the figures of several runs (CPU shares)."""
+    keys = dict.fromkeys(k for d in dicts for k in d)
+    return {k: median([d.get(k) for d in dicts]) for k in keys}
 
 
 def _walk_other(node):
@@ -750,205 +809,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "?"
-
-
-# -- the table -------------------------------------------------------------------------------
-
-
-def table(data: dict) -> str:
-    m, res = data["meta"], data["results"]
-    rows: list[tuple] = [("measure", "apppass", "reference", "ratio", "target", "")]
-
-    def status(test, value):
-        if value is None:
-            return ""
-        return "met" if TARGETS[test][1](value) else "NOT met"
-
-    def f(x, digits=1):
-        return "-" if x is None else f"{x:,.{digits}f}"
-
-    if "cold" in res:
-        c = res["cold"]
-        rows.append(
-            (
-                "cold logins/s (new code each)",
-                f(c["proxy_per_s"]),
-                f"{f(c['raw_per_s'])} raw argon2",
-                f(c["ratio"], 2),
-                TARGETS["cold"][0],
-                status("cold", c["ratio"]),
-            )
-        )
-    if "warm" in res:
-        w = res["warm"]
-        conc = w["params"]["concurrency"]
-        rows.append(
-            (
-                f"warm logins/s ({conc} clients)",
-                f(w["proxy"]["per_s"]),
-                f"{f(w['direct']['per_s'])} Dovecot",
-                f(w["ratio"], 2),
-                TARGETS["warm"][0],
-                status("warm", w["ratio"]),
-            )
-        )
-        for key, label in (
-            ("p50_ms", f"warm login p50 ms ({conc} clients)"),
-            ("p99_ms", f"warm login p99 ms ({conc} clients)"),
-            ("single_p50_ms", "warm login p50 ms (1 client)"),
-            ("single_p99_ms", "warm login p99 ms (1 client)"),
-        ):
-            a, b = w["proxy"][key], w["direct"][key]
-            rows.append(
-                (label, f(a, 2), f"{f(b, 2)} Dovecot", f"{a / b:.2f}x" if b else "-", "", "")
-            )
-    if "relay" in res:
-        r = res["relay"]
-        mb = r["params"]["message_octets"] / 1e6
-        for mode, label in (("plain", "plaintext"), ("tls", "TLS both sides")):
-            rows.append(
-                (
-                    f"relay MB/s, {mb:.0f} MB FETCH, {label}",
-                    f(r[mode]["proxy"]),
-                    f"{f(r[mode]['direct'])} Dovecot",
-                    f(r[mode]["ratio"], 2),
-                    TARGETS["relay"][0],
-                    status("relay", r[mode]["ratio"]),
-                )
-            )
-    if "memory" in res:
-        mem = res["memory"]
-        for mode, label in (("plain", "plaintext"), ("tls", "TLS clients")):
-            if mode not in mem:
-                continue
-            x = mem[mode]
-            levels = list(x["rss_mib"])
-            reached = int(x["reached"])
-            shown = [f"{int(lv):,}" for lv in levels[:-1]] + [f"{min(reached, int(levels[-1])):,}"]
-            rows.append(
-                (
-                    f"proxy RSS MiB at start / after 1st logins ({label})",
-                    f"{x['started_mib']:.1f} / {x['baseline_mib']:.1f}",
-                    "",
-                    "",
-                    "",
-                    "",
-                )
-            )
-            dovecot = x.get("dovecot_pss_mib", {}).get(levels[-1])
-            rows.append(
-                (
-                    f"proxy RSS MiB at {' / '.join(shown)} idle sessions ({label})",
-                    " / ".join(f"{v:.1f}" for v in x["rss_mib"].values()),
-                    f"Dovecot PSS {dovecot:,.0f} MiB at the top" if dovecot else "",
-                    "",
-                    "",
-                    "",
-                )
-            )
-            rows.append(
-                (
-                    f"KiB per idle session ({label})",
-                    f(x["kib_per_session"]),
-                    f"{f(x.get('dovecot_kib_per_session'))} Dovecot",
-                    "",
-                    TARGETS["memory"][0] if mode == "plain" else "",
-                    status("memory", x["kib_per_session"]) if mode == "plain" else "",
-                )
-            )
-    if "storm" in res:
-        st = res["storm"]
-        rate = st["params"]["rate"]
-        rows.append(
-            (
-                f"storm: legit p50 ms ({rate:.0f} bad/s)",
-                f(st["storm"]["p50_ms"], 2),
-                f"{f(st['calm']['p50_ms'], 2)} calm",
-                f"{st['p50_ratio']:.2f}x",
-                "",
-                "",
-            )
-        )
-        rows.append(
-            (
-                f"storm: legit p99 ms ({rate:.0f} bad/s)",
-                f(st["storm"]["p99_ms"], 2),
-                f"{f(st['calm']['p99_ms'], 2)} calm",
-                f"{st['p99_ratio']:.2f}x",
-                "<= 2x calm",
-                status("storm", st["p99_ratio"]),
-            )
-        )
-        rows.append(
-            (
-                "storm: legit p99 ms, 2nd half of the storm",
-                f(st["storm"]["later_p99_ms"], 2),
-                f"{f(st['calm']['later_p99_ms'], 2)} calm",
-                f"{st['later_p99_ratio']:.2f}x" if st["later_p99_ratio"] else "-",
-                "",
-                "",
-            )
-        )
-        sl = st["slow_logins"]
-        when = ", ".join(
-            f"{lat:.0f} ms at {t:.1f} s" if lat is not None else f"failed at {t:.1f} s"
-            for t, lat in sl["at_s_and_ms"][:4]
-        )
-        rows.append(
-            (
-                f"storm: legit logins > 2x calm p99 ({sl['limit_ms']:.0f} ms), all runs",
-                f"{sl['count']} of {sl['of']}",
-                when,
-                "",
-                "",
-                "",
-            )
-        )
-        fl = st["flood"]
-        rows.append(
-            (
-                "storm: the flood's outcome per run",
-                f"{fl['rate']:.0f}/s sent",
-                (
-                    f"{fl['checked']:.0f} checked, {fl['temporary']:.0f} pool full, "
-                    f"{fl['limited']:.0f} limited"
-                ),
-                "",
-                "",
-                "",
-            )
-        )
-        rows.append(
-            (
-                "storm: limiter engaged / pool full until",
-                f"{f(st['limiter_engaged_after_s'], 2)} s",
-                f"{f(st['pool_full_until_s'], 2)} s",
-                "",
-                "",
-                "",
-            )
-        )
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        (
-            f"apppass bench ({m['profile']}, {m['commit']}): {m['cpus']} CPUs ({m['cpu_model']}), "
-            f"Python {m['python']}, "
-            f"Dovecot {m['dovecot']}, argon2id {m['argon2']}; median of {m['runs']} runs; "
-            f"{m['seconds']:.0f} s"
-            + (
-                f"; other CPU load at most {m['max_other_cpu_pct']:.0f}% of a core"
-                if m.get("max_other_cpu_pct") is not None
-                else ""
-            )
-        )
-    ]
-    for n, row in enumerate(rows):
-        lines.append(
-            "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-        )
-        if n == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
 
 
 def raise_nofile() -> tuple[int, int]:

@@ -1,11 +1,13 @@
-"""The benchmark stack: a private Dovecot as the upstream and `apppass serve` in front of it, both
-real processes on loopback, plus what the benchmarks read from them (RSS, CPU time, descriptors).
+"""The benchmark stack: a private Dovecot as the upstream, `apppass serve` in front of it and the
+nginx mail proxy beside it (its peer), all real processes on loopback, plus what the benchmarks
+read from them (RSS, CPU time, descriptors).
 
     stack = Stack(users=40)                  # CA, Dovecot users b00..b39, the proxy's files
     stack.start()                            # Dovecot, then codes can be issued
     codes = stack.issue_codes(150)           # [(login, code)], hashed in parallel
     proxy = stack.proxy("plain")             # apppass -c plain/apppass.yaml serve
     proxy.start(); proxy.rss_kib(); proxy.cpu()
+    nginx = stack.start_nginx()              # tests/servers/nginx.py: nginx + its auth_http
     stack.stop()
 
 Dovecot comes from tests/servers/dovecot.py (reused, not copied) with settings for load
@@ -43,6 +45,7 @@ from tests.servers.common import (  # noqa: E402
     wait_for_port,
 )
 from tests.servers.dovecot import MASTER_PASSWORD, MASTER_USER, Dovecot  # noqa: E402
+from tests.servers.nginx import NginxMail  # noqa: E402
 from tests.support.ca import TestCA  # noqa: E402
 
 APPPASS = REPO / ".venv" / "bin" / "apppass"
@@ -100,6 +103,7 @@ class Stack:
         dovecot_users = {u: user_password(u) for u in [*self.users, self.relay_user]}
         self.dovecot = Dovecot(self.ca, users=dovecot_users, extra_config=DOVECOT_EXTRA)
         self.proxies: dict[str, ProxyProcess] = {}
+        self.nginx: NginxMail | None = None
         self._settings = None
         self._client_ssl: ssl.SSLContext | None = None
 
@@ -112,12 +116,43 @@ class Stack:
     def stop(self) -> None:
         for proxy in self.proxies.values():
             proxy.stop()
+        if self.nginx is not None:
+            self.nginx.stop()
         self.dovecot.stop()
 
     def cleanup(self) -> None:
         self.stop()
+        if self.nginx is not None:
+            remove_tree(self.nginx.root)
         remove_tree(self.dovecot.root)
         remove_tree(self.root)
+
+    # -- the peer: nginx ---------------------------------------------------------------------
+
+    def start_nginx(self) -> NginxMail:
+        """nginx's mail proxy in front of the same Dovecot (plaintext upstream: nginx has no
+        upstream TLS), logging in as USER*MASTER like apppass; its auth service knows every
+        bench user with its Dovecot password. Raises ServerError when it cannot start."""
+        if self.nginx is None:
+            self.nginx = self._nginx()
+        self.nginx.start()
+        return self.nginx
+
+    def nginx_variant(self, proxy_buffer: str) -> NginxMail:
+        """Another nginx like start_nginx's but with `proxy_buffer` (not started; the caller
+        stops it and removes its folder)."""
+        return self._nginx(proxy_buffer=proxy_buffer)
+
+    def _nginx(self, proxy_buffer: str | None = None) -> NginxMail:
+        users = {u: user_password(u) for u in [*self.users, self.relay_user]}
+        return NginxMail(
+            self.ca,
+            self.dovecot.imap_port,
+            users,
+            MASTER_USER,
+            MASTER_PASSWORD,
+            proxy_buffer=proxy_buffer,
+        )
 
     # -- the proxy ---------------------------------------------------------------------------
 
@@ -131,15 +166,18 @@ class Stack:
         secret.write_text(MASTER_PASSWORD + "\n")
         secret.chmod(0o600)
 
-    def proxy(self, name: str, upstream_tls: str = "none") -> ProxyProcess:
+    def proxy(
+        self, name: str, upstream_tls: str = "none", workers: int | str | None = None
+    ) -> ProxyProcess:
         """The proxy process `name` (created on first use; not started). All share one store
-        and directory. Listeners: `plain` (no TLS, plaintext logins from 127.0.0.0/8) and `tls`
-        (implicit TLS). upstream_tls: none (Dovecot's imap port) or implicit (its imaps port)."""
+        and directory. Listeners: `plain` (no TLS, plaintext logins from 127.0.0.0/8), `starttls`
+        and `tls` (implicit TLS). upstream_tls: none (Dovecot's imap port) or implicit (its imaps
+        port). workers: `serve.workers` (only where serve_workers_supported())."""
         if name in self.proxies:
             return self.proxies[name]
         folder = self.root / name
         folder.mkdir(exist_ok=True)
-        plain_port, tls_port = free_port(), free_port()
+        plain_port, starttls_port, tls_port = free_port(), free_port(), free_port()
         upstream = {
             "host": LOOPBACK,
             "tls": upstream_tls,
@@ -177,6 +215,14 @@ class Stack:
                     "plaintext_auth_from": ["127.0.0.0/8"],
                 },
                 {
+                    "name": "starttls",
+                    "protocol": "imap",
+                    "bind": f"{LOOPBACK}:{starttls_port}",
+                    "tls": "starttls",
+                    "cert_file": str(self.ca.cert),
+                    "key_file": str(self.ca.key),
+                },
+                {
                     "name": "tls",
                     "protocol": "imap",
                     "bind": f"{LOOPBACK}:{tls_port}",
@@ -187,11 +233,30 @@ class Stack:
             ],
             "upstream": {"imap": upstream},
         }
+        if workers is not None:
+            config["serve"] = {"workers": workers}
         path = folder / "apppass.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        proxy = ProxyProcess(name, path, folder, plain_port, tls_port)
+        proxy = ProxyProcess(name, path, folder, plain_port, tls_port, starttls_port)
         self.proxies[name] = proxy
         return proxy
+
+    def serve_workers_supported(self) -> bool:
+        """HOOK for issue 13 item 2 (`serve.workers`): True once apppass's configuration takes
+        `serve: {workers: N}`, checked by loading the bench's own config with it. run.py then
+        measures warm logins with 1, 2 and N workers (Bench.workers); nothing else to switch on.
+        """
+        from proxy.config import load
+        from proxy.configschema import ConfigError
+
+        base = yaml.safe_load(self.proxy("plain").config.read_text())
+        probe = self.root / "workers-probe.yaml"
+        probe.write_text(yaml.safe_dump({**base, "serve": {"workers": 1}}, sort_keys=False))
+        try:
+            load(probe)
+        except ConfigError:
+            return False
+        return True
 
     @property
     def settings(self):
@@ -296,13 +361,20 @@ class ProxyProcess:
     """`apppass -c CONFIG serve` as a child process (its own session, stopped by PID)."""
 
     def __init__(
-        self, name: str, config: Path, folder: Path, plain_port: int, tls_port: int
+        self,
+        name: str,
+        config: Path,
+        folder: Path,
+        plain_port: int,
+        tls_port: int,
+        starttls_port: int,
     ) -> None:
         self.name = name
         self.config = config
         self.folder = folder
         self.plain_port = plain_port
         self.tls_port = tls_port
+        self.starttls_port = starttls_port
         self.process = ServerProcess(
             f"apppass-{name}",
             [str(APPPASS), "-c", str(config), "serve"],
@@ -321,7 +393,7 @@ class ProxyProcess:
     def start(self, timeout: float = 30.0) -> None:
         self.process.start()
         try:
-            for port in (self.plain_port, self.tls_port):
+            for port in (self.plain_port, self.starttls_port, self.tls_port):
                 wait_for_port(port, LOOPBACK, timeout, self.process)
         except BaseException:
             self.process.stop()
@@ -352,9 +424,20 @@ class ProxyProcess:
         raise RuntimeError("no Max open files")
 
     def cpu(self) -> tuple[float, float]:
-        """(CPU seconds of the whole process, of its main thread = the reactor)."""
+        """(CPU seconds of the whole process, of its main thread = the reactor). With
+        `serve.workers`, the first figure covers the workers too (its process group)."""
         pid = self.pid
-        return _stat(f"/proc/{pid}/stat")["cpu"], _stat(f"/proc/{pid}/task/{pid}/stat")["cpu"]
+        group = sum(st["cpu"] for other, st in _all_stats() if st["pgrp"] == pid and other != pid)
+        return (
+            _stat(f"/proc/{pid}/stat")["cpu"] + group,
+            _stat(f"/proc/{pid}/task/{pid}/stat")["cpu"],
+        )
+
+    def pss_kib(self) -> int:
+        """Proportional set size of the proxy's processes (shared pages counted once overall:
+        comparable with nginx's master and workers)."""
+        pid = self.pid
+        return sum(_pss_kib(other) for other, st in _all_stats() if st["pgrp"] == pid)
 
     def audit_lines(self) -> list[str]:
         try:
@@ -408,12 +491,19 @@ def _cpu_stat() -> tuple[float, float]:
 
 
 class CpuMeter:
-    """CPU seconds used by the proxy (whole process and reactor thread), Dovecot and this
-    process between start() and stop(), as a share of one core over the wall time (100 = one
-    core busy); `steal` is CPU time the hypervisor took away, summed over all CPUs."""
+    """CPU seconds used by the proxy (whole process and reactor thread), nginx and its auth
+    service (when they run), Dovecot and this process between start() and stop(), as a share of
+    one core over the wall time (100 = one core busy); `steal` is CPU time the hypervisor took
+    away, summed over all CPUs."""
 
-    def __init__(self, stack: Stack, proxy: ProxyProcess | None) -> None:
+    def __init__(
+        self, stack: Stack, proxy: ProxyProcess | None, nginx: NginxMail | None = None
+    ) -> None:
+        """nginx: the nginx to measure, when not the stack's own (which is measured whenever it
+        runs)."""
         self.stack, self.proxy = stack, proxy
+        nginx = nginx or stack.nginx
+        self.nginx = nginx if nginx is not None and nginx.process.running else None
 
     def _sample(self) -> dict:
         ru = os.times()
@@ -422,6 +512,8 @@ class CpuMeter:
             "wall": time.perf_counter(),
             "proxy": proxy_total,
             "proxy_reactor": reactor,
+            "nginx": self.nginx.cpu() if self.nginx else 0.0,
+            "nginx_auth": self.nginx.auth_cpu() if self.nginx else 0.0,
             "dovecot": self.stack.dovecot_cpu(),
             "generator": ru.user + ru.system,
             "machine": _cpu_stat()[0],
@@ -434,19 +526,22 @@ class CpuMeter:
 
     def stop(self, extra_generator_cpu: float = 0.0) -> dict:
         """Percent of one core per part. `other`: the machine's busy time not used by the proxy,
-        Dovecot or the generator (kernel softirq work for loopback traffic, and anything else
-        running on the machine: a high figure means the run was disturbed)."""
+        nginx, its auth service, Dovecot or the generator (kernel softirq work for loopback
+        traffic, and anything else running on the machine: a high figure means the run was
+        disturbed)."""
         b = self._sample()
         wall = b["wall"] - self._a["wall"]
         d = {k: b[k] - self._a[k] for k in b}
         d["generator"] += extra_generator_cpu
-        d["other"] = d["machine"] - d["proxy"] - d["dovecot"] - d["generator"]
-        out = {
-            k: round(100.0 * d[k] / wall, 1)
-            for k in ("proxy", "proxy_reactor", "dovecot", "generator", "other", "steal")
-        }
+        d["other"] = d["machine"] - sum(
+            d[k] for k in ("proxy", "nginx", "nginx_auth", "dovecot", "generator")
+        )
+        keys = ["proxy", "proxy_reactor", "nginx", "nginx_auth", "dovecot", "generator"]
+        out = {k: round(100.0 * d[k] / wall, 1) for k in [*keys, "other", "steal"]}
         if not self.proxy:
             out.pop("proxy"), out.pop("proxy_reactor")
+        if not self.nginx:
+            out.pop("nginx"), out.pop("nginx_auth")
         return out
 
 
