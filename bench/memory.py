@@ -15,27 +15,16 @@ is the slope of its processes' PSS (what sessions add is private memory, where P
 
 from __future__ import annotations
 
-import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from bench import load
+from bench.common import log, median
 from tests.servers.common import LOOPBACK
 
 # Descriptors kept free besides what the sessions use (logs, listeners, the store).
 SPARE_FDS = 32
-
-
-def log(text: str) -> None:
-    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {text}\n")
-    sys.stderr.flush()
-
-
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
 
 
 @dataclass
