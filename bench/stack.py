@@ -423,21 +423,26 @@ class ProxyProcess:
                 return int(soft), int(hard)
         raise RuntimeError("no Max open files")
 
+    def _processes(self) -> list[int]:
+        """The serving process and, with `serve.workers`, its workers: its children (each
+        worker runs in a session of its own, so the process group does not find them)."""
+        pid = self.pid
+        return [pid] + [other for other, st in _all_stats() if st["ppid"] == pid]
+
     def cpu(self) -> tuple[float, float]:
         """(CPU seconds of the whole process, of its main thread = the reactor). With
-        `serve.workers`, the first figure covers the workers too (its process group)."""
+        `serve.workers`, the first figure covers the workers too, the second only the
+        supervisor's reactor."""
         pid = self.pid
-        group = sum(st["cpu"] for other, st in _all_stats() if st["pgrp"] == pid and other != pid)
         return (
-            _stat(f"/proc/{pid}/stat")["cpu"] + group,
+            sum(_stat(f"/proc/{other}/stat")["cpu"] for other in self._processes()),
             _stat(f"/proc/{pid}/task/{pid}/stat")["cpu"],
         )
 
     def pss_kib(self) -> int:
         """Proportional set size of the proxy's processes (shared pages counted once overall:
         comparable with nginx's master and workers)."""
-        pid = self.pid
-        return sum(_pss_kib(other) for other, st in _all_stats() if st["pgrp"] == pid)
+        return sum(_pss_kib(other) for other in self._processes())
 
     def audit_lines(self) -> list[str]:
         try:
@@ -452,8 +457,9 @@ class ProxyProcess:
 def _stat(path: str) -> dict:
     text = Path(path).read_text()
     fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
-    # fields[0] is field 3 (state): pgrp is field 5, utime/stime 14/15, cutime/cstime 16/17.
+    # fields[0] is field 3 (state): ppid is field 4, pgrp 5, utime/stime 14/15, cutime/cstime 16/17.
     return {
+        "ppid": int(fields[1]),
         "pgrp": int(fields[2]),
         "cpu": (int(fields[11]) + int(fields[12])) / CLK_TCK,
         "ccpu": (int(fields[13]) + int(fields[14])) / CLK_TCK,

@@ -390,9 +390,9 @@ def cmd_directory_check(ctx: _Context) -> int:
 
 
 def cmd_serve(ctx: _Context) -> int:
-    from proxy.daemon import serve
+    from proxy.workers import serve_or_supervise  # serve.workers: one process, or a supervisor
 
-    return serve(ctx.settings)
+    return serve_or_supervise(ctx.settings, ctx.args)
 
 
 def cmd_demo(ctx: _Context) -> int:
@@ -430,7 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="config file (default: $APPPASS_CONFIG, else /etc/apppass/apppass.yaml)",
     )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sub.add_parser("serve", help="run the configured listeners").set_defaults(fn=cmd_serve)
+    sv = sub.add_parser("serve", help="run the configured listeners")
+    sv.set_defaults(fn=cmd_serve)
+    for option in ("--worker", "--workers", "--link"):  # given by the supervisor to a worker
+        sv.add_argument(option, type=int, default=None, help=argparse.SUPPRESS)
+    sv.add_argument("--listen", action="append", default=[], help=argparse.SUPPRESS)
     d = sub.add_parser("demo", help="run a ready demo: SQLite, a demo user, a sandbox upstream")
     d.add_argument(
         "--dir", default="var/demo", help="where the demo keeps its files (default: var/demo)"

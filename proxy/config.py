@@ -168,6 +168,9 @@ class ServeSettings:
     # SIGTERM drains: stop accepting, let logins finish and sessions run this long, then end them
     # with the protocol's goodbye. systemd's TimeoutStopSec must be longer (the unit says 45s).
     shutdown_grace: timedelta = timedelta(seconds=30)
+    # Worker processes sharing the listening sockets (proxy/workers.py): 1 is one process, as
+    # before; "auto" is one per CPU this process may run on.
+    workers: int | str = 1
 
 
 @dataclass(frozen=True)
@@ -239,7 +242,9 @@ def parse(
     web = read_web(root)
     smtp = upstreams.get(MailProtocol.SMTP)
     notify = read_notify(root, smtp.login if smtp else None)
-    serve = section(root, "serve", ServeSettings, {"shutdown_grace": duration()})
+    serve = section(
+        root, "serve", ServeSettings, {"shutdown_grace": duration(), "workers": _workers}
+    )
     log = section(
         root,
         "log",
@@ -275,6 +280,19 @@ def _default_hostname() -> str:
 _HOSTNAME = re.compile(
     r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*"
 )
+
+
+# More worker processes than this is a typo (nginx's worker_processes has no cap; 256 is far
+# above the cores of any machine one apppass node runs on).
+MAX_WORKERS = 256
+
+
+def _workers(node: Node, key: str, value: Any) -> int | str:
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise Invalid(f"must be auto or a number of processes from 1 to {MAX_WORKERS}")
+    return value
 
 
 def _hostname(node: Node, key: str, value: Any) -> str:

@@ -17,6 +17,7 @@ from proxy.oplog import log as oplog
 from proxy.oplog import unconfigure as unconfigure_log
 from proxy.sdnotify import Notifier
 from proxy.service import Service
+from proxy.workerlink import SupervisorLink, WorkerRole
 
 
 def serve(
@@ -25,6 +26,7 @@ def serve(
     name: str = "apppass",
     in_use_hint: str = "",
     ready: Callable[[Service], None] | None = None,
+    worker: WorkerRole | None = None,
 ) -> int:
     """Run until the first SIGTERM or SIGINT, in any state (starting, serving, stopping). It
     drains (serve.shutdown_grace): no new connections, logins in progress finish, sessions end
@@ -33,7 +35,8 @@ def serve(
     file. systemd hears READY=1 once listening, RELOADING=1 around a reload, STOPPING=1, and the
     watchdog while the reactor turns. A start that fails is one line on stderr (`NAME: cannot
     start: …`, plus in_use_hint for a port in use) and status 1; ready(service) runs once it is
-    listening."""
+    listening. As one of serve.workers (proxy/workers.py) it adopts the supervisor's sockets,
+    tells the supervisor instead of systemd, and drains when the supervisor is gone."""
     import os
 
     from twisted.internet import reactor as global_reactor
@@ -42,9 +45,14 @@ def serve(
     from zope.interface import provider
 
     reactor: Any = global_reactor  # the installed reactor provides every IReactor* interface
-    handler = configure_log(settings.log)
-    service = Service(settings, reactor)
-    notify = Notifier()
+    handler = configure_log(settings.log, worker=worker.number if worker else None)
+    service = Service(
+        settings,
+        reactor,
+        inherited=worker.sockets if worker else None,
+        workers=worker.count if worker else 1,
+    )
+    notify: Notifier | SupervisorLink = SupervisorLink(worker) if worker else Notifier()
     exit_code = 0
     stopping = False
     grace = settings.serve.shutdown_grace.total_seconds()
@@ -78,6 +86,13 @@ def serve(
             return
         stopping = True
         reactor.callFromThread(drain_then_stop)
+
+    def supervisor_gone() -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            oplog.warning("the supervisor is gone; stopping")
+            drain_then_stop()
 
     listening = False
 
@@ -116,9 +131,13 @@ def serve(
         # stopping raises ReactorNotRunning, and after the reactor stopped they do nothing.
         for number in (signal.SIGTERM, signal.SIGINT):
             signal.signal(number, on_signal)
+        if isinstance(notify, SupervisorLink):
+            notify.connect(reactor, supervisor_gone)
         defer.ensureDeferred(service.start()).addCallback(started).addErrback(failed)
 
     async def stop() -> None:  # also after a start that failed midway: its pools must end
+        if isinstance(notify, SupervisorLink):
+            notify.ending()
         notify.stopping()
         notify.stop_watchdog()
         try:

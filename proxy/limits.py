@@ -38,6 +38,21 @@ class LimitSettings:
     max_sessions_per_account: int = MAX_SESSIONS_PER_ACCOUNT
 
 
+def share_of(settings: LimitSettings, workers: int) -> LimitSettings:
+    """One worker's part of each cap when `workers` processes share the listeners
+    (serve.workers): the cap divided, rounded up, at least 1. The kernel spreads connections
+    over the workers, so the total never passes the cap by more than the rounding, and a client
+    may be refused a little early when its connections crowd into one worker (README: Security,
+    limits; docs/architecture.md: Worker processes)."""
+    if workers <= 1:
+        return settings
+    return LimitSettings(
+        max_connections=-(-settings.max_connections // workers),
+        max_preauth_per_address=-(-settings.max_preauth_per_address // workers),
+        max_sessions_per_account=-(-settings.max_sessions_per_account // workers),
+    )
+
+
 @dataclass(frozen=True)
 class Over:
     """A cap that was reached: its setting's name (a metric label) and a sentence (audit)."""

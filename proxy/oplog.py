@@ -40,42 +40,57 @@ class LogSettings:
     level: str = "info"  # debug | info | warning | error
 
 
-class _Journald(logging.Formatter):
+class _Formatter(logging.Formatter):
+    """A worker process's lines carry its number (serve.workers, proxy/workers.py)."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def text(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return message if self.worker is None else f"worker {self.worker}: {message}"
+
+
+class _Journald(_Formatter):
     def format(self, record: logging.LogRecord) -> str:
         priority = _PRIORITY.get(record.levelno, 6)
-        return f"<{priority}>{record.getMessage()}"
+        return f"<{priority}>{self.text(record)}"
 
 
-class _Plain(logging.Formatter):
+class _Plain(_Formatter):
     def format(self, record: logging.LogRecord) -> str:
         moment = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        return f"{moment} {record.levelname.lower()} {record.getMessage()}"
+        return f"{moment} {record.levelname.lower()} {self.text(record)}"
 
 
-class _Json(logging.Formatter):
+class _Json(_Formatter):
     def format(self, record: logging.LogRecord) -> str:
         moment = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
-        return json.dumps(
-            {
-                "ts": moment,
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "message": record.getMessage(),
-            },
-            separators=(",", ":"),
-        )
+        line: dict[str, object] = {
+            "ts": moment,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if self.worker is not None:
+            line["worker"] = self.worker
+        return json.dumps(line, separators=(",", ":"))
 
 
-def configure(settings: LogSettings, stream: IO[str] | None = None) -> logging.Handler:
-    """Send the proxy's log lines to `stream` (standard error) in the configured format; the
-    handler is returned so that a test (or a reload) can remove it."""
+def configure(
+    settings: LogSettings, stream: IO[str] | None = None, worker: int | None = None
+) -> logging.Handler:
+    """Send the proxy's log lines to `stream` (standard error) in the configured format, each
+    marked with the worker's number in a worker process; the handler is returned so that a
+    test (or a reload) can remove it."""
     handler = logging.StreamHandler(stream or sys.stderr)
     if settings.format == "json":
-        handler.setFormatter(_Json())
+        handler.setFormatter(_Json(worker))
     elif os.environ.get("JOURNAL_STREAM"):  # our standard error is journald's
-        handler.setFormatter(_Journald())
+        handler.setFormatter(_Journald(worker))
     else:
-        handler.setFormatter(_Plain())
+        handler.setFormatter(_Plain(worker))
     for name in LOGGERS:
         logger = logging.getLogger(name)
         logger.addHandler(handler)

@@ -4,6 +4,8 @@ session checks (proxy/sessions.py), reloads on SIGHUP and stops cleanly."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -29,7 +31,7 @@ from proxy.directory.open import open_directory
 from proxy.exposure import clear_text_warnings
 from proxy.frontend import FrontendFactory, ProtocolSpec, SessionContext
 from proxy.imap.spec import ImapSpec
-from proxy.limits import ConnectionLimits
+from proxy.limits import ConnectionLimits, share_of
 from proxy.metrics import Metrics
 from proxy.oauth2.tokens import TokenSource
 from proxy.oplog import LOGGERS, Health
@@ -99,14 +101,20 @@ class Service:
         audit: Audit | None = None,
         session_check: float = CODE_CHECK_SECONDS,
         account_check: float = ACCOUNT_CHECK_SECONDS,
+        inherited: dict[str, int] | None = None,
+        workers: int = 1,
     ) -> None:
+        """As one of serve.workers (proxy/workers.py), `inherited` holds the listening sockets
+        the supervisor bound (listener name -> file descriptor) and the caps are shared."""
         self.settings = settings
         self.reactor = reactor
         self.audit = audit or Audit(path=settings.audit.file)
         self.ports: dict[str, IListeningPort] = {}  # listener name -> its port
         self.tls: dict[str, ServerTLS] = {}
         self.specs = protocol_specs(settings, reactor)
-        self.limits = ConnectionLimits(settings.limits)
+        self.inherited = dict(inherited or {})
+        self.workers = workers
+        self.limits = ConnectionLimits(share_of(settings.limits, workers))
         self.metrics = Metrics()
         self.health = Health()
         self.metrics.watch_queues(self._queues)
@@ -190,11 +198,7 @@ class Service:
             if listener.proxy_protocol_from:
                 trusted = TrustedProxies.parse([str(n) for n in listener.proxy_protocol_from])
                 factory = ProxyProtocolFactory(factory, trusted)
-            endpoint_type = TCP6ServerEndpoint if ":" in listener.host else TCP4ServerEndpoint
-            port = await endpoint_type(
-                self.reactor, listener.port, backlog=LISTEN_BACKLOG, interface=listener.host
-            ).listen(factory)
-            self.ports[listener.name] = port
+            self.ports[listener.name] = await self._listen(listener, factory)
             self.audit.event(
                 "listening",
                 listener=listener.name,
@@ -209,6 +213,7 @@ class Service:
             again.start(PROBE_REFRESH_SECONDS if answered else PROBE_RETRY_SECONDS, now=False)
             self._probes[protocol] = again
         self.guard.start()
+        self.metrics.start(self.reactor)
 
     async def readiness(self) -> dict[str, str]:
         """Whether each dependency answers now: "ok", or what failed (for /readyz)."""
@@ -265,10 +270,7 @@ class Service:
             Ops(self.metrics, self.readiness, self.reactor.seconds),
         )
         for listener in s.web.listeners:
-            endpoint_type = TCP6ServerEndpoint if ":" in listener.host else TCP4ServerEndpoint
-            self.ports[listener.name] = await endpoint_type(
-                self.reactor, listener.port, backlog=LISTEN_BACKLOG, interface=listener.host
-            ).listen(site_for(self.web, listener))
+            self.ports[listener.name] = await self._listen(listener, site_for(self.web, listener))
             self.audit.event(
                 "listening",
                 listener=listener.name,
@@ -276,6 +278,19 @@ class Service:
                 address=f"{listener.host}:{self.port_of(listener.name)}",
                 serve=list(listener.serve),
             )
+
+    async def _listen(self, listener: Any, factory: IProtocolFactory) -> IListeningPort:
+        """Adopt the socket the supervisor bound for this listener, else bind one."""
+        fd = self.inherited.pop(listener.name, None)
+        if fd is not None:
+            family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+            port = self.reactor.adoptStreamPort(fd, family, factory)
+            os.close(fd)  # the port holds its own copy
+            return port
+        endpoint_type = TCP6ServerEndpoint if ":" in listener.host else TCP4ServerEndpoint
+        return await endpoint_type(
+            self.reactor, listener.port, backlog=LISTEN_BACKLOG, interface=listener.host
+        ).listen(factory)
 
     def _upstream_name(self, protocol: MailProtocol) -> str:
         up = self.specs[protocol].upstream
@@ -377,7 +392,7 @@ class Service:
                     setattr(self.directory, name, getattr(new.policy, name))
             applied.append("policy")
         if new.limits != old.limits:
-            self.limits.settings = new.limits
+            self.limits.settings = share_of(new.limits, self.workers)
             applied.append("limits")
         if new.log != old.log:
             for logger_name in LOGGERS:
@@ -437,6 +452,7 @@ class Service:
             self.guard.stop()
         if getattr(self, "shared", None) is not None:
             self.shared.stop()
+        self.metrics.stop()
         await self._stop_listening()
         if self.guard is not None:
             self.guard.end_all("apppass is shutting down")

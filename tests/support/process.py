@@ -33,12 +33,12 @@ def taken_port() -> Iterator[int]:
 class Process:
     """A real apppass command; stdout and stderr go to files (a pipe nobody reads can block)."""
 
-    def __init__(self, folder: Path, *args: str) -> None:
+    def __init__(self, folder: Path, *args: str, env: dict[str, str] | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.out, self.err = folder / "stdout", folder / "stderr"
         with self.out.open("w") as out, self.err.open("w") as err:
             self.popen = subprocess.Popen(
-                [str(APPPASS), *args], stdin=subprocess.DEVNULL, stdout=out, stderr=err
+                [str(APPPASS), *args], stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env
             )
 
     def wait(self, timeout: float = PROMPTLY) -> int:

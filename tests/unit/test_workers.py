@@ -1,0 +1,136 @@
+"""serve.workers, the pure parts: how many workers `auto` is, the restart back-off, each
+worker's part of the connection caps, the setting's errors, and the worker's number in its log
+lines. The processes themselves: tests/integration/test_workers.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pytest
+
+from proxy.config import ConfigError, parse
+from proxy.limits import LimitSettings, share_of
+from proxy.oplog import LogSettings, configure, log, unconfigure
+from proxy.workerlink import WorkerRole
+from proxy.workers import (
+    MAX_START_FAILURES,
+    RESTART_MAX_SECONDS,
+    STABLE_SECONDS,
+    Backoff,
+    available_cpus,
+    describe_exit,
+    resolve_workers,
+)
+
+# --- how many ----------------------------------------------------------------------------------
+
+
+def test_auto_is_one_worker_per_cpu_this_process_may_use():
+    assert resolve_workers("auto", lambda: 6) == 6
+    assert resolve_workers("auto", lambda: 0) == 1
+    assert resolve_workers(3, lambda: 6) == 3
+    assert available_cpus() == len(os.sched_getaffinity(0))
+
+
+# --- restarts ----------------------------------------------------------------------------------
+
+
+def test_a_worker_dying_at_start_waits_longer_each_time_then_the_supervisor_gives_up():
+    backoff = Backoff()
+    delays = [backoff.exited(was_ready=False, uptime=0.5) for _ in range(MAX_START_FAILURES)]
+    assert delays == [0.25, 0.5, 1.0, 2.0, None]
+
+
+def test_a_worker_that_ran_a_while_is_restarted_at_once_and_the_count_starts_again():
+    backoff = Backoff()
+    assert backoff.exited(was_ready=False, uptime=0.5) == 0.25
+    assert backoff.exited(was_ready=True, uptime=STABLE_SECONDS) == 0.0
+    assert backoff.exited(was_ready=False, uptime=0.5) == 0.25
+
+
+def test_a_worker_crashing_soon_after_ready_backs_off_but_is_never_given_up():
+    backoff = Backoff()
+    delays = [backoff.exited(was_ready=True, uptime=1.0) for _ in range(20)]
+    assert None not in delays
+    assert delays[:3] == [0.25, 0.5, 1.0]
+    assert max(delays) == RESTART_MAX_SECONDS
+
+
+def test_an_exit_in_words():
+    assert describe_exit(1) == "exited with status 1"
+    assert describe_exit(-9) == "was killed by SIGKILL"
+    assert describe_exit(-200) == "was killed by signal 200"
+
+
+def test_a_worker_role_survives_its_command_line():
+    role = WorkerRole(2, 4, 9, {"imap": 5, "web-127.0.0.1:8080": 6})
+    args = role.argv()
+    listen = [args[i + 1] for i, a in enumerate(args) if a == "--listen"]
+    assert WorkerRole.parse(2, 4, 9, listen) == role
+
+
+# --- caps --------------------------------------------------------------------------------------
+
+
+def test_each_worker_holds_its_part_of_every_cap_rounded_up():
+    caps = LimitSettings(
+        max_connections=10_000, max_preauth_per_address=5, max_sessions_per_account=1
+    )
+    assert share_of(caps, 1) == caps
+    assert share_of(caps, 2) == LimitSettings(5_000, 3, 1)
+    assert share_of(caps, 3) == LimitSettings(3_334, 2, 1)
+
+
+# --- the setting -------------------------------------------------------------------------------
+
+BASE = {
+    "store": {"sqlite": "codes.db"},
+    "directory": {"static": "users.yaml"},
+}
+
+
+@pytest.fixture
+def base(tmp_path):
+    (tmp_path / "users.yaml").write_text("accounts: {alice: {id: key-alice}}\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("value", ["auto", 1, 2, 256])
+def test_serve_workers_takes_auto_or_a_count(base, value):
+    settings = parse({**BASE, "serve": {"workers": value}}, base_dir=base)
+    assert settings.serve.workers == value
+
+
+def test_serve_workers_defaults_to_one_process(base):
+    assert parse(BASE, base_dir=base).serve.workers == 1
+
+
+@pytest.mark.parametrize("value", [0, -1, 257, "many", True, 1.5, "2"])
+def test_a_bad_serve_workers_names_the_key(base, value):
+    with pytest.raises(ConfigError) as info:
+        parse({**BASE, "serve": {"workers": value}}, source="apppass.yaml", base_dir=base)
+    (problem,) = info.value.problems
+    assert problem.startswith(
+        "apppass.yaml: serve.workers: must be auto or a number of processes from 1 to 256 (got "
+    )
+
+
+# --- the log -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["text", "json"])
+def test_a_workers_log_lines_carry_its_number(monkeypatch, form):
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    out = io.StringIO()
+    handler = configure(LogSettings(format=form), out, worker=2)
+    try:
+        log.info("serving")
+    finally:
+        unconfigure(handler)
+    line = out.getvalue().strip()
+    if form == "json":
+        assert (json.loads(line)["message"], json.loads(line)["worker"]) == ("serving", 2)
+    else:
+        assert line.endswith("info worker 2: serving")
