@@ -14,13 +14,13 @@ once, concurrent lookups of the same login query the directory once.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 T = TypeVar("T")
 
@@ -38,7 +38,12 @@ class ClientShareFull(QueueFull):
 
 
 class FairQueue:
-    """A thread pool of `threads`, with at most `queue` jobs waiting, served fairly by client."""
+    """`threads` threads of its own, with at most `queue` jobs waiting, served fairly by client.
+
+    A thread that finishes a job takes the next waiting one itself, under the queue's lock: no
+    trip through the reactor between two jobs, so a busy reactor never leaves argon2 threads
+    idle, and a job costs one hand-off each way (the result comes back with callFromThread).
+    """
 
     def __init__(self, name: str, threads: int, queue: int) -> None:
         self.name = name
@@ -47,21 +52,34 @@ class FairQueue:
         # One client may queue at most this many (its share, at least one).
         self.per_client = max(1, queue // CLIENT_SHARE)
         self._reactor: Any = None
-        self._pool: ThreadPool | None = None
+        self._workers: list[threading.Thread] = []
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # a job is waiting, or stop
         self._pending = 0  # running + waiting
         self._running = 0
         self._waiting: OrderedDict[str, deque] = OrderedDict()  # client -> jobs, serving order
+        self._ready: deque = deque()  # jobs given to the threads, not yet taken by one
         self._last: str | None = None  # the client served last
 
     def start(self, reactor: Any) -> None:
         self._reactor = reactor
-        self._pool = ThreadPool(minthreads=self.threads, maxthreads=self.threads, name=self.name)
-        self._pool.start()
+        self._stopping = False
+        self._workers = [
+            threading.Thread(target=self._serve, name=f"{self.name}-{i}", daemon=True)
+            for i in range(self.threads)
+        ]
+        for worker in self._workers:
+            worker.start()
 
     def stop(self) -> None:
-        if self._pool is not None:
-            self._pool.stop()
-            self._pool = None
+        """Let jobs that a thread took finish and the threads end; the others are dropped."""
+        with self._lock:
+            self._stopping = True
+            self._work.notify_all()
+        for worker in self._workers:
+            worker.join()
+        self._workers = []
 
     @property
     def pending(self) -> int:
@@ -77,46 +95,65 @@ class FairQueue:
         return self._pending - self._running
 
     def submit(self, client: str, fn: Callable[..., T], *args: Any) -> defer.Deferred[T]:
-        """Run `fn(*args)` in the pool; a Deferred with its result. Fails at once with
-        ClientShareFull or QueueFull when this client's share or the queue is full."""
-        if self._pool is None:
+        """Run `fn(*args)` in the pool; a Deferred with its result (fired on the reactor). Fails
+        at once with ClientShareFull or QueueFull when this client's share or the queue is full.
+        """
+        if not self._workers:
             raise RuntimeError(f"{self.name}: start() was not called")
-        if len(self._waiting.get(client, ())) >= self.per_client:
-            return defer.fail(ClientShareFull())
-        if self._pending >= self.threads + self.queue:
-            return defer.fail(QueueFull())
         d: defer.Deferred[T] = defer.Deferred()
-        self._waiting.setdefault(client, deque()).append((fn, args, d))
-        self._pending += 1
-        self._dispatch()
+        with self._lock:
+            if len(self._waiting.get(client, ())) >= self.per_client:
+                return defer.fail(ClientShareFull())
+            if self._pending >= self.threads + self.queue:
+                return defer.fail(QueueFull())
+            self._waiting.setdefault(client, deque()).append((fn, args, d))
+            self._pending += 1
+            self._dispatch()
         return d
 
     def _dispatch(self) -> None:
-        """Start waiting jobs while threads are free, one client at a time, round-robin."""
+        """Give waiting jobs to free threads, one client at a time, round-robin (called holding
+        the lock). A job given to a thread counts as running."""
         while self._running < self.threads and self._waiting:
             order = iter(self._waiting.items())
             client, jobs = next(order)
             if client == self._last and len(self._waiting) > 1:  # it just had its turn
                 client, jobs = next(order)
             self._last = client
-            fn, args, d = jobs.popleft()
+            self._ready.append(jobs.popleft())
             if jobs:
                 self._waiting.move_to_end(client)
             else:
                 del self._waiting[client]
             self._running += 1
-            assert self._pool is not None  # submit() queues jobs only after start()
-            job = threads.deferToThreadPool(self._reactor, self._pool, fn, *args)
-            job.addBoth(self._finished, d)
+            self._work.notify()
 
-    def _finished(self, result: Any, d: defer.Deferred) -> None:
-        self._running -= 1
-        self._pending -= 1
-        self._dispatch()
-        if isinstance(result, Failure):
-            d.errback(result)
-        else:
-            d.callback(result)
+    def _serve(self) -> None:
+        """One thread: take a job given to the threads, run it, give the next waiting one out
+        (usually to itself), hand the outcome to the reactor."""
+        while True:
+            with self._lock:
+                while not self._ready and not self._stopping:
+                    self._work.wait()
+                if self._stopping:
+                    return
+                fn, args, d = self._ready.popleft()
+            try:
+                result: Any = fn(*args)
+            except BaseException:
+                result = Failure()
+            with self._lock:
+                self._running -= 1
+                self._pending -= 1
+                self._dispatch()
+            self._reactor.callFromThread(_fire, d, result)
+
+
+def _fire(d: defer.Deferred, result: Any) -> None:
+    if isinstance(result, Failure):
+        d.errback(result)
+    else:
+        d.callback(result)
 
 
 K = TypeVar("K", bound=Hashable)

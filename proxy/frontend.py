@@ -35,7 +35,14 @@ from proxy.oplog import Health
 from proxy.oplog import log as oplog
 from proxy.protocols import MailProtocol, TlsMode
 from proxy.relay import Relay, RelayResult, Spliceable
-from proxy.upstream import LoginRequest, LoginResult, UpstreamConnection, UpstreamError
+from proxy.upstream import (
+    LoginRequest,
+    LoginResult,
+    UpstreamConnection,
+    UpstreamError,
+    no_delay,
+    write_now,
+)
 
 
 class WatchResult(TypingProtocol):
@@ -156,6 +163,7 @@ class Frontend(Spliceable, Protocol):
     # -- connection ------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        no_delay(self._client)
         peer = self._client.getPeer()
         self.client_ip = getattr(peer, "host", "") or ""
         self.client_port = getattr(peer, "port", 0) or 0
@@ -204,7 +212,7 @@ class Frontend(Spliceable, Protocol):
             if self._closed:
                 return
             if isinstance(command, Send):
-                self._client.write(command.data)
+                write_now(self._client, command.data)
             elif isinstance(command, StartTLS):
                 self._client.startTLS(self.server_tls)
                 self.tls_active = True

@@ -7,6 +7,7 @@ import imaplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -264,6 +265,43 @@ async def test_implicit_tls_login(proxy, test_ca):
             assert imap.select("INBOX")[0] == "OK"
 
     await in_thread(client)
+
+
+@pytest.mark.parametrize("listener", ["plain", "starttls", "implicit"])
+@pytest_twisted.ensureDeferred
+async def test_both_sockets_of_a_session_send_at_once(proxy, test_ca, listener):
+    """TCP_NODELAY on the client's socket and the upstream's: without it a STARTTLS login's
+    reply waits behind the TLS session tickets for the client's delayed ACK."""
+    from twisted.internet import defer, reactor
+
+    _, code = proxy.issue("alice")
+    logged_in: defer.Deferred = defer.Deferred()
+    checked = threading.Event()
+
+    def client():
+        context = test_ca.client_context()
+        port = proxy.port(listener)
+        if listener == "implicit":
+            imap = imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=context)
+        else:
+            imap = imaplib.IMAP4("127.0.0.1", port)
+            if listener == "starttls":
+                imap.starttls(ssl_context=context)
+        with imap:
+            assert imap.login("alice", code)[0] == "OK"
+            reactor.callFromThread(logged_in.callback, None)
+            assert checked.wait(30)
+
+    done = in_thread(client)
+    try:
+        await logged_in
+        sessions = [s for s in proxy.service.sessions if s.upstream is not None]
+        assert len(sessions) == 1
+        assert sessions[0].transport.getTcpNoDelay()
+        assert sessions[0].upstream.transport.getTcpNoDelay()
+    finally:
+        checked.set()
+    await done
 
 
 @pytest_twisted.ensureDeferred
