@@ -460,6 +460,7 @@ class Frontend(Spliceable, Protocol):
             seconds=round(time.monotonic() - self._started, 3),
             closed_by=result.closed_by,
             reason=result.reason,
+            spliced=result.spliced,
         )
 
     def _close_both(self, reason: str) -> None:

@@ -87,23 +87,35 @@ own state across chunks (a command can be split anywhere); it may call `relay.ab
 end the session, and `relay.client.pause_reading(key)` / `resume_reading(key)` to hold a side's
 input (SMTP: until the upstream answers DATA). An exception from a hook is a bug: the session is
 aborted. Without a hook the per-chunk path is a length count and a write.
+
+Splice: when both transports are bare TCP sockets (no TLS either side, no PROXY-protocol
+wrapper) and no side has a hook, octets move by splice(2) instead (splice.py): the relay stops
+reading both, waits until Twisted has written what it held for them (`HANDOVER_TURNS`), and
+hands both descriptors to a `Splicer`; the bound is then the pipe, `BUFFER_BOUND_SPLICE` per
+direction. On end of stream, an error, `close_with`, `abort` or `pause_reading` the relay takes
+the descriptors back, writes what the pipes held through the transports and goes on copying (a
+transport reading again meets the same end of stream; an error goes to its connectionLost as
+Twisted's would). `RelayResult.spliced` counts the octets spliced.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IPushProducer, ISSLTransport, ITCPTransport, ITransport
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol, _AggregateSmallWrites
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from proxy import splice as splicing
 
 log = Logger()
 
@@ -127,6 +139,14 @@ TLS_OVERHEAD_SLACK = 4096
 BUFFER_BOUND_TCP = TRANSPORT_WRITE_BUFFER + READ_CHUNK
 BUFFER_BOUND_TLS = BUFFER_BOUND_TCP + TLS_WRITE_AGGREGATION + TLS_OVERHEAD_SLACK
 BUFFER_BOUND = BUFFER_BOUND_TLS
+# ... and for a spliced direction: the pipe (splicing.PIPE_CHUNK, the Linux default pipe size).
+BUFFER_BOUND_SPLICE = splicing.PIPE_CHUNK
+
+# Reactor turns the splice handover waits for Twisted to write what it holds for both sides
+# (usually two: the login reply goes out on the next write event); a client that does not take
+# even that stays on the copy path.
+HANDOVER_TURNS = 10
+_HANDOVER = "splice handover"  # pause key while it waits
 
 # (bytes from this side) -> (bytes for the peer, bytes back to this side)
 Hook = Callable[[bytes], "tuple[bytes, bytes]"]
@@ -176,6 +196,7 @@ class RelayResult:
     closed_by: "client", "upstream" or "proxy" -- whichever ended first.
     reason: short text ("end of stream", the error's message, or the abort reason).
     clean: True when the first end was an orderly close (EOF / ConnectionDone).
+    spliced: octets of bytes_up + bytes_down moved by splice(2) (0: copied, e.g. TLS or a hook).
     """
 
     bytes_up: int
@@ -183,6 +204,7 @@ class RelayResult:
     closed_by: str
     reason: str
     clean: bool
+    spliced: int = 0
 
 
 def supports_half_close(transport: object) -> bool:
@@ -297,6 +319,7 @@ class RelaySide:
 
     def pause_reading(self, key: object) -> None:
         """Stop reading this side until `resume_reading(key)`; keys nest with back-pressure."""
+        self.relay._unsplice()
         self._pause(key)
 
     def resume_reading(self, key: object) -> None:
@@ -368,6 +391,7 @@ class Relay:
         upstream_ended: bool = False,
         client_hook: Hook | None = None,
         upstream_hook: Hook | None = None,
+        splice: bool = True,
     ) -> None:
         self.client = RelaySide(self, "client", client)
         self.upstream = RelaySide(self, "upstream", upstream)
@@ -382,15 +406,22 @@ class Relay:
         self._ended_before = {"client": client_ended, "upstream": upstream_ended}
         self._first_end: tuple[str, str, bool] | None = None
         self._started = False
+        self._may_splice = splice and client_hook is None and upstream_hook is None
+        self._handover: DelayedCall | None = None
+        self._turns = HANDOVER_TURNS
+        self.splicer: splicing.Splicer | None = None
+        self.spliced = 0  # octets moved by splice(2) so far (RelayResult.spliced)
         self.done: Deferred[RelayResult] = Deferred()
 
     @property
     def bytes_up(self) -> int:
-        return self.client.forwarded + self.upstream.replied
+        live = self.splicer.channels[0].moved if self.splicer is not None else 0
+        return self.client.forwarded + self.upstream.replied + live
 
     @property
     def bytes_down(self) -> int:
-        return self.upstream.forwarded + self.client.replied
+        live = self.splicer.channels[1].moved if self.splicer is not None else 0
+        return self.upstream.forwarded + self.client.replied + live
 
     def start(self) -> Deferred[RelayResult]:
         """Take over both transports; returns `done`."""
@@ -419,11 +450,21 @@ class Relay:
         for side in (self.upstream, self.client):
             if self._ended_before[side.name]:
                 side.readConnectionLost()
+        if (
+            self._may_splice
+            and not any(self._ended_before.values())
+            and splicing.available()
+            and all(splicing.plain_tcp(side.transport) for side in (self.client, self.upstream))
+        ):
+            for side in (self.client, self.upstream):
+                side._pause(_HANDOVER)
+            self._handover = self._reactor().callLater(0, self._hand_over)
         return self.done
 
     def abort(self, reason: str) -> None:
         """Drop both connections now (session revoked, idle timeout, internal error)."""
         self._note_end("proxy", reason, clean=False)
+        self._unsplice(drop=True)
         for side in (self.client, self.upstream):
             if side.alive:
                 side._closing = side.write_closed = True
@@ -434,12 +475,77 @@ class Relay:
         """End the session politely: stop relaying, write `farewell` to the client (IMAP's
         `* BYE`, SMTP's `421`), then close both sides after what was written."""
         self._note_end("proxy", reason, clean=True)
+        self._unsplice()
         for side in (self.client, self.upstream):
             side.pause_reading("closing")
         if farewell and self.client.alive and not self.client.write_closed:
             self.client.transport.write(farewell)
         for side in (self.client, self.upstream):
             side._close()
+
+    # -- splice ----------------------------------------------------------------------------
+
+    def _reactor(self) -> Any:
+        return cast(Any, self.client.transport).reactor  # a tcp.Connection's (plain_tcp)
+
+    def _hand_over(self) -> None:
+        """Start splicing once Twisted holds nothing more to write for either side."""
+        self._handover = None
+        reactor = self._reactor()
+        writers = reactor.getWriters()
+        sides = (self.client, self.upstream)
+        if any(s.transport in writers or s._paused_by != {_HANDOVER} for s in sides):
+            self._turns -= 1
+            if self._turns > 0:
+                self._handover = reactor.callLater(0, self._hand_over)
+            else:
+                for side in sides:
+                    side._resume(_HANDOVER)  # a client that does not read: copy
+            return
+        fds = cast(tuple[int, int], tuple(cast(Any, s.transport).fileno() for s in sides))
+        self.splicer = splicing.Splicer(reactor, fds, self._splice_ended)
+        for side in sides:
+            side._paused_by.clear()  # the transports stay paused: the splicer reads now
+        self.splicer.start()
+
+    def _splice_ended(self, index: int, problem: OSError | None) -> None:
+        side = (self.client, self.upstream)[index]
+        if problem is None:
+            self._unsplice()  # the transport, reading again, meets the end of stream itself
+        elif isinstance(problem, splicing.Unavailable):
+            if problem.refused:
+                splicing.refused(problem)
+            self._unsplice()
+        else:
+            self._unsplice(dead=side)
+            cast(Any, side.transport).connectionLost(
+                Failure(ConnectionLost(problem.strerror or str(problem)))
+            )
+
+    def _unsplice(self, dead: RelaySide | None = None, drop: bool = False) -> None:
+        """Back to the copy path: what the pipes held goes out through the transports (to a
+        live peer, unless dropped), and the transports read again."""
+        if self._handover is not None:
+            self._handover.cancel()
+            self._handover = None
+            for side in (self.client, self.upstream):
+                side._resume(_HANDOVER)
+        splicer, self.splicer = self.splicer, None
+        if splicer is None:
+            return
+        held = splicer.stop()
+        for side, channel, data in zip(
+            (self.client, self.upstream), splicer.channels, held, strict=True
+        ):
+            side.forwarded += channel.moved
+            self.spliced += channel.moved
+            if data and not drop and side.peer is not dead:
+                side._forward(data)
+        if drop:
+            return
+        for side in (self.client, self.upstream):
+            if side is not dead and side.alive and not side.eof and not side.reading_paused:
+                side.transport.resumeProducing()
 
     # -- internals -------------------------------------------------------------------------
 
@@ -448,6 +554,7 @@ class Relay:
             self._first_end = (who, reason, clean)
 
     def _side_eof(self, side: RelaySide) -> None:
+        self._unsplice()
         if side.eof:
             return
         side.eof = True
@@ -462,6 +569,7 @@ class Relay:
             peer._close_write()
 
     def _side_lost(self, side: RelaySide, reason: Failure) -> None:
+        self._unsplice(dead=side)
         if not side.alive:
             return
         clean = reason.check(ConnectionDone) is not None
@@ -483,4 +591,5 @@ class Relay:
         if self.done.called:
             return
         who, reason, clean = self._first_end or ("proxy", "unknown", False)
-        self.done.callback(RelayResult(self.bytes_up, self.bytes_down, who, reason, clean))
+        result = RelayResult(self.bytes_up, self.bytes_down, who, reason, clean, self.spliced)
+        self.done.callback(result)
