@@ -199,24 +199,19 @@ def warm(bench) -> dict:
     return out
 
 
-# -- workers (the hook for `serve.workers`) ------------------------------------------------
+# -- workers ---------------------------------------------------------------------------------
 
 
 def workers(bench) -> dict:
-    """Warm logins/s (plaintext, 16 clients) with 1, 2 and N `serve.workers` (N = cores),
-    each next to nginx: the scaling per core. HOOK: runs by itself once apppass's config
-    takes `serve.workers` (Stack.serve_workers_supported); until then it says so."""
+    """Warm logins/s (16 clients, plaintext and STARTTLS) with 1, 2 and N `serve.workers`
+    (N = cores), each next to nginx: the scaling per core."""
     p, s = bench.p, bench.stack
-    if not s.serve_workers_supported():
-        why = "skipped: this apppass has no serve.workers yet"
-        log(f"workers: {why}")
-        return {"skipped": why}
     counts = sorted({1, 2, os.cpu_count() or 2})
     proxies = {n: s.proxy(f"workers-{n}", workers=n) for n in counts}
     runs = []
     for i in range(RUNS):
         codes = bench.cold_codes[i]
-        run: dict = {}
+        run: dict = {mode: {} for mode in WARM_MODES}
         for n, proxy in proxies.items():
             proxy.start()
             try:
@@ -227,33 +222,44 @@ def workers(bench) -> dict:
                     WORKER_FILL_PASSES * len(codes),
                     p.cold_concurrency,
                 )
-                meter = CpuMeter(s, proxy).start()
-                r = load.logins(
-                    LOOPBACK, proxy.plain_port, codes, p.warm_logins, p.warm_concurrency
-                )
-                run[str(n)] = {
-                    "per_s": round(r.rate, 1),
-                    "not_ok": r.failed + r.errors,
-                    "p99_ms": ms(percentile(r.latencies, 99)),
-                    "cpu_pct": meter.stop(),
-                }
+                for mode in WARM_MODES:
+                    tls = s.client_ssl if mode == "starttls" else None
+                    port = proxy.starttls_port if tls else proxy.plain_port
+                    many = p.warm_tls_logins if tls else p.warm_logins
+                    meter = CpuMeter(s, proxy).start()
+                    r = load.logins(LOOPBACK, port, codes, many, p.warm_concurrency, starttls=tls)
+                    run[mode][str(n)] = {
+                        "per_s": round(r.rate, 1),
+                        "not_ok": r.failed + r.errors,
+                        "p99_ms": ms(percentile(r.latencies, 99)),
+                        "cpu_pct": meter.stop(),
+                    }
             finally:
                 proxy.stop()
         if bench.nginx is not None:
             creds = s.dovecot_credentials([c.login for c in codes])
-            meter = CpuMeter(s, None).start()
-            r = load.logins(
-                LOOPBACK, bench.nginx.plain_port, creds, p.warm_logins, p.warm_concurrency
-            )
-            run["nginx"] = {"per_s": round(r.rate, 1), "cpu_pct": meter.stop()}
+            for mode in WARM_MODES:
+                tls = s.client_ssl if mode == "starttls" else None
+                port = bench.nginx.starttls_port if tls else bench.nginx.plain_port
+                many = p.warm_tls_logins if tls else p.warm_logins
+                meter = CpuMeter(s, None).start()
+                r = load.logins(LOOPBACK, port, creds, many, p.warm_concurrency, starttls=tls)
+                run[mode]["nginx"] = {"per_s": round(r.rate, 1), "cpu_pct": meter.stop()}
         runs.append(run)
-        log(f"workers run {i + 1}: " + ", ".join(f"{k}: {v['per_s']}/s" for k, v in run.items()))
-    per_s = {str(n): median([r[str(n)]["per_s"] for r in runs]) for n in counts}
-    nginx = median([r["nginx"]["per_s"] for r in runs]) if bench.nginx is not None else None
-    return {
-        "params": {"counts": counts, "logins_per_run": p.warm_logins},
-        "runs": runs,
-        "per_s": per_s,
-        "nginx_per_s": nginx,
-        "ratio_nginx": {n: ratio(v, nginx) for n, v in per_s.items()},
-    }
+        for mode in WARM_MODES:
+            log(
+                f"workers {mode} run {i + 1}: "
+                + ", ".join(f"{k}: {v['per_s']}/s" for k, v in run[mode].items())
+            )
+    out: dict = {"params": {"counts": counts, "logins_per_run": p.warm_logins}, "runs": runs}
+    for mode in WARM_MODES:
+        per_s = {str(n): median([r[mode][str(n)]["per_s"] for r in runs]) for n in counts}
+        nginx = (
+            median([r[mode]["nginx"]["per_s"] for r in runs]) if bench.nginx is not None else None
+        )
+        out[mode] = {
+            "per_s": per_s,
+            "nginx_per_s": nginx,
+            "ratio_nginx": {n: ratio(v, nginx) for n, v in per_s.items()},
+        }
+    return out

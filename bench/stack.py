@@ -172,7 +172,7 @@ class Stack:
         """The proxy process `name` (created on first use; not started). All share one store
         and directory. Listeners: `plain` (no TLS, plaintext logins from 127.0.0.0/8), `starttls`
         and `tls` (implicit TLS). upstream_tls: none (Dovecot's imap port) or implicit (its imaps
-        port). workers: `serve.workers` (only where serve_workers_supported())."""
+        port). workers: `serve.workers`."""
         if name in self.proxies:
             return self.proxies[name]
         folder = self.root / name
@@ -240,23 +240,6 @@ class Stack:
         proxy = ProxyProcess(name, path, folder, plain_port, tls_port, starttls_port)
         self.proxies[name] = proxy
         return proxy
-
-    def serve_workers_supported(self) -> bool:
-        """HOOK for issue 13 item 2 (`serve.workers`): True once apppass's configuration takes
-        `serve: {workers: N}`, checked by loading the bench's own config with it. run.py then
-        measures warm logins with 1, 2 and N workers (Bench.workers); nothing else to switch on.
-        """
-        from proxy.config import load
-        from proxy.configschema import ConfigError
-
-        base = yaml.safe_load(self.proxy("plain").config.read_text())
-        probe = self.root / "workers-probe.yaml"
-        probe.write_text(yaml.safe_dump({**base, "serve": {"workers": 1}}, sort_keys=False))
-        try:
-            load(probe)
-        except ConfigError:
-            return False
-        return True
 
     @property
     def settings(self):

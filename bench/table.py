@@ -313,28 +313,28 @@ def _storm(res: dict) -> list[tuple]:
 
 
 def _workers(res: dict) -> list[tuple]:
-    """Warm logins with 1, 2 and N `serve.workers` (run.py's hook), once apppass has them."""
+    """Warm logins with 1, 2 and N `serve.workers`, plaintext and STARTTLS."""
     wk = res.get("workers")
     if not wk:
         return []
-    if "skipped" in wk:
-        return [("warm logins/s with 1, 2, N workers", "-", wk["skipped"], "", "", "", "", "")]
     rows = []
-    for n, per_s in wk["per_s"].items():
-        r = wk["ratio_nginx"].get(n)
-        top = n == max(wk["per_s"], key=int)
-        rows.append(
-            (
-                f"warm logins/s, plaintext, {n} worker{'s' if n != '1' else ''}",
-                f(per_s),
-                "",
-                "",
-                f(wk.get("nginx_per_s")),
-                f(r, 2),
-                TARGETS["warm"][0] if top else "",
-                status("warm", r) if top else "",
+    for mode in ("plain", "starttls"):
+        m = wk[mode]
+        for n, per_s in m["per_s"].items():
+            r = m["ratio_nginx"].get(n)
+            top = n == max(m["per_s"], key=int)
+            rows.append(
+                (
+                    f"warm logins/s, {MODES[mode]}, {n} worker{'s' if n != '1' else ''}",
+                    f(per_s),
+                    "",
+                    "",
+                    f(m.get("nginx_per_s")),
+                    f(r, 2),
+                    TARGETS["warm"][0] if top else "",
+                    status("warm", r) if top else "",
+                )
             )
-        )
     return rows
 
 
