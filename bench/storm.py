@@ -28,8 +28,18 @@ STORM_HEAD_START = 0.2  # seconds between starting the storm and the first legit
 
 
 def measure(bench) -> dict:
+    """The storm against apppass with `serve.workers: auto` (the target is set for workers)."""
+    proxy = bench.stack.proxy("storm", workers="auto")
+    proxy.start()
+    try:
+        return _measure(bench, proxy)
+    finally:
+        proxy.stop()
+
+
+def _measure(bench, proxy) -> dict:
     p, s = bench.p, bench.stack
-    port = bench.proxy.plain_port
+    port = proxy.plain_port
     legit = bench.legit
     warm = load.legit_logins(LOOPBACK, port, legit.login, legit.secret, 1, source=LEGIT_SOURCE)
     if warm.ok != 1:
@@ -40,9 +50,9 @@ def measure(bench) -> dict:
             LOOPBACK, port, legit.login, legit.secret, p.storm_seconds, source=LEGIT_SOURCE
         )
         source = STORM_SOURCES[i]
-        mark = len(bench.proxy.audit_lines())
+        mark = len(proxy.audit_lines())
         drops0 = _listen_overflows()
-        meter = CpuMeter(s, bench.proxy).start()
+        meter = CpuMeter(s, proxy).start()
         gen = subprocess.Popen(
             [
                 sys.executable,
@@ -77,7 +87,7 @@ def measure(bench) -> dict:
         flood["listen_queue_overflows"] = _listen_overflows() - drops0
         refusals: dict[str, int] = {}
         first = first_limit = last_pool_full = None
-        for line in bench.proxy.audit_lines()[mark:]:
+        for line in proxy.audit_lines()[mark:]:
             event = json.loads(line)
             if event.get("event") == "auth" and event.get("client") == source:
                 key = event.get("refusal") or event.get("result")
@@ -129,6 +139,7 @@ def measure(bench) -> dict:
             "storm_sources": STORM_SOURCES[:RUNS],
             "failure_delay": "0s",
             "ip_failures_per_minute": s.settings.auth.ip_failures_per_minute,
+            "workers": "auto",
         },
         "runs": runs,
         "calm": calm,

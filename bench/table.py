@@ -274,13 +274,13 @@ def _storm(res: dict) -> list[tuple]:
 
     return [
         row(
-            f"storm: legit p50 ms ({rate:.0f} bad/s)",
+            f"storm: legit p50 ms ({rate:.0f} bad/s, workers: auto)",
             f(st["storm"]["p50_ms"], 2),
             f"{f(st['calm']['p50_ms'], 2)} calm",
             f"{st['p50_ratio']:.2f}x",
         ),
         row(
-            f"storm: legit p99 ms ({rate:.0f} bad/s)",
+            f"storm: legit p99 ms ({rate:.0f} bad/s, workers: auto)",
             f(st["storm"]["p99_ms"], 2),
             f"{f(st['calm']['p99_ms'], 2)} calm",
             f"{st['p99_ratio']:.2f}x",
