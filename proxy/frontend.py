@@ -400,6 +400,9 @@ class Frontend(Spliceable, Protocol):
         )
         self._relay = relay
         self.relay, upstream.relay = relay.client, relay.upstream
+        # The pre-auth core (its line buffer, limits, counters) has nothing left to do: an idle
+        # session should not keep it (docs/architecture.md "Memory of an idle session").
+        del self.core
         relay.start().addCallback(self._session_end)
 
     def _hooks(self, watch: SessionWatch) -> tuple[Callable[[bytes], tuple[bytes, bytes]], ...]:

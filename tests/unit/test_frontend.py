@@ -7,6 +7,8 @@ Authenticator is scripted with real Grant and Denial values. Specs come from a p
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -400,6 +402,26 @@ def test_a_granted_session_ends_when_told_to():
     session.frontend.end("app password 7 revoked")
     assert session.client.disconnected or session.client.disconnecting
     assert upstream.transport.disconnected or upstream.transport.disconnecting
+
+
+def test_a_logged_in_session_drops_its_pre_auth_core_and_still_relays_drains_and_ends():
+    """An idle session keeps only what the relay needs: the core (line buffer, limits,
+    counters) is garbage once the session is spliced (docs/architecture.md "Memory of an idle
+    session")."""
+    upstream = ScriptedUpstream(*DOVECOT_LOGIN)
+    session = Session("imap", ScriptedAuthenticator(grant()), upstream)
+    core = weakref.ref(session.frontend.core)
+    session.send(f"a LOGIN alice {CODE}\r\n".encode())
+    gc.collect()
+    assert core() is None
+    upstream.transport.clear()
+    session.send(b"b NOOP\r\n")
+    assert upstream.sent == b"b NOOP\r\n"
+    session.frontend.drain()  # a session goes on while the proxy drains
+    assert session.later(3600) == b""  # the login timer is gone with the core
+    assert not session.closed
+    session.frontend.end("app password 7 revoked")
+    assert session.closed
 
 
 def test_a_use_is_counted_only_after_the_upstream_login_succeeded():
