@@ -4,35 +4,10 @@ The relay knows nothing of mail protocols. A frontend that has finished its pre-
 an upstream connection that has logged in) hands over both transports and whatever each side
 had already buffered; from then on every byte from the client goes to the upstream and back.
 
-Wiring: the frontend's protocol stays its transport's protocol and forwards four events to the
-relay's `client` side (the upstream protocol does the same to `upstream`)::
-
-    @implementer(IHalfCloseableProtocol)            # optional: without it EOF is a full close
-    class ImapFrontend(Protocol):
-        relay: RelaySide | None = None
-
-        def dataReceived(self, data):
-            if self.relay is not None:
-                return self.relay.dataReceived(data)
-            ...                                     # the pre-auth protocol core
-        def readConnectionLost(self):
-            if self.relay is not None:
-                return self.relay.readConnectionLost()
-            self.transport.loseConnection()         # pre-auth: a half-closed client is gone
-        def writeConnectionLost(self):
-            if self.relay is not None:
-                self.relay.writeConnectionLost()
-        def connectionLost(self, reason):
-            if self.relay is not None:
-                self.relay.connectionLost(reason)
-            ...
-
-        def logged_in(self, upstream_protocol, upstream_leftover):
-            relay = Relay(self.transport, upstream_protocol.transport,
-                          client_pending=self.core.take_buffered(),
-                          upstream_pending=upstream_leftover)
-            self.relay, upstream_protocol.relay = relay.client, relay.upstream
-            relay.start().addCallback(audit_session_end)
+Wiring: the frontend's protocol stays its transport's protocol and forwards its events to the
+relay's `client` side (the upstream protocol does the same to `upstream`): `dataReceived` and
+`connectionLost` in frontend.py and upstream.py, the half-close events through `Spliceable`;
+`Frontend._splice` builds the Relay with both transports and their leftovers.
 
 Why forwarding rather than swapping the relay in as the transport's protocol: under TLS the
 object the socket delivers to is not the frontend. With implicit TLS (listenSSL) the socket's
@@ -57,13 +32,10 @@ the buffer has drained. So per direction the proxy holds at most (see `BUFFER_BO
       than 64,000 plaintext octets until the next reactor turn;
     * TLS state in OpenSSL's memory BIO is flushed after each 16 KiB record (a handful of KiB).
 
-Measured by tests/unit/test_relay.py while 50 MB pass to a client that keeps stalling: at most
-131,072 octets (TCP client; the bound exactly) and about 147,000 (TLS client), against some
-40 MB when the producers are not registered.
-
-Outside the process, each socket also has kernel buffers (Linux autotunes them up to the
-net.ipv4.tcp_wmem / tcp_rmem maximum, a few MiB each): bounded, but not Python memory. The
-leftovers handed over at start are written at once; the frontend's pre-auth limits bound them.
+tests/integration/test_relay.py checks the bound while 50 MB pass to a client that keeps
+stalling (without the producers some 40 MB pile up). The kernel's socket buffers (autotuned up
+to net.ipv4.tcp_wmem / tcp_rmem) come on top. The leftovers handed over at start are written at
+once; the frontend's pre-auth limits bound them.
 
 With a hook (below) a side's own bytes can produce replies back to that side, so a client that
 sends commands without reading replies must not grow its buffer without bound: when a hooked
@@ -88,14 +60,16 @@ end the session, and `relay.client.pause_reading(key)` / `resume_reading(key)` t
 input (SMTP: until the upstream answers DATA). An exception from a hook is a bug: the session is
 aborted. Without a hook the per-chunk path is a length count and a write.
 
-Splice: when both transports are bare TCP sockets (no TLS either side, no PROXY-protocol
-wrapper) and no side has a hook, octets move by splice(2) instead (splice.py): the relay stops
-reading both, waits until Twisted has written what it held for them (`HANDOVER_TURNS`), and
-hands both descriptors to a `Splicer`; the bound is then the pipe, `BUFFER_BOUND_SPLICE` per
-direction. On end of stream, an error, `close_with`, `abort` or `pause_reading` the relay takes
-the descriptors back, writes what the pipes held through the transports and goes on copying (a
-transport reading again meets the same end of stream; an error goes to its connectionLost as
-Twisted's would). `RelayResult.spliced` counts the octets spliced.
+Splice: when both transports are bare TCP sockets (no TLS, no PROXY-protocol wrapper) and no
+side has a hook, octets move by splice(2) (splice.py) from the first read of `splice_after`
+octets or more (a bulk transfer; commands, short replies and IDLE notices cost less copied than
+the handover, so most sessions of a polling client never splice). The relay stops reading both,
+waits until Twisted has written what it held for them (`HANDOVER_TURNS`) and hands both
+descriptors to a `Splicer`; the bound is then the pipe, `BUFFER_BOUND_SPLICE` per direction. On
+end of stream, an error, `close_with`, `abort` or `pause_reading` it takes them back, writes
+what the pipes held through the transports and goes on copying (a transport reading again meets
+the same end of stream; an error goes to its connectionLost as Twisted's would).
+`RelayResult.spliced` counts the octets spliced.
 """
 
 from __future__ import annotations
@@ -146,6 +120,10 @@ BUFFER_BOUND_SPLICE = splicing.PIPE_CHUNK
 # (usually two: the login reply goes out on the next write event); a client that does not take
 # even that stays on the copy path.
 HANDOVER_TURNS = 10
+
+# One read of this many octets starts splicing (splice_after): a message body, not a command or
+# a short reply. A handover costs ~130 µs of CPU, 11% of a warm login (bench/run.py --only warm).
+SPLICE_AFTER = 16 * 1024
 _HANDOVER = "splice handover"  # pause key while it waits
 
 # (bytes from this side) -> (bytes for the peer, bytes back to this side)
@@ -282,6 +260,12 @@ class RelaySide:
             self.forwarded += len(data)
             peer.transport.write(data)
 
+    def _forward_until_bulk(self, data: bytes) -> None:
+        """The copy path while a splice-able session has not yet read `splice_after` at once."""
+        self._forward(data)
+        if len(data) >= self.relay.splice_after:
+            self.relay._begin_handover()
+
     def _forward_hooked(self, data: bytes) -> None:
         hook = self.hook
         assert hook is not None  # Relay installs this method only on a side with a hook
@@ -392,6 +376,7 @@ class Relay:
         client_hook: Hook | None = None,
         upstream_hook: Hook | None = None,
         splice: bool = True,
+        splice_after: int = SPLICE_AFTER,
     ) -> None:
         self.client = RelaySide(self, "client", client)
         self.upstream = RelaySide(self, "upstream", upstream)
@@ -407,6 +392,7 @@ class Relay:
         self._first_end: tuple[str, str, bool] | None = None
         self._started = False
         self._may_splice = splice and client_hook is None and upstream_hook is None
+        self.splice_after = splice_after  # 0: splice from the start
         self._handover: DelayedCall | None = None
         self._turns = HANDOVER_TURNS
         self.splicer: splicing.Splicer | None = None
@@ -456,9 +442,11 @@ class Relay:
             and splicing.available()
             and all(splicing.plain_tcp(side.transport) for side in (self.client, self.upstream))
         ):
-            for side in (self.client, self.upstream):
-                side._pause(_HANDOVER)
-            self._handover = self._reactor().callLater(0, self._hand_over)
+            if self.splice_after <= 0:
+                self._begin_handover()
+            else:
+                for side in (self.client, self.upstream):
+                    side.dataReceived = side._forward_until_bulk  # type: ignore[method-assign]
         return self.done
 
     def abort(self, reason: str) -> None:
@@ -487,6 +475,22 @@ class Relay:
 
     def _reactor(self) -> Any:
         return cast(Any, self.client.transport).reactor  # a tcp.Connection's (plain_tcp)
+
+    def _begin_handover(self) -> None:
+        """Stop reading both sides to splice once Twisted has written what it holds for them;
+        not once a side has ended (the copy path finishes that session)."""
+        self._disarm()
+        for side in (self.client, self.upstream):
+            if side.eof or side.write_closed or side._closing or not side.alive:
+                return
+        for side in (self.client, self.upstream):
+            side._pause(_HANDOVER)
+        self._handover = self._reactor().callLater(0, self._hand_over)
+
+    def _disarm(self) -> None:
+        for side in (self.client, self.upstream):
+            if side.dataReceived == side._forward_until_bulk:
+                side.dataReceived = side._forward  # type: ignore[method-assign]
 
     def _hand_over(self) -> None:
         """Start splicing once Twisted holds nothing more to write for either side."""
@@ -524,7 +528,8 @@ class Relay:
 
     def _unsplice(self, dead: RelaySide | None = None, drop: bool = False) -> None:
         """Back to the copy path: what the pipes held goes out through the transports (to a
-        live peer, unless dropped), and the transports read again."""
+        live peer, unless dropped), and the transports read again; never to splice again."""
+        self._disarm()
         if self._handover is not None:
             self._handover.cancel()
             self._handover = None

@@ -11,9 +11,21 @@ One direction is a `Channel`: one pipe, `held` octets in it. Flow control is the
 read (spliced into its channel's pipe) only while that pipe has room, and the pipe drains only
 as fast as the other socket takes octets, so a stalled reader stops the reading of its peer
 with at most `PIPE_CHUNK` octets held per direction, in the kernel (the copy path holds up to
-twice that in Python). The pipe exists only while octets move: a channel whose source had no
-more to give and whose pipe is empty closes it, so an idle session holds no pipe (two more
-descriptors and the kernel's per-user pipe quota, pipe(7), are spent only on busy sessions).
+twice that in Python). The pipe exists only while octets move, so an idle session holds no pipe
+(two more descriptors and the kernel's per-user pipe quota, pipe(7), are spent only on busy
+sessions): a lone Channel closes its pipe as soon as its source had no more to give and the
+pipe is empty; a Splicer's channels keep an empty pipe until a timer finds it unused for
+`IDLE_PIPE`, since a server that writes a few KiB at a time empties it between most events, and
+making it again each time cost a pipe2 and two closes per event.
+
+Events: the reactor's per-event cost (epoll_wait, its dispatch, a Python call chain) was most of
+the user-space CPU when each event moved one pipe chunk (the kernel's TCP work, the rest, is
+the same for any relay). So one readable event fills and flushes in a loop while both sockets
+make progress, up to `BURST` chunks, and stops early when the source has no more, the
+destination takes no more, or the pipe is full; only then are the registrations settled
+(reading the source while its pipe has room, writing the destination while the pipe holds
+octets). A direction stopped by a full pipe is read again only once its pipe is empty, so a
+slow reader does not toggle its peer's registration on every partial write.
 """
 
 from __future__ import annotations
@@ -23,7 +35,13 @@ import os
 from collections.abc import Callable
 
 from twisted.internet import tcp
-from twisted.internet.interfaces import IReactorFDSet, IReadWriteDescriptor, ISSLTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorFDSet,
+    IReactorTime,
+    IReadWriteDescriptor,
+    ISSLTransport,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -33,6 +51,17 @@ from zope.interface import implementer
 # (tcp.Connection.bufferSize). A pipe the kernel made smaller (a user over
 # /proc/sys/fs/pipe-user-pages-soft gets 2 pages) holds less; splice then moves less at a time.
 PIPE_CHUNK = 64 * 1024
+
+# Most pipe chunks one event moves before the reactor serves other descriptors (1 MiB): a busy
+# session pays one reactor turn per MiB rather than per chunk, and still cannot starve the
+# others; nginx bounds one sendfile call the same way (sendfile_max_chunk, 2m by default).
+BURST = 16
+
+# How long a Splicer keeps an empty pipe after its channel last moved octets (checked on a timer,
+# so closed one to two of these later): long against the gaps inside one reply, where closing
+# and making the pipe again cost a pipe2 and two closes per reactor event (a server that writes
+# 8 KiB at a time, as Dovecot does, empties it between events); short against an idle session.
+IDLE_PIPE = 1.0
 
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
@@ -87,8 +116,9 @@ def plain_tcp(transport: object) -> bool:
 class Channel:
     """One direction: octets from socket `src` through a pipe into socket `dst`."""
 
-    def __init__(self, src: int, dst: int) -> None:
+    def __init__(self, src: int, dst: int, linger: bool = False) -> None:
         self.src, self.dst = src, dst
+        self.linger = linger  # keep an empty pipe: its owner closes it once idle (Splicer)
         self.pipe: tuple[int, int] | None = None  # (read end, write end) while octets move
         self.held = 0  # octets in the pipe
         self.moved = 0  # octets written to dst
@@ -112,7 +142,8 @@ class Channel:
         except BlockingIOError:
             if not self.held:  # src had nothing after all
                 self.drained = True
-                self.close()
+                if not self.linger:
+                    self.close()
             return None  # or the pipe is full (the kernel gave it fewer slots than room)
         except OSError as exc:
             if exc.errno in _UNSUPPORTED:
@@ -133,7 +164,7 @@ class Channel:
             return 0
         self.held -= n
         self.moved += n
-        if not self.held and self.drained:
+        if not self.held and self.drained and not self.linger:
             self.close()  # idle: no pipe held until the next octets
         return n
 
@@ -162,6 +193,10 @@ class Channel:
 
 # How a splice ends: None at end of stream, the OSError of a failed connection, or Unavailable.
 Ended = Callable[[int, "OSError | None"], None]
+
+
+class _Reactor(IReactorFDSet, IReactorTime):
+    """What a Splicer uses of the reactor (a posix reactor provides both)."""
 
 
 @implementer(IReadWriteDescriptor)
@@ -195,15 +230,17 @@ class Splicer:
     fds[i] sends. `ended(i, problem)` reports the first end seen on socket i; the owner then
     calls `stop` (this class never closes a socket)."""
 
-    def __init__(self, reactor: IReactorFDSet, fds: tuple[int, int], ended: Ended) -> None:
+    def __init__(self, reactor: _Reactor, fds: tuple[int, int], ended: Ended) -> None:
         self.reactor = reactor
-        self.channels = (Channel(fds[0], fds[1]), Channel(fds[1], fds[0]))
+        self.channels = (Channel(fds[0], fds[1], True), Channel(fds[1], fds[0], True))
         self._ends = (_End(self, 0, fds[0]), _End(self, 1, fds[1]))
         self._on_end = ended
         self.reading = [False, False]
         self.writing = [False, False]
         self.stalls = [0, 0]  # times channel i's pipe filled up and socket i stopped being read
         self.active = False
+        self._idle_check: IDelayedCall | None = None
+        self._moved_at_check = [-1, -1]
 
     def start(self) -> None:
         self.active = True
@@ -216,6 +253,9 @@ class Splicer:
         if not self.active:
             return b"", b""
         self.active = False
+        if self._idle_check is not None:
+            self._idle_check.cancel()
+            self._idle_check = None
         for i in (0, 1):
             self._read(i, False)
             self._write(i, False)
@@ -224,36 +264,67 @@ class Splicer:
     # -- the reactor's events ----------------------------------------------------------------
 
     def _readable(self, i: int) -> None:
-        if not self.active:
-            return
-        channel = self.channels[i]
-        try:
-            n = channel.fill()
-        except OSError as exc:  # Unavailable included
-            self._ended(i, exc)
-            return
-        if n is None:
-            if channel.held:  # the pipe is full: wait for the other end to take some
-                self.stalls[i] += 1
-                self._read(i, False)
-            return
-        if n == 0:
-            self._ended(i, None)
-            return
-        self._writable(1 - i)  # at once: the other socket usually takes it without a wait
+        if self.active:
+            self._pump(i)
 
     def _writable(self, j: int) -> None:
         if not self.active:
             return
         channel = self.channels[1 - j]
         try:
-            n = channel.flush()
+            channel.flush()
         except OSError as exc:
             self._ended(j, exc)
             return
-        self._write(j, channel.held > 0)
-        if n and not self.reading[1 - j]:
-            self._read(1 - j, True)  # the pipe has room again
+        if not channel.held:  # drained: read its source again (a stalled one resumes only now)
+            self._pump(1 - j)
+
+    def _pump(self, i: int) -> None:
+        """Move what socket i has to its peer, fill -> flush while both make progress, at most
+        `BURST` pipe chunks; then read i only while the pipe has room, and wait for the peer to
+        be writable while the pipe holds octets."""
+        channel = self.channels[i]
+        full = False
+        for _ in range(BURST):
+            try:
+                n = channel.fill()
+            except OSError as exc:  # Unavailable included
+                self._ended(i, exc)
+                return
+            if n == 0:
+                self._ended(i, None)
+                return
+            if n is None:  # i had no more, or the pipe has no room (the kernel's fewer slots)
+                full = channel.held > 0
+                break
+            try:
+                channel.flush()
+            except OSError as exc:
+                self._ended(1 - i, exc)
+                return
+            if channel.held:  # the peer takes no more now
+                full = channel.held >= PIPE_CHUNK
+                break
+        if full and self.reading[i]:
+            self.stalls[i] += 1
+        self._read(i, not full)
+        self._write(1 - i, channel.held > 0)
+        if self._idle_check is None and channel.pipe is not None:
+            self._idle_check = self.reactor.callLater(IDLE_PIPE, self._close_idle_pipes)
+
+    def _close_idle_pipes(self) -> None:
+        """Close the pipe of a channel that moved nothing since the last check and holds
+        nothing; look again later while a pipe is open."""
+        self._idle_check = None
+        if not self.active:
+            return
+        for k, channel in enumerate(self.channels):
+            idle = channel.moved == self._moved_at_check[k]
+            if idle and channel.pipe is not None and not channel.held:
+                channel.close()
+            self._moved_at_check[k] = channel.moved
+        if any(channel.pipe is not None for channel in self.channels):
+            self._idle_check = self.reactor.callLater(IDLE_PIPE, self._close_idle_pipes)
 
     def _ended(self, i: int, problem: OSError | None) -> None:
         if self.active:

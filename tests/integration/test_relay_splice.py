@@ -15,6 +15,7 @@ import smtplib
 import ssl
 import termios
 import time
+import uuid
 
 import pytest
 import pytest_twisted
@@ -22,7 +23,7 @@ from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from zope.interface import implementer
 
-from proxy.relay import BUFFER_BOUND_SPLICE, RelayResult
+from proxy.relay import BUFFER_BOUND_SPLICE, SPLICE_AFTER, RelayResult
 from tests.integration.harness import start_proxy
 from tests.servers.dovecot import MASTER_PASSWORD, MASTER_USER
 from tests.support.relayharness import (
@@ -134,6 +135,32 @@ async def test_50_mb_each_way_through_a_spliced_session_arrive_byte_for_byte():
         assert upstream.got.digest() == client.sent.digest()
         assert (result.bytes_up, result.bytes_down, result.clean) == (total, total, True)
         assert result.spliced == 2 * total  # all of it, both ways, by splice
+    finally:
+        await env.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_is_copied_until_a_bulk_read_then_spliced():
+    small, big = 100, 5 * MB
+    client, upstream = Streamer(small, seed=3), Streamer(big, seed=4)
+    env = await Env.create(client, upstream)
+    try:
+        done = env.start(splice_after=SPLICE_AFTER)
+        client.go()  # a command's worth
+        await until(lambda: upstream.count == small, "the command to reach the upstream")
+        assert env.relay.splicer is None and env.relay._handover is None  # copied
+        upstream.go()  # a message body: its first big read starts the splice
+        await until(lambda: env.relay.splicer is not None, "the relay to splice")
+        await until(lambda: client.count == big, "the download")
+        client.finish()
+        upstream.finish()
+        await wait(client.eof)
+        await wait(upstream.eof)
+        result: RelayResult = await done
+        assert client.got.digest() == upstream.sent.digest()
+        assert upstream.got.digest() == client.sent.digest()
+        assert (result.bytes_up, result.bytes_down) == (small, big)
+        assert 0 < result.spliced <= big - SPLICE_AFTER  # the reads before the splice: copied
     finally:
         await env.stop()
 
@@ -332,6 +359,11 @@ def revoked_while_idle(harness, port: int, code_id: int, code: str) -> bytes:
     imap = imaplib.IMAP4("127.0.0.1", port)
     try:
         imap.login("alice", code)
+        folder = f"spliced-{uuid.uuid4().hex}"
+        assert imap.create(folder)[0] == "OK"
+        body = b"x" * 998 + b"\r\n"
+        message = b"Subject: bulk\r\n\r\n" + body * (4 * SPLICE_AFTER // len(body))
+        assert imap.append(folder, None, None, message)[0] == "OK"  # a bulk upload: splice
         imap.select("INBOX")
         imap.send(b"i IDLE\r\n")
         while not imap.readline().startswith(b"+"):
@@ -358,6 +390,21 @@ async def test_plaintext_imap_session_is_spliced_and_revocation_still_says_bye(i
     assert rest.endswith(f"* BYE app password {code_id} revoked\r\n".encode())
     event = await session_event(imap_proxy, code_id)
     assert event["spliced"] > 0 and event["closed_by"] == "proxy"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_short_plaintext_session_is_copied_not_spliced(imap_proxy):
+    code_id, code = imap_proxy.issue("alice", label="short")
+
+    def client():
+        with imaplib.IMAP4("127.0.0.1", imap_proxy.port("plain")) as c:
+            c.login("alice", code)
+            c.select("INBOX")
+            c.logout()
+
+    await threads.deferToThread(client)
+    event = await session_event(imap_proxy, code_id)
+    assert event["spliced"] == 0 and event["bytes_down"] > 0
 
 
 @pytest_twisted.ensureDeferred

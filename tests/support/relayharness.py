@@ -190,8 +190,15 @@ class Env:
         return env
 
     def start(
-        self, hook=None, client_pending=None, upstream_pending=None, upstream_hook=None, splice=True
+        self,
+        hook=None,
+        client_pending=None,
+        upstream_pending=None,
+        upstream_hook=None,
+        splice=True,
+        splice_after=0,
     ) -> defer.Deferred:
+        """Start the relay; it splices plain TCP from the start unless `splice_after` is set."""
         self.relay = Relay(
             self.front.transport,
             self.up.transport,
@@ -202,6 +209,7 @@ class Env:
             client_hook=hook,
             upstream_hook=upstream_hook,
             splice=splice,
+            splice_after=splice_after,
         )
         self.front.relay, self.up.relay = self.relay.client, self.relay.upstream
         return self.relay.start().addTimeout(TIMEOUT, reactor)
