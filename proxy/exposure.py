@@ -63,6 +63,7 @@ def clear_text_warnings(settings: Settings) -> list[str]:
             continue
         warnings.append(f"upstream.{protocol}: tls is none, so {what} in clear text; {_USE_TLS}")
     warnings += _token_endpoint_warnings(settings)
+    warnings += _notify_relay_warnings(settings)
     ldap = settings.directory.ldap
     if ldap is not None and ldap.bind_dn and not ldap.start_tls:
         for i, uri in enumerate(ldap.uris):
@@ -105,3 +106,23 @@ def _token_endpoint_warnings(settings: Settings) -> list[str]:
                 f" the tokens cross the network to {parts.hostname} in clear text; use https://"
             )
     return warnings
+
+
+def _notify_relay_warnings(settings: Settings) -> list[str]:
+    """`apppass notify`'s relay: its password to an unverified server, or the notices (names,
+    devices, addresses, dates) in clear text. A login in clear text is a config error."""
+    relay = settings.notify.relay
+    if relay is None or is_loopback(relay.host):
+        return []
+    where = f"{relay.host}:{relay.port}"
+    if relay.tls is TlsMode.NONE:
+        return [
+            f"notify.smtp: tls is none, so the notices (people's names and addresses, device"
+            f" names, dates) go to {where} in clear text; {_USE_TLS}"
+        ]
+    if not relay.verify and relay.login:
+        return [
+            f"notify.smtp: verify is false, so any server that answers at {where} gets the"
+            " relay password; set verify: true (and ca_file for a private CA)"
+        ]
+    return []

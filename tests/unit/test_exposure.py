@@ -174,6 +174,46 @@ def test_clear_text_warnings(tmp_path, upstream, ldap, warnings):
     assert clear_text_warnings(settings(tmp_path, upstream, ldap)) == warnings
 
 
+@pytest.mark.parametrize(
+    "relay, warnings",
+    [
+        ({"host": "relay.example.test"}, []),  # STARTTLS, verified: the default
+        ({"host": "relay.example.test", "tls": "implicit", "verify": False}, []),  # no login
+        (
+            {"host": "relay.example.test", "verify": False, "login": "apppass"},
+            [
+                "notify.smtp: verify is false, so any server that answers at"
+                " relay.example.test:587 gets the relay password; set verify: true (and ca_file"
+                " for a private CA)"
+            ],
+        ),
+        (
+            {"host": "10.0.0.25", "tls": "none"},
+            [
+                "notify.smtp: tls is none, so the notices (people's names and addresses, device"
+                " names, dates) go to 10.0.0.25:25 in clear text; use tls: starttls or implicit"
+            ],
+        ),
+        ({"host": "127.0.0.1", "tls": "none", "login": "apppass"}, []),  # loopback
+    ],
+)
+def test_notify_relay_warnings(tmp_path, relay, warnings):
+    (tmp_path / "relay-password").write_text(MASTER_SECRET + "\n")
+    if "login" in relay:
+        relay = {**relay, "password_file": "relay-password"}
+    (tmp_path / "users.yaml").write_text("accounts: {}\n")
+    data = {
+        "store": {"sqlite": "apppass.db"},
+        "directory": {"static": "users.yaml"},
+        "upstream": {},
+        "listeners": [],
+        "notify": {"from": "it@example.test", "smtp": relay},
+    }
+    found = clear_text_warnings(parse(data, source="apppass.yaml", base_dir=tmp_path))
+    assert found == warnings
+    assert MASTER_SECRET not in "\n".join(found)
+
+
 def test_warnings_never_hold_a_secret(tmp_path):
     s = settings(tmp_path, imap("mail.example.test", tls="none"), {"uris": ["ldap://l"], **BIND})
     text = "\n".join(clear_text_warnings(s))
