@@ -23,7 +23,7 @@ from proxy.audit import Audit
 from proxy.auth.authenticator import Authenticator
 from proxy.auth.ratelimit import FailureLimiter
 from proxy.auth.shared import SharedLimiter
-from proxy.codes.hashing import CodeHasher
+from proxy.codes.hashing import CodeHasher, pool_share
 from proxy.codes.open import open_store, store_threads
 from proxy.codes.store import INTERNAL, AsyncCodeStore
 from proxy.config import ConfigError, Settings, Upstream, load
@@ -153,7 +153,7 @@ class Service:
         self.directory = open_directory(s.directory, s.policy)
         self.sync_store = open_store(s.store)
         self.store = AsyncCodeStore(self.sync_store, self.reactor, store_threads(s.store))
-        self.hasher = CodeHasher(s.codes.argon2)
+        self.hasher = CodeHasher(pool_share(s.codes.argon2, self.workers))
         self.hasher.start(self.reactor)
         self.authenticator = Authenticator(
             s,

@@ -11,6 +11,8 @@ addresses cannot make everyone else wait behind it.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from twisted.internet import defer
@@ -21,6 +23,21 @@ from proxy.fairqueue import FairQueue
 # Stands in for the secret of an unknown account or selector, so that every attempt costs one
 # verification and timing tells nothing.
 _DUMMY_CODE = "dummy-code-never-issued"
+
+
+def pool_share(settings: Argon2Settings, workers: int) -> Argon2Settings:
+    """One worker's part of the verification pool when `workers` processes serve
+    (serve.workers): `threads` and `queue` divided, rounded up. The pool is the machine's CPU
+    (and memory_kib per thread) budget for argon2: N workers each with the whole pool would
+    run N times the threads on the same cores, and the reactors, the store and the upstream
+    logins would wait behind them."""
+    if workers <= 1:
+        return settings
+    return replace(
+        settings,
+        threads=-(-settings.threads // workers),
+        queue=-(-settings.queue // workers),
+    )
 
 
 class CodeHasher:

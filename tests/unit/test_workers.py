@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from proxy.config import ConfigError, parse
+from proxy.codes.hashing import pool_share
+from proxy.config import Argon2Settings, ConfigError, parse
 from proxy.limits import LimitSettings, share_of
 from proxy.oplog import LogSettings, configure, log, unconfigure
 from proxy.workerlink import WorkerRole
@@ -81,6 +82,14 @@ def test_each_worker_holds_its_part_of_every_cap_rounded_up():
     assert share_of(caps, 1) == caps
     assert share_of(caps, 2) == LimitSettings(5_000, 3, 1)
     assert share_of(caps, 3) == LimitSettings(3_334, 2, 1)
+
+
+def test_each_worker_gets_its_part_of_the_argon2_pool():
+    pool = Argon2Settings(threads=2, queue=64)
+    assert pool_share(pool, 1) == pool
+    assert pool_share(pool, 2) == Argon2Settings(threads=1, queue=32)
+    assert pool_share(pool, 3) == Argon2Settings(threads=1, queue=22)
+    assert pool_share(Argon2Settings(threads=8, queue=64), 3).threads == 3
 
 
 # --- the setting -------------------------------------------------------------------------------
