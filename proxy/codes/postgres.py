@@ -38,6 +38,7 @@ from proxy.codes.store import (
     Reservation,
     StoreUnavailable,
     day_of,
+    refusal,
     utcnow,
 )
 
@@ -105,26 +106,6 @@ def _client(ip: str) -> str | None:
     store's ip_allowed sees it), or None if it is not an address."""
     addr = parse_ip(ip)
     return None if addr is None else str(addr)
-
-
-def refusal(rec: CodeRecord | None, held: int, protocol: str, now_ts: int, floor: int) -> Claim:
-    """Why a claim was refused, from the code as the claim's own transaction saw it (the same
-    order of reasons as the SQLite store's)."""
-    if rec is None:
-        return Claim.GONE
-    if rec.revoked_at is not None:
-        return Claim.REVOKED
-    if rec.created_at < datetime.fromtimestamp(floor, UTC):
-        return Claim.SUPERSEDED
-    if rec.expires_at is not None and rec.expires_at <= datetime.fromtimestamp(now_ts, UTC):
-        return Claim.EXPIRED
-    if rec.max_uses is not None and rec.use_count + held >= rec.max_uses:
-        return Claim.USED_UP
-    if rec.disabled:
-        return Claim.DISABLED
-    if protocol not in rec.scopes:
-        return Claim.SCOPE
-    return Claim.NETWORK
 
 
 class PostgresCodeStore(StoreActivity):

@@ -27,6 +27,7 @@ from proxy.codes.store import (
     StoreUnavailable,
     day_of,
     ip_allowed,
+    refusal,
     utcnow,
 )
 
@@ -39,6 +40,12 @@ _USABLE = (
 _UNDER_LIMIT = (
     "use_count + (SELECT count(*) FROM reservations r WHERE r.code_id = codes.id"
     " AND r.until > :now) < max_uses"
+)
+
+# A code and its places held now, to say why a claim was refused (named parameters: id, now).
+_WHY = (
+    "SELECT codes.*, (SELECT count(*) FROM reservations r WHERE r.code_id = codes.id"
+    " AND r.until > :now) AS held FROM codes WHERE id = :id"
 )
 
 # Changes read at once by a proxy following code_changes (the rest come on the next read).
@@ -360,8 +367,10 @@ class SqliteCodeStore(StoreActivity):
         row = self.run(f"SELECT max_uses FROM codes WHERE id = :id AND {_USABLE}", args).fetchone()
         if row is not None and row["max_uses"] is None:
             return Reservation(code_id)
-        if row is not None:
-            _, held = self.transaction(
+        if row is None:  # not usable whatever the count: one read says why
+            code = self.run(_WHY, args)
+        else:
+            _, held, code = self.transaction(
                 [
                     ("DELETE FROM reservations WHERE code_id = :id AND until <= :now", args),
                     (
@@ -370,34 +379,16 @@ class SqliteCodeStore(StoreActivity):
                         f" AND {_UNDER_LIMIT}",
                         {**args, "until": now_ts + RESERVATION_SECONDS},
                     ),
+                    (_WHY, args),  # its one row is read inside the transaction
                 ]
             )
             if held.rowcount == 1:
                 assert held.lastrowid is not None  # set by the INSERT
                 return Reservation(code_id, held.lastrowid)
-        return self._refusal(code_id, protocol, now_ts, floor)
-
-    def _refusal(self, code_id: int, protocol: str, now_ts: int, floor: int) -> Claim:
-        row = self.run("SELECT * FROM codes WHERE id = ?", (code_id,)).fetchone()
-        if row is None:
+        found = code.fetchone()
+        if found is None:
             return Claim.GONE
-        rec = _record(row)
-        held = self.run(
-            "SELECT count(*) FROM reservations WHERE code_id = ? AND until > ?", (code_id, now_ts)
-        ).fetchone()[0]
-        if rec.revoked_at is not None:
-            return Claim.REVOKED
-        if rec.created_at < datetime.fromtimestamp(floor, UTC):
-            return Claim.SUPERSEDED
-        if rec.expires_at is not None and _ts(rec.expires_at) <= now_ts:
-            return Claim.EXPIRED
-        if rec.max_uses is not None and rec.use_count + held >= rec.max_uses:
-            return Claim.USED_UP
-        if rec.disabled:
-            return Claim.DISABLED
-        if protocol not in rec.scopes:
-            return Claim.SCOPE
-        return Claim.NETWORK
+        return refusal(_record(found), found["held"], protocol, now_ts, floor)
 
     def confirm(
         self, reservation: Reservation, protocol: str, ip: str, now: datetime | None = None

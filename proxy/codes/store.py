@@ -134,6 +134,27 @@ class Claim(enum.StrEnum):
     GONE = "gone"
 
 
+def refusal(rec: CodeRecord | None, held: int, protocol: str, now_ts: int, floor: int) -> Claim:
+    """Why a claim was refused, from the code and its held places as the claim's own
+    transaction saw them (read apart, a login confirmed or released in between would turn
+    "used up" into another reason). Both stores use it."""
+    if rec is None:
+        return Claim.GONE
+    if rec.revoked_at is not None:
+        return Claim.REVOKED
+    if rec.created_at < datetime.fromtimestamp(floor, UTC):
+        return Claim.SUPERSEDED
+    if rec.expires_at is not None and rec.expires_at <= datetime.fromtimestamp(now_ts, UTC):
+        return Claim.EXPIRED
+    if rec.max_uses is not None and rec.use_count + held >= rec.max_uses:
+        return Claim.USED_UP
+    if rec.disabled:
+        return Claim.DISABLED
+    if protocol not in rec.scopes:
+        return Claim.SCOPE
+    return Claim.NETWORK
+
+
 # How long a claim holds a place under max_uses while the upstream login runs: past the longest
 # upstream login (connect_timeout 10 s + timeout 30 s by default, each at most minutes), so that
 # a proxy that died between claim and confirm gives the place back by itself.

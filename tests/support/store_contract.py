@@ -299,8 +299,8 @@ class StoreContract:
             t.start()
         for t in threads:
             t.join()
-        assert results.count("ok") == 10
-        assert results.count(Claim.USED_UP) == 40
+        assert results.count("ok") == 10, results
+        assert results.count(Claim.USED_UP) == 40, results  # the reason too, however they race
         assert store.get(rec.id).use_count == 10
 
     def test_two_processes_racing_for_a_code_with_ten_uses_get_exactly_ten(
