@@ -27,17 +27,15 @@ _DUMMY_CODE = "dummy-code-never-issued"
 
 def pool_share(settings: Argon2Settings, workers: int) -> Argon2Settings:
     """One worker's part of the verification pool when `workers` processes serve
-    (serve.workers): `threads` and `queue` divided, rounded up. The pool is the machine's CPU
-    (and memory_kib per thread) budget for argon2: N workers each with the whole pool would
-    run N times the threads on the same cores, and the reactors, the store and the upstream
-    logins would wait behind them."""
+    (serve.workers): `threads` divided, rounded up. The threads are the machine's CPU (and
+    memory_kib each) budget for argon2: N workers each with all of them would run N times the
+    threads on the same cores, and the reactors, the store and the upstream logins would wait
+    behind them. Each worker keeps the whole `queue`: divided, one address's share of it (an
+    eighth) became so small that a client's burst of logins, spread unevenly over the workers,
+    counted as flooding."""
     if workers <= 1:
         return settings
-    return replace(
-        settings,
-        threads=-(-settings.threads // workers),
-        queue=-(-settings.queue // workers),
-    )
+    return replace(settings, threads=-(-settings.threads // workers))
 
 
 class CodeHasher:

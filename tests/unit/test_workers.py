@@ -87,8 +87,8 @@ def test_each_worker_holds_its_part_of_every_cap_rounded_up():
 def test_each_worker_gets_its_part_of_the_argon2_pool():
     pool = Argon2Settings(threads=2, queue=64)
     assert pool_share(pool, 1) == pool
-    assert pool_share(pool, 2) == Argon2Settings(threads=1, queue=32)
-    assert pool_share(pool, 3) == Argon2Settings(threads=1, queue=22)
+    assert pool_share(pool, 2) == Argon2Settings(threads=1, queue=64)
+    assert pool_share(pool, 3) == Argon2Settings(threads=1, queue=64)
     assert pool_share(Argon2Settings(threads=8, queue=64), 3).threads == 3
 
 
