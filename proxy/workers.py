@@ -54,12 +54,40 @@ HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 NOT_FOR_WORKERS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
-def available_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
+def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The CPUs this process may use: its affinity mask (a cpuset), and no more than its
+    cgroup's CPU quota allows (`docker run --cpus=2`, Kubernetes CPU limits, systemd's
+    CPUQuota=), which the affinity mask does not show."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         return os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root)
+    return cpus if quota is None else max(1, min(cpus, quota))
+
+
+def cgroup_cpu_quota(root: str, own: str = "/proc/self/cgroup") -> int | None:
+    """The smallest CPU quota (cgroup v2 `cpu.max`: quota and period in microseconds) on the
+    way from this process's cgroup up to the root, rounded up to whole CPUs; None without one
+    (no limit, cgroup v1, or files that cannot be read)."""
+    try:
+        with open(own) as lines:
+            path = next((ln[3:].strip() for ln in lines if ln.startswith("0::")), None)
+    except OSError:
+        return None
+    if path is None:
+        return None
+    limits = []
+    parts = [p for p in path.split("/") if p and p != ".."]
+    for depth in range(len(parts), -1, -1):
+        try:
+            with open(os.path.join(root, *parts[:depth], "cpu.max")) as f:
+                quota, period = f.read().split()[:2]
+        except (OSError, ValueError):
+            continue
+        if quota != "max" and int(period) > 0:
+            limits.append(-(-int(quota) // int(period)))
+    return min(limits) if limits else None
 
 
 def resolve_workers(setting: int | str, cpus: Callable[[], int] = available_cpus) -> int:

@@ -21,6 +21,7 @@ from proxy.workers import (
     STABLE_SECONDS,
     Backoff,
     available_cpus,
+    cgroup_cpu_quota,
     describe_exit,
     resolve_workers,
 )
@@ -32,7 +33,45 @@ def test_auto_is_one_worker_per_cpu_this_process_may_use():
     assert resolve_workers("auto", lambda: 6) == 6
     assert resolve_workers("auto", lambda: 0) == 1
     assert resolve_workers(3, lambda: 6) == 3
-    assert available_cpus() == len(os.sched_getaffinity(0))
+    assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))
+
+
+def cgroup(tmp_path, own: str, limits: dict[str, str]) -> tuple[str, str]:
+    """A cgroup v2 tree under tmp_path with cpu.max files; (root, /proc/self/cgroup file)."""
+    root = tmp_path / "cgroup"
+    for folder, value in limits.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / "cpu.max").write_text(value + "\n")
+    mine = tmp_path / "self-cgroup"
+    mine.write_text(own)
+    return str(root), str(mine)
+
+
+@pytest.mark.parametrize(
+    "own, limits, quota",
+    [
+        ("0::/\n", {".": "max 100000"}, None),  # a container without --cpus
+        ("0::/\n", {".": "200000 100000"}, 2),  # docker run --cpus=2
+        ("0::/\n", {".": "150000 100000"}, 2),  # 1.5 CPUs: a second worker still has work
+        ("0::/system.slice/apppass.service\n", {"system.slice/apppass.service": "50000 100000"}, 1),
+        (  # the tightest limit on the way up counts
+            "0::/a/b\n",
+            {"a": "300000 100000", "a/b": "max 100000"},
+            3,
+        ),
+        ("12:cpu,cpuacct:/x\n", {}, None),  # cgroup v1 only: not read
+    ],
+)
+def test_a_cgroup_cpu_quota_caps_auto_workers(tmp_path, own, limits, quota):
+    root, mine = cgroup(tmp_path, own, limits)
+    assert cgroup_cpu_quota(root, mine) == quota
+
+
+def test_available_cpus_is_the_affinity_mask_capped_by_the_quota(tmp_path):
+    # This process's own cgroup path, under a root whose top holds the quota: one CPU.
+    (tmp_path / "cpu.max").write_text("100000 100000\n")
+    assert available_cpus(str(tmp_path)) == 1
+    assert available_cpus(str(tmp_path / "none")) == len(os.sched_getaffinity(0))
 
 
 # --- restarts ----------------------------------------------------------------------------------
