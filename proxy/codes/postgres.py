@@ -17,18 +17,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from proxy.addresses import parse_ip
-from proxy.codes.activity import (
-    ENABLED,
-    KEEP_RETRIED,
-    StoreActivity,
-    activity_fields,
-    purge_statements,
-)
+from proxy.codes.activity import activity_fields
 from proxy.codes.pgconn import PgPool, Result, Row, execute
 from proxy.codes.pgschema import MIGRATIONS, VERSION_TABLE
 from proxy.codes.pgsettings import PostgresSettings
+from proxy.codes.records import CodeRecords
 from proxy.codes.sending import columns
-from proxy.codes.sqlite import CHANGES_KEPT
 from proxy.codes.store import (
     RESERVATION_SECONDS,
     CapReached,
@@ -37,7 +31,6 @@ from proxy.codes.store import (
     NewCode,
     Reservation,
     StoreUnavailable,
-    day_of,
     refusal,
     utcnow,
 )
@@ -62,9 +55,6 @@ _HELD = "(SELECT count(*) FROM reservations r WHERE r.code_id = codes.id AND r.u
 
 # SQLite sorts text by its bytes; so does the "C" collation, whatever the database's locale.
 _ORDER = ' ORDER BY account_login COLLATE "C", id'
-
-# Changes read at once by a proxy following code_changes (the rest come on the next read).
-_CHANGES_AT_ONCE = 10_000
 
 
 def _ts(moment: datetime | None) -> int | None:
@@ -108,8 +98,11 @@ def _client(ip: str) -> str | None:
     return None if addr is None else str(addr)
 
 
-class PostgresCodeStore(StoreActivity):
+class PostgresCodeStore(CodeRecords):
     """Thread-safe: each call takes a connection from the pool for its duration."""
+
+    row_record = staticmethod(_record)
+    list_order = _ORDER
 
     def __init__(self, settings: PostgresSettings, migrate: bool = True) -> None:
         self.settings = settings
@@ -203,115 +196,12 @@ class PostgresCodeStore(StoreActivity):
             ).rows[0]
         return _record(row)
 
-    def get(self, code_id: int) -> CodeRecord | None:
-        row = self.run("SELECT * FROM codes WHERE id = ?", (code_id,)).fetchone()
-        return _record(row) if row else None
-
     def get_many(self, code_ids: list[int]) -> dict[int, CodeRecord]:
         """The records of these codes, by id (an id without a record is missing)."""
         if not code_ids:
             return {}
         rows = self.run("SELECT * FROM codes WHERE id = ANY(CAST(? AS bigint[]))", (code_ids,))
         return {row["id"]: _record(row) for row in rows}
-
-    def changes_since(self, last: int | None) -> tuple[int, list[int]]:
-        """(the newest change's id, the codes changed after `last`): revoked, disabled, enabled
-        or deleted by any process on any node. With `last` None, only where the changes stand."""
-        if last is None:
-            return self.run("SELECT coalesce(max(id), 0) FROM code_changes").rows[0][0], []
-        rows = self.run(
-            "SELECT id, code_id FROM code_changes WHERE id > ? ORDER BY id LIMIT ?",
-            (last, _CHANGES_AT_ONCE),
-        ).rows
-        if not rows:
-            return last, []
-        return rows[-1]["id"], list(dict.fromkeys(r["code_id"] for r in rows))
-
-    def find(self, account_key: str, selector: str) -> CodeRecord | None:
-        row = self.run(
-            "SELECT * FROM codes WHERE account_key = ? AND selector = ?", (account_key, selector)
-        ).fetchone()
-        return _record(row) if row else None
-
-    def selectors(self, account_key: str) -> set[str]:
-        rows = self.run("SELECT selector FROM codes WHERE account_key = ?", (account_key,))
-        return {r[0] for r in rows}
-
-    def list(
-        self,
-        account_key: str | None = None,
-        include_inactive: bool = False,
-        now: datetime | None = None,
-    ) -> list[CodeRecord]:
-        sql = "SELECT * FROM codes WHERE true"
-        params: list[str | int | None] = []
-        if account_key is not None:
-            sql += " AND account_key = ?"
-            params.append(account_key)
-        if not include_inactive:
-            sql += (
-                " AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)"
-                " AND (max_uses IS NULL OR use_count < max_uses)"
-            )
-            params.append(_ts(now or utcnow()))
-        return [_record(r) for r in self.run(sql + _ORDER, params)]
-
-    def set_disabled(self, code_id: int, disabled: bool, now: datetime | None = None) -> bool:
-        """Disable, or enable (which restarts the idle clock and the stale count)."""
-        args: tuple[int | None, ...] = ()
-        if disabled:
-            sql = "UPDATE codes SET disabled = 1"
-        else:
-            sql, args = "UPDATE codes SET disabled = 0" + ENABLED, (_ts(now or utcnow()),)
-        cur = self.run(sql + " WHERE id = ? AND revoked_at IS NULL", (*args, code_id))
-        return cur.rowcount == 1
-
-    def revoke(self, code_id: int, now: datetime | None = None) -> bool:
-        cur = self.run(
-            "UPDATE codes SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-            (_ts(now or utcnow()), code_id),
-        )
-        return cur.rowcount == 1
-
-    def revoke_all(self, account_key: str, now: datetime | None = None) -> int:
-        cur = self.run(
-            "UPDATE codes SET revoked_at = ? WHERE account_key = ? AND revoked_at IS NULL",
-            (_ts(now or utcnow()), account_key),
-        )
-        return cur.rowcount
-
-    def purge(self, older_than: datetime) -> int:
-        """Delete codes revoked, expired or used up before `older_than` (their tombstones), holds
-        that lapsed or belong to no code, and changes every proxy has long read."""
-        t = _ts(older_than)
-        cur, *_ = self.transaction(
-            [
-                (
-                    "DELETE FROM codes WHERE ((revoked_at IS NOT NULL AND revoked_at < ?)"
-                    " OR (expires_at IS NOT NULL AND expires_at < ?)"
-                    " OR (max_uses IS NOT NULL AND use_count >= max_uses"
-                    f" AND coalesce(last_used_at, created_at) < ?)) AND {KEEP_RETRIED}",
-                    (t, t, t, t),
-                ),
-                (
-                    "DELETE FROM reservations WHERE until < ?"
-                    " OR NOT EXISTS (SELECT 1 FROM codes c WHERE c.id = reservations.code_id)",
-                    (_ts(utcnow()),),
-                ),
-                ("DELETE FROM code_changes WHERE at < ?", (_ts(utcnow() - CHANGES_KEPT),)),
-                # Portal sessions end after web.session_max (at most days): a day unseen is gone.
-                ("DELETE FROM web_sessions WHERE seen_at < ?", (_ts(utcnow() - CHANGES_KEPT),)),
-                *purge_statements(day_of(utcnow())),
-            ]
-        )
-        return cur.rowcount
-
-    def record_failure(self, code_id: int, ip: str, now: datetime | None = None) -> None:
-        self.run(
-            "UPDATE codes SET failed_count = failed_count + 1, last_failed_at = ?,"
-            " last_failed_ip = ? WHERE id = ?",
-            (_ts(now or utcnow()), ip, code_id),
-        )
 
     def claim(
         self,
@@ -384,11 +274,6 @@ class PostgresCodeStore(StoreActivity):
             [(count, args), ("DELETE FROM reservations WHERE id = :token", args)]
         )
         return counted.rowcount == 1
-
-    def release(self, reservation: Reservation) -> None:
-        """The login did not happen (upstream down or refusing): give the place back."""
-        if reservation.token is not None:
-            self.run("DELETE FROM reservations WHERE id = ?", (reservation.token,))
 
     def close(self) -> None:
         self.pool.close()

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import overload
 
-from proxy.codes.activity import (
-    ENABLED,
-    KEEP_RETRIED,
-    StoreActivity,
-    activity_fields,
-    purge_statements,
-)
+from proxy.codes.activity import activity_fields
+from proxy.codes.records import CodeRecords
 from proxy.codes.sending import columns
 from proxy.codes.sqlschema import MIGRATIONS
 from proxy.codes.store import (
@@ -25,7 +20,6 @@ from proxy.codes.store import (
     NewCode,
     Reservation,
     StoreUnavailable,
-    day_of,
     ip_allowed,
     refusal,
     utcnow,
@@ -47,12 +41,6 @@ _WHY = (
     "SELECT codes.*, (SELECT count(*) FROM reservations r WHERE r.code_id = codes.id"
     " AND r.until > :now) AS held FROM codes WHERE id = :id"
 )
-
-# Changes read at once by a proxy following code_changes (the rest come on the next read).
-_CHANGES_AT_ONCE = 10_000
-
-# How long code_changes keeps a change: proxies read them within seconds; purge drops older ones.
-CHANGES_KEPT = timedelta(days=1)
 
 # Ids per query when reading many codes at once: SQLite allows 32,766 parameters since 3.32.
 _BATCH = 500
@@ -103,8 +91,10 @@ def _ip_allowed(networks: str, ip: str) -> int:
     return int(ip_allowed(networks.split(), ip))
 
 
-class SqliteCodeStore(StoreActivity):
+class SqliteCodeStore(CodeRecords):
     """Thread-safe: each thread gets its own connection; SQLite serialises the writers."""
+
+    row_record = staticmethod(_record)
 
     def __init__(self, path: Path | str, migrate: bool = True) -> None:
         self.path = Path(path)
@@ -235,10 +225,6 @@ class SqliteCodeStore(StoreActivity):
         assert record is not None  # just committed
         return record
 
-    def get(self, code_id: int) -> CodeRecord | None:
-        row = self.run("SELECT * FROM codes WHERE id = ?", (code_id,)).fetchone()
-        return _record(row) if row else None
-
     def get_many(self, code_ids: list[int]) -> dict[int, CodeRecord]:
         """The records of these codes, by id (an id without a record is missing)."""
         found: dict[int, CodeRecord] = {}
@@ -248,106 +234,6 @@ class SqliteCodeStore(StoreActivity):
             for row in self.run(f"SELECT * FROM codes WHERE id IN ({marks})", chunk):
                 found[row["id"]] = _record(row)
         return found
-
-    def changes_since(self, last: int | None) -> tuple[int, list[int]]:
-        """(the newest change's id, the codes changed after `last`): revoked, disabled, enabled
-        or deleted by any process. With `last` None, only where the changes stand now."""
-        if last is None:
-            row = self.run("SELECT coalesce(max(id), 0) FROM code_changes").fetchone()
-            return row[0], []
-        rows = self.run(
-            "SELECT id, code_id FROM code_changes WHERE id > ? ORDER BY id LIMIT ?",
-            (last, _CHANGES_AT_ONCE),
-        ).fetchall()
-        if not rows:
-            return last, []
-        return rows[-1]["id"], list(dict.fromkeys(r["code_id"] for r in rows))
-
-    def find(self, account_key: str, selector: str) -> CodeRecord | None:
-        row = self.run(
-            "SELECT * FROM codes WHERE account_key = ? AND selector = ?", (account_key, selector)
-        ).fetchone()
-        return _record(row) if row else None
-
-    def selectors(self, account_key: str) -> set[str]:
-        rows = self.run("SELECT selector FROM codes WHERE account_key = ?", (account_key,))
-        return {r[0] for r in rows}
-
-    def list(
-        self,
-        account_key: str | None = None,
-        include_inactive: bool = False,
-        now: datetime | None = None,
-    ) -> list[CodeRecord]:
-        sql = "SELECT * FROM codes WHERE 1=1"
-        params: list[str | int | None] = []
-        if account_key is not None:
-            sql += " AND account_key = ?"
-            params.append(account_key)
-        if not include_inactive:
-            sql += (
-                " AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)"
-                " AND (max_uses IS NULL OR use_count < max_uses)"
-            )
-            params.append(_ts(now or utcnow()))
-        return [_record(r) for r in self.run(sql + " ORDER BY account_login, id", params)]
-
-    def set_disabled(self, code_id: int, disabled: bool, now: datetime | None = None) -> bool:
-        """Disable, or enable (which restarts the idle clock and the stale count)."""
-        args: tuple[int | None, ...] = ()
-        if disabled:
-            sql = "UPDATE codes SET disabled = 1"
-        else:
-            sql, args = "UPDATE codes SET disabled = 0" + ENABLED, (_ts(now or utcnow()),)
-        cur = self.run(sql + " WHERE id = ? AND revoked_at IS NULL", (*args, code_id))
-        return cur.rowcount == 1
-
-    def revoke(self, code_id: int, now: datetime | None = None) -> bool:
-        cur = self.run(
-            "UPDATE codes SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-            (_ts(now or utcnow()), code_id),
-        )
-        return cur.rowcount == 1
-
-    def revoke_all(self, account_key: str, now: datetime | None = None) -> int:
-        cur = self.run(
-            "UPDATE codes SET revoked_at = ? WHERE account_key = ? AND revoked_at IS NULL",
-            (_ts(now or utcnow()), account_key),
-        )
-        return cur.rowcount
-
-    def purge(self, older_than: datetime) -> int:
-        """Delete codes revoked, expired or used up before `older_than` (their tombstones), and
-        holds that lapsed or belong to no code."""
-        t = _ts(older_than)
-        cur, *_ = self.transaction(
-            [
-                (
-                    "DELETE FROM codes WHERE ((revoked_at IS NOT NULL AND revoked_at < ?)"
-                    " OR (expires_at IS NOT NULL AND expires_at < ?)"
-                    " OR (max_uses IS NOT NULL AND use_count >= max_uses"
-                    f" AND coalesce(last_used_at, created_at) < ?)) AND {KEEP_RETRIED}",
-                    (t, t, t, t),
-                ),
-                (
-                    "DELETE FROM reservations WHERE until < ?"
-                    " OR code_id NOT IN (SELECT id FROM codes)",
-                    (_ts(utcnow()),),
-                ),
-                ("DELETE FROM code_changes WHERE at < ?", (_ts(utcnow() - CHANGES_KEPT),)),
-                # Portal sessions end after web.session_max (at most days): a day unseen is gone.
-                ("DELETE FROM web_sessions WHERE seen_at < ?", (_ts(utcnow() - CHANGES_KEPT),)),
-                *purge_statements(day_of(utcnow())),
-            ]
-        )
-        return cur.rowcount
-
-    def record_failure(self, code_id: int, ip: str, now: datetime | None = None) -> None:
-        self.run(
-            "UPDATE codes SET failed_count = failed_count + 1, last_failed_at = ?,"
-            " last_failed_ip = ? WHERE id = ?",
-            (_ts(now or utcnow()), ip, code_id),
-        )
 
     def claim(
         self,
@@ -413,11 +299,6 @@ class SqliteCodeStore(StoreActivity):
             [(count, args), ("DELETE FROM reservations WHERE id = :token", args)]
         )
         return counted.rowcount == 1
-
-    def release(self, reservation: Reservation) -> None:
-        """The login did not happen (upstream down or refusing): give the place back."""
-        if reservation.token is not None:
-            self.run("DELETE FROM reservations WHERE id = ?", (reservation.token,))
 
     def close(self) -> None:
         with self._lock:
