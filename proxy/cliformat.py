@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from proxy.codes.store import CodeRecord
+from proxy.codes.view import code_view
 
 
 def fmt_time(moment: datetime | None) -> str:
@@ -13,43 +14,18 @@ def fmt_time(moment: datetime | None) -> str:
 
 
 def record_json(rec: CodeRecord) -> dict:
-    return {
-        "id": rec.id,
-        "login": rec.account_login,
-        "account_key": rec.account_key,
-        "label": rec.label,
-        "scopes": list(rec.scopes),
-        "networks": list(rec.networks),
-        "created_at": rec.created_at.isoformat() if rec.created_at else None,
-        "expires_at": rec.expires_at.isoformat() if rec.expires_at else None,
-        "max_uses": rec.max_uses,
-        "use_count": rec.use_count,
-        "last_used_at": rec.last_used_at.isoformat() if rec.last_used_at else None,
-        "last_used_ip": rec.last_used_ip,
-        "last_used_protocol": rec.last_used_protocol,
-        "failed_count": rec.failed_count,
-        "disabled": rec.disabled,
-        "revoked_at": rec.revoked_at.isoformat() if rec.revoked_at else None,
-        "created_by": rec.created_by,
-        "state": rec.state().value,
-        "idle_disabled_at": _iso(rec.idle_disabled_at),
-        "custodian": rec.custodian,
-        "mail_from": list(rec.sending.mail_from),
-        "rcpt_domains": list(rec.sending.rcpt_domains),
-        "max_messages_per_day": rec.sending.max_per_day,
-        "sent_today": rec.sent_today,
-        "send_refused_count": rec.send_refused_count,
-        "last_send_refused_at": _iso(rec.last_send_refused_at),
-        "stale_count": rec.stale_count,
-        "stale_since": _iso(rec.stale_since),
-        "stale_last_at": _iso(rec.stale_last_at),
-        "stale_last_ip": rec.stale_last_ip,
-        "still_retrying": rec.still_retrying(),
-    }
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment else None
+    """The API's view of a code (proxy/codes/view.py) with its `stale` object spelled out as
+    top-level keys, so that `codes show` prints one line each."""
+    view = code_view(rec)
+    stale = view.pop("stale")
+    view.update(
+        stale_count=stale["count"],
+        stale_since=stale["since"],
+        stale_last_at=stale["last_at"],
+        stale_last_ip=stale["last_ip"],
+        still_retrying=stale["still_retrying"],
+    )
+    return view
 
 
 def sending(rec: CodeRecord) -> str | None:

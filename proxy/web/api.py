@@ -23,7 +23,8 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from proxy.codes.store import CodeRecord, StoreUnavailable
+from proxy.codes.store import StoreUnavailable
+from proxy.codes.view import code_view
 from proxy.fairqueue import ClientShareFull, QueueFull
 from proxy.manage import AccountCheck, Actor, CodeRequest, ManageError, Manager
 from proxy.web.apiinput import (
@@ -334,44 +335,4 @@ def account_view(check: AccountCheck) -> dict[str, Any]:
             {"check": v.check, "ok": v.ok, "detail": v.detail, "advice": v.advice or None}
             for v in check.verdicts
         ],
-    }
-
-
-def code_view(rec: CodeRecord) -> dict[str, Any]:
-    """A code's record, never its hash or selector."""
-    return {
-        "id": rec.id,
-        "login": rec.account_login,
-        "account_key": rec.account_key,
-        "label": rec.label,
-        "scopes": list(rec.scopes),
-        "networks": list(rec.networks),
-        "created_at": _time(rec.created_at),
-        "created_by": rec.created_by,
-        "expires_at": _time(rec.expires_at),
-        "max_uses": rec.max_uses,
-        "use_count": rec.use_count,
-        "last_used_at": _time(rec.last_used_at),
-        "last_used_ip": rec.last_used_ip,
-        "last_used_protocol": rec.last_used_protocol,
-        "failed_count": rec.failed_count,
-        "last_failed_at": _time(rec.last_failed_at),
-        "disabled": rec.disabled,
-        "revoked_at": _time(rec.revoked_at),
-        "state": rec.state().value,
-        "idle_disabled_at": _time(rec.idle_disabled_at),
-        "custodian": rec.custodian,
-        "mail_from": list(rec.sending.mail_from),
-        "rcpt_domains": list(rec.sending.rcpt_domains),
-        "max_messages_per_day": rec.sending.max_per_day,
-        "sent_today": rec.sent_today,
-        "send_refused_count": rec.send_refused_count,
-        "last_send_refused_at": _time(rec.last_send_refused_at),
-        "stale": {
-            "count": rec.stale_count,
-            "since": _time(rec.stale_since),
-            "last_at": _time(rec.stale_last_at),
-            "last_ip": rec.stale_last_ip,
-            "still_retrying": rec.still_retrying(),
-        },
     }

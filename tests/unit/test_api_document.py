@@ -11,8 +11,9 @@ import typing
 import pytest
 from jsonschema import Draft202012Validator
 
+from proxy.codes.view import code_view
 from proxy.manage import ErrorCode
-from proxy.web.api import STATUS, account_view, code_view
+from proxy.web.api import STATUS, account_view
 from proxy.web.apiinput import ROUTES
 from proxy.web.openapi import ERROR_CODES, document
 from tests.support.openapi import OpenApi
