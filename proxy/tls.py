@@ -7,9 +7,11 @@ Server side, one `ServerTLS` per listener::
     transport.startTLS(tls)                         # STARTTLS, from a frontend
     tls.reload()                                    # after certbot renewed the files (SIGHUP)
 
-`ServerTLS` is an IOpenSSLServerConnectionCreator: Twisted asks it for a new OpenSSL Connection
-on every handshake, and each one is made from the context current at that moment, so `reload()`
-takes effect for new connections while established ones keep the certificate they started with.
+`ServerTLS` is an IOpenSSLServerConnectionCreator: Twisted asks it for a new connection on every
+handshake, and each one is made from the context current at that moment, so `reload()` takes
+effect for new connections while established ones keep the certificate they started with. The
+listeners' contexts and connections are the standard library's ssl module (the system's
+OpenSSL), shaped for Twisted by proxy/tlsconnection.py; the upstream side is pyOpenSSL.
 
 Upstream side::
 
@@ -34,7 +36,10 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import ssl
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -59,15 +64,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from proxy.tlsconnection import StdlibConnection
+
 log = Logger()
 
 DEFAULT_MIN_TLS = "1.2"
 
 _PROTOCOL_VERSIONS = {
-    "1.0": SSL.TLS1_VERSION,
-    "1.1": SSL.TLS1_1_VERSION,
-    "1.2": SSL.TLS1_2_VERSION,
-    "1.3": SSL.TLS1_3_VERSION,
+    "1.0": ssl.TLSVersion.TLSv1,
+    "1.1": ssl.TLSVersion.TLSv1_1,
+    "1.2": ssl.TLSVersion.TLSv1_2,
+    "1.3": ssl.TLSVersion.TLSv1_3,
 }
 MIN_TLS_CHOICES = tuple(_PROTOCOL_VERSIONS)
 
@@ -127,14 +134,6 @@ def _read(path: str, what: str) -> bytes:
         raise TLSConfigError(path, f"cannot read {what}: {e.strerror or e}") from None
 
 
-def _openssl_reason(e: SSL.Error) -> str:
-    try:
-        reasons = [r[-1] for r in e.args[0] if r and r[-1]]
-    except (IndexError, TypeError):
-        reasons = []
-    return "; ".join(reasons) or str(e)
-
-
 def load_certificates(path: str, what: str = "certificate") -> list[x509.Certificate]:
     """All PEM certificates in a file, in order; TLSConfigError if none or unreadable."""
     data = _read(path, f"{what} file")
@@ -175,8 +174,8 @@ def _spki(public_key) -> bytes:
 
 def build_server_context(
     cert_file: str, key_file: str, min_tls: str = DEFAULT_MIN_TLS
-) -> SSL.Context:
-    """A fresh OpenSSL server context; TLSConfigError names the file and problem on failure.
+) -> ssl.SSLContext:
+    """A listener's TLS context from its PEM files; TLSConfigError says what is wrong with them.
 
     cert_file holds the server certificate first, then any intermediates (the chain the clients
     need, as certbot's fullchain.pem). key_file holds its unencrypted private key (it may be the
@@ -187,12 +186,14 @@ def build_server_context(
 
 def _server_context(
     cert_file: str, key_file: str, min_tls: str
-) -> tuple[SSL.Context, x509.Certificate]:
+) -> tuple[ssl.SSLContext, x509.Certificate]:
     if min_tls not in _PROTOCOL_VERSIONS:
         raise TLSConfigError("min_tls", f"{min_tls!r} is not one of {', '.join(MIN_TLS_CHOICES)}")
+    # Read and matched here first: cryptography's errors name the problem in words a person can
+    # act on, where OpenSSL's loader says "PEM lib".
     chain = load_certificates(cert_file)
     key = load_private_key(key_file)
-    leaf, intermediates = chain[0], chain[1:]
+    leaf = chain[0]
     mine = _spki(key.public_key())
     if _spki(leaf.public_key()) != mine:
         matches = [i for i, c in enumerate(chain, 1) if _spki(c.public_key()) == mine]
@@ -206,49 +207,43 @@ def _server_context(
             key_file, f"the private key does not match the certificate in {cert_file}{hint}"
         )
 
-    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-    legacy = _PROTOCOL_VERSIONS[min_tls] < SSL.TLS1_2_VERSION
-    ctx.set_min_proto_version(_PROTOCOL_VERSIONS[min_tls])
-    ctx.set_options(
-        SSL.OP_NO_COMPRESSION  # CRIME
-        | SSL.OP_CIPHER_SERVER_PREFERENCE
-        | SSL.OP_SINGLE_ECDH_USE
-        | getattr(SSL, "OP_NO_RENEGOTIATION", 0)  # client-initiated renegotiation: a DoS lever
+    # The standard library's ssl module (the system's OpenSSL), not pyOpenSSL: see
+    # proxy/tlsconnection.py. It already sets OP_NO_COMPRESSION (CRIME) and
+    # SSL_MODE_RELEASE_BUFFERS (an idle session frees OpenSSL's 2 x ~17 KiB record buffers).
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    version = _PROTOCOL_VERSIONS[min_tls]
+    legacy = version < ssl.TLSVersion.TLSv1_2
+    with warnings.catch_warnings():  # the ssl module deprecates naming TLS 1.0/1.1 at all
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = version
+    ctx.options |= (
+        ssl.OP_CIPHER_SERVER_PREFERENCE
+        | ssl.OP_SINGLE_ECDH_USE
+        | ssl.OP_NO_RENEGOTIATION  # client-initiated renegotiation: a DoS lever
     )
-    # An idle IMAP session (IDLE for hours) need not hold OpenSSL's 2 x ~17 KiB record buffers:
-    # they are freed when empty and allocated again for the next record.
-    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     # At min_tls >= 1.2 the library's default security level stays (1 up to OpenSSL 3.1, 2 from
     # 3.2): only legacy listeners drop it, see LEGACY_SECURITY_LEVEL.
     ciphers = CIPHERS_OLD + ":" + LEGACY_SECURITY_LEVEL if legacy else CIPHERS_INTERMEDIATE
     try:
         # Before the certificate: the security level applies to its key and signature.
-        ctx.set_cipher_list(ciphers.encode("ascii"))
-    except SSL.Error as e:
-        reason = _openssl_reason(e)
+        ctx.set_ciphers(ciphers)
+    except ssl.SSLError as e:
         raise TLSConfigError(
-            "min_tls", f"this OpenSSL accepts none of the ciphers: {reason}"
+            "min_tls", f"this OpenSSL accepts none of the ciphers: {_ssl_reason(e)}"
         ) from None
     try:
-        ctx.use_certificate(leaf)
-    except SSL.Error as e:
-        reason = _openssl_reason(e)
-        raise TLSConfigError(cert_file, f"OpenSSL refused the certificate: {reason}") from None
-    for cert in intermediates:
-        try:
-            ctx.add_extra_chain_cert(cert)
-        except SSL.Error as e:
-            reason = _openssl_reason(e)
-            raise TLSConfigError(
-                cert_file, f"OpenSSL refused a chain certificate: {reason}"
-            ) from None
-    try:
-        ctx.use_privatekey(key)
-        ctx.check_privatekey()
-    except SSL.Error as e:
-        reason = _openssl_reason(e)
-        raise TLSConfigError(key_file, f"OpenSSL refused the private key: {reason}") from None
+        ctx.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as e:
+        raise TLSConfigError(
+            cert_file, f"OpenSSL refused the certificate or its key: {_ssl_reason(e)}"
+        ) from None
+    except OSError as e:  # replaced or made unreadable since read above
+        raise TLSConfigError(cert_file, f"cannot read it: {e.strerror or e}") from None
     return ctx, leaf
+
+
+def _ssl_reason(e: ssl.SSLError) -> str:
+    return (e.reason or str(e)).replace("_", " ").lower()
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -275,8 +270,9 @@ class ServerTLS:
     def expires_at(self) -> datetime.datetime:
         return self._leaf.not_valid_after_utc
 
-    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
-        return SSL.Connection(self._context, None)
+    def serverConnectionForTLS(self, tlsProtocol) -> Any:
+        # Any: the interface names pyOpenSSL's Connection, whose calls StdlibConnection answers.
+        return StdlibConnection(self._context)
 
 
 # --- upstream (client) side -------------------------------------------------------------------

@@ -1,0 +1,127 @@
+"""A client's TLS connection on the standard library's ssl module, in the shape Twisted drives.
+
+Twisted's TLSMemoryBIOProtocol (listenSSL, TLSMemoryBIOFactory, startTLS) encrypts through a
+pyOpenSSL Connection fed by memory BIOs, asking the connection creator (`ServerTLS`) for one per
+handshake. `StdlibConnection` answers the few calls it makes (do_handshake, bio_read/bio_write,
+recv/send, shutdown, bio_shutdown and the set-up calls) over `ssl.SSLObject` and two
+`ssl.MemoryBIO`, raising pyOpenSSL's exceptions where Twisted expects them. Why not pyOpenSSL:
+
+* memory: pyOpenSSL runs on the OpenSSL that cryptography's wheel bundles (4.0 today), whose
+  SSL object alone takes 15.9 KiB against 8.3 KiB in the system's OpenSSL 3.0 that the ssl
+  module uses; an idle TLS session costs about 7 KiB less (docs/architecture.md, "Memory of
+  an idle session");
+* updates: the listeners' TLS then follows the distribution's OpenSSL security updates;
+* CPU: the ssl module's calls are C, not cffi.
+
+The upstream side (client connections with our certificate name check) stays on pyOpenSSL.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+
+# Twisted's TLSMemoryBIOProtocol reads this reason to tell an EOF without close_notify (a client
+# that just closed its socket) from a real TLS failure: the former ends the session as a plain
+# ConnectionLost.
+_EOF_REASON = "unexpected eof while reading"
+
+
+def _error(e: ssl.SSLError) -> Error:
+    """pyOpenSSL's form of an ssl error: a list of (library, function, reason), the reason in
+    OpenSSL's own lower-case words ("wrong version number", "no shared cipher")."""
+    if isinstance(e, ssl.SSLEOFError):
+        return Error([("SSL routines", "", _EOF_REASON)])
+    reason = (e.reason or str(e)).replace("_", " ").lower()
+    return Error([(e.library or "SSL routines", "", reason)])
+
+
+class StdlibConnection:
+    """One server-side TLS connection: the pyOpenSSL Connection calls TLSMemoryBIOProtocol
+    makes, over ssl.SSLObject."""
+
+    __slots__ = ("_incoming", "_outgoing", "_tls")
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+
+    def set_accept_state(self) -> None:
+        """Already the server's side (Twisted calls this on every server connection)."""
+
+    def set_app_data(self, data: object) -> None:
+        """Twisted hands over its protocol, for pyOpenSSL's callbacks; a listener has none, so it
+        is not kept (nor the reference cycle it would make)."""
+
+    def do_handshake(self) -> None:
+        try:
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            raise WantReadError() from None
+        except ssl.SSLError as e:
+            raise _error(e) from None
+
+    def bio_write(self, data: bytes) -> int:
+        """Bytes the client sent, into OpenSSL."""
+        return self._incoming.write(data)
+
+    def bio_read(self, size: int) -> bytes:
+        """Bytes OpenSSL has for the client; WantReadError when it has none."""
+        data = self._outgoing.read(size)
+        if not data:
+            raise WantReadError()
+        return data
+
+    def bio_shutdown(self) -> None:
+        """The client's side of the TCP connection ended: no more bytes will come."""
+        self._incoming.write_eof()
+
+    def recv(self, size: int) -> bytes:
+        try:
+            data = self._tls.read(size)
+        except ssl.SSLWantReadError:
+            raise WantReadError() from None
+        except ssl.SSLZeroReturnError:
+            raise ZeroReturnError() from None
+        except ssl.SSLError as e:
+            raise _error(e) from None
+        if not data:  # the ssl module's answer to the client's close_notify
+            raise ZeroReturnError()
+        return data
+
+    def send(self, data: bytes) -> int:
+        try:
+            return self._tls.write(data)
+        except ssl.SSLWantReadError:
+            raise WantReadError() from None
+        except ssl.SSLError as e:
+            raise _error(e) from None
+
+    def shutdown(self) -> bool:
+        """Send close_notify. True once both sides have sent theirs, False while the client's
+        is still to come (pyOpenSSL's answers)."""
+        try:
+            self._tls.unwrap()
+        except ssl.SSLWantReadError:
+            return False
+        except ssl.SSLError as e:
+            raise _error(e) from None
+        return True
+
+    def get_peer_certificate(self) -> None:
+        """Listeners ask for no client certificate."""
+
+    def get_alpn_proto_negotiated(self) -> bytes:
+        """Read by twisted.web when HTTP/2 is installed; b"" means none, as in pyOpenSSL."""
+        selected = self._tls.selected_alpn_protocol()
+        return selected.encode("ascii") if selected else b""
+
+    def get_protocol_version_name(self) -> str:
+        """ "TLSv1.3" and the like, for a person debugging a session (transport.getHandle())."""
+        return self._tls.version() or "Unknown"
+
+    def get_cipher_name(self) -> str | None:
+        cipher = self._tls.cipher()
+        return cipher[0] if cipher else None
