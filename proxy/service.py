@@ -3,7 +3,6 @@ session checks (proxy/sessions.py), reloads on SIGHUP and stops cleanly."""
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import time
@@ -26,7 +25,7 @@ from proxy.auth.shared import SharedLimiter
 from proxy.codes.hashing import CodeHasher, pool_share
 from proxy.codes.open import open_store, store_threads
 from proxy.codes.store import INTERNAL, AsyncCodeStore
-from proxy.config import ConfigError, Settings, Upstream, load
+from proxy.config import Settings, Upstream
 from proxy.directory.open import open_directory
 from proxy.exposure import clear_text_warnings
 from proxy.frontend import FrontendFactory, ProtocolSpec, SessionContext
@@ -34,11 +33,12 @@ from proxy.imap.spec import ImapSpec
 from proxy.limits import ConnectionLimits, share_of
 from proxy.metrics import Metrics
 from proxy.oauth2.tokens import TokenSource
-from proxy.oplog import LOGGERS, Health
+from proxy.oplog import Health
 from proxy.oplog import log as oplog
 from proxy.pop3.spec import Pop3Spec
 from proxy.protocols import MailProtocol, TlsMode
 from proxy.proxyprotocol import ProxyProtocolFactory, TrustedProxies
+from proxy.reloading import applied_live, needs_restart, read_again, report_restart, set_log_level
 from proxy.sessions import ACCOUNT_CHECK_SECONDS, CODE_CHECK_SECONDS, LiveSession, SessionGuard
 from proxy.smtp.spec import SmtpSpec
 from proxy.tls import ServerTLS, TLSConfigError
@@ -369,17 +369,13 @@ class Service:
                 )
         self.audit.reopen()
         oplog.info("reload applied: %s", ", ".join(applied) or "nothing")
-        if restart:
-            oplog.warning("reload: %s changed; that needs a restart", ", ".join(restart))
+        if self.workers == 1:  # workers: their supervisor says it once for all
+            report_restart(restart)
 
     def _reload_settings(self) -> tuple[list[str], list[str]]:
         """Read the config again: (what was applied, which changed sections need a restart)."""
-        try:
-            new = load(self.settings.source)
-        except ConfigError as exc:
-            oplog.error(
-                "reload: the config has errors, none of it applied: %s", "; ".join(exc.problems[:3])
-            )
+        new = read_again(self.settings, report=self.workers == 1)
+        if new is None:
             return [], []
         old = self.settings
         applied = []
@@ -395,29 +391,10 @@ class Service:
             self.limits.settings = share_of(new.limits, self.workers)
             applied.append("limits")
         if new.log != old.log:
-            for logger_name in LOGGERS:
-                logging.getLogger(logger_name).setLevel(new.log.level.upper())
+            set_log_level(new.log.level)
             applied.append("log level")
-        self.settings = replace(old, policy=new.policy, limits=new.limits, log=new.log)
-        restart = [
-            name
-            for name in (
-                "listeners",
-                "upstreams",
-                "store",
-                "directory",
-                "codes",
-                "auth",
-                "web",
-                "serve",
-                "audit",
-                "hostname",
-            )
-            if getattr(new, name) != getattr(old, name)
-        ]
-        if new.log.format != old.log.format:
-            restart.append("log.format")
-        return applied, restart
+        self.settings = applied_live(old, new)
+        return applied, needs_restart(old, new)
 
     async def drain(self, grace: float) -> None:
         """SIGTERM: stop accepting; close connections that are not logging in; let logins in

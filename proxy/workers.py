@@ -13,6 +13,7 @@ The supervisor runs no reactor: one select loop over the workers' links and a si
 from __future__ import annotations
 
 import os
+import re
 import select
 import shutil
 import signal
@@ -30,6 +31,7 @@ from proxy.metrics import MULTIPROCESS_DIR
 from proxy.oplog import configure as configure_log
 from proxy.oplog import log as oplog
 from proxy.oplog import unconfigure as unconfigure_log
+from proxy.reloading import applied_live, needs_restart, read_again, report_restart, set_log_level
 from proxy.sdnotify import Notifier
 from proxy.workerlink import WorkerRole
 
@@ -166,6 +168,10 @@ def migrate_store(settings: Settings) -> None:
         raise CannotStart(str(exc) or type(exc).__name__) from None
 
 
+# The supervisor's metrics folder in the temporary directory: this, its pid, a random part.
+METRICS_PREFIX = "apppass-metrics-"
+
+
 @dataclass
 class Worker:
     """One worker slot: the process now in it, and its restart history."""
@@ -200,7 +206,8 @@ class Supervisor:
         self.notify = notify
         self.clock = clock
         self.workers = [Worker(n) for n in range(1, count + 1)]
-        self.metrics_dir = tempfile.mkdtemp(prefix="apppass-metrics-")
+        remove_stale_metrics(tempfile.gettempdir())
+        self.metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
         self.env = {k: v for k, v in os.environ.items() if k not in NOT_FOR_WORKERS}
         self.env[MULTIPROCESS_DIR] = self.metrics_dir
         self.signals: list[int] = []
@@ -374,12 +381,24 @@ class Supervisor:
                 return
             oplog.info("reloading (SIGHUP): passing it on (%d workers running)", len(self._alive()))
             self.notify.reloading()
+            self._reload_config()
             self.reloading = {w.number for w in self._alive() if w.ready}
             self._send(signal.SIGHUP)
             if not self.reloading:
                 self.notify.ready("reloaded")
             return
         self._stop(number)
+
+    def _reload_config(self) -> None:
+        """The supervisor's own share of a reload: its log level, and saying once (not once
+        per worker) what needs a restart or that the file has errors."""
+        new = read_again(self.settings)
+        if new is None:
+            return
+        if new.log.level != self.settings.log.level:
+            set_log_level(new.log.level)
+        report_restart(needs_restart(self.settings, new))
+        self.settings = applied_live(self.settings, new)
 
     def _stop(self, number: int) -> None:
         """The first SIGTERM/SIGINT drains every worker; a later one cuts their grace short."""
@@ -422,6 +441,27 @@ class Supervisor:
     def _close_sockets(self) -> None:
         for sock in self.sockets.values():
             sock.close()
+
+
+def remove_stale_metrics(folder: str) -> None:
+    """Remove the metrics folders of supervisors that no longer run: one killed with SIGKILL
+    (or by the OOM killer) had no chance to remove its own."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        found = re.fullmatch(rf"{METRICS_PREFIX}(\d+)-\w+", entry.name)
+        try:
+            if not found or not entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            os.kill(int(found.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            continue  # alive (another user's pid now), or gone meanwhile
 
 
 def _forget_metrics(pid: int, folder: str) -> None:

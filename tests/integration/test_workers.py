@@ -151,6 +151,11 @@ def serve_workers(tmp_path, dovecot, postfix, test_ca) -> Iterator:
 # --- helpers -----------------------------------------------------------------------------------
 
 
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
 def socket_owners(pids: list[int], port: int) -> dict[int, int]:
     """How many established connections to `port` each pid holds (from /proc)."""
     inodes: dict[str, int] = {}
@@ -253,16 +258,48 @@ def test_sighup_reaches_every_worker(serve_workers):
     sock.close()
     config = yaml.safe_load(served.config.read_text())
     config["policy"] = {"legacy_group": "legacy-mail"}  # alice is only in staff
+    config["auth"]["failure_delay"] = "1s"  # read at start only
     served.config.write_text(yaml.safe_dump(config))
     served.process.signal(signal.SIGHUP)
     for number in (1, 2):
         served.wait_for_log(rf"worker {number}: reload applied: policy")
+    # Said once, by the supervisor, not once per worker.
+    assert served.process.stderr.count("reload: auth changed; that needs a restart") == 1
     for _ in range(10):  # whichever worker answers, the new policy holds
         with socket.create_connection(("127.0.0.1", served.ports["imap"]), timeout=PROMPTLY) as s:
             f = s.makefile("rb")
             f.readline()
             s.sendall(f'a LOGIN alice "{code}"\r\n'.encode())
             assert f.readline().startswith(b"a NO [AUTHORIZATIONFAILED]")
+
+
+def test_a_config_with_errors_is_reported_once_and_changes_nothing(serve_workers):
+    served = serve_workers()
+    served.workers()
+    served.config.write_text(served.config.read_text() + "\npolicy: [not, a, mapping]\n")
+    served.process.signal(signal.SIGHUP)
+    for number in (1, 2):
+        applied = served.wait_for_log(rf"worker {number}: reload applied: (.*)")
+        assert "policy" not in applied.group(1)
+    assert served.process.stderr.count("reload: the config has errors, none of it applied") == 1
+
+
+def test_the_supervisor_takes_the_new_log_level_too(serve_workers):
+    served = serve_workers()
+    workers = served.workers()
+    config = yaml.safe_load(served.config.read_text())
+    config["log"] = {"level": "warning"}
+    served.config.write_text(yaml.safe_dump(config))
+    served.process.signal(signal.SIGHUP)
+    served.wait_for_log(r"reloading \(SIGHUP\)")  # the level changes in the same step
+    os.kill(workers[1], signal.SIGKILL)
+    served.wait_for_log(rf"worker 1 \(pid {workers[1]}\) was killed by SIGKILL; restarting it")
+    deadline = time.monotonic() + PROMPTLY
+    while not (set(children(served.process.popen.pid)) - set(workers.values())):
+        assert time.monotonic() < deadline, "worker 1 was not started again"
+        time.sleep(0.05)
+    # Its restart happened (a new child), but at level warning the info lines are not written.
+    assert served.process.stderr.count("worker 1 started") == 1
 
 
 def test_a_revoked_code_ends_idle_sessions_in_both_workers(serve_workers):

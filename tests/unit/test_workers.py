@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -17,12 +19,14 @@ from proxy.oplog import LogSettings, configure, log, unconfigure
 from proxy.workerlink import WorkerRole
 from proxy.workers import (
     MAX_START_FAILURES,
+    METRICS_PREFIX,
     RESTART_MAX_SECONDS,
     STABLE_SECONDS,
     Backoff,
     available_cpus,
     cgroup_cpu_quota,
     describe_exit,
+    remove_stale_metrics,
     resolve_workers,
 )
 
@@ -96,6 +100,20 @@ def test_a_worker_crashing_soon_after_ready_backs_off_but_is_never_given_up():
     assert None not in delays
     assert delays[:3] == [0.25, 0.5, 1.0]
     assert max(delays) == RESTART_MAX_SECONDS
+
+
+def test_metrics_folders_of_supervisors_no_longer_running_are_removed(tmp_path):
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # reaped: its pid names no process now
+    stale = tmp_path / f"{METRICS_PREFIX}{ended.pid}-abc123"
+    running = tmp_path / f"{METRICS_PREFIX}{os.getpid()}-def456"
+    unrelated = tmp_path / "apppass-metrics-notapid"
+    for folder in (stale, running, unrelated):
+        folder.mkdir()
+        (folder / "counter_1.db").write_bytes(b"x")
+    remove_stale_metrics(str(tmp_path))
+    assert not stale.exists()
+    assert running.exists() and unrelated.exists()
 
 
 def test_an_exit_in_words():
