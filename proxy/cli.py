@@ -323,6 +323,19 @@ def cmd_codes_toggle(ctx: _Context) -> int:
     return EXIT_OK
 
 
+def cmd_codes_sending(ctx: _Context) -> int:
+    change = codeopts.sending_change(ctx.args)
+    if change is None:
+        raise UsageError(
+            "give the new policy (--mail-from, --rcpt-domain, --max-messages-per-day) or --none"
+            " to lift it, not both"
+        )
+    rec = ctx.manager().set_sending(ctx.actor(), ctx.args.id, change)
+    policy = _sending(rec) or "sends as anyone, to anyone, without a daily cap"
+    _print(f"code {rec.id} ({rec.account_login}, {rec.label}) {policy}")
+    return EXIT_OK
+
+
 def cmd_codes_revoke(ctx: _Context) -> int:
     rec = ctx.manager().revoke(ctx.actor(), ctx.args.id)
     _print(f"code {rec.id} ({rec.account_login}, {rec.label}) revoked")
@@ -467,23 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     codes = sub.add_parser("codes", help="manage app passwords").add_subparsers(
         dest="action", required=True, parser_class=_Parser
     )
-    c = codes.add_parser("create", help="create a code and show it once")
-    c.add_argument("login")
-    c.add_argument("--label", required=True, help='what the code is for, e.g. "3rd floor printer"')
-    c.add_argument(
-        "--scope", help="comma-separated: imap,pop3,smtp (default: codes.default_scopes)"
-    )
-    c.add_argument(
-        "--expires", help="90d, 12h, 2027-06-30 or never (default: codes.default_expires)"
-    )
-    c.add_argument("--max-uses", type=int, metavar="N", help="stop working after N logins")
-    c.add_argument(
-        "--net", action="append", metavar="CIDR", help="only from this network (repeatable)"
-    )
-    codeopts.add_arguments(c)
-    c.add_argument("--created-by", default=None, help=argparse.SUPPRESS)
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(fn=cmd_codes_create)
+    codeopts.add_create_command(codes).set_defaults(fn=cmd_codes_create)
     ls = codes.add_parser("list", help="list codes")
     ls.add_argument("login", nargs="?")
     ls.add_argument("--key", help="only the codes of this account key (also of a gone account)")
@@ -503,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
         x = codes.add_parser(action, help=f"{action} a code")
         x.add_argument("id", type=int)
         x.set_defaults(fn=fn)
+    codeopts.add_sending_command(codes).set_defaults(fn=cmd_codes_sending)
     ra = codes.add_parser("revoke-all", help="revoke every code of an account")
     ra.add_argument("login", nargs="?")
     ra.add_argument("--key", help="the account key instead (for an account the directory lost)")

@@ -121,6 +121,15 @@ class CodeRequest:
     custodian: str | None = None  # also told of the code's expiry (apppass notify)
 
 
+@dataclass(frozen=True)
+class SendingChange:
+    """A code's new sending policy, replacing the old one whole; all three empty lifts it."""
+
+    mail_from: tuple[str, ...] = ()
+    rcpt_domains: tuple[str, ...] = ()
+    max_messages_per_day: int | None = None
+
+
 class Manager:
     def __init__(
         self,
@@ -292,6 +301,19 @@ class Manager:
         self._audit(actor, "disable" if disabled else "enable", record)
         return self.code(actor, code_id)
 
+    def set_sending(self, actor: Actor, code_id: int, change: SendingChange) -> CodeRecord:
+        """Replace a code's sending policy. Its live SMTP sessions end within seconds and log in
+        again under the new one (proxy/sessions.py)."""
+        self._writes(actor)
+        record = self.code(actor, code_id)
+        if record.revoked_at is not None:
+            raise ManageError("conflict", f"app password {code_id} is revoked")
+        sending = _sending(change, record.scopes)
+        if not self._store(lambda: self.store.set_sending(code_id, sending)):
+            raise ManageError("conflict", f"app password {code_id} is revoked")
+        self._audit(actor, "sending", record, sending=sending.describe())
+        return self.code(actor, code_id)
+
     def idle_codes(self, after: timedelta, now: datetime | None = None) -> list[CodeRecord]:
         """Codes that could log in but were not used (nor made or enabled) for `after`."""
         now = now or utcnow()
@@ -407,7 +429,7 @@ def _valid(request: CodeRequest) -> tuple[tuple[str, ...] | None, tuple[str, ...
     return scopes, _networks(request.networks)
 
 
-def _sending(request: CodeRequest, scopes: Iterable[str]) -> SendingPolicy:
+def _sending(request: CodeRequest | SendingChange, scopes: Iterable[str]) -> SendingPolicy:
     """The request's sending policy, each value checked (naming its field)."""
     for field, values, problem, most in (
         ("mail_from", request.mail_from, sender_problem, MAX_SENDERS),

@@ -1,12 +1,13 @@
 """Live sessions, and the checks that end those that may no longer run.
 
 A session lives as long as its client and upstream keep it open, often days (IMAP IDLE). So the
-proxy checks it again on a schedule: its code (revoked, disabled or expired ends it, whatever
-else is true of the code) every `code_interval`, and its account (disabled, locked, expired,
-removed from the legacy-sign-in group, no second factor while one is required, gone from the
-directory, or its password changed since the code was made) every `account_interval`, through
-the directory's cache. An ended session's client is dropped and the end is audited with the
-reason.
+proxy checks it again on a schedule: its code every `code_interval` and within seconds of a
+change by any process (revoked, disabled or expired ends it, whatever else is true of the code;
+an SMTP session also ends when the code's sending policy changed), and its account (disabled,
+locked, expired, removed from the legacy-sign-in group, no second factor while one is required,
+gone from the directory, or its password changed since the code was made) every
+`account_interval`, through the directory's cache. An ended session's client is dropped and the
+end is audited with the reason.
 
 The checks survive every error: a store or directory that fails is logged once when trouble
 starts and once when it ends, and the next round tries again. Sessions are not ended because
@@ -128,7 +129,8 @@ class SessionGuard:
             await self.check_codes(set(changed))
 
     async def check_codes(self, only: set[int] | None = None) -> None:
-        """End the sessions whose code is revoked, disabled or expired (or gone)."""
+        """End the sessions whose code is revoked, disabled or expired (or gone), and the SMTP
+        sessions whose code's sending policy changed."""
         by_code = self._granted(lambda grant: grant.code_id)
         if only is not None:
             by_code = {code_id: s for code_id, s in by_code.items() if code_id in only}
@@ -137,9 +139,13 @@ class SessionGuard:
         records = await self._codes(list(by_code))
         now = utcnow()
         for code_id, sessions in by_code.items():
-            reason = _code_reason(records.get(code_id), now)
+            record = records.get(code_id)
+            reason = _code_reason(record, now)
             if reason is not None:
                 self._end(sessions, f"app password {code_id} {reason}", code=code_id)
+            elif record is not None and (changed := _policy_changed(sessions, record)):
+                reason = f"app password {code_id} sending policy changed"
+                self._end(changed, reason, code=code_id)
 
     async def check_accounts(self) -> None:
         """End the sessions whose account may no longer sign in with an app password."""
@@ -214,6 +220,18 @@ def _code_reason(record: CodeRecord | None, now: Any) -> str | None:
     if record.expires_at is not None and record.expires_at <= now:
         return "expired"
     return None
+
+
+def _policy_changed(sessions: list[LiveSession], record: CodeRecord) -> list[LiveSession]:
+    """The SMTP sessions that logged in under another sending policy than the code has now:
+    they end, so that a tightened policy holds at once (the device logs in again)."""
+    return [
+        s
+        for s in sessions
+        if s.grant is not None
+        and s.grant.sending_policy is not None
+        and s.grant.sending_policy != record.sending
+    ]
 
 
 def _flat(groups: dict[Any, list[LiveSession]]) -> list[LiveSession]:

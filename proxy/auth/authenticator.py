@@ -37,6 +37,7 @@ from proxy.directory.account import Account, DirectoryUnavailable
 from proxy.fairqueue import ClientShareFull, FairQueue, QueueFull, SingleFlight
 from proxy.metrics import Metrics, Timer
 from proxy.oplog import Health
+from proxy.protocols import MailProtocol
 from proxy.sasl import identity_problem, is_valid_login
 
 # Threads for directory lookups (ldap3 is synchronous; each holds one pooled connection).
@@ -263,6 +264,7 @@ class Authenticator:
             account.upstream_identity,
             claim,
             self._sending(policy, account, code_id, client),
+            policy if attempt.protocol is MailProtocol.SMTP else None,
         )
 
     async def _stale(self, code_id: int, client_ip: str, client: str) -> None:

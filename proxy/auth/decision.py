@@ -8,7 +8,7 @@ from typing import Protocol
 
 from twisted.internet.defer import Deferred
 
-from proxy.codes.sending import SendingRules
+from proxy.codes.sending import SendingPolicy, SendingRules
 from proxy.codes.store import Reservation
 from proxy.directory.account import Account
 from proxy.protocols import MailProtocol
@@ -81,6 +81,9 @@ class Grant:
     upstream_identity: str
     reservation: Reservation  # confirmed after the upstream login, or released
     sending: Sending | None = None  # the code's sending policy (proxy/codes/sending.py)
+    # SMTP logins: the code's sending policy as it was at login; when it changes, the session
+    # ends (proxy/sessions.py) and the device logs in again under the new one. None otherwise.
+    sending_policy: SendingPolicy | None = None
 
     ok = True
 

@@ -174,6 +174,24 @@ MIGRATIONS: list[list[str]] = [
         PRIMARY KEY (code_id, kind, ref)
     )""",
     ],
+    [
+        # A changed sending policy is a change the proxies follow too (see the SQLite step).
+        "DROP TRIGGER codes_changing ON codes",
+        """
+    CREATE TRIGGER codes_changing
+    BEFORE UPDATE OF revoked_at, disabled, mail_from, rcpt_domains, max_messages_per_day
+        OR DELETE ON codes
+    FOR EACH STATEMENT EXECUTE FUNCTION apppass_code_changes_lock()""",
+        "DROP TRIGGER codes_changed ON codes",
+        """
+    CREATE TRIGGER codes_changed
+    AFTER UPDATE OF revoked_at, disabled, mail_from, rcpt_domains, max_messages_per_day ON codes
+    FOR EACH ROW
+    WHEN (NEW.revoked_at IS DISTINCT FROM OLD.revoked_at OR NEW.disabled <> OLD.disabled
+        OR NEW.mail_from <> OLD.mail_from OR NEW.rcpt_domains <> OLD.rcpt_domains
+        OR NEW.max_messages_per_day IS DISTINCT FROM OLD.max_messages_per_day)
+    EXECUTE FUNCTION apppass_code_changed()""",
+    ],
 ]
 
 # Created before the first step, in the same transaction.

@@ -1,6 +1,7 @@
 """The statements on codes that both stores run as written, in SQLite's SQL style (which the
 PostgreSQL store runs too, proxy/codes/pgconn.py): reading and listing codes, following the
-change log, disabling, revoking, purging, counting a failed secret, giving a held place back.
+change log, disabling, changing a sending policy, revoking, purging, counting a failed secret,
+giving a held place back.
 
 Each store keeps what differs between the databases: its schema and connections, creating a
 code under the per-account cap, the claim and its confirm, reading many codes at once, how a
@@ -15,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from proxy.codes.activity import ENABLED, KEEP_RETRIED, StoreActivity, purge_statements
+from proxy.codes.sending import SendingPolicy, columns
 from proxy.codes.store import CodeRecord, Reservation, Rows, day_of, utcnow
 
 # Changes read at once by a proxy following code_changes (the rest come on the next read).
@@ -93,6 +95,16 @@ class CodeRecords(StoreActivity):
         else:
             sql, args = "UPDATE codes SET disabled = 0" + ENABLED, (_ts(now),)
         cur = self.run(sql + " WHERE id = ? AND revoked_at IS NULL", (*args, code_id))
+        return cur.rowcount == 1
+
+    def set_sending(self, code_id: int, sending: SendingPolicy) -> bool:
+        """Replace the sending policy of a code not revoked; its live SMTP sessions end (the
+        change log's trigger) and log in again under the new one."""
+        cur = self.run(
+            "UPDATE codes SET mail_from = ?, rcpt_domains = ?, max_messages_per_day = ?"
+            " WHERE id = ? AND revoked_at IS NULL",
+            (*columns(sending).values(), code_id),
+        )
         return cur.rowcount == 1
 
     def revoke(self, code_id: int, now: datetime | None = None) -> bool:

@@ -153,4 +153,18 @@ MIGRATIONS = [
         PRIMARY KEY (code_id, kind, ref)
     )""",
     ],
+    [
+        # A changed sending policy is a change the proxies follow too: a live SMTP session of
+        # that code ends, on every node, and logs in again under the new policy.
+        "DROP TRIGGER codes_changed",
+        """
+    CREATE TRIGGER codes_changed
+    AFTER UPDATE OF revoked_at, disabled, mail_from, rcpt_domains, max_messages_per_day ON codes
+    WHEN NEW.revoked_at IS NOT OLD.revoked_at OR NEW.disabled != OLD.disabled
+        OR NEW.mail_from != OLD.mail_from OR NEW.rcpt_domains != OLD.rcpt_domains
+        OR NEW.max_messages_per_day IS NOT OLD.max_messages_per_day
+    BEGIN
+        INSERT INTO code_changes (code_id, at) VALUES (NEW.id, CAST(strftime('%s') AS INTEGER));
+    END""",
+    ],
 ]

@@ -26,7 +26,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from proxy.codes.store import StoreUnavailable
 from proxy.codes.view import code_view
 from proxy.fairqueue import ClientShareFull, QueueFull
-from proxy.manage import AccountCheck, Actor, CodeRequest, ManageError, Manager
+from proxy.manage import AccountCheck, Actor, CodeRequest, ManageError, Manager, SendingChange
 from proxy.web.apiinput import (
     ApiError,
     Match,
@@ -35,6 +35,7 @@ from proxy.web.apiinput import (
     match,
     no_fields,
     query,
+    sending_change,
 )
 from proxy.web.app import MAX_BODY, WebApp, client_ip
 from proxy.web.openapi import document
@@ -148,7 +149,7 @@ class _Call:
         args = query(route, _query_args(request))
         body = self._body()
         if route.body:
-            request_input: Any = code_request(body)
+            request_input: Any = BODIES[route.action](body)
         else:
             no_fields(body)
             request_input = args
@@ -297,6 +298,10 @@ def _revoke(m: Manager, actor: Actor, found: Match, _args: Any) -> Reply:
     return Reply(200, code_view(m.revoke(actor, found.params["id"])))
 
 
+def _sending(m: Manager, actor: Actor, found: Match, change: SendingChange) -> Reply:
+    return Reply(200, code_view(m.set_sending(actor, found.params["id"], change)))
+
+
 HANDLERS: dict[str, Callable[[Manager, Actor, Match, Any], Reply]] = {
     "account": _account,
     "codes": _codes,
@@ -306,6 +311,13 @@ HANDLERS: dict[str, Callable[[Manager, Actor, Match, Any], Reply]] = {
     "disable": _disable,
     "enable": _enable,
     "revoke": _revoke,
+    "sending": _sending,
+}
+
+# The routes that take a JSON body, and how each is read (proxy/web/apiinput.py).
+BODIES: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "create": code_request,
+    "sending": sending_change,
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from proxy.configschema import Invalid, parse_duration, parse_expiry
-from proxy.manage import CodeRequest
+from proxy.manage import CodeRequest, SendingChange
 
 # A login in a path: the longest name a directory holds (LDAP uid, AD's UPN at 1024 is a
 # theoretical bound) stays far below this.
@@ -82,6 +82,7 @@ ROUTES = (
     Route("POST", f"{PREFIX}/codes/{{id}}/disable", "disable"),
     Route("POST", f"{PREFIX}/codes/{{id}}/enable", "enable"),
     Route("POST", f"{PREFIX}/codes/{{id}}/revoke", "revoke"),
+    Route("POST", f"{PREFIX}/codes/{{id}}/sending", "sending", body=True),
 )
 
 
@@ -248,6 +249,28 @@ def code_request(body: dict[str, Any], now: datetime | None = None) -> CodeReque
         rcpt_domains=tuple(_strings(body, "rcpt_domains") or ()),
         max_messages_per_day=per_day,
         custodian=custodian,
+    )
+
+
+SENDING_FIELDS = ("mail_from", "rcpt_domains", "max_messages_per_day")
+
+
+def sending_change(body: dict[str, Any]) -> SendingChange:
+    """A code's new sending policy from its JSON body: it replaces the old one whole (a field
+    left out is empty). At least one field, so that an empty body lifts nothing by mistake."""
+    for name in body:
+        if name not in SENDING_FIELDS:
+            raise invalid(f"unknown field {_shown(name)}", _shown(name))
+    if not body:
+        raise invalid(
+            "give the new policy: mail_from, rcpt_domains, max_messages_per_day"
+            " ([] and null lift it)",
+            "mail_from",
+        )
+    return SendingChange(
+        mail_from=tuple(_strings(body, "mail_from") or ()),
+        rcpt_domains=tuple(_strings(body, "rcpt_domains") or ()),
+        max_messages_per_day=_whole(body, "max_messages_per_day"),
     )
 
 

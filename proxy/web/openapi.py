@@ -54,6 +54,30 @@ def _object(required: list[str], **properties: Any) -> dict[str, Any]:
     }
 
 
+# A code's sending policy (SMTP): part of CodeRequest, and the whole of SendingChange.
+_SENDING: dict[str, Any] = {
+    "mail_from": {
+        "type": "array",
+        "items": {"type": "string", "examples": ["scanner@example.org", "*@example.org"]},
+        "maxItems": MAX_SENDERS,
+        "description": 'SMTP: the senders it may use (addresses, "*@domain", "own", '
+        '"*"); with rcpt_domains or max_messages_per_day and no mail_from: "own"',
+    },
+    "rcpt_domains": {
+        "type": "array",
+        "items": {"type": "string", "examples": ["example.org"]},
+        "maxItems": MAX_DOMAINS,
+        "description": "SMTP: it may send only to these domains",
+    },
+    "max_messages_per_day": _nullable(
+        "integer",
+        minimum=1,
+        maximum=MAX_MESSAGES_PER_DAY,
+        description="SMTP: at most this many messages a UTC day",
+    ),
+}
+
+
 SCHEMAS: dict[str, Any] = {
     "Error": {
         **_object(
@@ -217,6 +241,12 @@ SCHEMAS: dict[str, Any] = {
         login={"type": "string"},
         revoked={"type": "integer", "minimum": 0, "description": "how many were revoked"},
     ),
+    "SendingChange": {
+        **_object([], **_SENDING),
+        "minProperties": 1,
+        "description": "the code's whole new sending policy: a field left out is empty; "
+        "[] and null everywhere lift the policy",
+    },
     "CodeRequest": {
         **_object(
             ["label"],
@@ -245,25 +275,7 @@ SCHEMAS: dict[str, Any] = {
                 "maxItems": MAX_NETWORKS,
                 "description": "the code works only from these client networks",
             },
-            mail_from={
-                "type": "array",
-                "items": {"type": "string", "examples": ["scanner@example.org", "*@example.org"]},
-                "maxItems": MAX_SENDERS,
-                "description": 'SMTP: the senders it may use (addresses, "*@domain", "own", '
-                '"*"); with rcpt_domains or max_messages_per_day and no mail_from: "own"',
-            },
-            rcpt_domains={
-                "type": "array",
-                "items": {"type": "string", "examples": ["example.org"]},
-                "maxItems": MAX_DOMAINS,
-                "description": "SMTP: it may send only to these domains",
-            },
-            max_messages_per_day=_nullable(
-                "integer",
-                minimum=1,
-                maximum=MAX_MESSAGES_PER_DAY,
-                description="SMTP: at most this many messages a UTC day",
-            ),
+            **_SENDING,
             custodian=_nullable(
                 "string",
                 description="also mailed the code's expiry and idle notices",
@@ -498,6 +510,20 @@ def _paths() -> dict[str, Any]:
                 )
             }
             for action in ("disable", "enable", "revoke")
+        },
+        f"{PREFIX}/codes/{{id}}/sending": {
+            "post": _operation(
+                "replace an app password's sending policy (SMTP); its live SMTP sessions end"
+                " and log in again under the new one",
+                code_ok,
+                ("Conflict",),
+                ("id",),
+                body={
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("schemas", "SendingChange")}},
+                },
+                writes=True,
+            )
         },
     }
 

@@ -227,6 +227,35 @@ async def test_a_sending_policy_and_a_custodian_are_made_and_shown(api):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_codes_sending_policy_is_replaced_or_lifted(api):
+    record = (await create(api, "printer1", label="scanner", scopes=["smtp"]))["record"]
+    path = f"{V1}/codes/{record['id']}/sending"
+    changed = await api.post(
+        path, {"mail_from": ["Scanner@example.test"], "max_messages_per_day": 20}
+    )
+    assert changed.status == 200
+    assert (
+        changed.json["mail_from"],
+        changed.json["rcpt_domains"],
+        changed.json["max_messages_per_day"],
+        changed.json["sent_today"],
+    ) == (["scanner@example.test"], [], 20, 0)
+    lifted = await api.post(path, {"mail_from": [], "max_messages_per_day": None})
+    assert (lifted.json["mail_from"], lifted.json["max_messages_per_day"]) == ([], None)
+    nothing = await api.post(path, {})
+    assert (nothing.status, nothing.error, nothing.json["field"]) == (400, "invalid", "mail_from")
+    bad = await api.post(path, {"rcpt_domains": ["not a domain"]})
+    assert (bad.status, bad.json["field"]) == (400, "rcpt_domains")
+    imap = (await create(api, "printer1", label="tablet", scopes=["imap"]))["record"]
+    wrong = await api.post(f"{V1}/codes/{imap['id']}/sending", {"max_messages_per_day": 5})
+    assert (wrong.status, wrong.json["field"]) == (400, "scopes")
+    for made in (record, imap):
+        assert (await api.post(f"{V1}/codes/{made['id']}/revoke")).status == 200
+    gone = await api.post(path, {"max_messages_per_day": 5})
+    assert (gone.status, gone.error) == (409, "conflict")
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_device_retrying_a_revoked_code_shows_as_still_retrying(api, proxy):
     created = await create(api, scopes=["imap"], label="old phone")
     code_id, code = created["record"]["id"], created["code"]
@@ -511,6 +540,7 @@ async def test_a_read_only_token_reads_and_changes_nothing(api, proxy):
         (f"{V1}/accounts/printer1/codes", {"label": "sneaky"}),
         (f"{V1}/codes/{code_id}/disable", None),
         (f"{V1}/codes/{code_id}/revoke", None),
+        (f"{V1}/codes/{code_id}/sending", {"max_messages_per_day": 1}),
         (f"{V1}/accounts/printer1/revoke-all", None),
     ]
     for path, body in writes:

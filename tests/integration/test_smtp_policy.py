@@ -1,7 +1,8 @@
 """A code's sending policy through apppass to a real Postfix delivering into Dovecot: the
 printer of the README may send as scanner@example.test to example.test only, ten messages a
 day; the eleventh, a wrong sender and a wrong domain are refused without ending the session,
-and what was sent arrives in the recipients' mailboxes."""
+and what was sent arrives in the recipients' mailboxes. A policy changed meanwhile ends the live
+session and holds from the next login."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import pytest_twisted
 from twisted.internet import threads
 
 from proxy.codes.sending import SendingPolicy
+from proxy.codes.sqlite import SqliteCodeStore
 from proxy.codes.store import day_of
 from tests.integration.harness import start_proxy
 from tests.servers.common import wait_until
+from tests.support.process import PROMPTLY
 
 pytestmark = pytest.mark.integration
 
@@ -157,3 +160,29 @@ async def test_printers_racing_for_the_last_messages_of_the_day_send_exactly_the
     outcomes = await threads.deferToThread(run)
     assert outcomes.count("sent") == 5
     assert outcomes.count("452 4.7.0 Error: daily message limit of this app password reached") == 7
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_sending_policy_ends_the_live_session_and_holds_at_the_next_login(proxy):
+    code_id, code = printer_code(proxy, "scanner 4th floor", 10)
+    port = proxy.port("plain")
+    smtp = await threads.deferToThread(session, port, code)
+    try:
+        # As `apppass codes sending` does, from another process: only example.org from now on.
+        cli = SqliteCodeStore(proxy.settings.store.target, migrate=False)
+        assert cli.set_sending(code_id, SendingPolicy((SCANNER,), ("example.org",), 10))
+        cli.close()
+        smtp.sock.settimeout(PROMPTLY)  # the change log is read every second
+        goodbye = await threads.deferToThread(smtp.sock.recv, 512)
+    finally:
+        smtp.close()
+    assert goodbye.startswith(b"421 4.7.0 ")
+    ended = [e for e in proxy.audit_events("session_ended") if e.get("code") == code_id]
+    assert [e["reason"] for e in ended] == [f"app password {code_id} sending policy changed"]
+
+    def again() -> str:
+        with session(port, code) as smtp:
+            return try_send(smtp, SCANNER, "alice@example.test", "after the change")
+
+    refused = await threads.deferToThread(again)
+    assert refused == "550 5.7.1 Error: recipient address not allowed for this app password"

@@ -29,7 +29,7 @@ NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 # The schema version both stores' migrations reach (SQLite's PRAGMA user_version, PostgreSQL's
 # schema_version): a step added to one store must be added to the other.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Bounds for the cross-process race: the children start a Python each and open a store.
 PROCESS_DEADLINE = 120.0
@@ -375,6 +375,26 @@ class StoreContract:
         assert changed == [a.id, b.id]
         cli_side.set_disabled(a.id, False)
         assert proxy_side.changes_since(last)[1] == [a.id]
+
+    def test_a_new_sending_policy_is_stored_and_followed_as_a_change(self, store, reopen):
+        proxy_side = store
+        cli_side = reopen()
+        rec = cli_side.create(new(), cap=25, now=NOW)
+        last, _ = proxy_side.changes_since(None)
+        printer = SendingPolicy(("scan@example.org",), ("example.org",), 20)
+        assert cli_side.set_sending(rec.id, printer)
+        assert proxy_side.get(rec.id).sending == printer
+        last, changed = proxy_side.changes_since(last)
+        assert changed == [rec.id]
+        assert cli_side.set_sending(rec.id, printer)  # the same again: nothing changed
+        assert proxy_side.changes_since(last) == (last, [])
+        assert cli_side.set_sending(rec.id, SendingPolicy())
+        assert proxy_side.get(rec.id).sending == SendingPolicy()
+        last, changed = proxy_side.changes_since(last)
+        assert changed == [rec.id]
+        cli_side.revoke(rec.id)
+        assert not cli_side.set_sending(rec.id, printer)  # a revoked code keeps what it had
+        assert proxy_side.get(rec.id).sending == SendingPolicy()
 
     def test_list_orders_logins_by_their_bytes_whatever_the_database_language(self, store):
         for n, login in enumerate(["alice", "Bob", "_x", "Zed", "\u00e9ric"]):

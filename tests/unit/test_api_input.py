@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.manage import SendingChange
 from proxy.web.apiinput import (
     ROUTES,
     ApiError,
@@ -17,6 +18,7 @@ from proxy.web.apiinput import (
     match,
     no_fields,
     query,
+    sending_change,
 )
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
@@ -50,6 +52,7 @@ def refused(call, *args) -> tuple[int, str, str | None]:
         ("POST", b"/api/v1/codes/42/disable", "disable", {"id": 42}),
         ("POST", b"/api/v1/codes/42/enable", "enable", {"id": 42}),
         ("POST", b"/api/v1/codes/9223372036854775807/revoke", "revoke", {"id": 2**63 - 1}),
+        ("POST", b"/api/v1/codes/42/sending", "sending", {"id": 42}),
     ],
 )
 def test_each_route_and_its_parameters(method, path, action, params):
@@ -126,9 +129,9 @@ def test_a_method_the_path_does_not_take_is_405_with_allow(method, path, allow):
     )
 
 
-def test_only_the_document_needs_no_token_and_only_create_takes_fields():
+def test_only_the_document_needs_no_token_and_only_create_and_sending_take_fields():
     assert [r.action for r in ROUTES if not r.auth] == ["openapi"]
-    assert [r.action for r in ROUTES if r.body] == ["create"]
+    assert [r.action for r in ROUTES if r.body] == ["create", "sending"]
     assert all(r.method == "POST" for r in ROUTES if r.body)
 
 
@@ -293,3 +296,31 @@ def test_a_field_name_is_repeated_only_printable_and_short():
     status, code, field = refused(code_request, {"label": "x", "a\nb" + "c" * 100: 1}, NOW)
     assert (status, code) == (400, "invalid")
     assert field is not None and "\n" not in field and len(field) <= 43
+
+
+# -- a code's new sending policy -----------------------------------------------------------------
+
+
+def test_a_sending_change_replaces_the_whole_policy():
+    assert sending_change({"rcpt_domains": ["Example.org"]}) == SendingChange(
+        (), ("Example.org",), None
+    )  # the Manager checks and lower-cases the values
+    assert sending_change(
+        {"mail_from": ["scan@example.org"], "rcpt_domains": [], "max_messages_per_day": 20}
+    ) == SendingChange(("scan@example.org",), (), 20)
+    lifted = {"mail_from": [], "rcpt_domains": [], "max_messages_per_day": None}
+    assert sending_change(lifted) == SendingChange()
+
+
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({}, "mail_from"),  # an empty body lifts nothing by mistake
+        ({"label": "x"}, "label"),
+        ({"mail_from": "scan@example.org"}, "mail_from"),
+        ({"max_messages_per_day": "10"}, "max_messages_per_day"),
+        ({"max_messages_per_day": True}, "max_messages_per_day"),
+    ],
+)
+def test_a_sending_change_that_cannot_be_one_is_400_naming_the_field(body, field):
+    assert refused(sending_change, body) == (400, "invalid", field)

@@ -458,4 +458,6 @@ def test_a_grant_carries_the_codes_sending_rules_with_the_accounts_own_addresses
         assert rules.senders == {"alice@example.test", "scanner@example.org"}
         assert (rules.rcpt_domains, rules.max_per_day) == ({"example.org"}, 10)
         assert decision.sending.messages.code_id == policed.record.id
-    assert (yield env.attempt("alice", plain.code.value, protocol=Protocol.SMTP)).sending is None
+        assert decision.sending_policy == policed.record.sending  # a change ends the session
+    plain_login = yield env.attempt("alice", plain.code.value, protocol=Protocol.SMTP)
+    assert plain_login.sending is None and plain_login.sending_policy == SendingPolicy()

@@ -405,6 +405,49 @@ def test_create_refuses_a_sending_policy_it_cannot_apply(config, capsys, args, m
     assert (code, out) == (2, "") and message in err, err
 
 
+def test_sending_replaces_a_codes_policy_or_lifts_it(config, capsys):
+    assert create(config, capsys, "--scope", "smtp", "--max-messages-per-day", "10")[0] == 0
+    code, out, err = run(
+        config,
+        capsys,
+        "codes",
+        "sending",
+        "1",
+        "--mail-from",
+        "*@Example.org",
+        "--rcpt-domain",
+        "example.org",
+    )
+    assert (code, err) == (0, "")
+    assert out == "code 1 (alice, phone) sends as *@example.org; to example.org\n"
+    code, out, _ = run(config, capsys, "codes", "sending", "1", "--none")
+    assert (code, out) == (
+        0,
+        "code 1 (alice, phone) sends as anyone, to anyone, without a daily cap\n",
+    )
+    _, shown, _ = run(config, capsys, "codes", "show", "1", "--json")
+    record = json.loads(shown)
+    assert (record["mail_from"], record["rcpt_domains"], record["max_messages_per_day"]) == (
+        [],
+        [],
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([], "give the new policy"),
+        (["--none", "--max-messages-per-day", "5"], "give the new policy"),
+        (["--mail-from", "scanner"], "'scanner' is not a mail address"),
+    ],
+)
+def test_sending_refuses_no_policy_or_a_bad_one(config, capsys, args, message):
+    create(config, capsys, "--scope", "smtp")
+    code, out, err = run(config, capsys, "codes", "sending", "1", *args)
+    assert (code, out) == (2, "") and message in err, err
+
+
 def test_list_stale_shows_the_codes_devices_still_try_and_from_where(config, capsys):
     from datetime import UTC, datetime
 

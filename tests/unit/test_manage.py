@@ -11,10 +11,11 @@ import pytest
 
 from proxy.audit import Audit
 from proxy.codes.hashing import CodeHasher
+from proxy.codes.sending import SendingPolicy
 from proxy.codes.sqlite import SqliteCodeStore
 from proxy.config import parse
 from proxy.directory.static import StaticDirectory
-from proxy.manage import Actor, CodeRequest, ManageError, Manager
+from proxy.manage import Actor, CodeRequest, ManageError, Manager, SendingChange
 
 USERS = """
 accounts:
@@ -136,6 +137,50 @@ def test_revoking_twice_and_enabling_a_revoked_code_are_conflicts(env):
     env.revoke(CLI, rec.id)
     assert refused(env.revoke, CLI, rec.id) == ("conflict", None)
     assert refused(env.set_disabled, CLI, rec.id, False) == ("conflict", None)
+
+
+def test_a_codes_sending_policy_is_replaced_whole_checked_and_audited(env):
+    printer = env.account("printer1")
+    request = CodeRequest("scanner", scopes=("smtp",), max_messages_per_day=50)
+    rec = env.create(ADMIN, printer, request).record
+    assert rec.sending == SendingPolicy(("own",), (), 50)
+    change = SendingChange(("Scan@Example.test",), ("example.test",), None)
+    after = env.set_sending(ADMIN, rec.id, change)
+    assert after.sending == SendingPolicy(("scan@example.test",), ("example.test",), None)
+    assert env.set_sending(CLI, rec.id, SendingChange()).sending == SendingPolicy()
+    changes = [e for e in env.audited() if e["action"] == "sending"]
+    assert [(e["by"], e["sending"]) for e in changes] == [
+        ("helpdesk-carol", "as scan@example.test; to example.test"),
+        ("root", "any sender, any recipient, no daily cap"),
+    ]
+
+
+def test_a_sending_policy_change_is_refused_as_a_new_code_would_be(env):
+    alice = env.account("alice")
+    imap_only = env.create(CLI, alice, CodeRequest("tablet", scopes=("imap",))).record
+    printer = env.create(ADMIN, env.account("printer1"), CodeRequest("scanner")).record
+    assert refused(env.set_sending, CLI, imap_only.id, SendingChange(max_messages_per_day=5)) == (
+        "invalid",
+        "scopes",
+    )
+    assert refused(env.set_sending, CLI, printer.id, SendingChange(("not an address",))) == (
+        "invalid",
+        "mail_from",
+    )
+    assert refused(env.set_sending, CLI, printer.id, SendingChange((), ("-bad-",))) == (
+        "invalid",
+        "rcpt_domains",
+    )
+    assert refused(env.set_sending, CLI, printer.id, SendingChange(max_messages_per_day=0)) == (
+        "invalid",
+        "max_messages_per_day",
+    )
+    change = SendingChange(max_messages_per_day=5)
+    assert refused(env.set_sending, ALICE, printer.id, change) == ("not_found", "id")
+    assert refused(env.set_sending, READ_ONLY, printer.id, change) == ("forbidden", None)
+    env.revoke(CLI, printer.id)
+    assert refused(env.set_sending, CLI, printer.id, change) == ("conflict", None)
+    assert env.code(CLI, printer.id).sending == SendingPolicy()
 
 
 def test_verdicts_say_what_is_wrong_and_what_to_do(env):

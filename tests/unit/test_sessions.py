@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 
 from proxy.audit import Audit
 from proxy.auth.decision import Grant
+from proxy.codes.sending import SendingPolicy
 from proxy.codes.sqlite import SqliteCodeStore
 from proxy.codes.store import NewCode, Reservation, utcnow
 from proxy.config import PolicySettings
@@ -63,12 +64,15 @@ class Env:
             return defer.fail(self.broken)
         return defer.maybeDeferred(self.store.get_many, ids)
 
-    def session(self, **code) -> FakeSession:
-        new = NewCode(
-            ALICE.key, "alice", "phone", f"S{len(self.guard.sessions):03d}", "h", ("imap",), **code
-        )
+    def session(self, smtp: bool = False, **code) -> FakeSession:
+        scopes = ("imap", "smtp")
+        selector = f"S{len(self.guard.sessions):03d}"
+        new = NewCode(ALICE.key, "alice", "phone", selector, "h", scopes, **code)
         rec = self.store.create(new, cap=100, now=utcnow() - timedelta(hours=1))
-        s = FakeSession(Grant(ALICE, rec.id, "phone", ALICE.upstream_identity, Reservation(rec.id)))
+        grant = Grant(ALICE, rec.id, "phone", ALICE.upstream_identity, Reservation(rec.id))
+        if smtp:  # as the Authenticator grants an SMTP login: the policy it logged in under
+            grant = replace(grant, sending_policy=rec.sending)
+        s = FakeSession(grant)
         self.guard.add(s)
         return s
 
@@ -108,6 +112,24 @@ def test_a_revoked_or_disabled_code_ends_its_sessions_at_once(env):
         revoked.grant.code_id,
         disabled.grant.code_id,
     }
+
+
+def test_a_changed_sending_policy_ends_the_codes_smtp_sessions_only(env, tmp_path):
+    printer = SendingPolicy(("own",), (), 10)
+    smtp = env.session(smtp=True, sending=printer)
+    code_id = smtp.grant.code_id
+    imap = FakeSession(replace(smtp.grant, sending_policy=None), "s2")  # the same code, IMAP
+    env.guard.add(imap)
+    other = env.session(smtp=True, sending=printer)
+    cli = SqliteCodeStore(tmp_path / "codes.db", migrate=False)  # as `apppass codes sending`
+    cli.set_sending(code_id, SendingPolicy(("own",), ("example.org",), 10))
+    cli.close()
+    env.clock.advance(1)
+    assert smtp.ended == [f"app password {code_id} sending policy changed"]
+    assert not imap.ended and not other.ended
+    env.guard.discard(smtp)  # as its frontend does once the connection is gone
+    env.clock.advance(CODE_EVERY)  # the full check agrees: nothing more ends
+    assert not imap.ended and not other.ended
 
 
 def test_disabling_a_used_up_code_ends_its_session(env):
