@@ -1,7 +1,7 @@
 """The portal's pages about codes: the list, the prerequisites, the create form and the page
-that shows a new code once (with setup hints), disable / enable, revoke (after a confirmation)
-and revoke all. An admin reaches the same form and actions for another account through
-admin_pages.py; proxy/manage.py decides what each actor may do.
+that shows a new code once (with setup hints), disable / enable, its sending limits, revoke
+(after a confirmation) and revoke all. An admin reaches the same form and actions for another
+account through admin_pages.py; proxy/manage.py decides what each actor may do.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from urllib.parse import quote
 from proxy.codes.issue import Issued
 from proxy.directory.account import Account
 from proxy.manage import Actor, ManageError
-from proxy.web.forms import choices, code_request
+from proxy.web.forms import choices, code_request, sending_change, sending_values
 from proxy.web.hints import setup_hints
 from proxy.web.state import PortalState
 from proxy.web.view import Ctx, Reply, redirect
@@ -23,6 +23,7 @@ DONE = {
     "enabled": "The app password is enabled again.",
     "revoked": "The app password is revoked. Devices using it can no longer sign in.",
     "revoked-all": "All your app passwords are revoked.",
+    "sending": "The sending limits are saved. A device sending with it signs in again under them.",
     "mfa-reset": "The second factor is reset: the account enrols a new one at its next sign-in.",
 }
 
@@ -195,6 +196,42 @@ async def toggle(state: PortalState, ctx: Ctx, code_id: str, action: str) -> Rep
     disabled = action == "disable"
     await state.run(ctx, state.app.manager.set_disabled, actor, int(code_id), disabled)
     return redirect(_with_done(back_to(ctx.field("back")), "disabled" if disabled else "enabled"))
+
+
+async def sending_form(
+    state: PortalState, ctx: Ctx, code_id: str, errors: dict[str, str] | None = None
+) -> Reply:
+    """The code's sending limits, to change (GET), or again with what was wrong (POST)."""
+    actor = await _actor_for(state, ctx, int(code_id))
+    record = await state.run(ctx, state.app.manager.code, actor, int(code_id))
+    back = back_to(ctx.field("back") if errors else ctx.arg("back"))
+    return state.views.page(
+        ctx,
+        "sending.html",
+        400 if errors else 200,
+        title=f"Sending limits of “{record.label}”",
+        record=record,
+        action=f"/codes/{record.id}/sending",
+        values=ctx.form if errors else sending_values(record.sending),
+        errors=errors or {},
+        back=back,
+    )
+
+
+async def set_sending(state: PortalState, ctx: Ctx, code_id: str) -> Reply:
+    actor = await _actor_for(state, ctx, int(code_id))
+    try:
+        change = sending_change(ctx.form)
+        await state.run(ctx, state.app.manager.set_sending, actor, int(code_id), change)
+    except ManageError as exc:
+        if exc.code == "invalid" and exc.field in (
+            "mail_from",
+            "rcpt_domains",
+            "max_messages_per_day",
+        ):
+            return await sending_form(state, ctx, code_id, {exc.field: exc.message})
+        raise
+    return redirect(_with_done(back_to(ctx.field("back")), "sending"))
 
 
 async def revoke_form(state: PortalState, ctx: Ctx, code_id: str) -> Reply:

@@ -1,5 +1,6 @@
-"""The create form's fields to a CodeRequest (proxy/manage.py checks the rest), and the form's
-choices. Pure: a mistake is a ManageError naming the field, shown next to it."""
+"""The create form's fields to a CodeRequest and the sending-limits form's to a SendingChange
+(proxy/manage.py checks the rest), and the create form's choices. Pure: a mistake is a
+ManageError naming the field, shown next to it."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
+from proxy.codes.sending import SendingPolicy
 from proxy.config import SCOPES, Settings
 from proxy.configschema import parse_expiry
-from proxy.manage import CodeRequest, ManageError
+from proxy.manage import CodeRequest, ManageError, SendingChange
 
 # Expiry choices (Google and Microsoft app passwords never expire; Fastmail offers presets).
 PRESETS = {"30d": ("30 days", 30), "90d": ("90 days", 90), "365d": ("1 year", 365)}
@@ -73,12 +75,32 @@ def code_request(form: Mapping[str, Sequence[str]], now: datetime) -> CodeReques
         networks=_words(first(form, "networks")),
         mail_from=_words(first(form, "mail_from")),
         rcpt_domains=_words(first(form, "rcpt_domains")),
-        max_messages_per_day=_whole(
-            first(form, "max_messages_per_day"),
-            "messages per day is a whole number, or empty for no limit",
-            "max_messages_per_day",
-        ),
+        max_messages_per_day=_per_day(first(form, "max_messages_per_day")),
         custodian=first(form, "custodian").strip() or None,
+    )
+
+
+def sending_change(form: Mapping[str, Sequence[str]]) -> SendingChange:
+    """The sending limits the form gives; all three empty removes them."""
+    return SendingChange(
+        mail_from=_words(first(form, "mail_from")),
+        rcpt_domains=_words(first(form, "rcpt_domains")),
+        max_messages_per_day=_per_day(first(form, "max_messages_per_day")),
+    )
+
+
+def sending_values(policy: SendingPolicy) -> dict[str, list[str]]:
+    """A code's sending policy as the form's values, to start from."""
+    return {
+        "mail_from": [", ".join(policy.mail_from)],
+        "rcpt_domains": [", ".join(policy.rcpt_domains)],
+        "max_messages_per_day": [str(policy.max_per_day or "")],
+    }
+
+
+def _per_day(value: str) -> int | None:
+    return _whole(
+        value, "messages per day is a whole number, or empty for no limit", "max_messages_per_day"
     )
 
 

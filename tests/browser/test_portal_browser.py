@@ -2,8 +2,8 @@
 the real slapd, enrols TOTP, creates a code, reads it from the page, logs in with it through
 the proxy to the real Dovecot, sees the use on the list, revokes it and is refused after; a YAML
 user does the same without a second factor; an account outside the legacy group sees the
-prerequisites; an admin creates a printer's code. The main pages are saved as screenshots for
-the README (docs/screenshots)."""
+prerequisites; an admin creates a printer's code and limits what it sends. The main pages are
+saved as screenshots for the README (docs/screenshots)."""
 
 from __future__ import annotations
 
@@ -257,10 +257,23 @@ async def test_yaml_user_and_an_admin_creating_a_printer_code(browser, yaml_port
         printer = create_code(driver, "Scanner 3rd floor")
         driver.get(base + "/admin/account?login=printer1")
         wait_for(driver, "table.codes")
+        # Later the admin limits what the scanner may send, without a new code for it.
+        click(driver, "a[aria-label='Sending limits of Scanner 3rd floor']")
+        wait_for(driver, "#rcpt_domains")
+        fill(driver, "mail_from", "scanner@example.org")
+        fill(driver, "rcpt_domains", "example.org")
+        fill(driver, "max_messages_per_day", "20")
+        screenshot(driver, "sending")
+        click(driver, "form button.primary[type=submit]")
+        wait_for(driver, "table.codes")
+        assert "The sending limits are saved" in driver.page_source
+        limits = row_text(driver, "Scanner 3rd floor")
         screenshot(driver, "account")
-        return code, printer
+        return code, printer, limits
 
-    code, printer = await threads.deferToThread(run)
+    code, printer, limits = await threads.deferToThread(run)
+    assert "sends as scanner@example.org; to example.org; 20 messages a day" in limits
     record = next(r for r in yaml_portal.store.list("key-printer1"))
     assert record.label == "Scanner 3rd floor" and record.created_by == "admin:carol"
+    assert record.sending.max_per_day == 20
     assert code not in yaml_portal.audit_text() and printer not in yaml_portal.audit_text()

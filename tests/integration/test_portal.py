@@ -355,6 +355,44 @@ async def test_an_admin_sees_a_printers_sending_policy_and_that_a_device_still_r
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_person_changes_a_codes_sending_limits_and_a_mistake_is_shown_by_its_field(
+    portal,
+):
+    def run():
+        web = client(portal)
+        web.sign_in("alice", PASSWORDS["alice"])
+        create_code(web, "Scanner at home")
+        row = row_of(web.get("/codes"), "Scanner at home")
+        code_id = int(re.search(r'id="code-(\d+)"', row).group(1))
+        assert f'href="/codes/{code_id}/sending?back=/codes"' in row
+        action = f"/codes/{code_id}/sending"
+        form = web.get(f"{action}?back=/codes")
+        assert form.status == 200 and "has no sending limits" in form.text
+        fields = {"csrf": form.hidden("csrf", action), "back": "/codes", "mail_from": ""}
+        wrong = web.post(
+            action, {**fields, "rcpt_domains": "example.test", "max_messages_per_day": "0"}
+        )
+        assert wrong.status == 400
+        assert 'id="max_messages_per_day-error"' in wrong.text
+        assert 'value="example.test"' in wrong.text  # what was typed stays
+        saved = web.post(
+            action, {**fields, "rcpt_domains": "example.test", "max_messages_per_day": "5"}
+        )
+        assert saved.path == "/codes?done=sending" and "The sending limits are saved" in saved.text
+        assert "sends as own addresses; to example.test; 5 messages a day" in row_of(
+            saved, "Scanner at home"
+        )
+        again = web.get(f"{action}?back=/codes")
+        assert 'value="example.test"' in again.text and 'value="5"' in again.text
+        return code_id
+
+    code_id = await threads.deferToThread(run)
+    assert portal.store.get(code_id).sending.max_per_day == 5
+    changed = [e for e in portal.audit_events("manage") if e["action"] == "sending"]
+    assert [(e["code"], e["by"]) for e in changed] == [(code_id, "alice")]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_person_cannot_reach_someone_elses_code(portal):
     printer_code_id, _ = portal.issue("printer1", label="not alice's")
 
@@ -364,10 +402,15 @@ async def test_a_person_cannot_reach_someone_elses_code(portal):
         page = web.post(
             f"/codes/{printer_code_id}/disable", {"csrf": web.csrf(listing), "back": "/codes"}
         )
-        return page.status
+        limits = web.post(
+            f"/codes/{printer_code_id}/sending",
+            {"csrf": web.csrf(listing), "back": "/codes", "max_messages_per_day": "1"},
+        )
+        return page.status, limits.status, web.get(f"/codes/{printer_code_id}/sending").status
 
-    assert await threads.deferToThread(run) == 404
+    assert await threads.deferToThread(run) == (404, 404, 404)
     assert not portal.store.get(printer_code_id).disabled
+    assert not portal.store.get(printer_code_id).sending.active
 
 
 @pytest_twisted.ensureDeferred

@@ -12,11 +12,12 @@ from pathlib import Path
 import pyotp
 import pytest
 
+from proxy.codes.sending import SendingPolicy
 from proxy.config import DirectorySettings, Listener, Settings, StoreSettings
 from proxy.directory.account import Account
 from proxy.manage import ManageError
 from proxy.protocols import MailProtocol, TlsMode
-from proxy.web.forms import code_request
+from proxy.web.forms import code_request, sending_change, sending_values
 from proxy.web.hints import setup_hints
 from proxy.web.records import WebSession
 from proxy.web.session import (
@@ -179,6 +180,27 @@ def test_the_form_reads_a_sending_policy_and_a_custodian():
     assert (request.max_messages_per_day, request.custodian) == (10, "team@example.org")
     plain = code_request(form(), NOW)
     assert (plain.mail_from, plain.max_messages_per_day, plain.custodian) == ((), None, None)
+
+
+def test_the_sending_limits_form_starts_from_the_policy_and_reads_back_the_same():
+    policy = SendingPolicy(("scanner@example.org", "*@scan.example.org"), ("example.org",), 10)
+    values = sending_values(policy)
+    assert values == {
+        "mail_from": ["scanner@example.org, *@scan.example.org"],
+        "rcpt_domains": ["example.org"],
+        "max_messages_per_day": ["10"],
+    }
+    change = sending_change(values)
+    assert (change.mail_from, change.rcpt_domains, change.max_messages_per_day) == (
+        policy.mail_from,
+        policy.rcpt_domains,
+        10,
+    )
+    empty = sending_change(sending_values(SendingPolicy()))
+    assert (empty.mail_from, empty.rcpt_domains, empty.max_messages_per_day) == ((), (), None)
+    with pytest.raises(ManageError) as info:
+        sending_change({"max_messages_per_day": ["a dozen"]})
+    assert info.value.field == "max_messages_per_day"
 
 
 @pytest.mark.parametrize(
