@@ -144,6 +144,9 @@ class SessionGuard:
             if reason is not None:
                 self._end(sessions, f"app password {code_id} {reason}", code=code_id)
             elif record is not None and (changed := _policy_changed(sessions, record)):
+                # Also forget it again: a login verified just before the change may have put
+                # the old policy back into the verified cache after the change log dropped it.
+                self._changed(code_id)
                 reason = f"app password {code_id} sending policy changed"
                 self._end(changed, reason, code=code_id)
 

@@ -132,6 +132,17 @@ def test_a_changed_sending_policy_ends_the_codes_smtp_sessions_only(env, tmp_pat
     assert not imap.ended and not other.ended
 
 
+def test_a_session_that_logged_in_under_an_old_policy_ends_and_the_cache_forgets_it(env):
+    # A login verified just before a change can hold (and cache) the old policy after the
+    # change log was read: the full check still finds it.
+    session = env.session(smtp=True, sending=SendingPolicy(("own",), (), 10))
+    code_id = session.grant.code_id
+    session.grant = replace(session.grant, sending_policy=SendingPolicy(("*",), (), None))
+    env.clock.advance(CODE_EVERY)
+    assert session.ended == [f"app password {code_id} sending policy changed"]
+    assert env.dropped == [code_id]
+
+
 def test_disabling_a_used_up_code_ends_its_session(env):
     session = env.session(max_uses=1)
     code_id = session.grant.code_id
