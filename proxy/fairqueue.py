@@ -14,6 +14,7 @@ once, concurrent lookups of the same login query the directory once.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
@@ -45,8 +46,9 @@ class FairQueue:
     idle, and a job costs one hand-off each way (the result comes back with callFromThread).
     """
 
-    def __init__(self, name: str, threads: int, queue: int) -> None:
+    def __init__(self, name: str, threads: int, queue: int, nice: int = 0) -> None:
         self.name = name
+        self.nice = nice  # added to its threads' nice value: lower CPU priority than the rest
         self.threads = threads
         self.queue = queue
         # One client may queue at most this many (its share, at least one).
@@ -131,6 +133,8 @@ class FairQueue:
     def _serve(self) -> None:
         """One thread: take a job given to the threads, run it, give the next waiting one out
         (usually to itself), hand the outcome to the reactor."""
+        if self.nice:
+            lower_priority(self.nice)
         while True:
             with self._lock:
                 while not self._ready and not self._stopping:
@@ -186,3 +190,14 @@ class SingleFlight(Generic[K]):
                 d.errback(outcome)
             else:
                 d.callback(outcome)
+
+
+def lower_priority(steps: int) -> None:
+    """Raise the calling thread's nice value by `steps` (Linux schedules threads one by one):
+    the CPU goes to the event loop first whenever both want it. Where that is not possible the
+    thread keeps its priority."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps))
+    except (OSError, AttributeError):
+        pass

@@ -24,6 +24,11 @@ from proxy.fairqueue import FairQueue
 # verification and timing tells nothing.
 _DUMMY_CODE = "dummy-code-never-issued"
 
+# How much lower the argon2 threads' CPU priority is than the event loop's (nice steps): a burst
+# of verifications (a flood of wrong codes, devices reconnecting after a restart) keeps both
+# cores busy for a moment, and the relay and warm logins must not wait behind it.
+ARGON2_NICE = 10
+
 
 def pool_share(settings: Argon2Settings, workers: int) -> Argon2Settings:
     """One worker's part of the verification pool when `workers` processes serve
@@ -50,7 +55,7 @@ class CodeHasher:
             type=Type.ID,
         )
         self._dummy = self._hasher.hash(_DUMMY_CODE)
-        self.queue = FairQueue("apppass-argon2", settings.threads, settings.queue)
+        self.queue = FairQueue("apppass-argon2", settings.threads, settings.queue, ARGON2_NICE)
         self.per_client = self.queue.per_client
 
     # -- synchronous path (CLI, benchmarks, the pool's threads) ----------------------------------

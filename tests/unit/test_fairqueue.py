@@ -3,6 +3,7 @@ job itself, without a trip through the reactor (proxy/fairqueue.py)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -46,8 +47,8 @@ def held():
     reactor = HeldReactor()
     queues: list[FairQueue] = []
 
-    def make(threads: int, queue: int) -> FairQueue:
-        q = FairQueue("test", threads, queue)
+    def make(threads: int, queue: int, nice: int = 0) -> FairQueue:
+        q = FairQueue("test", threads, queue, nice)
         q.start(reactor)
         queues.append(q)
         return q
@@ -84,6 +85,23 @@ def test_a_failing_job_fails_its_deferred_on_the_reactor(held):
     failures: list[Failure] = []
     d.addErrback(failures.append)
     assert failures and failures[0].check(ValueError)
+
+
+def test_a_niced_queue_runs_its_jobs_at_a_lower_cpu_priority_than_the_caller(held):
+    reactor, make = held
+
+    def own_nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    mine = own_nice()
+    results = []
+    for nice, q in ((0, make(threads=1, queue=4)), (3, make(threads=1, queue=4, nice=3))):
+        d = q.submit("a", own_nice)
+        wait_for(lambda: reactor.calls, "the outcome")
+        reactor.run_calls()
+        d.addCallback(results.append)
+        assert results[-1] == min(19, mine + nice)
+    assert own_nice() == mine  # the caller's thread keeps its priority
 
 
 def test_jobs_over_the_bound_fail_at_once(held):
