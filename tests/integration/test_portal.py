@@ -374,6 +374,7 @@ async def test_a_person_changes_a_codes_sending_limits_and_a_mistake_is_shown_by
         )
         assert wrong.status == 400
         assert 'id="max_messages_per_day-error"' in wrong.text
+        assert '<a href="#max_messages_per_day">' in wrong.text  # the summary atop the form
         assert 'value="example.test"' in wrong.text  # what was typed stays
         saved = web.post(
             action, {**fields, "rcpt_domains": "example.test", "max_messages_per_day": "5"}
