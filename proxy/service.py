@@ -42,7 +42,7 @@ from proxy.reloading import applied_live, needs_restart, read_again, report_rest
 from proxy.sessions import ACCOUNT_CHECK_SECONDS, CODE_CHECK_SECONDS, LiveSession, SessionGuard
 from proxy.smtp.spec import SmtpSpec
 from proxy.tls import ServerTLS, TLSConfigError
-from proxy.upstream import UpstreamError, connect
+from proxy.upstream import UpstreamError, connect, forget_tls
 
 # Pending connections the kernel queues per listener; Twisted's default of 50 drops SYNs under a
 # login storm (each drop costs a client a 1 s retransmit). nginx uses 511, the kernel caps it at
@@ -347,8 +347,8 @@ class Service:
 
     def reload(self) -> None:
         """SIGHUP: re-read the config and apply what can change without a restart (policy,
-        limits, log level), the TLS certificates and a static users file, and reopen the audit
-        file; log what was applied and what needs a restart."""
+        limits, log level), the TLS certificates, the upstreams' trust stores and a static users
+        file, and reopen the audit file; log what was applied and what needs a restart."""
         applied, restart = self._reload_settings()
         reload_directory = getattr(self.directory, "reload", None)
         if reload_directory is not None:
@@ -367,6 +367,7 @@ class Service:
                 oplog.error(
                     "reload: the certificate of %s did not load, kept the old: %s", name, exc
                 )
+        forget_tls()  # each upstream's trust store (a ca_file, or the system's) is read again
         self.audit.reopen()
         oplog.info("reload applied: %s", ", ".join(applied) or "nothing")
         if self.workers == 1:  # workers: their supervisor says it once for all

@@ -7,6 +7,7 @@ After the login the connection's leftover bytes go to the client and the relay t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -192,12 +193,40 @@ def write_now(transport: Any, data: bytes) -> None:
         transport.write(data)
 
 
+# One TLS client creator (its OpenSSL context, the trust store loaded into it) per upstream,
+# shared by its connections: made for each connection it cost 0.8 ms of CPU with a ca_file and
+# 5.4 ms with the system store (every CA certificate parsed), against 0.2-0.3 ms for a
+# connection from a shared one. Keyed by what it is made from; the ca_file's identity (inode,
+# size, mtime) is part of it, so a replaced file is read at the next connection. The system
+# store is read again on reload (`forget_tls`).
+_TLS_CREATORS: dict[tuple, tuple[tuple, IOpenSSLClientConnectionCreator]] = {}
+
+
 def client_tls(settings: Upstream) -> IOpenSSLClientConnectionCreator:
-    return upstream_tls(
-        settings.server_name or settings.host,
-        ca_file=str(settings.ca_file) if settings.ca_file else None,
-        verify=settings.verify,
-    )
+    name = settings.server_name or settings.host
+    ca_file = str(settings.ca_file) if settings.ca_file else None
+    key = (name, ca_file, settings.verify)
+    try:
+        stamp: tuple = _file_stamp(ca_file) if ca_file and settings.verify else ()
+    except OSError:
+        stamp = ("unreadable",)  # upstream_tls says why, as before
+    known = _TLS_CREATORS.get(key)
+    if known is not None and known[0] == stamp:
+        return known[1]
+    creator = upstream_tls(name, ca_file=ca_file, verify=settings.verify)
+    _TLS_CREATORS[key] = (stamp, creator)
+    return creator
+
+
+def forget_tls() -> None:
+    """Make each upstream's TLS context again at its next connection (SIGHUP: a renewed system
+    trust store)."""
+    _TLS_CREATORS.clear()
+
+
+def _file_stamp(path: str) -> tuple:
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class _Connecting(ClientFactory):
