@@ -9,9 +9,9 @@ Server side, one `ServerTLS` per listener::
 
 `ServerTLS` is an IOpenSSLServerConnectionCreator: Twisted asks it for a new connection on every
 handshake, and each one is made from the context current at that moment, so `reload()` takes
-effect for new connections while established ones keep the certificate they started with. The
-listeners' contexts and connections are the standard library's ssl module (the system's
-OpenSSL), shaped for Twisted by proxy/tlsconnection.py; the upstream side is pyOpenSSL.
+effect for new connections while established ones keep the certificate they started with. Both
+sides' contexts and connections are the standard library's ssl module (the system's OpenSSL),
+shaped for Twisted by proxy/tlsconnection.py (pyOpenSSL remains only for Twisted's own types).
 
 Upstream side::
 
@@ -19,13 +19,15 @@ Upstream side::
     upstream_transport.startTLS(creator)            # or connectSSL(host, port, f, creator)
 
 Verification is on by default: the chain against `ca_file` (or the system trust store when
-None) and the name against `hostname` (DNS name, or IP address SAN when it is an address) via
-Twisted's optionsForClientTLS and service_identity. `verify=False` turns both off, explicitly.
-The name check is ours (`_VerifiedClientTLS`): Twisted's treats a malformed name in the
-certificate (an IP address as a DNS name, a bad wildcard) or a certificate without names as an
-error in its callback, logs a traceback for every connection and then accepts the certificate
-without checking its name. Here a malformed name is skipped, with one warning per upstream (a
-Twisted log event at level warn, which `apppass serve` prints), and the other names decide.
+None) by OpenSSL, and the name against `hostname` (DNS name, or IP address SAN when it is an
+address) by `UpstreamTLS.name_problem` with service_identity, once the handshake is done and
+before any byte of the session is sent. `verify=False` turns both off, explicitly. The name
+check is ours, not OpenSSL's or Twisted's: Twisted's treats a malformed name in the certificate
+(an IP address as a DNS name, a bad wildcard) or a certificate without names as an error in its
+callback, logs a traceback for every connection and then accepts the certificate without
+checking its name. Here a malformed name is skipped, with one warning per upstream (a Twisted
+log event at level warn, which `apppass serve` prints), and the other names decide; a
+certificate left without a name that matches is refused.
 
 Every problem with a configured file raises TLSConfigError naming the file and the problem in a
 sentence a person can act on; callers turn it into a config error, never a traceback.
@@ -44,7 +46,6 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
 from service_identity.hazmat import (
     DNS_ID,
@@ -54,17 +55,15 @@ from service_identity.hazmat import (
     IPAddressPattern,
     verify_service_identity,
 )
-from twisted.internet import ssl as twisted_ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
 )
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from proxy.tlsconnection import StdlibConnection
+from proxy.tlsconnection import ClientConnection, StdlibConnection
 
 log = Logger()
 
@@ -277,31 +276,16 @@ class ServerTLS:
 
 # --- upstream (client) side -------------------------------------------------------------------
 
+_CLIENT_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
-def _twisted_version(min_tls: str):
-    versions = {"1.2": twisted_ssl.TLSVersion.TLSv1_2, "1.3": twisted_ssl.TLSVersion.TLSv1_3}
-    if min_tls not in versions:
+
+def _client_version(min_tls: str) -> ssl.TLSVersion:
+    if min_tls not in _CLIENT_VERSIONS:
         raise TLSConfigError(
             "min_tls",
             f"{min_tls!r} for an upstream: only 1.2 or 1.3 (the upstream is ours to upgrade)",
         )
-    return versions[min_tls]
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class _UnverifiedClientTLS:
-    """verify: false -- encrypt, send SNI, but accept any certificate for any name."""
-
-    def __init__(self, hostname: str, options: twisted_ssl.CertificateOptions) -> None:
-        self._options = options
-        is_ip = isIPAddress(hostname) or isIPv6Address(hostname)
-        self._sni = None if is_ip else hostname.encode("idna")
-
-    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
-        connection = self._options.clientConnectionForTLS(tlsProtocol)
-        if self._sni:
-            connection.set_tlsext_host_name(self._sni)
-        return connection
+    return _CLIENT_VERSIONS[min_tls]
 
 
 # Certificate warnings already given, so that each is said once per upstream and not once per
@@ -349,39 +333,32 @@ def _name_patterns(cert: x509.Certificate) -> tuple[list[CertificatePattern], li
 
 
 @implementer(IOpenSSLClientConnectionCreator)
-class _VerifiedClientTLS:
-    """Twisted's client connection (trust root, SNI, versions, ALPN) with our name check."""
+class UpstreamTLS:
+    """One upstream's TLS client side: a context (trust store, versions, ALPN) made once, and a
+    connection per handshake (`ClientConnection`, the ssl module's) that sends SNI and, when
+    verifying, checks the certificate's name itself once OpenSSL has checked the chain."""
 
-    def __init__(self, hostname: str, options: IOpenSSLClientConnectionCreator) -> None:
+    def __init__(self, hostname: str, context: ssl.SSLContext, verify: bool) -> None:
         self._hostname = hostname
-        self._options = options
-        if isIPAddress(hostname) or isIPv6Address(hostname):
+        self._context = context
+        self._verify = verify
+        is_ip = isIPAddress(hostname) or isIPv6Address(hostname)
+        self._sni = None if is_ip else hostname
+        if is_ip:
             self._identity: DNS_ID | IPAddress_ID = IPAddress_ID(hostname)
         else:
             self._identity = DNS_ID(hostname.encode("idna").decode("ascii"))
 
-    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
-        connection = self._options.clientConnectionForTLS(tlsProtocol)
-        pending = [tlsProtocol]  # dropped once the leaf is checked: no cycle through OpenSSL
+    def clientConnectionForTLS(self, tlsProtocol) -> Any:
+        # Any: the interface names pyOpenSSL's Connection, whose calls ClientConnection answers.
+        check = self.name_problem if self._verify else None
+        return ClientConnection(self._context, self._sni, check)
 
-        def verify(conn: SSL.Connection, cert: crypto.X509, error: int, depth: int, ok: int):
-            if depth != 0 or not ok or not pending:
-                return bool(ok)  # the chain is OpenSSL's to check
-            protocol = pending.pop()
-            problem = self._name_problem(cert)
-            if problem is not None:
-                protocol.failVerification(Failure(problem))
-                return False
-            return True
-
-        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
-        return connection
-
-    def _name_problem(self, cert: crypto.X509) -> Exception | None:
+    def name_problem(self, cert: x509.Certificate) -> Exception | None:
         """None when the certificate is valid for the upstream's name, else the reason. Never
-        raises: an exception in an OpenSSL callback would be lost, and the handshake go on."""
+        raises: a certificate it cannot read is not a verified one."""
         try:
-            patterns, malformed = _name_patterns(cert.to_cryptography())
+            patterns, malformed = _name_patterns(cert)
             for name in malformed:
                 hint = " (an IP address belongs in an IP address SAN)" if _is_ip(name) else ""
                 _warn_once(
@@ -394,10 +371,9 @@ class _VerifiedClientTLS:
                 return None
         except VerificationError as exc:
             return exc
-        except Exception as exc:  # a certificate we cannot read is not a verified one
+        except Exception as exc:
             _warn_once(self._hostname, f"cannot read the names of its certificate: {exc}")
-        # No name to match at all (service_identity raises CertificateError for that, which
-        # Twisted logs and then accepts): a mismatch like any other.
+        # No name to match at all: a mismatch like any other.
         return VerificationError(
             errors=[self._identity.error_on_mismatch(mismatched_id=self._identity)]
         )
@@ -410,7 +386,7 @@ def upstream_tls(
     verify: bool = True,
     min_tls: str = DEFAULT_MIN_TLS,
     alpn: Sequence[bytes] | None = None,
-) -> IOpenSSLClientConnectionCreator:
+) -> UpstreamTLS:
     """A TLS client connection creator for one upstream server.
 
     hostname: the name (or IP address) the upstream's certificate must carry; also sent as SNI
@@ -418,22 +394,19 @@ def upstream_tls(
     ca_file: PEM file of the CA certificates to trust; None trusts the system store.
     verify: False disables certificate and name checks (the connection is still encrypted).
     """
-    version = _twisted_version(min_tls)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = _client_version(min_tls)
+    context.check_hostname = False  # the name is checked by UpstreamTLS.name_problem
     if not verify:
-        options = twisted_ssl.CertificateOptions(verify=False, raiseMinimumTo=version)
-        return _UnverifiedClientTLS(hostname, options)
-    if ca_file is not None:
-        authorities = [
-            twisted_ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM))
-            for c in load_certificates(ca_file, "CA certificate")
-        ]
-        trust = twisted_ssl.trustRootFromCertificates(authorities)
+        context.verify_mode = ssl.CERT_NONE
+    elif ca_file is not None:
+        load_certificates(ca_file, "CA certificate")  # its problems, in words a person can use
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (ssl.SSLError, OSError) as e:
+            raise TLSConfigError(ca_file, f"cannot use the CA certificates: {e}") from None
     else:
-        trust = twisted_ssl.platformTrust()
-    client = twisted_ssl.optionsForClientTLS(
-        hostname,
-        trustRoot=trust,
-        acceptableProtocols=list(alpn) if alpn else None,
-        extraCertificateOptions={"raiseMinimumTo": version},
-    )
-    return _VerifiedClientTLS(hostname, client)
+        context.set_default_verify_paths()
+    if alpn:
+        context.set_alpn_protocols([p.decode("ascii") for p in alpn])
+    return UpstreamTLS(hostname, context, verify)

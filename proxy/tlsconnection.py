@@ -1,4 +1,4 @@
-"""A client's TLS connection on the standard library's ssl module, in the shape Twisted drives.
+"""TLS connections on the standard library's ssl module, in the shape Twisted drives.
 
 Twisted's TLSMemoryBIOProtocol (listenSSL, TLSMemoryBIOFactory, startTLS) encrypts through a
 pyOpenSSL Connection fed by memory BIOs, asking the connection creator (`ServerTLS`) for one per
@@ -13,14 +13,19 @@ recv/send, shutdown, bio_shutdown and the set-up calls) over `ssl.SSLObject` and
 * updates: the listeners' TLS then follows the distribution's OpenSSL security updates;
 * CPU: the ssl module's calls are C, not cffi.
 
-The upstream side (client connections with our certificate name check) stays on pyOpenSSL.
+`ClientConnection` is the upstream side: it sends SNI and, once OpenSSL has verified the
+chain, checks the certificate's name with the check it is given (proxy/tls.py UpstreamTLS).
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 
+from cryptography import x509
+from OpenSSL.crypto import X509
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from twisted.python.failure import Failure
 
 # Twisted's TLSMemoryBIOProtocol reads this reason to tell an EOF without close_notify (a client
 # that just closed its socket) from a real TLS failure: the former ends the session as a plain
@@ -125,3 +130,55 @@ class StdlibConnection:
     def get_cipher_name(self) -> str | None:
         cipher = self._tls.cipher()
         return cipher[0] if cipher else None
+
+
+class ClientConnection(StdlibConnection):
+    """One upstream connection: the calls Twisted makes of a client-side pyOpenSSL Connection.
+    `check` (None: no verification) gives the problem with the certificate's name, or None;
+    it runs once the handshake is done, before a byte of the session is sent."""
+
+    __slots__ = ("_check", "_protocol")
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        server_hostname: str | None,
+        check: Callable[[x509.Certificate], Exception | None] | None,
+    ) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(
+            self._incoming, self._outgoing, server_side=False, server_hostname=server_hostname
+        )
+        self._check = check
+        self._protocol: object = None
+
+    def set_connect_state(self) -> None:
+        """Already the client's side."""
+
+    def set_app_data(self, data: object) -> None:
+        """Twisted's TLS protocol: told of a name that does not match (failVerification), as
+        Twisted's own verification does; kept only until the check."""
+        if self._check is not None:
+            self._protocol = data
+
+    def do_handshake(self) -> None:
+        super().do_handshake()
+        check, self._check = self._check, None
+        protocol, self._protocol = self._protocol, None
+        if check is None:
+            return
+        der = self._tls.getpeercert(binary_form=True)
+        problem = check(x509.load_der_x509_certificate(der)) if der else None
+        if der is None:
+            problem = ValueError("the upstream sent no certificate")
+        if problem is None:
+            return
+        fail = getattr(protocol, "failVerification", None)
+        if fail is not None:
+            fail(Failure(problem))  # the reason the connection ends with
+        raise Error([("SSL routines", "", "certificate name does not match the upstream")])
+
+    def get_peer_certificate(self) -> X509 | None:  # type: ignore[override]
+        der = self._tls.getpeercert(binary_form=True)
+        return X509.from_cryptography(x509.load_der_x509_certificate(der)) if der else None
