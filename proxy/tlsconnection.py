@@ -137,21 +137,31 @@ class ClientConnection(StdlibConnection):
     `check` (None: no verification) gives the problem with the certificate's name, or None;
     it runs once the handshake is done, before a byte of the session is sent."""
 
-    __slots__ = ("_check", "_protocol")
+    __slots__ = ("_check", "_protocol", "_remember")
 
     def __init__(
         self,
         context: ssl.SSLContext,
         server_hostname: str | None,
         check: Callable[[x509.Certificate], Exception | None] | None,
+        session: ssl.SSLSession | None = None,
+        remember: Callable[[ssl.SSLSession], None] | None = None,
     ) -> None:
+        """`session`: one to resume (from an earlier connection to the same upstream, made
+        with the same context); `remember` is given this connection's once the server sent a
+        ticket for it."""
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls = context.wrap_bio(
-            self._incoming, self._outgoing, server_side=False, server_hostname=server_hostname
+            self._incoming,
+            self._outgoing,
+            server_side=False,
+            server_hostname=server_hostname,
+            session=session,
         )
         self._check = check
         self._protocol: object = None
+        self._remember = remember
 
     def set_connect_state(self) -> None:
         """Already the client's side."""
@@ -177,7 +187,22 @@ class ClientConnection(StdlibConnection):
         fail = getattr(protocol, "failVerification", None)
         if fail is not None:
             fail(Failure(problem))  # the reason the connection ends with
+        self._remember = None  # never resume a session whose certificate was refused
         raise Error([("SSL routines", "", "certificate name does not match the upstream")])
+
+    def recv(self, size: int) -> bytes:
+        data = super().recv(size)
+        # TLS 1.3 tickets come after the handshake and are read with the first data.
+        if self._remember is not None and self._check is None:
+            session = self._tls.session
+            if session is not None and session.has_ticket:
+                remember, self._remember = self._remember, None
+                remember(session)
+        return data
+
+    def session_reused(self) -> bool:
+        """Whether the handshake resumed an earlier session (for people and tests)."""
+        return self._tls.session_reused
 
     def get_peer_certificate(self) -> X509 | None:  # type: ignore[override]
         der = self._tls.getpeercert(binary_form=True)

@@ -272,3 +272,62 @@ async def test_upstream_verify_false_accepts_any_certificate_for_any_name(
         server_tls, upstream_tls("imap.example.org", ca_file=str(other_ca.ca), verify=False)
     )
     assert cert.to_cryptography() == server.certificate()
+
+
+@implementer(IHandshakeListener)
+class GreetingProbe(protocol.Protocol):
+    """Reads the listener's greeting (which also brings the TLS 1.3 tickets), then says whether
+    the handshake resumed a session, and with which certificate."""
+
+    def __init__(self, result: defer.Deferred):
+        self.result = result
+
+    def handshakeCompleted(self):
+        pass
+
+    def dataReceived(self, data):
+        if not self.result.called:
+            handle = self.transport.getHandle()
+            self.result.callback((handle.session_reused(), self.transport.getPeerCertificate()))
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        if not self.result.called:
+            self.result.errback(reason)
+
+
+async def greeted(port: int, creator):
+    result = defer.Deferred()
+    reactor.connectSSL(
+        "127.0.0.1",
+        port,
+        protocol.ClientFactory.forProtocol(lambda: GreetingProbe(result)),
+        creator,
+    )
+    return await result.addTimeout(10, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_connections_resume_the_latest_session_and_still_check_its_name(
+    test_ca, server, server_tls
+):
+    from service_identity import VerificationError
+
+    from proxy.tls import UpstreamTLS
+
+    port = listen(server_tls)
+    try:
+        creator = upstream_tls("localhost", ca_file=str(test_ca.ca))
+        reused, cert = await greeted(port.getHost().port, creator)
+        assert not reused and cert.to_cryptography() == server.certificate()
+        for _ in range(2):
+            reused, cert = await greeted(port.getHost().port, creator)
+            assert reused and cert.to_cryptography() == server.certificate()
+        # The same context and session, for a name the certificate does not carry: refused
+        # although nothing about the chain is checked again.
+        other = UpstreamTLS("imap.example.org", creator._context, verify=True)
+        other._session = creator._session
+        with pytest.raises(VerificationError):
+            await greeted(port.getHost().port, other)
+    finally:
+        await port.stopListening()

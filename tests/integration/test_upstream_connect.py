@@ -1,7 +1,8 @@
 """proxy/upstream.py against a real Dovecot: the connection to an address is the TCP transport's
 own protocol (no endpoint wrapper in the way of every upstream read), over plain TCP and
-implicit TLS, writes go out at once, and a connection logs nothing (no "Starting factory" event
-per login)."""
+implicit TLS, writes go out at once, a connection logs nothing (no "Starting factory" event
+per login), and the next TLS connection resumes the session where the server allows it
+(Postfix)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from twisted.logger import globalLogPublisher
 
 from proxy.config import Upstream
 from proxy.protocols import MailProtocol, TlsMode
-from proxy.upstream import UpstreamError, connect
+from proxy.upstream import UpstreamError, connect, forget_tls
 from tests.servers.common import free_port
 
 pytestmark = pytest.mark.integration
@@ -67,6 +68,38 @@ async def test_an_implicit_tls_connection_reads_through_tls(dovecot, test_ca, lo
     finally:
         conn.close()
     assert factory_events(log_events) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_next_starttls_connection_to_postfix_resumes_the_session(postfix, test_ca):
+    settings = Upstream(
+        MailProtocol.SMTP,
+        "127.0.0.1",
+        postfix.smtp_port,
+        tls=TlsMode.STARTTLS,
+        ca_file=test_ca.ca,
+    )
+    forget_tls()  # no session from an earlier test
+    resumed = []
+    for _ in range(3):
+        conn = await connect(settings, reactor)
+        try:
+            assert (await conn.read_line()).startswith(b"220 ")
+            conn.send(b"EHLO apppass.test\r\n")
+            while not (await conn.read_line()).startswith(b"250 "):
+                pass
+            conn.send(b"STARTTLS\r\n")
+            assert (await conn.read_line()).startswith(b"220 ")
+            await conn.start_tls()
+            conn.send(b"EHLO apppass.test\r\n")
+            while not (await conn.read_line()).startswith(b"250 "):  # the tickets come first
+                pass
+            resumed.append(conn.transport.getHandle().session_reused())
+        finally:
+            conn.close()
+    # No certificate chain sent or verified again. (Dovecot 2.3 with its defaults sends tickets
+    # but never resumes a session: there every handshake is a full one.)
+    assert resumed == [False, True, True]
 
 
 @pytest_twisted.ensureDeferred
