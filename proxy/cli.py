@@ -336,6 +336,16 @@ def cmd_codes_sending(ctx: _Context) -> int:
     return EXIT_OK
 
 
+def cmd_codes_custodian(ctx: _Context) -> int:
+    a = ctx.args
+    if (a.address is None) != a.none:
+        raise UsageError("give the custodian's ADDRESS, or --none for the account only")
+    rec = ctx.manager().set_custodian(ctx.actor(), a.id, a.address)
+    who = f"also to {rec.custodian}" if rec.custodian else "to the account only"
+    _print(f"code {rec.id} ({rec.account_login}, {rec.label}): notices {who}")
+    return EXIT_OK
+
+
 def cmd_codes_revoke(ctx: _Context) -> int:
     rec = ctx.manager().revoke(ctx.actor(), ctx.args.id)
     _print(f"code {rec.id} ({rec.account_login}, {rec.label}) revoked")
@@ -501,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("id", type=int)
         x.set_defaults(fn=fn)
     codeopts.add_sending_command(codes).set_defaults(fn=cmd_codes_sending)
+    codeopts.add_custodian_command(codes).set_defaults(fn=cmd_codes_custodian)
     ra = codes.add_parser("revoke-all", help="revoke every code of an account")
     ra.add_argument("login", nargs="?")
     ra.add_argument("--key", help="the account key instead (for an account the directory lost)")

@@ -1,5 +1,5 @@
-"""The options of `apppass codes create` and `apppass codes sending` (a code's sending policy,
-SMTP: --mail-from, --rcpt-domain, --max-messages-per-day), kept out of proxy/cli.py;
+"""The options of `apppass codes create`, `codes sending` (a code's sending policy, SMTP:
+--mail-from, --rcpt-domain, --max-messages-per-day) and `codes custodian`, kept out of cli.py;
 proxy/manage.py checks the values, as it does for the portal and the API."""
 
 from __future__ import annotations
@@ -50,6 +50,17 @@ def add_sending_command(codes: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="lift the policy: any sender, any recipient, no daily cap",
     )
+    return parser
+
+
+def add_custodian_command(codes: Any) -> argparse.ArgumentParser:
+    """`apppass codes custodian ID ADDR | --none`."""
+    parser = codes.add_parser(
+        "custodian", help="who else is mailed a code's expiry and idle notices"
+    )
+    parser.add_argument("id", type=int)
+    parser.add_argument("address", nargs="?", help="e.g. the printer's team: team@example.org")
+    parser.add_argument("--none", action="store_true", help="notify the account only")
     return parser
 
 

@@ -314,6 +314,18 @@ class Manager:
         self._audit(actor, "sending", record, sending=sending.describe())
         return self.code(actor, code_id)
 
+    def set_custodian(self, actor: Actor, code_id: int, custodian: str | None) -> CodeRecord:
+        """Who else is mailed the code's expiry and idle notices (None: the account only)."""
+        self._writes(actor)
+        record = self.code(actor, code_id)
+        address = _custodian(custodian)
+        if record.revoked_at is not None or not self._store(
+            lambda: self.store.set_custodian(code_id, address)
+        ):
+            raise ManageError("conflict", f"app password {code_id} is revoked")
+        self._audit(actor, "custodian", record, custodian=address)
+        return self.code(actor, code_id)
+
     def idle_codes(self, after: timedelta, now: datetime | None = None) -> list[CodeRecord]:
         """Codes that could log in but were not used (nor made or enabled) for `after`."""
         now = now or utcnow()

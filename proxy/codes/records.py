@@ -1,7 +1,7 @@
 """The statements on codes that both stores run as written, in SQLite's SQL style (which the
 PostgreSQL store runs too, proxy/codes/pgconn.py): reading and listing codes, following the
-change log, disabling, changing a sending policy, revoking, purging, counting a failed secret,
-giving a held place back.
+change log, disabling, changing a sending policy or custodian, revoking, purging, counting a
+failed secret, giving a held place back.
 
 Each store keeps what differs between the databases: its schema and connections, creating a
 code under the per-account cap, the claim and its confirm, reading many codes at once, how a
@@ -104,6 +104,14 @@ class CodeRecords(StoreActivity):
             "UPDATE codes SET mail_from = ?, rcpt_domains = ?, max_messages_per_day = ?"
             " WHERE id = ? AND revoked_at IS NULL",
             (*columns(sending).values(), code_id),
+        )
+        return cur.rowcount == 1
+
+    def set_custodian(self, code_id: int, custodian: str | None) -> bool:
+        """Who else is mailed the notices of a code not revoked (None: the account only)."""
+        cur = self.run(
+            "UPDATE codes SET custodian = ? WHERE id = ? AND revoked_at IS NULL",
+            (custodian, code_id),
         )
         return cur.rowcount == 1
 

@@ -31,6 +31,7 @@ from proxy.web.apiinput import (
     ApiError,
     Match,
     code_request,
+    custodian,
     json_object,
     match,
     no_fields,
@@ -302,6 +303,10 @@ def _sending(m: Manager, actor: Actor, found: Match, change: SendingChange) -> R
     return Reply(200, code_view(m.set_sending(actor, found.params["id"], change)))
 
 
+def _custodian(m: Manager, actor: Actor, found: Match, address: str | None) -> Reply:
+    return Reply(200, code_view(m.set_custodian(actor, found.params["id"], address)))
+
+
 HANDLERS: dict[str, Callable[[Manager, Actor, Match, Any], Reply]] = {
     "account": _account,
     "codes": _codes,
@@ -312,12 +317,14 @@ HANDLERS: dict[str, Callable[[Manager, Actor, Match, Any], Reply]] = {
     "enable": _enable,
     "revoke": _revoke,
     "sending": _sending,
+    "custodian": _custodian,
 }
 
 # The routes that take a JSON body, and how each is read (proxy/web/apiinput.py).
 BODIES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "create": code_request,
     "sending": sending_change,
+    "custodian": custodian,
 }
 
 

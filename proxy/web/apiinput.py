@@ -83,6 +83,7 @@ ROUTES = (
     Route("POST", f"{PREFIX}/codes/{{id}}/enable", "enable"),
     Route("POST", f"{PREFIX}/codes/{{id}}/revoke", "revoke"),
     Route("POST", f"{PREFIX}/codes/{{id}}/sending", "sending", body=True),
+    Route("POST", f"{PREFIX}/codes/{{id}}/custodian", "custodian", body=True),
 )
 
 
@@ -272,6 +273,20 @@ def sending_change(body: dict[str, Any]) -> SendingChange:
         rcpt_domains=tuple(_strings(body, "rcpt_domains") or ()),
         max_messages_per_day=_whole(body, "max_messages_per_day"),
     )
+
+
+def custodian(body: dict[str, Any]) -> str | None:
+    """The code's new custodian from its JSON body: {"custodian": "team@example.org"}, or null
+    for the account only (the field is required, so that an empty body changes nothing)."""
+    for name in body:
+        if name != "custodian":
+            raise invalid(f"unknown field {_shown(name)}", _shown(name))
+    if "custodian" not in body:
+        raise invalid("custodian is required: a mail address, or null", "custodian")
+    value = body["custodian"]
+    if value is not None and not isinstance(value, str):
+        raise invalid("custodian is a mail address or null", "custodian")
+    return value
 
 
 def _whole(body: dict[str, Any], name: str) -> int | None:

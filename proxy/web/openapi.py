@@ -247,6 +247,14 @@ SCHEMAS: dict[str, Any] = {
         "description": "the code's whole new sending policy: a field left out is empty; "
         "[] and null everywhere lift the policy",
     },
+    "CustodianChange": _object(
+        ["custodian"],
+        custodian=_nullable(
+            "string",
+            description="also mailed the code's expiry and idle notices; null: the account only",
+            examples=["print-team@example.org"],
+        ),
+    ),
     "CodeRequest": {
         **_object(
             ["label"],
@@ -510,6 +518,19 @@ def _paths() -> dict[str, Any]:
                 )
             }
             for action in ("disable", "enable", "revoke")
+        },
+        f"{PREFIX}/codes/{{id}}/custodian": {
+            "post": _operation(
+                "change who else is mailed an app password's expiry and idle notices",
+                code_ok,
+                ("Conflict",),
+                ("id",),
+                body={
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("schemas", "CustodianChange")}},
+                },
+                writes=True,
+            )
         },
         f"{PREFIX}/codes/{{id}}/sending": {
             "post": _operation(

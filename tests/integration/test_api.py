@@ -227,6 +227,21 @@ async def test_a_sending_policy_and_a_custodian_are_made_and_shown(api):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_codes_custodian_is_changed_or_removed(api):
+    record = (await create(api, "printer1", label="scanner"))["record"]
+    path = f"{V1}/codes/{record['id']}/custodian"
+    changed = await api.post(path, {"custodian": "Facilities@example.test"})
+    assert (changed.status, changed.json["custodian"]) == (200, "facilities@example.test")
+    removed = await api.post(path, {"custodian": None})
+    assert (removed.status, removed.json["custodian"]) == (200, None)
+    nothing = await api.post(path, {})
+    assert (nothing.status, nothing.json["field"]) == (400, "custodian")
+    bad = await api.post(path, {"custodian": "facilities"})
+    assert (bad.status, bad.json["field"]) == (400, "custodian")
+    assert (await api.post(f"{V1}/codes/{record['id']}/revoke")).status == 200
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_codes_sending_policy_is_replaced_or_lifted(api):
     record = (await create(api, "printer1", label="scanner", scopes=["smtp"]))["record"]
     path = f"{V1}/codes/{record['id']}/sending"

@@ -396,6 +396,16 @@ class StoreContract:
         assert not cli_side.set_sending(rec.id, printer)  # a revoked code keeps what it had
         assert proxy_side.get(rec.id).sending == SendingPolicy()
 
+    def test_a_custodian_is_changed_or_removed_until_the_code_is_revoked(self, store):
+        rec = store.create(new(custodian="print-team@example.org"), cap=25, now=NOW)
+        assert store.set_custodian(rec.id, "facilities@example.org")
+        assert store.get(rec.id).custodian == "facilities@example.org"
+        assert store.set_custodian(rec.id, None)
+        assert store.get(rec.id).custodian is None
+        store.revoke(rec.id)
+        assert not store.set_custodian(rec.id, "late@example.org")
+        assert store.get(rec.id).custodian is None
+
     def test_list_orders_logins_by_their_bytes_whatever_the_database_language(self, store):
         for n, login in enumerate(["alice", "Bob", "_x", "Zed", "\u00e9ric"]):
             store.create(new(account=f"acct-{n}", account_login=login), cap=25, now=NOW)

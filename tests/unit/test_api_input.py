@@ -14,6 +14,7 @@ from proxy.web.apiinput import (
     ROUTES,
     ApiError,
     code_request,
+    custodian,
     json_object,
     match,
     no_fields,
@@ -53,6 +54,7 @@ def refused(call, *args) -> tuple[int, str, str | None]:
         ("POST", b"/api/v1/codes/42/enable", "enable", {"id": 42}),
         ("POST", b"/api/v1/codes/9223372036854775807/revoke", "revoke", {"id": 2**63 - 1}),
         ("POST", b"/api/v1/codes/42/sending", "sending", {"id": 42}),
+        ("POST", b"/api/v1/codes/42/custodian", "custodian", {"id": 42}),
     ],
 )
 def test_each_route_and_its_parameters(method, path, action, params):
@@ -129,9 +131,9 @@ def test_a_method_the_path_does_not_take_is_405_with_allow(method, path, allow):
     )
 
 
-def test_only_the_document_needs_no_token_and_only_create_and_sending_take_fields():
+def test_only_the_document_needs_no_token_and_only_three_routes_take_fields():
     assert [r.action for r in ROUTES if not r.auth] == ["openapi"]
-    assert [r.action for r in ROUTES if r.body] == ["create", "sending"]
+    assert [r.action for r in ROUTES if r.body] == ["create", "sending", "custodian"]
     assert all(r.method == "POST" for r in ROUTES if r.body)
 
 
@@ -324,3 +326,11 @@ def test_a_sending_change_replaces_the_whole_policy():
 )
 def test_a_sending_change_that_cannot_be_one_is_400_naming_the_field(body, field):
     assert refused(sending_change, body) == (400, "invalid", field)
+
+
+def test_a_custodian_change_names_an_address_or_null_and_nothing_else():
+    assert custodian({"custodian": "team@example.org"}) == "team@example.org"
+    assert custodian({"custodian": None}) is None
+    assert refused(custodian, {}) == (400, "invalid", "custodian")
+    assert refused(custodian, {"custodian": 7}) == (400, "invalid", "custodian")
+    assert refused(custodian, {"custodian": None, "label": "x"}) == (400, "invalid", "label")

@@ -448,6 +448,19 @@ def test_sending_refuses_no_policy_or_a_bad_one(config, capsys, args, message):
     assert (code, out) == (2, "") and message in err, err
 
 
+def test_custodian_is_changed_or_removed(config, capsys):
+    assert create(config, capsys)[0] == 0
+    code, out, _ = run(config, capsys, "codes", "custodian", "1", "Team@Example.org")
+    assert (code, out) == (0, "code 1 (alice, phone): notices also to team@example.org\n")
+    code, out, _ = run(config, capsys, "codes", "custodian", "1", "--none")
+    assert (code, out) == (0, "code 1 (alice, phone): notices to the account only\n")
+    for args in ([], ["x@example.org", "--none"]):
+        code, out, err = run(config, capsys, "codes", "custodian", "1", *args)
+        assert (code, out) == (2, "") and "give the custodian's ADDRESS" in err
+    code, _, err = run(config, capsys, "codes", "custodian", "1", "team")
+    assert code == 2 and "'team' is not a mail address" in err
+
+
 def test_list_stale_shows_the_codes_devices_still_try_and_from_where(config, capsys):
     from datetime import UTC, datetime
 

@@ -183,6 +183,24 @@ def test_a_sending_policy_change_is_refused_as_a_new_code_would_be(env):
     assert env.code(CLI, printer.id).sending == SendingPolicy()
 
 
+def test_a_codes_custodian_is_changed_checked_and_audited(env):
+    rec = env.create(ADMIN, env.account("printer1"), CodeRequest("scanner")).record
+    assert env.set_custodian(ADMIN, rec.id, " Print-Team@Example.test ").custodian == (
+        "print-team@example.test"
+    )
+    assert env.set_custodian(CLI, rec.id, None).custodian is None
+    assert refused(env.set_custodian, CLI, rec.id, "team") == ("invalid", "custodian")
+    assert refused(env.set_custodian, ALICE, rec.id, None) == ("not_found", "id")
+    assert refused(env.set_custodian, READ_ONLY, rec.id, None) == ("forbidden", None)
+    changes = [e for e in env.audited() if e["action"] == "custodian"]
+    assert [(e["by"], e.get("custodian")) for e in changes] == [
+        ("helpdesk-carol", "print-team@example.test"),
+        ("root", None),
+    ]
+    env.revoke(CLI, rec.id)
+    assert refused(env.set_custodian, CLI, rec.id, "a@example.test") == ("conflict", None)
+
+
 def test_verdicts_say_what_is_wrong_and_what_to_do(env):
     alice = env.check(env.account("alice"))
     assert alice.allowed and all(v.ok and not v.advice for v in alice.verdicts)
