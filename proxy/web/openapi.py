@@ -441,10 +441,6 @@ def _operation(
 
 
 def _paths() -> dict[str, Any]:
-    code_body = {
-        "required": True,
-        "content": {"application/json": {"schema": _ref("schemas", "CodeRequest")}},
-    }
     code_ok = (200, _ok("AppPassword", "the app password as it is now"))
     return {
         OPENAPI: {
@@ -491,7 +487,7 @@ def _paths() -> dict[str, Any]:
                 ),
                 ("Conflict",),
                 ("login",),
-                body=code_body,
+                body=_body("CodeRequest"),
                 writes=True,
             ),
         },
@@ -519,34 +515,27 @@ def _paths() -> dict[str, Any]:
             }
             for action in ("disable", "enable", "revoke")
         },
-        f"{PREFIX}/codes/{{id}}/custodian": {
-            "post": _operation(
-                "change who else is mailed an app password's expiry and idle notices",
-                code_ok,
-                ("Conflict",),
-                ("id",),
-                body={
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref("schemas", "CustodianChange")}},
-                },
-                writes=True,
-            )
-        },
-        f"{PREFIX}/codes/{{id}}/sending": {
-            "post": _operation(
-                "replace an app password's sending policy (SMTP); its live SMTP sessions end"
-                " and log in again under the new one",
-                code_ok,
-                ("Conflict",),
-                ("id",),
-                body={
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref("schemas", "SendingChange")}},
-                },
-                writes=True,
-            )
-        },
+        f"{PREFIX}/codes/{{id}}/custodian": _change(
+            "change who else is mailed an app password's expiry and idle notices",
+            "CustodianChange",
+        ),
+        f"{PREFIX}/codes/{{id}}/sending": _change(
+            "replace an app password's sending policy (SMTP); its live SMTP sessions end and"
+            " log in again under the new one",
+            "SendingChange",
+        ),
     }
+
+
+def _body(schema: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref("schemas", schema)}}}
+
+
+def _change(summary: str, schema: str) -> dict[str, Any]:
+    """A POST that changes one setting of an app password and answers with its record."""
+    ok = (200, _ok("AppPassword", "the app password as it is now"))
+    operation = _operation(summary, ok, ("Conflict",), ("id",), body=_body(schema), writes=True)
+    return {"post": operation}
 
 
 def document() -> dict[str, Any]:
