@@ -1,7 +1,8 @@
 """The portal's pages about codes: the list, the prerequisites, the create form and the page
-that shows a new code once (with setup hints), disable / enable, its sending limits, revoke
-(after a confirmation) and revoke all. An admin reaches the same form and actions for another
-account through admin_pages.py; proxy/manage.py decides what each actor may do.
+that shows a new code once (with setup hints), disable / enable, its sending limits and who
+else gets its notices, revoke (after a confirmation) and revoke all. An admin reaches the same
+form and actions for another account through admin_pages.py; proxy/manage.py decides what each
+actor may do.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from urllib.parse import quote
 from proxy.codes.issue import Issued
 from proxy.directory.account import Account
 from proxy.manage import Actor, ManageError
-from proxy.web.forms import choices, code_request, sending_change, sending_values
+from proxy.web.forms import choices, code_request, first, sending_change, sending_values
 from proxy.web.hints import setup_hints
 from proxy.web.state import PortalState
 from proxy.web.view import Ctx, Reply, redirect
@@ -24,6 +25,7 @@ DONE = {
     "revoked": "The app password is revoked. Devices using it can no longer sign in.",
     "revoked-all": "All your app passwords are revoked.",
     "sending": "The sending limits are saved. A device sending with it signs in again under them.",
+    "custodian": "Saved: its notices go to the account and to the address given, if any.",
     "mfa-reset": "The second factor is reset: the account enrols a new one at its next sign-in.",
 }
 
@@ -232,6 +234,37 @@ async def set_sending(state: PortalState, ctx: Ctx, code_id: str) -> Reply:
             return await sending_form(state, ctx, code_id, {exc.field: exc.message})
         raise
     return redirect(_with_done(back_to(ctx.field("back")), "sending"))
+
+
+async def custodian_form(
+    state: PortalState, ctx: Ctx, code_id: str, errors: dict[str, str] | None = None
+) -> Reply:
+    """Who else gets the code's notices, to change (GET), or again with what was wrong."""
+    actor = await _actor_for(state, ctx, int(code_id))
+    record = await state.run(ctx, state.app.manager.code, actor, int(code_id))
+    return state.views.page(
+        ctx,
+        "custodian.html",
+        400 if errors else 200,
+        title=f"Notices of “{record.label}”",
+        record=record,
+        action=f"/codes/{record.id}/custodian",
+        values=ctx.form if errors else {"custodian": [record.custodian or ""]},
+        errors=errors or {},
+        back=back_to(ctx.field("back") if errors else ctx.arg("back")),
+    )
+
+
+async def set_custodian(state: PortalState, ctx: Ctx, code_id: str) -> Reply:
+    actor = await _actor_for(state, ctx, int(code_id))
+    try:
+        address = first(ctx.form, "custodian")
+        await state.run(ctx, state.app.manager.set_custodian, actor, int(code_id), address)
+    except ManageError as exc:
+        if exc.code == "invalid" and exc.field:
+            return await custodian_form(state, ctx, code_id, {exc.field: exc.message})
+        raise
+    return redirect(_with_done(back_to(ctx.field("back")), "custodian"))
 
 
 async def revoke_form(state: PortalState, ctx: Ctx, code_id: str) -> Reply:

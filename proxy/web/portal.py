@@ -80,6 +80,8 @@ ROUTES = (
     _route("POST", r"/codes/(\d{1,12})/(disable|enable)", "full", code_pages.toggle),
     _route("GET", r"/codes/(\d{1,12})/sending", "full", code_pages.sending_form),
     _route("POST", r"/codes/(\d{1,12})/sending", "full", code_pages.set_sending),
+    _route("GET", r"/codes/(\d{1,12})/custodian", "full", code_pages.custodian_form),
+    _route("POST", r"/codes/(\d{1,12})/custodian", "full", code_pages.set_custodian),
     _route("GET", r"/codes/(\d{1,12})/revoke", "full", code_pages.revoke_form),
     _route("POST", r"/codes/(\d{1,12})/revoke", "full", code_pages.revoke),
     _route("GET", "/codes/revoke-all", "full", code_pages.revoke_all_form),

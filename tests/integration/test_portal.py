@@ -394,6 +394,36 @@ async def test_a_person_changes_a_codes_sending_limits_and_a_mistake_is_shown_by
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_person_changes_who_else_gets_a_codes_notices(portal):
+    def run():
+        web = client(portal)
+        web.sign_in("alice", PASSWORDS["alice"])
+        create_code(web, "Printer at home", custodian="team@example.test")
+        row = row_of(web.get("/codes"), "Printer at home")
+        code_id = int(re.search(r'id="code-(\d+)"', row).group(1))
+        action = f"/codes/{code_id}/custodian"
+        form = web.get(f"{action}?back=/codes")
+        assert form.status == 200 and 'value="team@example.test"' in form.text
+        fields = {"csrf": form.hidden("csrf", action), "back": "/codes"}
+        wrong = web.post(action, {**fields, "custodian": "team"})
+        assert wrong.status == 400 and 'id="custodian-error"' in wrong.text
+        saved = web.post(action, {**fields, "custodian": "Facilities@example.test"})
+        assert saved.path == "/codes?done=custodian" and "Saved: its notices go" in saved.text
+        assert "notices also to facilities@example.test" in row_of(saved, "Printer at home")
+        cleared = web.post(action, {**fields, "custodian": ""})
+        assert "notices also to" not in row_of(cleared, "Printer at home")
+        return code_id
+
+    code_id = await threads.deferToThread(run)
+    assert portal.store.get(code_id).custodian is None
+    changed = [e for e in portal.audit_events("manage") if e["action"] == "custodian"]
+    assert [(e["code"], e.get("custodian")) for e in changed] == [
+        (code_id, "facilities@example.test"),
+        (code_id, None),
+    ]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_person_cannot_reach_someone_elses_code(portal):
     printer_code_id, _ = portal.issue("printer1", label="not alice's")
 
@@ -407,9 +437,19 @@ async def test_a_person_cannot_reach_someone_elses_code(portal):
             f"/codes/{printer_code_id}/sending",
             {"csrf": web.csrf(listing), "back": "/codes", "max_messages_per_day": "1"},
         )
-        return page.status, limits.status, web.get(f"/codes/{printer_code_id}/sending").status
+        notices = web.post(
+            f"/codes/{printer_code_id}/custodian",
+            {"csrf": web.csrf(listing), "back": "/codes", "custodian": "x@example.test"},
+        )
+        return (
+            page.status,
+            limits.status,
+            notices.status,
+            web.get(f"/codes/{printer_code_id}/sending").status,
+            web.get(f"/codes/{printer_code_id}/custodian").status,
+        )
 
-    assert await threads.deferToThread(run) == (404, 404, 404)
+    assert await threads.deferToThread(run) == (404, 404, 404, 404, 404)
     assert not portal.store.get(printer_code_id).disabled
     assert not portal.store.get(printer_code_id).sending.active
 
