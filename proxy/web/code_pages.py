@@ -7,10 +7,14 @@ actor may do.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import quote
 
 from proxy.codes.issue import Issued
+from proxy.codes.store import CodeRecord
 from proxy.directory.account import Account
 from proxy.manage import Actor, ManageError
 from proxy.web.forms import choices, code_request, first, sending_change, sending_values
@@ -200,71 +204,66 @@ async def toggle(state: PortalState, ctx: Ctx, code_id: str, action: str) -> Rep
     return redirect(_with_done(back_to(ctx.field("back")), "disabled" if disabled else "enabled"))
 
 
-async def sending_form(
-    state: PortalState, ctx: Ctx, code_id: str, errors: dict[str, str] | None = None
+@dataclass(frozen=True)
+class _Setting:
+    """One setting of a code that has its own form (NAME.html at /codes/ID/NAME)."""
+
+    heading: str
+    values: Callable[[CodeRecord], dict[str, list[str]]]  # the form's values from the record
+    read: Callable[[Ctx], Any]  # the form's values as the Manager's argument
+    apply: str  # the Manager's method
+
+
+SETTINGS = {
+    "sending": _Setting(
+        "Sending limits of",
+        lambda r: sending_values(r.sending),
+        lambda ctx: sending_change(ctx.form),
+        "set_sending",
+    ),
+    "custodian": _Setting(
+        "Notices of",
+        lambda r: {"custodian": [r.custodian or ""]},
+        lambda ctx: first(ctx.form, "custodian"),
+        "set_custodian",
+    ),
+}
+
+
+async def setting_form(
+    state: PortalState, ctx: Ctx, code_id: str, name: str, errors: dict[str, str] | None = None
 ) -> Reply:
-    """The code's sending limits, to change (GET), or again with what was wrong (POST)."""
-    actor = await _actor_for(state, ctx, int(code_id))
-    record = await state.run(ctx, state.app.manager.code, actor, int(code_id))
-    back = back_to(ctx.field("back") if errors else ctx.arg("back"))
-    return state.views.page(
-        ctx,
-        "sending.html",
-        400 if errors else 200,
-        title=f"Sending limits of “{record.label}”",
-        record=record,
-        action=f"/codes/{record.id}/sending",
-        values=ctx.form if errors else sending_values(record.sending),
-        errors=errors or {},
-        back=back,
-    )
-
-
-async def set_sending(state: PortalState, ctx: Ctx, code_id: str) -> Reply:
-    actor = await _actor_for(state, ctx, int(code_id))
-    try:
-        change = sending_change(ctx.form)
-        await state.run(ctx, state.app.manager.set_sending, actor, int(code_id), change)
-    except ManageError as exc:
-        if exc.code == "invalid" and exc.field in (
-            "mail_from",
-            "rcpt_domains",
-            "max_messages_per_day",
-        ):
-            return await sending_form(state, ctx, code_id, {exc.field: exc.message})
-        raise
-    return redirect(_with_done(back_to(ctx.field("back")), "sending"))
-
-
-async def custodian_form(
-    state: PortalState, ctx: Ctx, code_id: str, errors: dict[str, str] | None = None
-) -> Reply:
-    """Who else gets the code's notices, to change (GET), or again with what was wrong."""
+    """One setting of one code as its form, to change (GET), or again with what was wrong and
+    what was typed (POST)."""
+    setting = SETTINGS[name]
     actor = await _actor_for(state, ctx, int(code_id))
     record = await state.run(ctx, state.app.manager.code, actor, int(code_id))
     return state.views.page(
         ctx,
-        "custodian.html",
+        f"{name}.html",
         400 if errors else 200,
-        title=f"Notices of “{record.label}”",
+        title=f"{setting.heading} “{record.label}”",
         record=record,
-        action=f"/codes/{record.id}/custodian",
-        values=ctx.form if errors else {"custodian": [record.custodian or ""]},
+        action=f"/codes/{record.id}/{name}",
+        values=ctx.form if errors else setting.values(record),
         errors=errors or {},
         back=back_to(ctx.field("back") if errors else ctx.arg("back")),
     )
 
 
-async def set_custodian(state: PortalState, ctx: Ctx, code_id: str) -> Reply:
+async def set_setting(state: PortalState, ctx: Ctx, code_id: str, name: str) -> Reply:
+    """Apply what the form says and go back; a mistake (a value, or a sending policy for a code
+    without SMTP) shows the form again with the message by its field."""
+    setting = SETTINGS[name]
     actor = await _actor_for(state, ctx, int(code_id))
+    apply = getattr(state.app.manager, setting.apply)
     try:
-        address = first(ctx.form, "custodian")
-        await state.run(ctx, state.app.manager.set_custodian, actor, int(code_id), address)
+        await state.run(ctx, apply, actor, int(code_id), setting.read(ctx))
     except ManageError as exc:
         if exc.code == "invalid" and exc.field:
-            return await custodian_form(state, ctx, code_id, {exc.field: exc.message})
+            return await setting_form(state, ctx, code_id, name, {exc.field: exc.message})
         raise
-    return redirect(_with_done(back_to(ctx.field("back")), "custodian"))
+    return redirect(_with_done(back_to(ctx.field("back")), name))
 
 
 async def revoke_form(state: PortalState, ctx: Ctx, code_id: str) -> Reply:
