@@ -79,7 +79,7 @@ MIN_TLS_CHOICES = tuple(_PROTOCOL_VERSIONS)
 
 # TLS 1.2 suites for listeners at min_tls 1.2/1.3: Mozilla's "intermediate" configuration
 # (ssl-config.mozilla.org, guideline 5.7): forward-secret AEAD suites only. (The DHE suites need
-# DH parameters that pyOpenSSL cannot set automatically; ECDHE covers the same clients.)
+# DH parameters, which the ssl module loads only from a file; ECDHE covers the same clients.)
 CIPHERS_INTERMEDIATE = (
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
     "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"

@@ -178,10 +178,7 @@ class ClientConnection(StdlibConnection):
         protocol, self._protocol = self._protocol, None
         if check is None:
             return
-        der = self._tls.getpeercert(binary_form=True)
-        problem = check(x509.load_der_x509_certificate(der)) if der else None
-        if der is None:
-            problem = ValueError("the upstream sent no certificate")
+        problem = check_certificate(self._tls.getpeercert(binary_form=True), check)
         if problem is None:
             return
         fail = getattr(protocol, "failVerification", None)
@@ -207,3 +204,17 @@ class ClientConnection(StdlibConnection):
     def get_peer_certificate(self) -> X509 | None:  # type: ignore[override]
         der = self._tls.getpeercert(binary_form=True)
         return X509.from_cryptography(x509.load_der_x509_certificate(der)) if der else None
+
+
+def check_certificate(
+    der: bytes | None, check: Callable[[x509.Certificate], Exception | None]
+) -> Exception | None:
+    """The problem with the peer's certificate, or None. Never raises: a certificate that
+    OpenSSL accepted but cryptography cannot read is a refused one, not an unhandled error."""
+    if not der:
+        return ValueError("the upstream sent no certificate")
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        return ValueError(f"cannot read the upstream's certificate: {exc}")
+    return check(cert)

@@ -12,7 +12,7 @@ from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.protocols.tls import _representsEOF
 
 from proxy.tls import ServerTLS
-from proxy.tlsconnection import StdlibConnection
+from proxy.tlsconnection import StdlibConnection, check_certificate
 from tests.support.ca import TestCA
 
 
@@ -150,3 +150,10 @@ def test_an_old_client_below_the_minimum_is_refused(ca):
     with pytest.raises(Error) as caught:
         server.do_handshake()
     assert caught.value.args[0][0][2] == "unsupported protocol"
+
+
+def test_a_certificate_that_cannot_be_read_or_is_missing_is_a_problem_not_an_error():
+    never = []
+    assert "sent no certificate" in str(check_certificate(None, never.append))
+    assert "cannot read" in str(check_certificate(b"\x30\x03junk", never.append))
+    assert never == []  # the name check is not asked about what could not be read
