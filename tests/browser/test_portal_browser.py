@@ -2,8 +2,8 @@
 the real slapd, enrols TOTP, creates a code, reads it from the page, logs in with it through
 the proxy to the real Dovecot, sees the use on the list, revokes it and is refused after; a YAML
 user does the same without a second factor; an account outside the legacy group sees the
-prerequisites; an admin creates a printer's code and limits what it sends. The main pages are
-saved as screenshots for the README (docs/screenshots)."""
+prerequisites; an admin creates a printer's code, limits what it sends and names its team. The
+main pages are saved as screenshots for the README (docs/screenshots)."""
 
 from __future__ import annotations
 
@@ -267,12 +267,20 @@ async def test_yaml_user_and_an_admin_creating_a_printer_code(browser, yaml_port
         click(driver, "form button.primary[type=submit]")
         wait_for(driver, "table.codes")
         assert "The sending limits are saved" in driver.page_source
+        # And who else hears of its expiry: the printer's team.
+        click(driver, "a[aria-label='Notices of Scanner 3rd floor']")
+        wait_for(driver, "#custodian")
+        fill(driver, "custodian", "print-team@example.org")
+        screenshot(driver, "notices")
+        click(driver, "form button.primary[type=submit]")
+        wait_for(driver, "table.codes")
         limits = row_text(driver, "Scanner 3rd floor")
         screenshot(driver, "account")
         return code, printer, limits
 
     code, printer, limits = await threads.deferToThread(run)
     assert "sends as scanner@example.org; to example.org; 20 messages a day" in limits
+    assert "notices also to print-team@example.org" in limits
     record = next(r for r in yaml_portal.store.list("key-printer1"))
     assert record.label == "Scanner 3rd floor" and record.created_by == "admin:carol"
     assert record.sending.max_per_day == 20
