@@ -107,6 +107,8 @@ def serve(
         listening = True
         oplog.info("%s", service.describe())
         signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reload))
+        if isinstance(notify, SupervisorLink):
+            notify.share_cache(service.authenticator.cache, service.metrics.verified_shared)
         notify.ready(f"serving {len(service.ports)} listeners")
         notify.start_watchdog(reactor)
         if ready is not None:

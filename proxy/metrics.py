@@ -128,6 +128,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.verified_shared = Counter(
+            "apppass_verified_cache_shared",
+            "serve.workers: verified-cache entries told to the other workers (sent) and heard "
+            "from them (received).",
+            ["direction"],
+            registry=r,
+        )
         self.sessions_ended = Counter(
             "apppass_sessions_ended",
             "Sessions the proxy ended (code or account no longer allowed, or the proxy stopping).",

@@ -5,10 +5,16 @@ The link stands in for systemd's notifications (proxy/sdnotify.py has the same m
 worker tells the supervisor that it is ready, reloading or stopping and, while its reactor
 turns, that it is alive; only the supervisor speaks to systemd. When the link closes the
 supervisor is gone, and the worker drains as on SIGTERM rather than serve on unsupervised.
+
+It also carries the verified-credential cache between workers (auth/cache.py): the supervisor's
+first line is the key they all use, and each entry a worker verified goes to the supervisor,
+which passes it on to the others. An entry is an HMAC digest, a code id, a label and a sending
+policy: never a code.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Callable
@@ -16,6 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import protocol, task
+
+from proxy.auth.cache import VerifiedCache
+from proxy.codes.sending import SendingPolicy
 
 # How often a ready worker tells the supervisor it is alive: the supervisor restarts one that
 # stays silent for systemd's watchdog interval (30 s in systemd/apppass.service).
@@ -47,12 +56,58 @@ class WorkerRole:
         return out
 
 
+# Lines on the link besides the Notifier's words. Supervisor to worker: KEY (first, the cache's
+# HMAC key in hex) and VERIFIED; worker to supervisor: VERIFIED, which the supervisor passes on.
+KEY = b"key "
+VERIFIED = b"verified "
+
+# A line longer than this is not ours: dropped (an entry is a few hundred octets).
+MAX_LINE = 64 * 1024
+
+
+def verified_line(
+    digest: bytes, code_id: int, label: str, ttl: float, sending: SendingPolicy
+) -> bytes:
+    """One cache entry as a line (JSON escapes any newline in the label)."""
+    entry = {
+        "digest": digest.hex(),
+        "code": code_id,
+        "label": label,
+        "ttl": ttl,
+        "sending": [list(sending.mail_from), list(sending.rcpt_domains), sending.max_per_day],
+    }
+    return VERIFIED + json.dumps(entry, separators=(",", ":")).encode() + b"\n"
+
+
+def read_verified(line: bytes) -> tuple[bytes, int, str, float, SendingPolicy] | None:
+    """The entry of a VERIFIED line, or None if it is not one."""
+    try:
+        entry = json.loads(line[len(VERIFIED) :])
+        mail_from, rcpt_domains, max_per_day = entry["sending"]
+        return (
+            bytes.fromhex(entry["digest"]),
+            int(entry["code"]),
+            str(entry["label"]),
+            float(entry["ttl"]),
+            SendingPolicy(tuple(mail_from), tuple(rcpt_domains), max_per_day),
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class _Link(protocol.Protocol):
-    def __init__(self, lost: Callable[[], None]) -> None:
+    def __init__(self, lost: Callable[[], None], line: Callable[[bytes], None]) -> None:
         self.lost: Callable[[], None] | None = lost
+        self.line = line
+        self._pending = b""
 
     def dataReceived(self, data: bytes) -> None:
-        """The supervisor says nothing on the link: its word comes as signals."""
+        """The supervisor's lines (its word on stopping and reloading comes as signals)."""
+        *lines, self._pending = (self._pending + data).split(b"\n")
+        if len(self._pending) > MAX_LINE:
+            self._pending = b""
+        for line in lines:
+            self.line(line)
 
     def connectionLost(self, reason: Any = None) -> None:
         if self.lost is not None:
@@ -67,10 +122,13 @@ class SupervisorLink:
         self._transport: Any = None
         self._link: _Link | None = None
         self._loop: task.LoopingCall | None = None
+        self._key: bytes | None = None
+        self._cache: VerifiedCache | None = None
+        self._counter: Any = None  # Metrics.verified_shared
 
     def connect(self, reactor: Any, lost: Callable[[], None]) -> None:
         """Adopt the link; `lost` runs when the supervisor's end closes."""
-        link = self._link = _Link(lost)
+        link = self._link = _Link(lost, self._heard)
         factory = protocol.Factory.forProtocol(lambda: link)
         self._transport = reactor.adoptStreamConnection(self.role.link, socket.AF_UNIX, factory)
         os.close(self.role.link)  # the reactor holds its own copy
@@ -81,8 +139,41 @@ class SupervisorLink:
             self._link.lost = None
 
     def send(self, word: str) -> None:
+        self._write(word.encode() + b"\n")
+
+    def _write(self, line: bytes) -> None:
         if self._transport is not None and self._transport.connected:
-            self._transport.write(word.encode() + b"\n")
+            self._transport.write(line)
+
+    # -- the verified cache, shared -----------------------------------------------------------
+
+    def share_cache(self, cache: VerifiedCache, counter: Any) -> None:
+        """Share this worker's verified cache with the others (once the key has come)."""
+        self._cache, self._counter = cache, counter
+        self._join()
+
+    def _join(self) -> None:
+        if self._cache is not None and self._key is not None:
+            self._cache.share(self._key, self._publish)
+
+    def _publish(
+        self, digest: bytes, code_id: int, label: str, ttl: float, sending: SendingPolicy
+    ) -> None:
+        self._write(verified_line(digest, code_id, label, ttl, sending))
+        self._counter.labels("sent").inc()
+
+    def _heard(self, line: bytes) -> None:
+        if line.startswith(KEY):
+            try:
+                self._key = bytes.fromhex(line[len(KEY) :].decode())
+            except ValueError:
+                return
+            self._join()
+        elif line.startswith(VERIFIED) and self._cache is not None and self._key is not None:
+            entry = read_verified(line)
+            if entry is not None:
+                self._cache.put_shared(*entry)
+                self._counter.labels("received").inc()
 
     def ready(self, status: str) -> None:
         self.send("ready")

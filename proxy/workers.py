@@ -33,7 +33,7 @@ from proxy.oplog import log as oplog
 from proxy.oplog import unconfigure as unconfigure_log
 from proxy.reloading import applied_live, needs_restart, read_again, report_restart, set_log_level
 from proxy.sdnotify import Notifier
-from proxy.workerlink import WorkerRole
+from proxy.workerlink import KEY, VERIFIED, WorkerRole
 
 # Restart back-off: a worker that dies soon after its start waits 0.25 s, then twice as long
 # each time, up to 30 s (systemd's RestartSec=100ms with RestartSteps and RestartMaxDelaySec
@@ -51,6 +51,10 @@ LOOP_SECONDS = 1.0
 
 # The signals the supervisor handles; each wakes the loop through a pipe.
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+
+# Lines waiting for a worker that does not read its link are dropped past this (cache entries:
+# a worker without one verifies the code itself).
+OUTBOX_MAX = 256 * 1024
 
 # What a worker inherits that only the supervisor may use: systemd's socket and watchdog.
 NOT_FOR_WORKERS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -180,7 +184,8 @@ class Worker:
     backoff: Backoff = field(default_factory=Backoff)
     popen: subprocess.Popen | None = None
     link: socket.socket | None = None
-    pending: bytes = b""
+    pending: bytes = b""  # read from the link, short of a line
+    outbox: bytes = b""  # lines for the worker its link has not taken yet
     ready: bool = False
     started: float = 0.0
     heard: float = 0.0
@@ -216,6 +221,7 @@ class Supervisor:
         self.all_ready = False
         self.reloading: set[int] = set()  # workers whose reload is not done
         self.next_ping = 0.0
+        self.cache_key = os.urandom(32)  # the workers' shared verified cache (workerlink.py)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -245,7 +251,10 @@ class Supervisor:
 
     def _step(self, wake: socket.socket) -> None:
         links = {w.link: w for w in self.workers if w.link is not None}
-        readable, _, _ = select.select([wake, *links], [], [], self._timeout())
+        waiting = [link for link, w in links.items() if w.outbox]
+        readable, writable, _ = select.select([wake, *links], waiting, [], self._timeout())
+        for sock in writable:
+            self._flush(links[sock])
         for sock in readable:
             if sock is wake:
                 try:
@@ -282,6 +291,7 @@ class Supervisor:
 
     def _start(self, worker: Worker) -> None:
         ours, theirs = socket.socketpair()
+        ours.sendall(KEY + self.cache_key.hex().encode() + b"\n")  # there before the worker reads
         theirs.setblocking(False)
         role = WorkerRole(
             worker.number,
@@ -303,7 +313,7 @@ class Supervisor:
         finally:
             theirs.close()
         ours.setblocking(False)
-        worker.link, worker.pending, worker.ready = ours, b"", False
+        worker.link, worker.pending, worker.outbox, worker.ready = ours, b"", b"", False
         worker.started = worker.heard = self.clock()
         worker.restart_at = None
         oplog.info("worker %d started (pid %d)", worker.number, worker.pid)
@@ -325,6 +335,27 @@ class Supervisor:
         for word in words:
             if word == b"ready":
                 self._worker_ready(worker)
+            elif word.startswith(VERIFIED):
+                self._pass_on(worker, word + b"\n")
+
+    def _pass_on(self, source: Worker, line: bytes) -> None:
+        """A cache entry one worker verified, for every other worker."""
+        for worker in self.workers:
+            if worker is not source and worker.link is not None:
+                if len(worker.outbox) < OUTBOX_MAX:
+                    worker.outbox += line
+                self._flush(worker)
+
+    def _flush(self, worker: Worker) -> None:
+        """Write what the link takes now; select() says when it takes the rest."""
+        assert worker.link is not None
+        try:
+            sent = worker.link.send(worker.outbox)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # the worker is ending; its exit is seen by poll()
+            sent = len(worker.outbox)
+        worker.outbox = worker.outbox[sent:]
 
     def _worker_ready(self, worker: Worker) -> None:
         first = not worker.ready

@@ -100,7 +100,7 @@ class Authenticator:
         self.health = health or Health()
         # Per address, in memory; the Service shares it across nodes (proxy/auth/shared.py).
         self.limiter: Limiter = FailureLimiter(settings.auth.ip_failures_per_minute)
-        self.cache = VerifiedCache(settings.auth.cache_ttl.total_seconds())
+        self.cache = VerifiedCache(settings.auth.cache_ttl.total_seconds(), clock=clock)
         self.directory_queue = FairQueue("apppass-directory", DIRECTORY_THREADS, DIRECTORY_QUEUE)
         self.directory_queue.start(reactor)
         self._lookups: SingleFlight[str] = SingleFlight()  # by login

@@ -1,7 +1,7 @@
 """serve.workers: 2 as real processes in front of a real Dovecot and Postfix: one port served by
 both workers (told apart by which worker process holds each session's socket), a killed or hung
-worker restarted, SIGHUP and SIGTERM passed on, revocation reaching both, /metrics totals, and
-systemd hearing only the supervisor."""
+worker restarted, SIGHUP and SIGTERM passed on, revocation reaching both, a code verified once
+for both, /metrics totals, and systemd hearing only the supervisor."""
 
 from __future__ import annotations
 
@@ -300,6 +300,32 @@ def test_the_supervisor_takes_the_new_log_level_too(serve_workers):
         time.sleep(0.05)
     # Its restart happened (a new child), but at level warning the info lines are not written.
     assert served.process.stderr.count("worker 1 started") == 1
+
+
+def metric(text: str, name: str, labels: str) -> float:
+    found = re.search(rf"^{name}\{{{labels}\}} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_code_verified_by_one_worker_is_not_verified_again_by_the_other(serve_workers):
+    served = serve_workers()
+    pids = list(served.workers().values())
+    _, code = served.issue()
+    first = imap_session(served.ports["imap"], code)  # argon2 in whichever worker took it
+    deadline = time.monotonic() + PROMPTLY  # the entry goes on through the supervisor
+    while (
+        metric(served.metrics(), "apppass_verified_cache_shared_total", 'direction="received"') < 1
+    ):
+        assert time.monotonic() < deadline, served.metrics()
+        time.sleep(0.05)
+    sessions = [first, *sessions_in_both(served, code, pids)]
+    text = served.metrics()
+    assert metric(text, "apppass_login_phase_seconds_count", 'phase="argon2"') == 1
+    assert metric(text, "apppass_verified_cache_shared_total", 'direction="sent"') == 1
+    assert metric(text, "apppass_verified_cache_shared_total", 'direction="received"') == 1
+    assert grants(text) == len(sessions)
+    for sock, _ in sessions:
+        sock.close()
 
 
 def test_a_revoked_code_ends_idle_sessions_in_both_workers(serve_workers):
