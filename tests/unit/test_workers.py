@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -16,13 +18,16 @@ from proxy.codes.hashing import pool_share
 from proxy.config import Argon2Settings, ConfigError, parse
 from proxy.limits import LimitSettings, share_of
 from proxy.oplog import LogSettings, configure, log, unconfigure
+from proxy.sdnotify import Notifier
 from proxy.workerlink import WorkerRole
 from proxy.workers import (
     MAX_START_FAILURES,
     METRICS_PREFIX,
+    OUTBOX_MAX,
     RESTART_MAX_SECONDS,
     STABLE_SECONDS,
     Backoff,
+    Supervisor,
     available_cpus,
     cgroup_cpu_quota,
     describe_exit,
@@ -127,6 +132,61 @@ def test_a_worker_role_survives_its_command_line():
     args = role.argv()
     listen = [args[i + 1] for i, a in enumerate(args) if a == "--listen"]
     assert WorkerRole.parse(2, 4, 9, listen) == role
+
+
+# --- the verified cache, passed on ---------------------------------------------------------------
+
+
+@pytest.fixture
+def linked(base):
+    """A supervisor of 3 workers whose links are socketpairs (no processes): its end, and the
+    workers' ends, non-blocking."""
+    supervisor = Supervisor(parse(BASE, base_dir=base), 3, {}, Notifier())
+    ends = []
+    for worker in supervisor.workers:
+        worker.link, theirs = socket.socketpair()
+        worker.link.setblocking(False)
+        theirs.setblocking(False)
+        ends.append(theirs)
+    wake, _ = socket.socketpair()
+    yield supervisor, ends, wake
+    shutil.rmtree(supervisor.metrics_dir)
+
+
+def received(end: socket.socket) -> bytes:
+    out = b""
+    try:
+        while chunk := end.recv(65536):
+            out += chunk
+    except BlockingIOError:
+        pass
+    return out
+
+
+def test_an_entry_from_one_worker_goes_to_every_other_worker(linked):
+    supervisor, ends, wake = linked
+    line = b'verified {"digest":"00","code":7}\n'
+    ends[0].sendall(b"alive\n" + line[:10])
+    supervisor._step(wake)
+    ends[0].sendall(line[10:])
+    supervisor._step(wake)
+    assert [received(end) for end in ends] == [b"", line, line]
+
+
+def test_a_worker_that_does_not_read_holds_back_no_one(linked):
+    supervisor, ends, wake = linked
+    line = b"verified " + b"x" * 1000 + b"\n"
+    for _ in range(2 * OUTBOX_MAX // len(line)):  # worker 3 never reads
+        ends[0].sendall(line)
+        supervisor._step(wake)
+        assert received(ends[1]) == line
+    stuck = supervisor.workers[2]
+    assert 0 < len(stuck.outbox) <= OUTBOX_MAX + len(line)
+    got = received(ends[2])  # it reads again: what was kept arrives, in whole lines
+    while stuck.outbox:
+        supervisor._step(wake)
+        got += received(ends[2])
+    assert got and got == line * (len(got) // len(line))
 
 
 # --- caps --------------------------------------------------------------------------------------
