@@ -120,6 +120,19 @@ def _warm(res: dict) -> list[tuple]:
                 status("warm", x.get("ratio_nginx")),
             )
         )
+        apppass_ms, nginx_ms = _cpu_ms(w["runs"], mode)
+        rows.append(
+            (
+                f"CPU ms per warm login ({conc} clients), {label}",
+                f(apppass_ms, 2),
+                "apppass, all threads",
+                "",
+                f(nginx_ms, 2),
+                times(apppass_ms, nginx_ms),
+                "",
+                "(nginx: with its auth service)",
+            )
+        )
         for key, what in (
             ("p50_ms", f"p50 ms ({conc} clients)"),
             ("p99_ms", f"p99 ms ({conc} clients)"),
@@ -140,6 +153,21 @@ def _warm(res: dict) -> list[tuple]:
                 )
             )
     return rows
+
+
+def _cpu_ms(runs: list[dict], mode: str) -> tuple[float | None, float | None]:
+    """CPU milliseconds per warm login (median over the runs) of apppass (every thread) and of
+    nginx with its auth service: the work each proxy does for one login."""
+
+    def per_login(side: str, keys: tuple[str, ...]) -> float | None:
+        values = []
+        for run in runs:
+            x = run[mode].get(side)
+            if x and x.get("per_s") and x.get("cpu_pct"):
+                values.append(sum(x["cpu_pct"].get(k, 0) for k in keys) * 10 / x["per_s"])
+        return round(sorted(values)[len(values) // 2], 3) if values else None
+
+    return per_login("proxy", ("proxy",)), per_login("nginx", ("nginx", "nginx_auth"))
 
 
 def _relay(res: dict) -> list[tuple]:
